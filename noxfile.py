@@ -1,0 +1,113 @@
+"""CI sessions. `nox` runs the default list; `nox -s demo` runs the main job; `nox -s bench` benchmarks.
+
+Every install goes through constraints.txt, which pins torch==2.13.0 (the CPU build on local disk).
+Each package session installs that package only (retro-eval: with its two siblings) and runs only
+its own tests. Tests run offline: nothing may load from a model or data hub.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import nox
+
+ROOT = Path(__file__).parent
+CONSTRAINTS = ("-c", str(ROOT / "constraints.txt"))
+CORE = str(ROOT / "packages" / "retro-core")
+DB = str(ROOT / "packages" / "retro-db")
+EVAL = str(ROOT / "packages" / "retro-eval")
+OFFLINE = {
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+nox.options.default_venv_backend = "venv"
+nox.options.sessions = [
+    "lint",
+    "retro_core",
+    "retro_db",
+    "retro_db_no_torch",
+    "retro_eval",
+    "integration",
+]
+
+
+def install(session: nox.Session, *args: str) -> None:
+    session.install(*CONSTRAINTS, *args)
+
+
+def pytest(session: nox.Session, *paths: str) -> None:
+    env = dict(OFFLINE)
+    env["HF_DATASETS_CACHE"] = str(Path(session.create_tmp()) / "hf-datasets")
+    session.run("pytest", *paths, *session.posargs, env=env)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff check + format check, and the import-boundary check in a venv with retro-db only."""
+    install(session, "ruff", "pytest", DB)
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+    # No torch in this venv: `import retro_db` must work without it.
+    session.run(
+        "python", "-c", "import importlib.util as u; assert u.find_spec('torch') is None, 'torch'"
+    )
+    pytest(session, "tests/test_import_boundaries.py")
+
+
+@nox.session
+def retro_core(session: nox.Session) -> None:
+    """retro-core alone (with its [hf] extra for RETRO-fitting), and its own tests."""
+    install(session, f"{CORE}[hf,test]")
+    pytest(session, "packages/retro-core/tests")
+
+
+@nox.session
+def retro_db(session: nox.Session) -> None:
+    """retro-db with its [embed] extra, and its own tests."""
+    install(session, f"{DB}[embed,test]", "sentence-transformers")
+    pytest(session, "packages/retro-db/tests")
+
+
+@nox.session
+def retro_db_no_torch(session: nox.Session) -> None:
+    """retro-db without torch: its non-embedding tests must pass (embedding tests skip)."""
+    install(session, f"{DB}[test]")
+    session.run(
+        "python", "-c", "import importlib.util as u; assert u.find_spec('torch') is None, 'torch'"
+    )
+    pytest(session, "packages/retro-db/tests", "-m", "not embed")
+
+
+@nox.session
+def retro_eval(session: nox.Session) -> None:
+    """retro-eval with its two siblings, and its own tests."""
+    install(session, CORE, f"{DB}[embed]", f"{EVAL}[test]")
+    pytest(session, "packages/retro-eval/tests")
+
+
+@nox.session
+def integration(session: nox.Session) -> None:
+    """Cross-package tests in tests/, with all three packages installed."""
+    install(session, f"{CORE}[hf,test]", f"{DB}[embed,test]", f"{EVAL}[test]")
+    pytest(session, "tests")
+
+
+@nox.session
+def demo(session: nox.Session) -> None:
+    """The main job (README Quickstart): `nox -s demo -- --scale small`."""
+    install(session, f"{CORE}[hf]", f"{DB}[embed]", EVAL)
+    env = dict(OFFLINE)
+    session.run("retro-eval", "demo", *session.posargs, env=env)
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """The benchmark suite: writes benchmarks/results/*.json and benchmarks/results/SUMMARY.md."""
+    install(session, f"{CORE}[hf]", f"{DB}[embed]", EVAL, "sentence-transformers")
+    env = dict(OFFLINE)
+    env.setdefault("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", str(os.cpu_count() or 1)))
+    session.run("python", "benchmarks/run.py", *session.posargs, env=env)

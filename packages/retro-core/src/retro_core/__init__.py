@@ -1,0 +1,15 @@
+"""retro_core: the RETRO model (Borgeaud et al., 2021, arXiv:2112.04426) in PyTorch.
+
+Owns the small contracts that the other packages satisfy (the ``Neighbours`` type and the
+``Retriever`` protocol, and the training dataset format). Never imports faiss, datasketch or
+retro_db.
+"""
+
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("retro-core")
+except PackageNotFoundError:  # running from a source tree that is not installed
+    __version__ = "0.0.0"
+
+__all__ = ["__version__"]
