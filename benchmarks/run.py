@@ -26,8 +26,18 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
-LIBRARIES = ["torch", "numpy", "faiss-cpu", "datasketch", "transformers", "sentence-transformers",
-             "lm-eval", "retro-core", "retro-db", "retro-eval"]
+LIBRARIES = [
+    "torch",
+    "numpy",
+    "faiss-cpu",
+    "datasketch",
+    "transformers",
+    "sentence-transformers",
+    "lm-eval",
+    "retro-core",
+    "retro-db",
+    "retro-eval",
+]
 
 
 def machine() -> dict:
@@ -45,8 +55,13 @@ def machine() -> dict:
             libs[lib] = version(lib)
         except PackageNotFoundError:
             libs[lib] = None
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
-            "date": time.strftime("%Y-%m-%d"), "libraries": libs}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d"),
+        "libraries": libs,
+    }
 
 
 def summary(results: list[dict], info: dict) -> str:

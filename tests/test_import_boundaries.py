@@ -88,8 +88,7 @@ def test_static_checker_sees_imports(tmp_path: Path) -> None:
 
 def _loaded_after_import(package: str) -> set[str]:
     code = (
-        f"import sys, {package}\n"
-        "print(' '.join(sorted({m.split('.')[0] for m in sys.modules})))"
+        f"import sys, {package}\nprint(' '.join(sorted({{m.split('.')[0] for m in sys.modules}})))"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], check=True, capture_output=True, text=True
@@ -97,7 +96,9 @@ def _loaded_after_import(package: str) -> set[str]:
     return set(out.split())
 
 
-@pytest.mark.skipif(importlib.util.find_spec("retro_core") is None, reason="retro-core not installed")
+@pytest.mark.skipif(
+    importlib.util.find_spec("retro_core") is None, reason="retro-core not installed"
+)
 def test_dynamic_retro_core_loads_no_database_code() -> None:
     assert not _loaded_after_import("retro_core") & {"faiss", "datasketch", "retro_db"}
 
