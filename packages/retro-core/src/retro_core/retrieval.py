@@ -42,7 +42,9 @@ class Neighbours:
 
     def __post_init__(self) -> None:
         if self.tokens.ndim < 2:
-            raise ValueError(f"Neighbours.tokens: expected [..., k, r], got shape {self.tokens.shape}")
+            raise ValueError(
+                f"Neighbours.tokens: expected [..., k, r], got shape {self.tokens.shape}"
+            )
         lead = self.tokens.shape[:-1]
         if self.lengths.shape != lead:
             raise ValueError(
