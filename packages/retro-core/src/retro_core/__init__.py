@@ -12,4 +12,7 @@ try:
 except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0"
 
-__all__ = ["__version__"]
+from .config import RetroConfig
+from .model import KVCache, Retro
+
+__all__ = ["__version__", "RetroConfig", "Retro", "KVCache"]

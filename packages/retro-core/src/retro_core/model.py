@@ -1,0 +1,520 @@
+"""The RETRO model (Borgeaud et al., 2021, arXiv:2112.04426): a decoder with chunked cross-attention.
+
+One file, top to bottom: rotary positions, attention, the feed-forward, the neighbour ``Encoder``,
+``ChunkedCrossAttention`` (CCA), the decoder ``Block`` and the ``Retro`` model with its ``KVCache``.
+
+Symbols (paper section 2): B batch, n sequence length (T when a forward sees only part of it),
+m chunk size, l = ceil(n / m) chunks, U chunks whose neighbours are encoded, k neighbours per chunk,
+r = 2m tokens per neighbour (the neighbour chunk N followed by its continuation F), d decoder width,
+d' encoder width, h heads, hs head size, |V| vocabulary size.
+
+Paper Algorithm 1 (appendix B), which ``Retro.forward`` follows::
+
+    H <- EMB(X)
+    for p in 1..L:
+        H <- ATTN(H)                                       # causal self-attention
+        if p == min(P): E <- ENCODER(RET(C_u)_u, H)        # conditioned on H of the retrieving chunk
+        if p in P:      H <- CCA(H, E)                     # chunked cross-attention, causally shifted
+        H <- FFW(H)
+    O <- READ(H)
+
+Choices the paper leaves open, and ours:
+- Pre-norm residual blocks with RMSNorm, no biases, GELU feed-forward, tied input/output embeddings,
+  GPT-2 initialisation (normal(0, 0.02), residual output projections scaled by 1/sqrt(2L)).
+- Positions are relative everywhere through rotary embeddings (RoPE); there is no absolute position
+  embedding. Self-attention uses absolute token positions (RoPE makes the scores relative). In CCA
+  the m attending tokens (the last token of chunk u and the first m-1 of chunk u+1) get positions
+  m-1 .. 2m-2, i.e. their offset from the start of chunk u, and each neighbour's tokens get
+  positions 0 .. r-1 (N at 0 .. m-1, F at m .. 2m-1): a query and the neighbour token aligned with
+  it have relative distance 0, the continuation of "the next token" is at distance +1. The encoder
+  uses 0 .. r-1 within each neighbour and 0 .. m-1 within the retrieving chunk for its cross-attention.
+- The encoder embeds neighbours with the decoder's token embedding (shared) and is conditioned on
+  the decoder's residual stream right before the first CCA (after that layer's self-attention).
+- A chunk with no real neighbour token (all rows padding) contributes exactly zero through CCA,
+  the same as ``neighbours=None`` for that chunk (no NaN from fully masked attention).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import RetroConfig
+
+__all__ = ["ChunkedCrossAttention", "Encoder", "KVCache", "Retro"]
+
+logger = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------------------------
+# Rotary position embeddings (Su et al., 2021)
+
+
+class Rotary(nn.Module):
+    """A table of rotary cos/sin for positions 0 .. max_pos-1 (not saved in the state dict)."""
+
+    def __init__(self, head_size: int, base: float, max_pos: int):
+        super().__init__()
+        inv_freq = 1.0 / (base ** (torch.arange(0, head_size, 2, dtype=torch.float64) / head_size))
+        angles = torch.arange(max_pos, dtype=torch.float64)[:, None] * inv_freq[None, :]
+        self.register_buffer("cos", angles.cos().float(), persistent=False)  # (max_pos, hs/2)
+        self.register_buffer("sin", angles.sin().float(), persistent=False)  # (max_pos, hs/2)
+
+    def forward(self, pos: Tensor) -> tuple[Tensor, Tensor]:
+        """pos: int (T,) -> cos, sin (T, hs/2)."""
+        if pos.numel() and int(pos.max()) >= self.cos.shape[0]:
+            raise ValueError(
+                f"position {int(pos.max())} is beyond the rotary table ({self.cos.shape[0]} "
+                "positions): raise RetroConfig.max_seq_len / neighbour_len"
+            )
+        return self.cos[pos], self.sin[pos]
+
+
+def apply_rotary(x: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
+    """Rotate pairs (x_i, x_{i+hs/2}) of x (..., T, hs) by the angles of rope (T, hs/2)."""
+    cos, sin = (t.to(x.dtype) for t in rope)
+    x1, x2 = x.chunk(2, dim=-1)  # (..., T, hs/2) each
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Building blocks
+
+
+class Attention(nn.Module):
+    """Multi-head attention of queries from x (width d_q) over a context (width d_kv).
+
+    Serves decoder self-attention, CCA, and the encoder's self- and cross-attention.
+    """
+
+    def __init__(self, d_q: int, d_kv: int, d_attn: int, n_heads: int, dropout: float):
+        super().__init__()
+        self.n_heads = n_heads
+        self.dropout = dropout
+        self.q_proj = nn.Linear(d_q, d_attn, bias=False)
+        self.k_proj = nn.Linear(d_kv, d_attn, bias=False)
+        self.v_proj = nn.Linear(d_kv, d_attn, bias=False)
+        self.out_proj = nn.Linear(d_attn, d_q, bias=False)
+        self.resid_drop = nn.Dropout(dropout)
+
+    def _heads(self, x: Tensor) -> Tensor:
+        B, T, _ = x.shape
+        return x.view(B, T, self.n_heads, -1).transpose(1, 2)  # (B, h, T, hs)
+
+    def forward(
+        self,
+        x: Tensor,
+        ctx: Tensor,
+        q_rope: tuple[Tensor, Tensor],
+        k_rope: tuple[Tensor, Tensor],
+        mask: Tensor | None = None,
+        is_causal: bool = False,
+        past: tuple[Tensor, Tensor] | None = None,
+    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """x (B, Tq, d_q), ctx (B, Tk, d_kv); mask bool broadcastable to (B, h, Tq, Tk), True = attend.
+
+        ``past`` are cached rotated keys/values (B, h, Tp, hs) prepended to this call's. Returns the
+        output (B, Tq, d_q) and the keys/values (B, h, Tp + Tk, hs) for a cache.
+        """
+        B, Tq, _ = x.shape
+        q = apply_rotary(self._heads(self.q_proj(x)), q_rope)  # (B, h, Tq, hs)
+        k = apply_rotary(self._heads(self.k_proj(ctx)), k_rope)  # (B, h, Tk, hs)
+        v = self._heads(self.v_proj(ctx))  # (B, h, Tk, hs)
+        if past is not None:
+            k = torch.cat((past[0], k), dim=2)  # (B, h, Tp + Tk, hs)
+            v = torch.cat((past[1], v), dim=2)
+        y = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            is_causal=is_causal,
+            dropout_p=self.dropout if self.training else 0.0,
+        )  # (B, h, Tq, hs)
+        y = y.transpose(1, 2).reshape(B, Tq, -1)  # (B, Tq, h*hs)
+        return self.resid_drop(self.out_proj(y)), (k, v)
+
+
+class FeedForward(nn.Module):
+    """FFW: d -> d_ff -> d with GELU."""
+
+    def __init__(self, d: int, d_ff: int, dropout: float):
+        super().__init__()
+        self.up = nn.Linear(d, d_ff, bias=False)
+        self.down = nn.Linear(d_ff, d, bias=False)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.drop(self.down(F.gelu(self.up(x))))
+
+
+# ----------------------------------------------------------------------------------------------
+# The neighbour encoder (paper section 2.4, Algorithm 1 ENCODER)
+
+
+class EncoderBlock(nn.Module):
+    """Bidirectional self-attention, cross-attention to the retrieving chunk's activations, FFW."""
+
+    def __init__(self, cfg: RetroConfig):
+        super().__init__()
+        de, p = cfg.enc_d_model, cfg.dropout
+        self.norm1 = nn.RMSNorm(de, eps=cfg.norm_eps)
+        self.self_attn = Attention(de, de, de, cfg.enc_n_heads, p)
+        self.norm2 = nn.RMSNorm(de, eps=cfg.norm_eps)
+        self.cross_attn = Attention(de, cfg.d_model, de, cfg.enc_n_heads, p)
+        self.norm3 = nn.RMSNorm(de, eps=cfg.norm_eps)
+        self.ffw = FeedForward(de, cfg.enc_d_ff, p)
+
+    def forward(self, x: Tensor, ctx: Tensor, mask: Tensor, rope_r: tuple, rope_m: tuple) -> Tensor:
+        """x (N, r, d') neighbours, ctx (N, m, d) their retrieving chunk, mask (N, 1, 1, r)."""
+        x = x + self.self_attn(self.norm1(x), self.norm1(x), rope_r, rope_r, mask=mask)[0]
+        x = x + self.cross_attn(self.norm2(x), ctx, rope_r, rope_m)[0]
+        return x + self.ffw(self.norm3(x))
+
+
+class Encoder(nn.Module):
+    """Encodes the k neighbours of each chunk, conditioned on the decoder activations of that chunk."""
+
+    def __init__(self, cfg: RetroConfig):
+        super().__init__()
+        de = cfg.enc_d_model
+        self.in_proj = (
+            nn.Linear(cfg.d_model, de, bias=False) if de != cfg.d_model else nn.Identity()
+        )
+        self.ctx_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.blocks = nn.ModuleList(EncoderBlock(cfg) for _ in range(cfg.enc_layers))
+        self.norm_f = nn.RMSNorm(de, eps=cfg.norm_eps)
+        max_pos = max(cfg.neighbour_len, cfg.chunk_size)
+        self.rope = Rotary(de // cfg.enc_n_heads, cfg.rope_base, max_pos)
+
+    def forward(self, emb: Tensor, mask: Tensor, h_chunks: Tensor) -> Tensor:
+        """Encode neighbours.
+
+        Args:
+            emb: (B, U, k, r, d) token embeddings of the neighbours of U chunks.
+            mask: bool (B, U, k, r), True on real tokens.
+            h_chunks: (B, U, m, d) decoder activations of each retrieving chunk.
+
+        Returns:
+            E (B, U, k, r, d'). Rows without real tokens hold finite values that CCA masks out.
+        """
+        B, U, k, r, d = emb.shape
+        m = h_chunks.shape[2]
+        x = self.in_proj(emb).reshape(B * U * k, r, -1)  # (B·U·k, r, d')
+        ctx = self.ctx_norm(h_chunks)[:, :, None].expand(B, U, k, m, d)  # (B, U, k, m, d)
+        ctx = ctx.reshape(B * U * k, m, d)  # (B·U·k, m, d)
+        km = mask.reshape(B * U * k, r)  # (B·U·k, r)
+        km = km | ~km.any(-1, keepdim=True)  # an empty row attends to all of itself: finite, unused
+        km = km[:, None, None, :]  # (B·U·k, 1, 1, r)
+        pos_r = torch.arange(r, device=emb.device)
+        rope_r, rope_m = self.rope(pos_r), self.rope(torch.arange(m, device=emb.device))
+        for block in self.blocks:
+            x = block(x, ctx, km, rope_r, rope_m)
+        return self.norm_f(x).view(B, U, k, r, -1)  # (B, U, k, r, d')
+
+
+# ----------------------------------------------------------------------------------------------
+# Chunked cross-attention (paper section 2.4, equation 3, Figure 2)
+
+
+class ChunkedCrossAttention(nn.Module):
+    """CCA with the paper's causal shift.
+
+    The token at absolute position t >= m-1 attends to the encoded neighbours of chunk
+    u = (t - (m-1)) // m, i.e. tokens (u+1)m-1 .. (u+2)m-2 (the last token of chunk u and the first
+    m-1 of chunk u+1) attend E_u. Tokens 0 .. m-2 attend nothing: their output is zero, so the
+    residual stream passes through unchanged. The k neighbours x r tokens of a chunk are
+    concatenated on one key axis.
+    """
+
+    def __init__(self, cfg: RetroConfig):
+        super().__init__()
+        self.m = cfg.chunk_size
+        self.attn = Attention(cfg.d_model, cfg.enc_d_model, cfg.d_model, cfg.n_heads, cfg.dropout)
+
+    def forward(self, x: Tensor, start: int, enc: Tensor, enc_mask: Tensor, rope: Rotary) -> Tensor:
+        """CCA output for x.
+
+        Args:
+            x: (B, T, d) normalised decoder activations of tokens at positions start .. start+T-1.
+            start: absolute position of x[:, 0].
+            enc: (B, U, k, r, d') encoded neighbours of chunks 0 .. U-1; U must cover every chunk
+                attended by x, i.e. U >= (start + T) // m.
+            enc_mask: bool (B, U, k, r), True on real neighbour tokens.
+            rope: the decoder's rotary table.
+
+        Returns:
+            (B, T, d), exactly zero for tokens that attend nothing or whose chunk has no real
+            neighbour token.
+        """
+        m = self.m
+        B, T, d = x.shape
+        s0 = start - (m - 1)  # shifted position of x[:, 0]; token t attends chunk (t - (m-1)) // m
+        skip = min(T, max(0, -s0))  # leading tokens t < m-1 attend nothing
+        if skip == T:
+            return torch.zeros_like(x)
+        s_first, s_last = s0 + skip, s0 + T - 1
+        u_lo, u_hi = s_first // m, s_last // m  # attended chunks u_lo .. u_hi
+        nU = u_hi - u_lo + 1
+        front = s_first - u_lo * m  # tokens of the first attending group already seen before
+        xs = x[:, skip:]  # (B, T', d)
+        xs = F.pad(xs, (0, 0, front, nU * m - front - xs.shape[1]))  # (B, nU·m, d)
+        q = xs.reshape(B * nU, m, d)  # (B·nU, m, d): the m tokens attending chunk u
+        _, _, k, r, de = enc.shape
+        kv = enc[:, u_lo : u_hi + 1].reshape(B * nU, k * r, de)  # (B·nU, k·r, d')
+        km = enc_mask[:, u_lo : u_hi + 1].reshape(B * nU, k * r)  # (B·nU, k·r)
+        has = km.any(-1)  # (B·nU,) the chunk has at least one real neighbour token
+        km = km | ~has[:, None]  # fully masked rows would give NaN: attend all, zero below
+        pos_q = torch.arange(m - 1, 2 * m - 1, device=x.device)  # offsets from the start of chunk u
+        pos_k = torch.arange(r, device=x.device).repeat(k)  # (k·r,) position within each neighbour
+        y, _ = self.attn(q, kv, rope(pos_q), rope(pos_k), mask=km[:, None, None, :])  # (B·nU, m, d)
+        y = torch.where(has[:, None, None], y, torch.zeros((), dtype=y.dtype, device=y.device))
+        y = y.reshape(B, nU * m, d)[:, front : front + T - skip]  # (B, T', d)
+        return F.pad(y, (0, 0, skip, 0))  # (B, T, d)
+
+
+# ----------------------------------------------------------------------------------------------
+# The decoder
+
+
+class Block(nn.Module):
+    """Decoder block: H <- ATTN(H); [H <- CCA(H, E)]; H <- FFW(H), each pre-norm and residual."""
+
+    def __init__(self, cfg: RetroConfig, has_cca: bool):
+        super().__init__()
+        d, p = cfg.d_model, cfg.dropout
+        self.norm1 = nn.RMSNorm(d, eps=cfg.norm_eps)
+        self.attn = Attention(d, d, d, cfg.n_heads, p)
+        if has_cca:  # only these names are absent from the baseline's state dict
+            self.norm_cca = nn.RMSNorm(d, eps=cfg.norm_eps)
+            self.cca = ChunkedCrossAttention(cfg)
+        else:
+            self.cca = None
+        self.norm2 = nn.RMSNorm(d, eps=cfg.norm_eps)
+        self.ffw = FeedForward(d, cfg.d_ff, p)
+
+
+@dataclass
+class KVCache:
+    """State of incremental decoding (see :meth:`Retro.new_cache`); updated in place by forward.
+
+    Attributes:
+        keys, values: per decoder layer, rotated self-attention keys/values (B, h, t, hs).
+        length: t, the number of tokens consumed so far.
+        h_cond: (B, t - U·m, d) the conditioning activations (input of the first CCA) of the tokens
+            of the current, not yet complete chunk.
+        enc, enc_mask: (B, U, k, r, d') / bool (B, U, k, r) encoded neighbours of the U completed
+            chunks, computed once when each chunk completes and reused by the next m tokens.
+    """
+
+    keys: list[Tensor | None]
+    values: list[Tensor | None]
+    length: int = 0
+    h_cond: Tensor | None = None
+    enc: Tensor | None = None
+    enc_mask: Tensor | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def num_encoded(self) -> int:
+        """U, the number of chunks whose neighbours are encoded."""
+        return 0 if self.enc is None else int(self.enc.shape[1])
+
+
+class Retro(nn.Module):
+    """The RETRO language model; ``cfg.cca_layers == ()`` gives the matched decoder-only baseline.
+
+    Parameter names of the shared parts (``tok_emb``, ``blocks.<i>.{norm1,attn,norm2,ffw}``,
+    ``norm_f``) are identical with and without retrieval, so a baseline's state dict is a subset of
+    the RETRO one's. The output projection is tied to ``tok_emb`` (no separate weight).
+    """
+
+    def __init__(self, config: RetroConfig):
+        super().__init__()
+        self.config = cfg = config
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.drop = nn.Dropout(cfg.dropout)
+        cca = set(cfg.cca_layers)
+        self.blocks = nn.ModuleList(Block(cfg, (i + 1) in cca) for i in range(cfg.n_layers))
+        self.encoder = Encoder(cfg) if cca else None
+        self.norm_f = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        max_pos = max(cfg.max_seq_len, cfg.neighbour_len, 2 * cfg.chunk_size)
+        self.rope = Rotary(cfg.d_model // cfg.n_heads, cfg.rope_base, max_pos)
+        self.apply(self._init_weights)
+        # GPT-2: residual output projections scaled by 1/sqrt(2L).
+        for name, p in self.named_parameters():
+            if name.endswith(("out_proj.weight", "ffw.down.weight")):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layers))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear | nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        """Number of parameters (the tied embedding counted once, or not at all)."""
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.tok_emb.weight.numel() if exclude_embeddings else n
+
+    def new_cache(self) -> KVCache:
+        """An empty cache for incremental decoding with ``forward(..., cache=cache)``."""
+        L = self.config.n_layers
+        return KVCache(keys=[None] * L, values=[None] * L)
+
+    # ------------------------------------------------------------------------------------------
+
+    def _check_inputs(
+        self, tokens: Tensor, neighbours: Tensor | None, lengths: Tensor | None, end: int
+    ) -> None:
+        cfg = self.config
+        if tokens.ndim != 2 or tokens.dtype not in (torch.int64, torch.int32):
+            raise ValueError(
+                f"tokens: expected an int tensor [B, n], got {tokens.dtype} {tuple(tokens.shape)}"
+            )
+        if end > cfg.max_seq_len:
+            raise ValueError(f"tokens: sequence length {end} exceeds max_seq_len={cfg.max_seq_len}")
+        if neighbours is None:
+            if lengths is not None:
+                raise ValueError("neighbour_lengths given without neighbours")
+            return
+        if neighbours.ndim != 4 or neighbours.shape[0] != tokens.shape[0]:
+            raise ValueError(
+                f"neighbours: expected [B={tokens.shape[0]}, l, k, r], got {tuple(neighbours.shape)}"
+            )
+        need = end // cfg.chunk_size
+        if neighbours.shape[1] < need:
+            raise ValueError(
+                f"neighbours: expected the neighbours of at least the {need} complete chunks "
+                f"(l >= {need}), got l={neighbours.shape[1]}"
+            )
+        if neighbours.shape[2] < 1 or neighbours.shape[3] < 1:
+            raise ValueError(
+                f"neighbours: expected k >= 1 and r >= 1, got {tuple(neighbours.shape)}"
+            )
+        if lengths is not None and tuple(lengths.shape) != tuple(neighbours.shape[:3]):
+            raise ValueError(
+                f"neighbour_lengths: expected shape {tuple(neighbours.shape[:3])} ([B, l, k]), "
+                f"got {tuple(lengths.shape)}"
+            )
+
+    def forward(
+        self,
+        tokens: Tensor,
+        neighbours: Tensor | None = None,
+        neighbour_lengths: Tensor | None = None,
+        *,
+        cache: KVCache | None = None,
+    ) -> Tensor:
+        """Next-token logits.
+
+        Args:
+            tokens: int (B, n) token ids. With a ``cache``, the next T tokens after the
+                ``cache.length`` already consumed (absolute positions cache.length .. +T-1).
+            neighbours: int (B, l, k, r) neighbour tokens of chunk u at index u (absolute chunk
+                index; l >= number of complete chunks, extra chunks are ignored), or None for
+                RETRO[OFF] (CCA contributes nothing). With a cache, only the chunks that complete
+                during this call are read; earlier ones come from the cache.
+            neighbour_lengths: int (B, l, k) real tokens per neighbour row (a prefix; 0 = no
+                neighbour), or None when all r tokens are real.
+            cache: a :class:`KVCache` for incremental decoding, updated in place.
+
+        Returns:
+            logits (B, T, |V|).
+        """
+        cfg, m = self.config, self.config.chunk_size
+        start = cache.length if cache is not None else 0
+        B, T = tokens.shape
+        end = start + T
+        self._check_inputs(tokens, neighbours, neighbour_lengths, end)
+        use_retrieval = self.encoder is not None and neighbours is not None
+
+        h = self.drop(self.tok_emb(tokens))  # (B, T, d)
+        pos = torch.arange(start, end, device=tokens.device)
+        rope_t = self.rope(pos)
+        if cache is None or start == 0:
+            mask, is_causal = None, T > 1
+        elif T == 1:
+            mask, is_causal = None, False
+        else:  # a block of T new tokens after a cached prefix: token i sees positions <= start+i
+            mask = torch.arange(end, device=tokens.device)[None, :] <= pos[:, None]  # (T, start+T)
+            is_causal = False
+
+        enc = enc_mask = None
+        for i, block in enumerate(self.blocks):
+            past = (
+                None if cache is None or cache.keys[i] is None else (cache.keys[i], cache.values[i])
+            )
+            x = block.norm1(h)
+            a, (k_all, v_all) = block.attn(
+                x, x, rope_t, rope_t, mask=mask, is_causal=is_causal, past=past
+            )
+            h = h + a  # H <- ATTN(H)
+            if cache is not None:
+                cache.keys[i], cache.values[i] = k_all, v_all
+            if block.cca is not None:
+                if i + 1 == cfg.cond_layer:
+                    if use_retrieval:  # E <- ENCODER(RET(C), H), once per completed chunk
+                        enc, enc_mask = self._encode(h, start, neighbours, neighbour_lengths, cache)
+                    elif cache is not None:
+                        cache.h_cond = None
+                if enc is not None:  # H <- CCA(H, E)
+                    h = h + block.cca(block.norm_cca(h), start, enc, enc_mask, self.rope)
+            h = h + block.ffw(block.norm2(h))  # H <- FFW(H)
+
+        if cache is not None:
+            cache.length = end
+        h = self.norm_f(h)
+        return F.linear(h, self.tok_emb.weight)  # (B, T, |V|), tied READ
+
+    def _encode(
+        self,
+        h: Tensor,
+        start: int,
+        neighbours: Tensor,
+        lengths: Tensor | None,
+        cache: KVCache | None,
+    ) -> tuple[Tensor, Tensor]:
+        """Encode the neighbours of the chunks completed by this call; returns all U chunks' E.
+
+        h: (B, T, d) conditioning activations of this call's tokens. Returns E (B, U, k, r, d')
+        and its mask (B, U, k, r), U = (start + T) // m.
+        """
+        m = self.config.chunk_size
+        B, T, d = h.shape
+        end = start + T
+        U_done = cache.num_encoded if cache is not None else 0
+        U = end // m
+        # Conditioning activations from the first token of chunk U_done to the end of this call.
+        if cache is not None and cache.h_cond is not None:
+            h_all = torch.cat((cache.h_cond, h), dim=1)  # (B, end - U_done·m, d)
+        else:
+            h_all = h
+        assert h_all.shape[1] == end - U_done * m, "KVCache out of step with the sequence"
+        _, _, k, r = neighbours.shape
+        if U > U_done:
+            nb = neighbours[:, U_done:U]  # (B, U_new, k, r)
+            real = torch.arange(r, device=nb.device)
+            if lengths is None:
+                mask = torch.ones(nb.shape, dtype=torch.bool, device=nb.device)
+            else:
+                mask = real < lengths[:, U_done:U, :, None]  # (B, U_new, k, r)
+            h_chunks = h_all[:, : (U - U_done) * m].reshape(B, U - U_done, m, d)  # (B, U_new, m, d)
+            e_new = self.encoder(self.tok_emb(nb), mask, h_chunks)  # (B, U_new, k, r, d')
+        else:
+            e_new = h.new_zeros(B, 0, k, r, self.config.enc_d_model)
+            mask = torch.zeros(B, 0, k, r, dtype=torch.bool, device=h.device)
+        if cache is None:
+            return e_new, mask
+        cache.h_cond = h_all[:, (U - U_done) * m :]  # (B, end - U·m, d): the incomplete chunk
+        if cache.enc is not None:
+            e_new = torch.cat((cache.enc, e_new), dim=1)  # (B, U, k, r, d')
+            mask = torch.cat((cache.enc_mask, mask), dim=1)
+        cache.enc, cache.enc_mask = e_new, mask
+        return e_new, mask
