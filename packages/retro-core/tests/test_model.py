@@ -34,10 +34,10 @@ def tiny_model(seed: int = 0, dtype=torch.float64, **kw) -> Retro:
 def test_forward_shapes_any_length_and_k():
     model = tiny_model(dtype=torch.float32)
     for n in (1, 3, 4, 5, 8, 15):
-        l = math.ceil(n / M)
+        n_chunks = math.ceil(n / M)
         for k in (1, 2, 3):
             x = torch.randint(0, V, (2, n))
-            nb = torch.randint(0, V, (2, l, k, R))
+            nb = torch.randint(0, V, (2, n_chunks, k, R))
             out = model(x, nb)
             assert out.shape == (2, n, V)
             assert torch.isfinite(out).all()

@@ -428,7 +428,7 @@ class Retro(nn.Module):
         Returns:
             logits (B, T, |V|).
         """
-        cfg, m = self.config, self.config.chunk_size
+        cfg = self.config
         start = cache.length if cache is not None else 0
         B, T = tokens.shape
         end = start + T
