@@ -13,6 +13,15 @@ except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0"
 
 from .config import RetroConfig
+from .data import DatasetFormatError, RetroDataset, write_dataset
 from .model import KVCache, Retro
 
-__all__ = ["__version__", "RetroConfig", "Retro", "KVCache"]
+__all__ = [
+    "__version__",
+    "RetroConfig",
+    "Retro",
+    "KVCache",
+    "DatasetFormatError",
+    "RetroDataset",
+    "write_dataset",
+]
