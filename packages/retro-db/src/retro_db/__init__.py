@@ -13,3 +13,25 @@ except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0"
 
 __all__ = ["__version__"]
+
+# Loaded on first use: MinHash dedup (minhash.py, datasketch) and the frozen-BERT embedder
+# (embed.py, needs the [embed] extra: `import retro_db` must not import torch).
+_LAZY = {
+    "ChunkOverlapIndex": "retro_db.minhash",
+    "DedupReport": "retro_db.minhash",
+    "dedup_documents": "retro_db.minhash",
+    "minhash_signatures": "retro_db.minhash",
+    "shingle_hashes": "retro_db.minhash",
+    "to_minhash": "retro_db.minhash",
+    "ChunkEmbedder": "retro_db.embed",
+    "embed_chunks": "retro_db.embed",
+}
+__all__ += list(_LAZY)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'retro_db' has no attribute {name!r}")
