@@ -1,0 +1,167 @@
+"""Versioned manifests and crash-safe file writes (DESIGN.md 2.3).
+
+Every file is written under a temporary name in the same directory, flushed and fsynced, then
+renamed into place (an atomic replace on POSIX) and the directory is fsynced. A manifest is written
+last and records the sha256, size (and for ``.npy`` files shape and dtype) of every file it names,
+so a reader that sees a manifest sees complete files. Files named by a manifest are never rewritten:
+a new version writes new file names, so a reader holding an old manifest keeps working.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "MANIFEST_NAME",
+    "DatabaseError",
+    "atomic_save_npy",
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "check_files",
+    "file_entry",
+    "fsync_dir",
+    "read_json",
+    "remove_stale_temp_files",
+    "sha256_file",
+]
+
+MANIFEST_NAME = "manifest.json"
+TMP_PREFIX = ".tmp-"
+
+
+class DatabaseError(ValueError):
+    """A database or dataset on disk is missing, truncated, corrupt or inconsistent.
+
+    The message is one line naming the file and what was expected.
+    """
+
+
+def sha256_file(path: str | os.PathLike[str], chunk_bytes: int = 1 << 22) -> str:
+    """Hex sha256 of a file's bytes, read in ``chunk_bytes`` blocks (memory stays flat)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk_bytes):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fsync_dir(directory: str | os.PathLike[str]) -> None:
+    """fsync a directory so that a rename inside it is durable."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _tmp_path(path: Path) -> Path:
+    return path.with_name(f"{TMP_PREFIX}{path.name}")
+
+
+def _commit(tmp: Path, path: Path) -> None:
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary name, fsync, rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_path(path)
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    _commit(tmp, path)
+
+
+def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
+    """Write ``obj`` as deterministic JSON (sorted keys, indent 2) atomically."""
+    text = json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_save_npy(path: str | os.PathLike[str], array: np.ndarray) -> None:
+    """Save ``array`` as ``.npy`` (no pickle) atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_path(path)
+    with open(tmp, "wb") as f:
+        np.save(f, np.ascontiguousarray(array), allow_pickle=False)
+        f.flush()
+        os.fsync(f.fileno())
+    _commit(tmp, path)
+
+
+def remove_stale_temp_files(directory: str | os.PathLike[str]) -> int:
+    """Delete temporary files left by a killed writer under ``directory``; return how many."""
+    n = 0
+    for p in Path(directory).rglob(f"{TMP_PREFIX}*"):
+        if p.is_file():
+            p.unlink()
+            n += 1
+    if n:
+        logger.info("removed %d stale temporary files under %s", n, directory)
+    return n
+
+
+def read_json(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a JSON object, raising DatabaseError with the file name on any problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise DatabaseError(f"{path}: file not found (expected a JSON manifest)")
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DatabaseError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise DatabaseError(f"{path}: expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def file_entry(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Manifest entry of a written file: sha256 and size, plus shape/dtype for ``.npy`` files."""
+    path = Path(path)
+    entry: dict[str, Any] = {"sha256": sha256_file(path), "size": path.stat().st_size}
+    if path.suffix == ".npy":
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+        entry["shape"] = list(arr.shape)
+        entry["dtype"] = str(arr.dtype)
+    return entry
+
+
+def check_files(
+    directory: str | os.PathLike[str], files: Mapping[str, Mapping[str, Any]], verify: bool = False
+) -> None:
+    """Check that every file a manifest names exists with its recorded size (and hash if verify).
+
+    Args:
+        directory: the directory the relative names in ``files`` are under.
+        files: ``{relative name: {"sha256": hex, "size": bytes, ...}}``.
+        verify: also recompute and compare each sha256 (reads every byte).
+
+    Raises:
+        DatabaseError: naming the first file that is missing, truncated or corrupt.
+    """
+    directory = Path(directory)
+    for name, entry in files.items():
+        p = directory / name
+        if not p.is_file():
+            raise DatabaseError(f"{p}: file missing (the manifest lists it)")
+        size = p.stat().st_size
+        if "size" in entry and size != int(entry["size"]):
+            raise DatabaseError(
+                f"{p}: size {size} bytes, expected {entry['size']} (truncated or overwritten)"
+            )
+        if verify and sha256_file(p) != entry["sha256"]:
+            raise DatabaseError(f"{p}: sha256 differs from the manifest's {entry['sha256'][:16]}…")
