@@ -1,0 +1,344 @@
+"""RETRO as an lm-eval model: ``RetroLM``, registered as ``retro``.
+
+lm-eval 0.4.13 does not discover plugin models through entry points: importing this module runs
+``@register_model("retro")``. ``retro-eval lm-eval ...`` imports it and then runs lm-eval's own
+command line; from Python, pass ``model=RetroLM(...)`` to ``lm_eval.simple_evaluate``.
+
+Model args (``--model_args``): ``checkpoint`` (a retro_core checkpoint directory), ``database``
+(a retro_db database directory), ``k`` (neighbours per chunk; default the model's), ``retrieval``
+(on/off; off = RETRO[OFF]), ``batch_size``, ``max_length`` (window n; default the model's
+max_seq_len), ``stride`` (default n/2), ``tokenizer`` (a tokenizer directory; default the database's
+tokenizer, else GPT-2).
+
+Retrieval happens at chunk boundaries: a scored sequence is cut into chunks of m tokens from its
+first token, and chunk u's neighbours condition the tokens after it (the causal shift in the model).
+``loglikelihood_rolling`` is :func:`retro_eval.perplexity.score_token_documents`, so lm-eval's
+word_perplexity / bits_per_byte on a document agree with retro-eval's own scorer.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from lm_eval.api.model import LM
+from lm_eval.api.registry import register_model
+from tqdm.auto import tqdm
+
+from .perplexity import (
+    _check_retriever_for,
+    _has_retrieval,
+    _model_device,
+    _model_geometry,
+    retrieve_document_neighbours,
+    score_token_documents,
+)
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["RetroLM", "parse_bool"]
+
+
+def parse_bool(value: Any) -> bool:
+    """Parse an lm-eval model-arg boolean (``true/false``, ``on/off``, ``1/0``, ``yes/no``)."""
+    if isinstance(value, bool):
+        return value
+    s = str(value).strip().lower()
+    if s in {"1", "true", "on", "yes", "y"}:
+        return True
+    if s in {"0", "false", "off", "no", "n", "none"}:
+        return False
+    raise ValueError(f"retrieval={value!r}: expected on/off (true/false)")
+
+
+def _int_or_none(value: Any, name: str) -> int | None:
+    if value is None or value == "" or str(value).lower() in {"none", "auto"}:
+        return None
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}={value!r}: expected an integer") from None
+
+
+@register_model("retro")
+class RetroLM(LM):
+    """A retro_core RETRO model (or decoder-only baseline) with an optional retro_db database.
+
+    Args:
+        checkpoint: checkpoint directory (``retro_core.checkpoint.load_checkpoint``), or None when
+            ``model`` is given.
+        database: database directory (``retro_db.Database.open``), or None when ``retriever`` is
+            given or for RETRO[OFF].
+        k: neighbours per chunk (default the model's ``num_neighbours``).
+        retrieval: False = RETRO[OFF] (the model sees no neighbours).
+        batch_size: windows per forward pass.
+        max_length: window n (default the model's max_seq_len); stride: s (default n/2).
+        tokenizer: tokenizer directory / object (default the database's tokenizer, else GPT-2).
+        model, retriever: objects instead of paths (Python use and tests).
+        device: torch device for the model.
+    """
+
+    def __init__(
+        self,
+        checkpoint: str | None = None,
+        database: str | None = None,
+        k: int | str | None = None,
+        retrieval: bool | str = True,
+        batch_size: int | str | None = 1,
+        max_length: int | str | None = None,
+        stride: int | str | None = None,
+        tokenizer: Any = None,
+        device: str | None = None,
+        *,
+        model: torch.nn.Module | None = None,
+        retriever: Any = None,
+        progress: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__()
+        for key in kwargs:
+            if key not in {"max_batch_size", "trust_remote_code", "dtype"}:
+                logger.warning("RetroLM: ignoring unknown model arg %s=%r", key, kwargs[key])
+        if model is None:
+            if not checkpoint:
+                raise ValueError(
+                    "RetroLM: model arg 'checkpoint' (a checkpoint directory) is required"
+                )
+            from retro_core.checkpoint import load_checkpoint
+
+            model = load_checkpoint(str(checkpoint))
+        if device:
+            model = model.to(device)
+        self.model = model.eval()
+        self.retrieval = parse_bool(retrieval)
+        if self.retrieval and retriever is None and database:
+            from retro_db.database import Database
+
+            retriever = Database.open(str(database))
+        if self.retrieval and retriever is not None:
+            if not _has_retrieval(self.model):
+                raise ValueError("RetroLM: the checkpoint has no CCA layers: use retrieval=off")
+            _check_retriever_for(self.model, retriever)
+        self.retriever = retriever if self.retrieval else None
+        if self.retrieval and self.retriever is None and _has_retrieval(self.model):
+            logger.warning("RetroLM: no database given: evaluating RETRO[OFF]")
+        self.tokenizer = self._resolve_tokenizer(tokenizer, retriever)
+        n, m, r, pad = _model_geometry(self.model)
+        self.n, self.m, self.r, self.pad_id = n, m, r, pad
+        self.k = _int_or_none(k, "k") or int(self.model.config.num_neighbours)
+        self.max_length = _int_or_none(max_length, "max_length") or n
+        self.stride = _int_or_none(stride, "stride")
+        self.batch_size = _int_or_none(batch_size, "batch_size") or 1
+        self.progress = progress
+        self._nb_cache: dict[tuple[int, ...], tuple[np.ndarray, np.ndarray]] = {}
+
+    @staticmethod
+    def _resolve_tokenizer(tokenizer: Any, retriever: Any) -> Any:
+        if tokenizer is not None and not isinstance(tokenizer, str):
+            return tokenizer
+        if tokenizer is None and retriever is not None and hasattr(retriever, "tokenizer"):
+            return retriever.tokenizer
+        from retro_db.tokenizer import load_tokenizer
+
+        return load_tokenizer(tokenizer)
+
+    # -- lm-eval properties -------------------------------------------------------------------
+
+    @property
+    def eot_token_id(self) -> int:
+        eos = getattr(self.tokenizer, "eos_id", None)
+        return int(eos if eos is not None else self.pad_id)
+
+    @property
+    def prefix_token_id(self) -> int:
+        return self.eot_token_id
+
+    @property
+    def max_gen_toks(self) -> int:
+        return 256
+
+    @property
+    def device(self) -> torch.device:
+        return _model_device(self.model)
+
+    def tok_encode(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text))
+
+    def tok_decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids))
+
+    # -- retrieval ------------------------------------------------------------------------------
+
+    def _neighbours_for(self, seq: Sequence[int]) -> tuple[np.ndarray, np.ndarray] | None:
+        """Neighbours [l, k, r] and lengths [l, k] of the complete chunks of ``seq`` (cached)."""
+        if self.retriever is None:
+            return None
+        m = self.m
+        n_complete = len(seq) // m
+        toks = np.full((n_complete, self.k, self.r), self.pad_id, dtype=np.int64)
+        lens = np.zeros((n_complete, self.k), dtype=np.int64)
+        missing = []
+        for u in range(n_complete):
+            key = tuple(seq[u * m : (u + 1) * m])
+            if key not in self._nb_cache:
+                missing.append((u, key))
+        if missing:
+            nb = self.retriever.retrieve(
+                np.array([key for _, key in missing], dtype=np.int64), self.k
+            )
+            for j, (_, key) in enumerate(missing):
+                self._nb_cache[key] = (
+                    np.asarray(nb.tokens[j], dtype=np.int64),
+                    np.asarray(nb.lengths[j], dtype=np.int64),
+                )
+        for u in range(n_complete):
+            t, ln = self._nb_cache[tuple(seq[u * m : (u + 1) * m])]
+            toks[u], lens[u] = t, ln
+        return toks, lens
+
+    # -- lm-eval API ------------------------------------------------------------------------------
+
+    def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[float]:
+        """Log-likelihood (natural log) of whole documents with strided windows (see perplexity.py)."""
+        texts = [req.args[0] for req in requests]
+        docs = [self.tok_encode(t) for t in texts]
+        nonempty = [i for i, d in enumerate(docs) if d]
+        out = [0.0] * len(texts)
+        if not nonempty:
+            return out
+        token_docs = [docs[i] for i in nonempty]
+        neighbours = None
+        if self.retriever is not None:
+            neighbours = retrieve_document_neighbours(
+                self.retriever,
+                token_docs,
+                chunk_size=self.m,
+                k=self.k,
+                pad_id=self.pad_id,
+                progress=self.progress and not disable_tqdm,
+            )
+        res = score_token_documents(
+            self.model,
+            token_docs,
+            decode=self.tok_decode,
+            prefix_id=self.prefix_token_id,
+            neighbours=neighbours,
+            window=self.max_length,
+            stride=self.stride,
+            batch_size=self.batch_size,
+            progress=self.progress and not disable_tqdm,
+            keep_neighbours=False,
+        )
+        ll = res.doc_loglikelihood()
+        for j, i in enumerate(nonempty):
+            out[i] = float(ll[j])
+            self.cache_hook.add_partial("loglikelihood_rolling", (texts[i],), out[i])
+        return out
+
+    def _encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        # As lm-eval's HF model: trailing context spaces belong to the continuation.
+        n_spaces = len(context) - len(context.rstrip())
+        if n_spaces > 0:
+            continuation = context[-n_spaces:] + continuation
+            context = context[:-n_spaces]
+        if not context:
+            return [self.prefix_token_id], self.tok_encode(continuation)
+        whole = self.tok_encode(context + continuation)
+        ctx = self.tok_encode(context)
+        return ctx, whole[len(ctx) :]
+
+    def loglikelihood(
+        self, requests: list[Any], disable_tqdm: bool = False
+    ) -> list[tuple[float, bool]]:
+        """log p(continuation | context) and whether greedy decoding gives the continuation.
+
+        The input is the last n tokens of context + continuation (minus the final token); its chunks
+        from its first token retrieve neighbours.
+        """
+        items = []
+        for idx, req in enumerate(requests):
+            ctx, cont = self._encode_pair(*req.args)
+            if not cont:
+                items.append((idx, [], 0))
+                continue
+            seq = (ctx + cont)[-(self.max_length + 1) :]
+            items.append((idx, seq, min(len(cont), len(seq) - 1)))
+        results: list[tuple[float, bool]] = [(0.0, True)] * len(requests)
+        # Batch requests of the same input length (no padding needed).
+        todo = sorted((it for it in items if it[1]), key=lambda it: -len(it[1]))
+        groups: list[list[tuple[int, list[int], int]]] = []
+        for it in todo:
+            if groups and len(groups[-1]) < self.batch_size and len(groups[-1][0][1]) == len(it[1]):
+                groups[-1].append(it)
+            else:
+                groups.append([it])
+        device = self.device
+        with torch.inference_mode():
+            for group in tqdm(
+                groups, desc="loglikelihood", disable=disable_tqdm or not self.progress
+            ):
+                inp = torch.tensor(
+                    [seq[:-1] for _, seq, _ in group], dtype=torch.long, device=device
+                )
+                kwargs = {}
+                if self.retriever is not None:
+                    nbs = [self._neighbours_for(seq[:-1]) for _, seq, _ in group]
+                    kwargs["neighbours"] = torch.from_numpy(np.stack([t for t, _ in nbs])).to(
+                        device
+                    )
+                    kwargs["neighbour_lengths"] = torch.from_numpy(
+                        np.stack([ln for _, ln in nbs])
+                    ).to(device)
+                logits = self.model(inp, **kwargs)
+                logp = torch.log_softmax(logits.float(), dim=-1)
+                for b, (idx, seq, c) in enumerate(group):
+                    tgt = torch.tensor(seq[-c:], dtype=torch.long, device=device)
+                    lp = logp[b, -c:]  # positions predicting the continuation
+                    ll = float(lp.gather(-1, tgt[:, None]).sum())
+                    greedy = bool((lp.argmax(-1) == tgt).all())
+                    results[idx] = (ll, greedy)
+                    self.cache_hook.add_partial("loglikelihood", requests[idx].args, results[idx])
+        return results
+
+    def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
+        """Greedy generation (``retro_core.generate``) with retrieval at chunk boundaries.
+
+        The prompt is left-padded so that it ends a chunk (as the paper does for QA); generation stops
+        at any of ``until`` (default the end-of-text token) or after ``max_gen_toks`` tokens.
+        """
+        from retro_core.generate import generate
+
+        from .qa import align_prompt
+
+        out = []
+        for req in tqdm(requests, desc="generate", disable=disable_tqdm or not self.progress):
+            context, gen_kwargs = req.args
+            gen_kwargs = dict(gen_kwargs or {})
+            until = gen_kwargs.pop("until", None) or []
+            if isinstance(until, str):
+                until = [until]
+            max_new = int(gen_kwargs.pop("max_gen_toks", self.max_gen_toks))
+            temperature = float(gen_kwargs.pop("temperature", 0.0) or 0.0)
+            if not parse_bool(gen_kwargs.pop("do_sample", False)):
+                temperature = 0.0
+            max_new = max(1, min(max_new, self.n - self.m))
+            budget = (self.n - max_new) // self.m * self.m
+            prompt = align_prompt(self.tok_encode(context), self.m, self.pad_id, budget)
+            new = generate(
+                self.model,
+                prompt,
+                self.retriever,
+                max_new,
+                k=self.k,
+                temperature=temperature,
+                eos_id=self.eot_token_id,
+            )
+            text = self.tok_decode([t for t in new if t != self.eot_token_id])
+            cut = min([text.find(s) for s in until if s and s in text], default=len(text))
+            text = text[:cut]
+            self.cache_hook.add_partial("generate_until", req.args, text)
+            out.append(text)
+        return out

@@ -1,0 +1,149 @@
+"""Open-domain QA with RETRO: the question retrieves passages, the model answers greedily.
+
+As in the paper (section 4.3), the prompt is placed so that it *ends a chunk*: it is left-padded with
+the pad id to a multiple of m, so the last chunk (holding the end of the question) retrieves
+neighbours from the database, and those neighbours condition every answer token (CCA's causal
+shift). Generation is ``retro_core.generate.generate`` (greedy, KV-cached, retrieving each time a
+chunk completes). Answers are scored with SQuAD's normalisation (``retro_eval.metrics``): exact match
+and token F1, maximised over the gold answers. The closed-book row is the same model with no
+retriever (RETRO[OFF]).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from .perplexity import _check_retriever_for, _has_retrieval, _model_geometry
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["DEFAULT_TEMPLATE", "QAResult", "align_prompt", "answer_questions", "format_prompt"]
+
+DEFAULT_TEMPLATE = "question: {question}\nanswer:"
+
+
+def align_prompt(
+    ids: Sequence[int], chunk_size: int, pad_id: int, max_len: int | None = None
+) -> list[int]:
+    """Left-pad (and, past ``max_len``, left-truncate) a prompt so its length is a multiple of m.
+
+    Args:
+        ids: prompt token ids.
+        chunk_size: m.
+        pad_id: the padding token.
+        max_len: most tokens kept (rounded down to a multiple of m), or None.
+
+    Returns:
+        ``pad * ((-len) mod m) + ids`` (a whole number of chunks, the prompt ending the last one).
+    """
+    ids = list(map(int, ids))
+    m = int(chunk_size)
+    if max_len is not None:
+        keep = max(m, int(max_len) // m * m)
+        ids = ids[-keep:]
+    return [int(pad_id)] * (-len(ids) % m) + ids
+
+
+def format_prompt(question: str, template: str = DEFAULT_TEMPLATE) -> str:
+    """The prompt text of a question (``template`` has a ``{question}`` field)."""
+    return template.format(question=question.strip())
+
+
+def _em_f1(prediction: str, answers: Sequence[str]) -> tuple[float, float]:
+    from . import metrics
+
+    return (
+        float(metrics.exact_match(prediction, list(answers))),
+        float(metrics.f1(prediction, list(answers))),
+    )
+
+
+@dataclass
+class QAResult:
+    """Per-question predictions and scores; ``em`` and ``f1`` are in [0, 1]."""
+
+    ids: list[str] = field(default_factory=list)
+    questions: list[str] = field(default_factory=list)
+    predictions: list[str] = field(default_factory=list)
+    answers: list[list[str]] = field(default_factory=list)
+    em: list[float] = field(default_factory=list)
+    f1: list[float] = field(default_factory=list)
+    retrieval: bool = False
+    k: int | None = None
+
+    def summary(self) -> dict[str, Any]:
+        n = len(self.em)
+        return {
+            "exact_match": 100.0 * sum(self.em) / n if n else float("nan"),
+            "f1": 100.0 * sum(self.f1) / n if n else float("nan"),
+            "questions": n,
+            "retrieval": self.retrieval,
+            "k": self.k,
+        }
+
+
+def answer_questions(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    examples: Sequence[Any],
+    *,
+    retriever: Any = None,
+    k: int | None = None,
+    max_new_tokens: int = 24,
+    template: str = DEFAULT_TEMPLATE,
+    progress: bool = True,
+) -> QAResult:
+    """Answer each question greedily and score it (EM / F1 against every gold answer).
+
+    Args:
+        model: ``retro_core.model.Retro``.
+        tokenizer: LM tokenizer (``encode``, ``decode``, ``eos_id``).
+        examples: QA examples with ``id``, ``question``, ``answers`` (``retro_eval.benchmarks``).
+        retriever: the passage database (a Retriever); None = closed book (RETRO[OFF]).
+        k: neighbours per chunk (default the model's).
+        max_new_tokens: answer length limit; the answer is the generated text up to its first newline.
+        template: prompt template with ``{question}``.
+
+    Returns:
+        QAResult (EM and F1 per question; ``summary()`` gives percentages).
+    """
+    from retro_core.generate import generate
+
+    if not examples:
+        raise ValueError("QA benchmark has no questions")
+    if retriever is not None:
+        if not _has_retrieval(model):
+            raise ValueError("the model has no CCA layers (a decoder-only baseline): no retriever")
+        _check_retriever_for(model, retriever)
+    n, m, _, pad_id = _model_geometry(model)
+    kk = int(k) if k else int(model.config.num_neighbours)
+    max_new = max(1, min(int(max_new_tokens), n - m))
+    budget = (n - max_new) // m * m
+    eos = getattr(tokenizer, "eos_id", None)
+    out = QAResult(retrieval=retriever is not None, k=kk if retriever is not None else None)
+    model.eval()
+    for ex in tqdm(examples, desc="qa", disable=not progress, unit="q"):
+        prompt = align_prompt(
+            tokenizer.encode(format_prompt(ex.question, template)), m, pad_id, budget
+        )
+        new = generate(model, prompt, retriever, max_new, k=kk, eos_id=eos)
+        if eos is not None and eos in new:
+            new = new[: new.index(eos)]
+        text = tokenizer.decode(new).split("\n", 1)[0].strip()
+        em, f1 = _em_f1(text, ex.answers)
+        out.ids.append(str(ex.id))
+        out.questions.append(ex.question)
+        out.predictions.append(text)
+        out.answers.append(list(ex.answers))
+        out.em.append(em)
+        out.f1.append(f1)
+    logger.info(
+        "QA (%s): %s", "RETRO[ON]" if retriever is not None else "closed book", out.summary()
+    )
+    return out
