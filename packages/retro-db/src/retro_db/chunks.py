@@ -1,0 +1,210 @@
+"""The chunk store: documents cut into m-token chunks, kept as memmapped ``.npy`` segments.
+
+A segment (one build shard) is a directory of four arrays, row i describing one chunk:
+
+- ``tokens.npy``  uint16 (vocab <= 65536) or int32 [n, m]: the chunk's tokens, padded with pad_id
+- ``lengths.npy`` int32 [n]: real tokens in the chunk (m except the last chunk of a document)
+- ``doc_ids.npy`` int64 [n]: the database document index of the chunk
+- ``offsets.npy`` int64 [n]: token offset of the chunk's first token within its document
+
+A document's chunks are consecutive and in order, and never split across segments. Segments are
+immutable once written; the store is their concatenation, chunk ids numbering rows globally.
+The continuation of chunk c is chunk c + 1 if it belongs to the same document, else nothing
+(the neighbour row is then padded): a continuation never crosses into another document.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from .manifest import DatabaseError, atomic_save_npy
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["CHUNK_FILES", "ChunkStore", "chunk_document", "token_dtype", "write_chunk_segment"]
+
+CHUNK_FILES = ("tokens.npy", "lengths.npy", "doc_ids.npy", "offsets.npy")
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """uint16 when every id fits (vocab_size <= 65536), else int32."""
+    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.int32)
+
+
+def chunk_document(
+    ids: Sequence[int] | np.ndarray, m: int, pad_id: int, dtype: np.dtype | type = np.int32
+) -> tuple[np.ndarray, np.ndarray]:
+    """Cut one document's token ids into m-token chunks.
+
+    Args:
+        ids: the document's token ids (length T).
+        m: chunk size.
+        pad_id: fills the tail of the last chunk.
+
+    Returns:
+        tokens [ceil(T/m), m] and lengths int32 [ceil(T/m)] (m except possibly the last).
+    """
+    ids = np.asarray(ids)
+    t = len(ids)
+    c = -(-t // m)
+    tokens = np.full((c, m), pad_id, dtype=dtype)
+    tokens.reshape(-1)[:t] = ids
+    lengths = np.full(c, m, dtype=np.int32)
+    if c and t % m:
+        lengths[-1] = t % m
+    return tokens, lengths
+
+
+def write_chunk_segment(
+    directory: str | os.PathLike[str],
+    tokens: np.ndarray,
+    lengths: np.ndarray,
+    doc_ids: np.ndarray,
+    offsets: np.ndarray,
+) -> None:
+    """Write one segment's four arrays atomically (tokens [n, m], lengths/doc_ids/offsets [n])."""
+    n = len(tokens)
+    if not (len(lengths) == len(doc_ids) == len(offsets) == n):
+        raise ValueError("write_chunk_segment: tokens, lengths, doc_ids, offsets differ in length")
+    d = Path(directory)
+    atomic_save_npy(d / "tokens.npy", tokens)
+    atomic_save_npy(d / "lengths.npy", np.asarray(lengths, dtype=np.int32))
+    atomic_save_npy(d / "doc_ids.npy", np.asarray(doc_ids, dtype=np.int64))
+    atomic_save_npy(d / "offsets.npy", np.asarray(offsets, dtype=np.int64))
+
+
+def _load(path: Path) -> np.ndarray:
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError) as e:
+        raise DatabaseError(f"{path}: cannot read as .npy ({e})") from None
+
+
+class ChunkStore:
+    """Read-only view over chunk segments (memmapped).
+
+    Args:
+        segment_dirs: segment directories in chunk-id order.
+        chunk_size: m (checked against each segment's tokens).
+        pad_id: padding id of the tokens.
+    """
+
+    def __init__(
+        self, segment_dirs: Sequence[str | os.PathLike[str]], chunk_size: int, pad_id: int
+    ):
+        self.chunk_size = int(chunk_size)
+        self.pad_id = int(pad_id)
+        self._tokens: list[np.ndarray] = []
+        self._lengths: list[np.ndarray] = []
+        self._doc_ids: list[np.ndarray] = []
+        self._offsets: list[np.ndarray] = []
+        for d in map(Path, segment_dirs):
+            tok = _load(d / "tokens.npy")
+            if tok.ndim != 2 or tok.shape[1] != self.chunk_size:
+                raise DatabaseError(
+                    f"{d / 'tokens.npy'}: shape {tok.shape}, expected [n, m={self.chunk_size}]"
+                )
+            arrays = [_load(d / name) for name in CHUNK_FILES[1:]]
+            for name, a in zip(CHUNK_FILES[1:], arrays, strict=True):
+                if a.shape != (tok.shape[0],):
+                    raise DatabaseError(f"{d / name}: shape {a.shape}, expected [{tok.shape[0]}]")
+            self._tokens.append(tok)
+            self._lengths.append(arrays[0])
+            self._doc_ids.append(arrays[1])
+            self._offsets.append(arrays[2])
+        sizes = [len(t) for t in self._tokens]
+        self._starts = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
+        self._doc_ids_all: np.ndarray | None = None
+
+    @property
+    def num_chunks(self) -> int:
+        """N, the number of chunks."""
+        return int(self._starts[-1])
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self._tokens[0].dtype if self._tokens else np.dtype(np.int32)
+
+    def _gather(self, parts: list[np.ndarray], ids: np.ndarray) -> np.ndarray:
+        ids = np.asarray(ids, dtype=np.int64)
+        if ids.size and (ids.min() < 0 or ids.max() >= self.num_chunks):
+            raise IndexError(
+                f"chunk ids must be in [0, {self.num_chunks}), got {ids.min()}..{ids.max()}"
+            )
+        seg = np.searchsorted(self._starts, ids, side="right") - 1
+        out = np.empty((len(ids),) + parts[0].shape[1:], dtype=parts[0].dtype) if parts else None
+        for s in np.unique(seg):
+            sel = seg == s
+            out[sel] = parts[s][ids[sel] - self._starts[s]]
+        return out
+
+    def chunk_tokens(self, ids: np.ndarray | Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """tokens [q, m] and lengths int32 [q] of chunks ``ids`` [q]."""
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if not ids.size:
+            return np.empty((0, self.chunk_size), self.dtype), np.empty(0, np.int32)
+        return self._gather(self._tokens, ids), self._gather(self._lengths, ids)
+
+    def doc_ids_of(self, ids: np.ndarray | Sequence[int]) -> np.ndarray:
+        """int64 [q] document of each chunk id."""
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if not ids.size:
+            return np.empty(0, np.int64)
+        return self._gather(self._doc_ids, ids)
+
+    def offsets_of(self, ids: np.ndarray | Sequence[int]) -> np.ndarray:
+        """int64 [q] token offset of each chunk within its document."""
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        return self._gather(self._offsets, ids) if ids.size else np.empty(0, np.int64)
+
+    @property
+    def doc_ids(self) -> np.ndarray:
+        """int64 [N] document of every chunk (concatenated once, then cached)."""
+        if self._doc_ids_all is None:
+            parts = [np.asarray(a) for a in self._doc_ids]
+            self._doc_ids_all = np.concatenate(parts) if parts else np.empty(0, np.int64)
+        return self._doc_ids_all
+
+    def continuation_ids(self, ids: np.ndarray | Sequence[int]) -> np.ndarray:
+        """int64 [q]: id of each chunk's continuation (c + 1 in the same document) or -1."""
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        nxt = ids + 1
+        ok = nxt < self.num_chunks
+        out = np.full(len(ids), -1, dtype=np.int64)
+        if ok.any():
+            same = self.doc_ids_of(nxt[ok]) == self.doc_ids_of(ids[ok])
+            out[np.flatnonzero(ok)[same]] = nxt[ok][same]
+        return out
+
+    def neighbour_rows(self, ids: np.ndarray | Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """Neighbour chunk followed by its continuation, for each id (-1 gives an empty row).
+
+        Returns:
+            tokens [q, r = 2m] padded with pad_id, and lengths int32 [q] (real tokens, a prefix).
+        """
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        m = self.chunk_size
+        q = len(ids)
+        tokens = np.full((q, 2 * m), self.pad_id, dtype=self.dtype)
+        lengths = np.zeros(q, dtype=np.int32)
+        have = ids >= 0
+        if not have.any():
+            return tokens, lengths
+        hid = ids[have]
+        t1, l1 = self.chunk_tokens(hid)
+        nxt = self.continuation_ids(hid)
+        t2 = np.full((len(hid), m), self.pad_id, dtype=self.dtype)
+        l2 = np.zeros(len(hid), dtype=np.int32)
+        hn = nxt >= 0
+        if hn.any():
+            t2[hn], l2[hn] = self.chunk_tokens(nxt[hn])
+        # A chunk with a continuation is full (length m), so [t1 | t2] keeps real tokens a prefix.
+        tokens[have, :m] = t1
+        tokens[have, m:] = t2
+        lengths[have] = l1 + l2
+        return tokens, lengths
