@@ -1,0 +1,280 @@
+"""Render ``results.json`` (written by :mod:`retro_eval.run`) as ``report.md`` and PNG plots.
+
+results.json (version 1)::
+
+    {"version": 1, "config": {...}, "stage_times": {"stage": seconds, ...},
+     "models": {"retro_on": "RETRO[ON] ...", ...},          # optional display names
+     "benchmarks": {
+       "<name>": {"kind": "lm", "split": "test", "documents": D, "chunks": C, "tokens": T, "bytes": B,
+                  "models": {"retro_on": {"bpb": .., "word_perplexity": ..|null, "bits": ..}, "retro_off": {...},
+                             "baseline": {...}},
+                  "buckets": {"rc": [{"alpha": 0.125, "chunks": n, "bpb": {"retro_on": ..|null, ...}}, ...],
+                              "minhash": [...]},
+                  "k_sweep": [{"k": 1, "bpb": ..}, ...],
+                  "subsets": {"<pile_set_name>": {"retro_on": bpb, ...}, ...}},
+       "<qa name>": {"kind": "qa", "split": "validation", "questions": Q,
+                     "models": {"retro_on": {"exact_match": .., "f1": ..}, "retro_off": {...}}}}}
+
+A bucket with no chunks has ``"chunks": 0`` and null bpb: the report prints "empty".
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["MODEL_LABELS", "ReportError", "load_results", "render_report"]
+
+#: Column order and display names of the evaluated models.
+MODEL_LABELS = {"retro_on": "RETRO[ON]", "retro_off": "RETRO[OFF]", "baseline": "baseline"}
+MEASURE_LABELS = {"rc": "r(C): longest common token substring / m", "minhash": "MinHash Jaccard"}
+
+
+class ReportError(ValueError):
+    """results.json is missing or malformed."""
+
+
+def load_results(path: str | Path) -> dict[str, Any]:
+    """Read and minimally validate a results.json.
+
+    Raises:
+        ReportError: one line naming the file and what is wrong.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ReportError(f"{p}: no such results file")
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ReportError(f"{p}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("benchmarks"), dict):
+        raise ReportError(f"{p}: expected an object with a 'benchmarks' object")
+    return data
+
+
+def _fmt(x: Any, digits: int = 4) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    if isinstance(x, float):
+        return f"{x:.{digits}f}"
+    return str(x)
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "benchmark"
+
+
+def _models_in(models: dict[str, Any]) -> list[str]:
+    return [k for k in MODEL_LABELS if k in models] + [k for k in models if k not in MODEL_LABELS]
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return out
+
+
+def _label(key: str) -> str:
+    return MODEL_LABELS.get(key, key)
+
+
+def _pct(alpha: float) -> str:
+    return f"{100 * float(alpha):g}%"
+
+
+def _plot_alpha(name: str, bench: dict[str, Any], path: Path) -> bool:
+    import matplotlib.pyplot as plt
+
+    buckets = bench.get("buckets") or {}
+    measures = [m for m in ("rc", "minhash") if buckets.get(m)] + [
+        m for m in buckets if m not in ("rc", "minhash") and buckets[m]
+    ]
+    if not measures:
+        return False
+    fig, axes = plt.subplots(1, len(measures), figsize=(5.5 * len(measures), 4), squeeze=False)
+    for ax, measure in zip(axes[0], measures, strict=True):
+        rows = buckets[measure]
+        models = _models_in({k: None for r in rows for k in (r.get("bpb") or {})})
+        for model in models:
+            xs = [100 * r["alpha"] for r in rows if (r.get("bpb") or {}).get(model) is not None]
+            ys = [r["bpb"][model] for r in rows if (r.get("bpb") or {}).get(model) is not None]
+            if xs:
+                ax.plot(xs, ys, marker="o", label=_label(model))
+        ax.set_xlabel("alpha (%): chunks with overlap <= alpha")
+        ax.set_ylabel("bits per byte")
+        ax.set_title(MEASURE_LABELS.get(measure, measure), fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"{name}: bpb(alpha)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def _plot_k(name: str, bench: dict[str, Any], path: Path) -> bool:
+    import matplotlib.pyplot as plt
+
+    sweep = [r for r in bench.get("k_sweep") or [] if r.get("bpb") is not None]
+    if not sweep:
+        return False
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    ax.plot([r["k"] for r in sweep], [r["bpb"] for r in sweep], marker="o", label="RETRO[ON]")
+    models = bench.get("models") or {}
+    for key, style in (("retro_off", "--"), ("baseline", ":")):
+        bpb = (models.get(key) or {}).get("bpb")
+        if bpb is not None:
+            ax.axhline(bpb, linestyle=style, color="gray", label=_label(key))
+    ax.set_xscale("log", base=2)
+    ax.set_xticks([r["k"] for r in sweep], [str(r["k"]) for r in sweep])
+    ax.set_xlabel("k (neighbours per chunk at evaluation)")
+    ax.set_ylabel("bits per byte")
+    ax.set_title(f"{name}: bpb against k")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def _plot_subsets(name: str, subsets: dict[str, dict[str, Any]], path: Path) -> bool:
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    if not subsets:
+        return False
+    names = list(subsets)
+    models = _models_in({k: None for s in subsets.values() for k in s})
+    x = np.arange(len(names))
+    width = 0.8 / max(1, len(models))
+    fig, ax = plt.subplots(figsize=(max(5.5, 1.8 * len(names)), 4))
+    for i, model in enumerate(models):
+        ys = [subsets[s].get(model) for s in names]
+        ax.bar(
+            x + (i - (len(models) - 1) / 2) * width,
+            [np.nan if y is None else y for y in ys],
+            width,
+            label=_label(model),
+        )
+    ax.set_xticks(x, names, rotation=15, ha="right", fontsize=8)
+    ax.set_ylabel("bits per byte")
+    ax.set_title(f"{name}: subsets")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def render_report(results: dict[str, Any] | str | Path, out_dir: str | Path) -> dict[str, Path]:
+    """Write ``report.md`` and the PNG plots for a results dict (or results.json path).
+
+    Args:
+        results: the results object (see the module docstring) or a path to results.json.
+        out_dir: where report.md and the plots go (created if needed).
+
+    Returns:
+        Written files by role: ``"report"`` and one ``"<plot>:<benchmark>"`` per PNG.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    if not isinstance(results, dict):
+        results = load_results(results)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written: dict[str, Path] = {}
+    lines = ["# RETRO evaluation report", ""]
+    cfg = results.get("config") or {}
+    if cfg:
+        lines += ["## Setup", ""]
+        for key in ("retro", "baseline", "database", "window", "stride", "k", "k_sweep", "dedup"):
+            if key in cfg:
+                lines.append(f"- {key}: `{cfg[key]}`")
+        lines.append("")
+
+    for name, bench in results["benchmarks"].items():
+        kind = bench.get("kind", "lm")
+        lines += [f"## {name} ({bench.get('split', '?')})", ""]
+        models = bench.get("models") or {}
+        if kind == "qa":
+            lines.append(f"{bench.get('questions', '?')} questions.")
+            lines.append("")
+            rows = [
+                [_label(m), _fmt(models[m].get("exact_match"), 2), _fmt(models[m].get("f1"), 2)]
+                for m in _models_in(models)
+            ]
+            lines += _table(["model", "exact match (%)", "F1 (%)"], rows) + [""]
+            continue
+        lines.append(
+            f"{bench.get('documents', '?')} documents, {bench.get('chunks', '?')} chunks, "
+            f"{bench.get('tokens', '?')} tokens, {bench.get('bytes', '?')} bytes."
+        )
+        lines.append("")
+        has_wppl = any((models[m] or {}).get("word_perplexity") is not None for m in models)
+        header = ["model", "bits per byte"] + (["word perplexity"] if has_wppl else [])
+        rows = []
+        for m in _models_in(models):
+            row = [_label(m), _fmt(models[m].get("bpb"))]
+            if has_wppl:
+                row.append(_fmt(models[m].get("word_perplexity"), 2))
+            rows.append(row)
+        lines += _table(header, rows) + [""]
+
+        for measure, buckets in (bench.get("buckets") or {}).items():
+            if not buckets:
+                continue
+            cols = _models_in({k: None for r in buckets for k in (r.get("bpb") or {})})
+            lines += [f"### bpb(alpha), overlap = {MEASURE_LABELS.get(measure, measure)}", ""]
+            rows = []
+            for r in buckets:
+                if not r.get("chunks"):
+                    rows.append([_pct(r["alpha"]), "0"] + ["empty"] * len(cols))
+                else:
+                    rows.append(
+                        [_pct(r["alpha"]), str(r["chunks"])]
+                        + [_fmt((r.get("bpb") or {}).get(c)) for c in cols]
+                    )
+            lines += _table(["alpha", "chunks"] + [_label(c) for c in cols], rows) + [""]
+
+        if bench.get("k_sweep"):
+            lines += ["### RETRO[ON] against k", ""]
+            rows = [[str(r["k"]), _fmt(r.get("bpb"))] for r in bench["k_sweep"]]
+            lines += _table(["k", "bits per byte"], rows) + [""]
+
+        subsets = bench.get("subsets") or {}
+        if subsets:
+            cols = _models_in({k: None for s in subsets.values() for k in s})
+            lines += ["### Subsets (bits per byte)", ""]
+            rows = [[s] + [_fmt(subsets[s].get(c)) for c in cols] for s in subsets]
+            lines += _table(["subset"] + [_label(c) for c in cols], rows) + [""]
+
+        slug = _slug(name)
+        for role, fn, arg in (
+            ("bpb_vs_alpha", _plot_alpha, bench),
+            ("bpb_vs_k", _plot_k, bench),
+            ("subsets", _plot_subsets, subsets),
+        ):
+            path = out / f"{role}_{slug}.png"
+            if fn(name, arg, path):
+                written[f"{role}:{name}"] = path
+                lines += [f"![{role} {name}]({path.name})", ""]
+
+    times = results.get("stage_times") or {}
+    if times:
+        lines += ["## Stage times", ""]
+        lines += _table(["stage", "seconds"], [[k, f"{float(v):.1f}"] for k, v in times.items()])
+        lines.append("")
+    report = out / "report.md"
+    report.write_text("\n".join(lines), encoding="utf-8")
+    written["report"] = report
+    logger.info("wrote %s and %d plots", report, len(written) - 1)
+    return written
