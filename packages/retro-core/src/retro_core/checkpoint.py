@@ -1,0 +1,172 @@
+"""Model checkpoints: a directory with ``config.json`` and ``model.safetensors`` (no pickle).
+
+Layout::
+
+    directory/
+      config.json        {"format": "retro-checkpoint", "version": 1, "config": {RetroConfig},
+                          "extra": {...} | null}
+      model.safetensors  the state dict (the tied output projection is not stored separately)
+
+Both files are written to temporary names, fsynced and renamed into place (``model.safetensors``
+first, ``config.json`` last), so a reader never sees a half-written file under the final name.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .config import RetroConfig
+from .model import Retro
+
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "CHECKPOINT_VERSION",
+    "CheckpointError",
+    "load_checkpoint",
+    "read_checkpoint_config",
+    "save_checkpoint",
+]
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = "retro-checkpoint"
+CHECKPOINT_VERSION = 1
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory is missing, corrupt, or does not match its config."""
+
+
+def _fsync_rename(tmp: Path, final: Path) -> None:
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, final)
+
+
+def save_checkpoint(
+    model: Retro, directory: str | os.PathLike, extra: dict[str, Any] | None = None
+) -> Path:
+    """Write ``model`` (its config and weights) to ``directory`` (created if needed).
+
+    Args:
+        model: the model to save.
+        directory: the checkpoint directory; existing checkpoint files there are replaced.
+        extra: optional JSON-serialisable metadata (e.g. training step, metrics).
+
+    Returns:
+        The directory as a Path.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "format": CHECKPOINT_FORMAT,
+        "version": CHECKPOINT_VERSION,
+        "config": model.config.to_dict(),
+        "extra": extra,
+    }
+    try:
+        text = json.dumps(meta, indent=2, sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(
+            f"save_checkpoint: extra metadata is not JSON-serialisable: {e}"
+        ) from e
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    tmp_w = directory / f".{WEIGHTS_FILE}.tmp-{os.getpid()}"
+    tmp_c = directory / f".{CONFIG_FILE}.tmp-{os.getpid()}"
+    save_file(state, str(tmp_w), metadata={"format": CHECKPOINT_FORMAT})
+    _fsync_rename(tmp_w, directory / WEIGHTS_FILE)
+    tmp_c.write_text(text + "\n", encoding="utf-8")
+    _fsync_rename(tmp_c, directory / CONFIG_FILE)
+    logger.info("saved checkpoint to %s (%d tensors)", directory, len(state))
+    return directory
+
+
+def read_checkpoint_config(
+    directory: str | os.PathLike,
+) -> tuple[RetroConfig, dict[str, Any] | None]:
+    """Read and validate ``config.json``; returns (config, extra metadata)."""
+    path = Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing (expected a checkpoint written by save_checkpoint)")
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f'{path}: expected an object with "format": "{CHECKPOINT_FORMAT}"')
+    if meta.get("version") != CHECKPOINT_VERSION:
+        raise CheckpointError(
+            f"{path}: unsupported version {meta.get('version')!r} (expected {CHECKPOINT_VERSION})"
+        )
+    try:
+        config = RetroConfig.from_dict(meta.get("config"))
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f'{path}: invalid "config": {e}') from e
+    extra = meta.get("extra")
+    if extra is not None and not isinstance(extra, dict):
+        raise CheckpointError(
+            f'{path}: "extra" must be an object or null, got {type(extra).__name__}'
+        )
+    return config, extra
+
+
+def load_checkpoint(
+    directory: str | os.PathLike, map_location: str | torch.device = "cpu"
+) -> Retro:
+    """Load a model saved by :func:`save_checkpoint`; the returned model is in eval mode.
+
+    The extra metadata is available as ``model.checkpoint_extra``.
+
+    Raises:
+        CheckpointError: missing files, bad JSON, or tensors whose names/shapes do not match the
+            config, with a one-line message naming the file and what was expected.
+    """
+    directory = Path(directory)
+    config, extra = read_checkpoint_config(directory)
+    path = directory / WEIGHTS_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing (expected the weights beside {CONFIG_FILE})")
+    try:
+        state = load_file(str(path), device=str(map_location))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
+    model = Retro(config)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path}: tensors do not match {CONFIG_FILE} (cca_layers={config.cca_layers}): "
+            f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
+        )
+    for name, want in expected.items():
+        got = state[name]
+        if tuple(got.shape) != tuple(want.shape):
+            raise CheckpointError(
+                f"{path}: tensor {name!r} has shape {tuple(got.shape)}, expected "
+                f"{tuple(want.shape)} from {CONFIG_FILE}"
+            )
+        if not got.is_floating_point():
+            raise CheckpointError(
+                f"{path}: tensor {name!r} has dtype {got.dtype}, expected a float"
+            )
+    dtypes = {t.dtype for t in state.values()}
+    if len(dtypes) == 1:
+        model.to(dtypes.pop())
+    model.load_state_dict(state, strict=True)
+    model.to(map_location)
+    model.checkpoint_extra = extra
+    model.eval()
+    logger.info("loaded checkpoint %s", directory)
+    return model
