@@ -15,6 +15,7 @@ except PackageNotFoundError:  # running from a source tree that is not installed
 from .config import RetroConfig
 from .data import DatasetFormatError, RetroDataset, write_dataset
 from .model import KVCache, Retro
+from .train import TrainConfig, train  # retro_core.train is the function (issue 3)
 
 __all__ = [
     "__version__",
@@ -24,4 +25,6 @@ __all__ = [
     "DatasetFormatError",
     "RetroDataset",
     "write_dataset",
+    "TrainConfig",
+    "train",
 ]

@@ -1,0 +1,217 @@
+"""``retro-train``: train RETRO (or its matched baseline) on a training dataset directory.
+
+A thin argparse layer over :func:`retro_core.train.train`; every option maps to a
+:class:`~retro_core.train.TrainConfig` field or to the model config. Examples::
+
+    retro-train --data runs/wiki-ds --out runs/retro-tiny --preset tiny --steps 2000
+    retro-train --data runs/wiki-ds --out runs/base-tiny --preset tiny --baseline --steps 2000
+    retro-train --data runs/wiki-ds --out runs/retro-tiny --resume          # continue a run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+__all__ = ["build_parser", "main"]
+
+# CLI flag -> TrainConfig field (flags default to None so that only given ones override).
+_TRAIN_FLAGS: dict[str, str] = {
+    "steps": "steps",
+    "batch_size": "batch_size",
+    "grad_accum": "grad_accum",
+    "lr": "lr",
+    "min_lr": "min_lr",
+    "warmup_steps": "warmup_steps",
+    "weight_decay": "weight_decay",
+    "grad_clip": "grad_clip",
+    "seed": "seed",
+    "seq_chunks": "seq_chunks",
+    "k": "num_neighbours",
+    "eval_every": "eval_every",
+    "eval_batches": "eval_batches",
+    "valid_fraction": "valid_fraction",
+    "checkpoint_every": "checkpoint_every",
+    "keep_checkpoints": "keep_checkpoints",
+    "log_every": "log_every",
+    "num_workers": "num_workers",
+    "device": "device",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``retro-train`` argument parser."""
+    p = argparse.ArgumentParser(
+        prog="retro-train",
+        description=(
+            "Train a RETRO model (Borgeaud et al., 2021) or its matched decoder-only baseline on a "
+            "training dataset directory (manifest.json + .npy arrays, written by `retro-db "
+            "neighbours`). Writes metrics.jsonl, checkpoints/ and final_metrics.json to --out."
+        ),
+        epilog=(
+            "The model size comes from --preset or --config; vocabulary, chunk size m, k, r, pad id "
+            "and tokenizer id always come from the dataset. RETRO-fitting a pretrained LM is not "
+            "part of this command yet."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    io = p.add_argument_group("data and output")
+    io.add_argument("--data", required=True, type=Path, help="training dataset directory")
+    io.add_argument(
+        "--valid-data",
+        type=Path,
+        default=None,
+        help="separate validation dataset (default: hold out --valid-fraction of --data's documents)",
+    )
+    io.add_argument("--out", required=True, type=Path, help="run directory (metrics, checkpoints)")
+    io.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the latest checkpoint in --out (model and training config default to "
+        "the run's own)",
+    )
+
+    model = p.add_argument_group("model")
+    size = model.add_mutually_exclusive_group()
+    size.add_argument(
+        "--preset",
+        choices=["tiny", "small", "base"],
+        default=None,
+        help="model size preset (tiny: d=64, 4 layers; small: d=256, 6 layers; base: d=512, 12 "
+        "layers, the paper's 12-layer shape). Default: tiny",
+    )
+    size.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="model config JSON: a full RetroConfig (with vocab_size) or some of its fields, the "
+        "rest from the dataset",
+    )
+    model.add_argument(
+        "--baseline",
+        action="store_true",
+        help="train the matched decoder-only baseline (no CCA layers, neighbours ignored)",
+    )
+    model.add_argument(
+        "--no-retrieval",
+        action="store_true",
+        help="keep the RETRO architecture but train without neighbours (RETRO[OFF] training)",
+    )
+
+    t = p.add_argument_group("training (defaults: TrainConfig)")
+    t.add_argument("--train-config", type=Path, default=None, help="TrainConfig JSON; flags win")
+    t.add_argument("--steps", type=int, default=None, help="optimizer steps (cosine ends here)")
+    t.add_argument("--batch-size", type=int, default=None, help="B, sequences per micro-batch")
+    t.add_argument("--grad-accum", type=int, default=None, help="micro-batches per step")
+    t.add_argument("--lr", type=float, default=None, help="peak learning rate")
+    t.add_argument("--min-lr", type=float, default=None, help="final learning rate")
+    t.add_argument("--warmup-steps", type=int, default=None)
+    t.add_argument("--weight-decay", type=float, default=None)
+    t.add_argument("--grad-clip", type=float, default=None, help="max grad norm (0 = off)")
+    t.add_argument("--seed", type=int, default=None)
+    t.add_argument("--seq-chunks", type=int, default=None, help="l, chunks per sequence (n = l*m)")
+    t.add_argument("--k", type=int, default=None, help="neighbours per chunk (<= the dataset's k)")
+    t.add_argument("--eval-every", type=int, default=None, help="steps between validations")
+    t.add_argument("--eval-batches", type=int, default=None, help="micro-batches per validation")
+    t.add_argument("--valid-fraction", type=float, default=None)
+    t.add_argument("--checkpoint-every", type=int, default=None)
+    t.add_argument("--keep-checkpoints", type=int, default=None)
+    t.add_argument("--log-every", type=int, default=None, help="steps between metrics.jsonl lines")
+    t.add_argument("--bf16", action="store_true", default=None, help="bfloat16 autocast")
+    t.add_argument("--num-workers", type=int, default=None, help="DataLoader workers")
+    t.add_argument("--device", default=None, help="torch device (cpu, cuda)")
+    t.add_argument(
+        "--stop-after", type=int, default=None, help="pause after this many steps (resume later)"
+    )
+    t.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return p
+
+
+def _read_json(path: Path, what: str) -> dict[str, Any]:
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise SystemExit(f"retro-train: {path}: cannot read {what} ({e})") from None
+    if not isinstance(obj, dict):
+        raise SystemExit(f"retro-train: {path}: expected a JSON object ({what})")
+    return obj
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``retro-train`` console script."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    import torch
+
+    from .checkpoint import CheckpointError, read_checkpoint_config
+    from .config import RetroConfig
+    from .data import DatasetFormatError, RetroDataset
+    from .train import TrainConfig, TrainError, latest_checkpoint, model_config_for_dataset, train
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        existing = latest_checkpoint(args.out) if args.resume else None
+        # TrainConfig: defaults <- the run's own (when resuming) <- --train-config <- flags.
+        tc_fields: dict[str, Any] = {}
+        if existing is not None and (args.out / "train_config.json").is_file():
+            tc_fields.update(_read_json(args.out / "train_config.json", "the run's TrainConfig"))
+        if args.train_config is not None:
+            tc_fields.update(_read_json(args.train_config, "a TrainConfig"))
+        for flag, name in _TRAIN_FLAGS.items():
+            v = getattr(args, flag)
+            if v is not None:
+                tc_fields[name] = v
+        if args.bf16:
+            tc_fields["bf16"] = True
+        if args.grad_clip == 0:
+            tc_fields["grad_clip"] = None
+        if args.no_retrieval or args.baseline:
+            tc_fields["retrieval"] = False
+        tc = TrainConfig.from_dict(tc_fields)
+
+        # Model config: --config / --preset, or the checkpoint's when resuming without either.
+        if existing is not None and args.config is None and args.preset is None:
+            cfg = read_checkpoint_config(existing)[0]
+        else:
+            ds = RetroDataset(args.data, tc.seq_chunks)
+            if args.config is not None:
+                fields = _read_json(args.config, "a model config")
+                cfg = (
+                    RetroConfig.from_dict(fields)
+                    if "vocab_size" in fields
+                    else model_config_for_dataset(ds, fields)
+                )
+            else:
+                cfg = model_config_for_dataset(ds, args.preset or "tiny")
+            if args.baseline:
+                cfg = cfg.baseline()
+        final = train(
+            cfg,
+            tc,
+            args.data,
+            args.out,
+            valid_dir=args.valid_data,
+            resume=args.resume,
+            stop_after=args.stop_after,
+            progress=not args.no_progress,
+        )
+    except (DatasetFormatError, TrainError, CheckpointError, ValueError) as e:
+        print(f"retro-train: error: {e}", file=sys.stderr)
+        return 2
+    del final  # printed from the file, where NaN is written as null
+    print((args.out / "final_metrics.json").read_text(encoding="utf-8"), end="")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,347 @@
+"""Training: loss goes down, exact resume, gradient accumulation, bf16, the CLI."""
+
+from __future__ import annotations
+
+import json
+from importlib.metadata import entry_points
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from retro_core.checkpoint import load_checkpoint
+from retro_core.config import RetroConfig
+from retro_core.data import RetroDataset, chunk_documents, write_dataset
+from retro_core.model import Retro
+from retro_core.train import TrainConfig, TrainError, latest_checkpoint, lr_at, train
+
+V, M, K, PAD = 32, 4, 2, 0
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _make_dataset(directory: Path, n_docs: int = 12, seed: int = 0) -> Path:
+    """Documents that count upwards mod 31 (tokens 1..31) from a random start, of random length;
+    each chunk's neighbours are the same-content chunk + continuation of two other documents."""
+    rng = np.random.default_rng(seed)
+    docs = []
+    for _ in range(n_docs):
+        start, n = int(rng.integers(0, 31)), int(rng.integers(5, 30))
+        docs.append([1 + (start + t) % 31 for t in range(n)])
+    tokens, lengths, doc_ids = chunk_documents(docs, M, PAD)
+    N, r = tokens.shape[0], 2 * M
+    neighbours = np.full((N, K, r), PAD, dtype=np.int64)
+    nb_lengths = np.zeros((N, K), dtype=np.int64)
+    nb_ids = np.full((N, K), -1, dtype=np.int64)
+    for i in range(N):
+        first = int(tokens[i, 0])
+        cont = [1 + (first - 1 + t) % 31 for t in range(r)]  # this chunk and its continuation
+        for j in range(K):
+            neighbours[i, j] = cont
+            nb_lengths[i, j] = r
+            nb_ids[i, j] = (i + 7 * (j + 1)) % N
+    return write_dataset(
+        directory,
+        tokens=tokens,
+        lengths=lengths,
+        doc_ids=doc_ids,
+        neighbours=neighbours,
+        neighbour_lengths=nb_lengths,
+        neighbour_ids=nb_ids,
+        tokenizer_id="count-tok",
+        vocab_size=V,
+        pad_id=PAD,
+        source_db=None,
+    )
+
+
+@pytest.fixture(scope="module")
+def dataset_dir(tmp_path_factory) -> Path:
+    return _make_dataset(tmp_path_factory.mktemp("ds") / "ds")
+
+
+def _model_config(**kw) -> RetroConfig:
+    fields = dict(
+        vocab_size=V,
+        d_model=32,
+        n_heads=2,
+        n_layers=2,
+        chunk_size=M,
+        num_neighbours=K,
+        enc_layers=1,
+        max_seq_len=32,
+        pad_id=PAD,
+        tokenizer_id="count-tok",
+    )
+    fields.update(kw)
+    return RetroConfig(**fields)
+
+
+def _train_config(**kw) -> TrainConfig:
+    fields = dict(
+        steps=6,
+        batch_size=2,
+        grad_accum=1,
+        lr=3e-3,
+        min_lr=3e-4,
+        warmup_steps=2,
+        seq_chunks=4,
+        eval_every=2,
+        eval_batches=2,
+        valid_fraction=0.2,
+        checkpoint_every=100,
+        log_every=1,
+        seed=3,
+    )
+    fields.update(kw)
+    return TrainConfig(**fields)
+
+
+def _metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_lr_schedule():
+    tc = _train_config(steps=10, warmup_steps=4, lr=1.0, min_lr=0.1)
+    assert [lr_at(s, tc) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert lr_at(4, tc) == pytest.approx(1.0)
+    assert lr_at(7, tc) == pytest.approx(0.1 + 0.45 * (1 + np.cos(np.pi * 0.5)))
+    assert lr_at(10, tc) == pytest.approx(0.1)
+
+
+def test_first_step_loss_is_the_mean_over_real_tokens(dataset_dir, tmp_path):
+    """With one batch holding every sequence, the logged loss is the mean next-token CE over all
+    real tokens, computed here directly from the dataset and an identically seeded model."""
+    full = RetroDataset(dataset_dir, seq_chunks=4)
+    tc = _train_config(steps=1, batch_size=len(full), valid_fraction=0.0, seed=11)
+    cfg = _model_config()
+    train(cfg, tc, dataset_dir, tmp_path / "run", progress=False)
+    logged = _metrics(tmp_path / "run")[0]
+
+    torch.manual_seed(11)
+    model = Retro(cfg)
+    items = [full[i] for i in range(len(full))]
+    batch = {k: torch.stack([it[k] for it in items]) for k in items[0]}
+    with torch.no_grad():
+        logits = model(batch["tokens"], batch["neighbours"], batch["neighbour_lengths"])
+    mask = batch["loss_mask"]
+    expected = F.cross_entropy(logits[mask], batch["targets"][mask])
+    assert logged["tokens"] == int(mask.sum())
+    assert logged["loss"] == pytest.approx(float(expected), abs=1e-5)
+    # the count is the real tokens with a real successor: each document's length - 1
+    n_tokens = int(np.load(dataset_dir / "lengths.npy").sum())
+    assert logged["tokens"] == n_tokens - full.num_documents
+
+
+def test_training_lowers_loss(dataset_dir, tmp_path):
+    tc = _train_config(steps=40, batch_size=4, lr=1e-2, min_lr=1e-3, warmup_steps=4, eval_every=20)
+    final = train(_model_config(), tc, dataset_dir, tmp_path / "run", progress=False)
+    m = _metrics(tmp_path / "run")
+    assert np.log(V) - 0.3 < m[0]["loss"] < np.log(V) + 0.3  # an untrained model is near uniform
+    assert final["loss"] < 0.5 * m[0]["loss"]
+    assert final["val_loss"] < 0.5 * m[0]["loss"]
+    assert final["finished"] and final["step"] == 40
+    assert final["tokens_total"] == sum(r["tokens"] for r in m)
+    assert {"step", "loss", "lr", "grad_norm", "tokens", "elapsed"} <= set(m[0])
+    assert [r["step"] for r in m if "val_loss" in r] == [20, 40]
+    assert json.loads((tmp_path / "run" / "final_metrics.json").read_text())["step"] == 40
+    assert load_checkpoint(latest_checkpoint(tmp_path / "run")).config == _model_config()
+
+
+def test_resume_continues_the_same_loss_curve(dataset_dir, tmp_path):
+    # dropout > 0 so that the restored RNG state matters; 6 steps x 4 sequences cross an epoch
+    cfg = _model_config(dropout=0.1)
+    tc = _train_config(steps=6, batch_size=4, checkpoint_every=2)
+    straight = train(cfg, tc, dataset_dir, tmp_path / "a", progress=False)
+    first = train(cfg, tc, dataset_dir, tmp_path / "b", stop_after=3, progress=False)
+    assert first["step"] == 3 and not first["finished"]
+    with pytest.raises(TrainError, match="resume=True"):
+        train(cfg, tc, dataset_dir, tmp_path / "b", progress=False)
+    resumed = train(cfg, tc, dataset_dir, tmp_path / "b", resume=True, progress=False)
+    a, b = _metrics(tmp_path / "a"), _metrics(tmp_path / "b")
+    assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
+    assert len(RetroDataset(dataset_dir, 4, split="train", valid_fraction=0.2)) < 6 * 4
+    for ra, rb in zip(a, b, strict=True):
+        for key in ("step", "loss", "lr", "grad_norm", "tokens", "tokens_total", "val_loss"):
+            assert ra.get(key) == rb.get(key), (ra["step"], key)
+    assert straight["loss"] == resumed["loss"] and straight["val_loss"] == resumed["val_loss"]
+    wa = load_checkpoint(latest_checkpoint(tmp_path / "a")).state_dict()
+    wb = load_checkpoint(latest_checkpoint(tmp_path / "b")).state_dict()
+    for name in wa:
+        assert torch.equal(wa[name], wb[name]), name
+    # only the newest keep_checkpoints=2 remain
+    assert sorted(p.name for p in (tmp_path / "a" / "checkpoints").glob("step_*")) == [
+        "step_00000004",
+        "step_00000006",
+    ]
+
+
+def test_gradient_accumulation_matches_a_bigger_batch(dataset_dir, tmp_path):
+    cfg = _model_config()
+    common = dict(steps=2, valid_fraction=0.0, seed=5)
+    big = train(
+        cfg,
+        _train_config(batch_size=4, grad_accum=1, **common),
+        dataset_dir,
+        tmp_path / "a",
+        progress=False,
+    )
+    acc = train(
+        cfg,
+        _train_config(batch_size=2, grad_accum=2, **common),
+        dataset_dir,
+        tmp_path / "b",
+        progress=False,
+    )
+    ma, mb = _metrics(tmp_path / "a"), _metrics(tmp_path / "b")
+    for ra, rb in zip(ma, mb, strict=True):
+        assert ra["tokens"] == rb["tokens"]
+        assert ra["loss"] == pytest.approx(rb["loss"], abs=1e-6)
+        assert ra["grad_norm"] == pytest.approx(rb["grad_norm"], rel=1e-5)
+    assert big["tokens_total"] == acc["tokens_total"]
+    wa = load_checkpoint(latest_checkpoint(tmp_path / "a")).state_dict()
+    wb = load_checkpoint(latest_checkpoint(tmp_path / "b")).state_dict()
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], atol=1e-6, rtol=1e-5)
+    # and the update really moved the weights
+    torch.manual_seed(5)
+    init = Retro(cfg).state_dict()
+    assert not torch.equal(init["tok_emb.weight"], wa["tok_emb.weight"])
+
+
+def test_worker_processes_give_the_same_run(dataset_dir, tmp_path):
+    tc = _train_config(steps=3, eval_batches=0)
+    train(_model_config(), tc, dataset_dir, tmp_path / "w0", progress=False)
+    tc1 = _train_config(steps=3, eval_batches=0, num_workers=1)
+    train(_model_config(), tc1, dataset_dir, tmp_path / "w1", progress=False)
+    m0, m1 = _metrics(tmp_path / "w0"), _metrics(tmp_path / "w1")
+    assert [r["loss"] for r in m0] == [r["loss"] for r in m1]
+    assert not any("val_loss" in r for r in m0)
+
+
+def test_bf16_autocast_runs(dataset_dir, tmp_path):
+    final = train(
+        _model_config(),
+        _train_config(steps=2, bf16=True),
+        dataset_dir,
+        tmp_path / "run",
+        progress=False,
+    )
+    assert np.isfinite(final["loss"]) and np.isfinite(final["val_loss"])
+
+
+def test_baseline_from_the_same_dataset(dataset_dir, tmp_path):
+    cfg = _model_config().baseline()
+    final = train(cfg, _train_config(steps=2), dataset_dir, tmp_path / "base", progress=False)
+    assert final["retrieval"] is False and np.isfinite(final["loss"])
+    # RETRO trained with retrieval off: neighbours are never read, CCA weights never move
+    cfg = _model_config()
+    off = train(
+        cfg, _train_config(steps=2, retrieval=False), dataset_dir, tmp_path / "off", progress=False
+    )
+    assert off["retrieval"] is False
+    torch.manual_seed(3)
+    init = Retro(cfg).state_dict()
+    after = load_checkpoint(latest_checkpoint(tmp_path / "off")).state_dict()
+    cca = [n for n in init if ".cca." in n or n.startswith("encoder.")]
+    assert cca and all(torch.equal(init[n], after[n]) for n in cca)
+    assert not torch.equal(init["tok_emb.weight"], after["tok_emb.weight"])
+
+
+def test_incompatible_model_is_refused(dataset_dir, tmp_path):
+    with pytest.raises(TrainError, match="chunk_size m=8 but the dataset has m=4"):
+        train(
+            _model_config(chunk_size=8),
+            _train_config(),
+            dataset_dir,
+            tmp_path / "x",
+            progress=False,
+        )
+    with pytest.raises(TrainError, match="tokenizer_id='other'"):
+        train(
+            _model_config(tokenizer_id="other"),
+            _train_config(),
+            dataset_dir,
+            tmp_path / "x",
+            progress=False,
+        )
+    with pytest.raises(TrainError, match="max_seq_len=8 < n = l.m = 16"):
+        train(
+            _model_config(max_seq_len=8),
+            _train_config(),
+            dataset_dir,
+            tmp_path / "x",
+            progress=False,
+        )
+    with pytest.raises(TrainError, match="k=3 but the dataset stores only k=2"):
+        train(
+            _model_config(),
+            _train_config(num_neighbours=3),
+            dataset_dir,
+            tmp_path / "x",
+            progress=False,
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI
+
+
+def test_console_script_is_registered():
+    scripts = {ep.name: ep.value for ep in entry_points(group="console_scripts")}
+    assert scripts.get("retro-train") == "retro_core.cli:main"
+
+
+def test_cli_help(capsys):
+    from retro_core.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--data", "--out", "--preset", "--config", "--resume", "--steps", "--baseline"):
+        assert flag in text
+
+
+def test_cli_trains_and_resumes(dataset_dir, tmp_path, capsys):
+    from retro_core.cli import main
+
+    out = tmp_path / "run"
+    common = ["--data", str(dataset_dir), "--out", str(out), "--no-progress"]
+    small = [
+        "--seq-chunks",
+        "4",
+        "--batch-size",
+        "2",
+        "--eval-every",
+        "0",
+        "--valid-fraction",
+        "0.2",
+    ]
+    assert main([*common, "--preset", "tiny", "--steps", "3", "--stop-after", "2", *small]) == 0
+    assert json.loads(capsys.readouterr().out)["step"] == 2
+    # resume: the model and training config come from the run itself
+    assert main([*common, "--resume"]) == 0
+    final = json.loads(capsys.readouterr().out)
+    assert final["step"] == 3 and final["finished"]
+    cfg = load_checkpoint(latest_checkpoint(out)).config
+    assert (cfg.d_model, cfg.vocab_size, cfg.chunk_size, cfg.tokenizer_id) == (
+        64,
+        V,
+        M,
+        "count-tok",
+    )
+    # a bad dataset is a one-line error, exit code 2
+    assert (
+        main(["--data", str(tmp_path / "nope"), "--out", str(tmp_path / "o2"), "--no-progress"])
+        == 2
+    )
+    assert "retro-train: error:" in capsys.readouterr().err
