@@ -110,7 +110,8 @@ def _plot_alpha(name: str, bench: dict[str, Any], path: Path) -> bool:
         ax.set_ylabel("bits per byte")
         ax.set_title(MEASURE_LABELS.get(measure, measure), fontsize=10)
         ax.grid(alpha=0.3)
-        ax.legend()
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
     fig.suptitle(f"{name}: bpb(alpha)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)

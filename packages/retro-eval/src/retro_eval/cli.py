@@ -1,0 +1,99 @@
+"""``retro-eval``: run | report | lm-eval.
+
+- ``retro-eval run --config run.yaml``: evaluate (see :mod:`retro_eval.run`); writes results.json,
+  report.md and PNG plots to the config's output directory.
+- ``retro-eval report results.json [--out DIR]``: render report.md and the plots again.
+- ``retro-eval lm-eval ARGS...``: lm-eval's own command line with the ``retro`` model registered and
+  the retro-eval task directory on ``--include_path``, e.g.
+  ``retro-eval lm-eval --model retro --model_args checkpoint=ckpt,database=db,k=2 --tasks retro_wikitext_mini``.
+
+A bad input (config, missing split, empty benchmark, mismatched database, missing checkpoint) prints
+one line ``retro-eval: error: ...`` and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+__all__ = ["main"]
+
+LM_EVAL_SUBCOMMANDS = {"run", "ls", "validate"}
+
+
+def _lm_eval(argv: Sequence[str]) -> int:
+    from lm_eval.__main__ import cli_evaluate
+
+    from . import lm  # noqa: F401  (registers the "retro" model)
+    from .tasks import TASKS_DIR
+
+    args = list(argv)
+    if args and args[0] not in LM_EVAL_SUBCOMMANDS and args[0] not in {"-h", "--help"}:
+        args = ["run", *args]
+    if (
+        args
+        and args[0] in LM_EVAL_SUBCOMMANDS
+        and not any(a == "--include_path" or a.startswith("--include_path=") for a in args)
+    ):
+        args += ["--include_path", str(TASKS_DIR)]
+    old = sys.argv
+    sys.argv = ["lm-eval", *args]
+    try:
+        cli_evaluate()
+    finally:
+        sys.argv = old
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="retro-eval", description=__doc__.split("\n\n")[0])
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    r = sub.add_parser("run", help="evaluate as a run.yaml says")
+    r.add_argument("--config", required=True, help="run.yaml")
+    rep = sub.add_parser("report", help="render report.md and plots from results.json")
+    rep.add_argument("results", help="results.json")
+    rep.add_argument("--out", default=None, help="output directory (default: beside results.json)")
+    sub.add_parser("lm-eval", help="lm-eval's command line with the 'retro' model registered")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``retro-eval`` console script; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "lm-eval":
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        return _lm_eval(argv[1:])
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        if args.command == "run":
+            from .run import run_evaluation
+
+            results = run_evaluation(args.config)
+            out = results["config"]["output"]
+            n = len(results["benchmarks"])
+            print(
+                f"retro-eval: wrote results.json, report.md and plots for {n} benchmark(s) to {out}"
+            )
+        elif args.command == "report":
+            from .report import render_report
+
+            out = Path(args.out) if args.out else Path(args.results).parent
+            written = render_report(args.results, out)
+            print(f"retro-eval: wrote {written['report']} and {len(written) - 1} plot(s)")
+    except (ValueError, FileNotFoundError, NotADirectoryError) as e:
+        msg = " ".join(str(e).split()) or type(e).__name__
+        print(f"retro-eval: error: {msg}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

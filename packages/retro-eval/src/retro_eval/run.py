@@ -1,0 +1,654 @@
+"""``retro-eval run --config run.yaml``: evaluate RETRO[ON], RETRO[OFF] and a baseline on benchmarks.
+
+run.yaml (paths relative to the YAML file)::
+
+    retro: runs/retro            # retro_core checkpoint directory (required)
+    baseline: runs/baseline      # decoder-only checkpoint (optional)
+    tokenizer: null              # tokenizer directory; default the database's, else GPT-2
+    database:
+      path: runs/db              # an existing retro_db database, or where to build one
+      build_from:                # optional: build `path` from these if it holds no database
+        - wikitext-mini:train    #   "<benchmark>:<split>" (a pack, path or hub name) or a file/dir
+      dedup: true                # first drop build documents whose 13-gram Jaccard >= threshold with
+      dedup_threshold: 0.8       #   any evaluation document (retro_db.minhash.dedup_documents)
+      embedder: null             # build option (null = all-MiniLM-L6-v2, "hash:64" for tests)
+      index_factory: null
+    benchmarks:
+      - name: wikitext-mini      # a pack, a path in a native format or a hub name
+        split: test
+        max_documents: null      # keep the first N documents (quick runs)
+      - name: pile-mini          # Pile documents are also reported per pile_set_name
+      - name: squad-open-mini    # QA; retrieves from `database` (or its own `database:` path,
+        split: validation        #   built from the benchmark's passage corpus when missing)
+        max_questions: 50
+    k: 2                         # neighbours per chunk for RETRO[ON]
+    k_sweep: [1, 2, 4, 10]       # extra RETRO[ON] runs (bpb against k); [] to skip
+    overlap_k: 10                # neighbours per chunk used for r(C) (the paper: 10)
+    window: null                 # n (default the model's max_seq_len)
+    stride: null                 # s (default n/2)
+    alphas: [0, 0.125, 0.25, 0.5, 0.75, 1.0]
+    overlap: [rc, minhash]       # leakage measures for bpb(alpha)
+    batch_size: 4
+    max_new_tokens: 24           # QA answer length
+    output: runs/eval            # results.json, report.md, PNGs
+
+:func:`run_evaluation` writes ``results.json`` (schema in :mod:`retro_eval.report`), ``report.md`` and
+the plots, and returns the results dict.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .perplexity import ScoreResult, retrieve_document_neighbours, score_token_documents
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["RunConfig", "RunConfigError", "load_run_config", "run_evaluation"]
+
+DEFAULT_ALPHAS = (0.0, 0.125, 0.25, 0.5, 0.75, 1.0)
+
+
+class RunConfigError(ValueError):
+    """run.yaml is malformed: the message names the field and what was expected."""
+
+
+@dataclass
+class BenchmarkSpec:
+    name: str
+    split: str | None = None
+    max_documents: int | None = None
+    max_questions: int | None = None
+    database: Path | None = None
+
+
+@dataclass
+class DatabaseSpec:
+    path: Path
+    build_from: list[str] = field(default_factory=list)
+    dedup: bool = False
+    dedup_threshold: float = 0.8
+    embedder: str | None = None
+    index_factory: str | None = None
+
+
+@dataclass
+class RunConfig:
+    """A parsed run.yaml (see the module docstring)."""
+
+    retro: Path
+    output: Path
+    benchmarks: list[BenchmarkSpec]
+    baseline: Path | None = None
+    tokenizer: str | None = None
+    database: DatabaseSpec | None = None
+    k: int | None = None
+    k_sweep: list[int] = field(default_factory=lambda: [1, 2, 4, 10])
+    overlap_k: int = 10
+    window: int | None = None
+    stride: int | None = None
+    alphas: list[float] = field(default_factory=lambda: list(DEFAULT_ALPHAS))
+    overlap: list[str] = field(default_factory=lambda: ["rc", "minhash"])
+    batch_size: int = 4
+    max_new_tokens: int = 24
+    source: str = "run.yaml"
+
+    def to_dict(self) -> dict[str, Any]:
+        db = self.database
+        return {
+            "retro": str(self.retro),
+            "output": str(self.output),
+            "baseline": str(self.baseline) if self.baseline else None,
+            "tokenizer": self.tokenizer,
+            "database": str(db.path) if db else None,
+            "dedup": bool(db and db.dedup),
+            "benchmarks": [b.name for b in self.benchmarks],
+            "k": self.k,
+            "k_sweep": list(self.k_sweep),
+            "overlap_k": self.overlap_k,
+            "window": self.window,
+            "stride": self.stride,
+            "alphas": list(self.alphas),
+            "overlap": list(self.overlap),
+        }
+
+
+_TOP_KEYS = {
+    "retro", "baseline", "tokenizer", "database", "benchmarks", "k", "k_sweep", "overlap_k",
+    "window", "stride", "alphas", "overlap", "batch_size", "max_new_tokens", "output", "checkpoints",
+}  # fmt: skip
+
+
+def _opt_int(d: dict[str, Any], key: str, where: str, minimum: int = 1) -> int | None:
+    v = d.get(key)
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+        raise RunConfigError(f"{where}: '{key}' must be an integer >= {minimum}, got {v!r}")
+    return v
+
+
+def _path(base: Path, v: Any, where: str) -> Path:
+    if not isinstance(v, str) or not v:
+        raise RunConfigError(f"{where}: expected a path string, got {v!r}")
+    p = Path(v).expanduser()
+    return p if p.is_absolute() else (base / p)
+
+
+def parse_run_config(data: Any, base_dir: str | Path = ".", source: str = "run.yaml") -> RunConfig:
+    """Validate a run config mapping (paths resolved against ``base_dir``).
+
+    Raises:
+        RunConfigError: one line naming the file, the field and what was expected.
+    """
+    base = Path(base_dir)
+    if not isinstance(data, dict):
+        raise RunConfigError(f"{source}: expected a mapping at the top level")
+    unknown = sorted(set(data) - _TOP_KEYS)
+    if unknown:
+        raise RunConfigError(f"{source}: unknown field(s) {', '.join(unknown)}")
+    ckpts = data.get("checkpoints") or {}
+    if not isinstance(ckpts, dict):
+        raise RunConfigError(f"{source}: 'checkpoints' must map retro/baseline to paths")
+    retro = data.get("retro", ckpts.get("retro"))
+    if not retro:
+        raise RunConfigError(f"{source}: 'retro' (the RETRO checkpoint directory) is required")
+    baseline = data.get("baseline", ckpts.get("baseline"))
+    benches = data.get("benchmarks")
+    if not isinstance(benches, list) or not benches:
+        raise RunConfigError(f"{source}: 'benchmarks' must be a non-empty list")
+    specs = []
+    for i, b in enumerate(benches):
+        where = f"{source}: benchmarks[{i}]"
+        if isinstance(b, str):
+            b = {"name": b}
+        if not isinstance(b, dict) or not isinstance(b.get("name", b.get("path")), str):
+            raise RunConfigError(f"{where}: expected a name/path string or a mapping with 'name'")
+        extra = sorted(
+            set(b) - {"name", "path", "split", "max_documents", "max_questions", "database"}
+        )
+        if extra:
+            raise RunConfigError(f"{where}: unknown field(s) {', '.join(extra)}")
+        name = b.get("path") or b["name"]
+        if b.get("path"):
+            name = str(_path(base, b["path"], where))
+        specs.append(
+            BenchmarkSpec(
+                name=name,
+                split=b.get("split"),
+                max_documents=_opt_int(b, "max_documents", where),
+                max_questions=_opt_int(b, "max_questions", where),
+                database=_path(base, b["database"], where) if b.get("database") else None,
+            )
+        )
+    db = None
+    if data.get("database") is not None:
+        d = data["database"]
+        if isinstance(d, str):
+            d = {"path": d}
+        where = f"{source}: database"
+        if not isinstance(d, dict) or "path" not in d:
+            raise RunConfigError(f"{where}: expected a path or a mapping with 'path'")
+        extra = sorted(
+            set(d) - {"path", "build_from", "dedup", "dedup_threshold", "embedder", "index_factory"}
+        )
+        if extra:
+            raise RunConfigError(f"{where}: unknown field(s) {', '.join(extra)}")
+        build = d.get("build_from") or []
+        if isinstance(build, str):
+            build = [build]
+        if not isinstance(build, list) or not all(isinstance(s, str) for s in build):
+            raise RunConfigError(f"{where}.build_from: expected a list of sources")
+        thr = d.get("dedup_threshold", 0.8)
+        if not isinstance(thr, int | float) or not 0 < thr <= 1:
+            raise RunConfigError(
+                f"{where}.dedup_threshold: expected a number in (0, 1], got {thr!r}"
+            )
+        db = DatabaseSpec(
+            path=_path(base, d["path"], where),
+            build_from=[str(base / s) if (base / s).exists() else s for s in build],
+            dedup=bool(d.get("dedup", False)),
+            dedup_threshold=float(thr),
+            embedder=d.get("embedder"),
+            index_factory=d.get("index_factory"),
+        )
+    ks = data.get("k_sweep", [1, 2, 4, 10]) or []
+    if not isinstance(ks, list) or not all(isinstance(k, int) and k >= 1 for k in ks):
+        raise RunConfigError(f"{source}: 'k_sweep' must be a list of integers >= 1, got {ks!r}")
+    alphas = data.get("alphas", list(DEFAULT_ALPHAS))
+    if (
+        not isinstance(alphas, list)
+        or not alphas
+        or not all(isinstance(a, int | float) and 0 <= a <= 1 for a in alphas)
+    ):
+        raise RunConfigError(
+            f"{source}: 'alphas' must be a list of fractions in [0, 1], got {alphas!r}"
+        )
+    overlap = data.get("overlap", ["rc", "minhash"]) or []
+    if not isinstance(overlap, list) or not set(overlap) <= {"rc", "minhash"}:
+        raise RunConfigError(f"{source}: 'overlap' must be a list of rc / minhash, got {overlap!r}")
+    out = data.get("output")
+    if not out:
+        raise RunConfigError(f"{source}: 'output' (the output directory) is required")
+    tok = data.get("tokenizer")
+    return RunConfig(
+        retro=_path(base, retro, f"{source}: retro"),
+        baseline=_path(base, baseline, f"{source}: baseline") if baseline else None,
+        tokenizer=str(_path(base, tok, f"{source}: tokenizer")) if tok else None,
+        output=_path(base, out, f"{source}: output"),
+        benchmarks=specs,
+        database=db,
+        k=_opt_int(data, "k", source),
+        k_sweep=sorted(set(ks)),
+        overlap_k=_opt_int(data, "overlap_k", source) or 10,
+        window=_opt_int(data, "window", source),
+        stride=_opt_int(data, "stride", source),
+        alphas=sorted(float(a) for a in alphas),
+        overlap=list(overlap),
+        batch_size=_opt_int(data, "batch_size", source) or 4,
+        max_new_tokens=_opt_int(data, "max_new_tokens", source) or 24,
+        source=source,
+    )
+
+
+def load_run_config(path: str | Path) -> RunConfig:
+    """Read and validate run.yaml (one-line RunConfigError on any problem)."""
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise RunConfigError(f"{p}: no such config file")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise RunConfigError(f"{p}: not valid YAML{where}") from None
+    return parse_run_config(data, p.parent, str(p))
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+class _Timer:
+    def __init__(self, times: dict[str, float], name: str) -> None:
+        self.times, self.name = times, name
+
+    def __enter__(self) -> None:
+        self.t0 = time.perf_counter()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.times[self.name] = self.times.get(self.name, 0.0) + time.perf_counter() - self.t0
+
+
+def _load_bench(spec: BenchmarkSpec) -> Any:
+    from .benchmarks import load_benchmark
+
+    bench = load_benchmark(spec.name, spec.split)
+    if spec.max_documents and bench.kind == "lm":
+        bench.documents = bench.documents[: spec.max_documents]
+    if spec.max_questions and bench.kind == "qa":
+        bench.examples = bench.examples[: spec.max_questions]
+    return bench
+
+
+def _source_documents(source: str) -> list[Any]:
+    """Documents of a build source: ``<benchmark>:<split>`` or a benchmark name/path (its train split)."""
+    from .benchmarks import load_benchmark
+
+    name, _, split = source.rpartition(":") if ":" in source else (source, "", "train")
+    if not name:
+        name, split = source, "train"
+    bench = load_benchmark(name, split or "train")
+    return list(bench.corpus or []) if bench.kind == "qa" else list(bench.documents)
+
+
+def _to_db_documents(docs: Sequence[Any]) -> list[Any]:
+    from retro_db.ingest import Document
+
+    return [Document(doc_id=str(d.doc_id), text=d.text, meta=dict(d.meta or {})) for d in docs]
+
+
+def _open_database(path: Path) -> Any:
+    from retro_db.database import Database
+
+    return Database.open(path)
+
+
+def _is_database(path: Path) -> bool:
+    return (path / "manifest.json").is_file()
+
+
+def _build_database(
+    path: Path,
+    docs: list[Any],
+    spec: DatabaseSpec | None,
+    tokenizer: Any,
+    chunk_size: int,
+) -> Any:
+    from retro_db.build import build_database
+
+    if not docs:
+        raise RunConfigError(f"database {path}: nothing to build it from (no documents)")
+    return build_database(
+        _to_db_documents(docs),
+        path,
+        tokenizer=tokenizer,
+        embedder=spec.embedder if spec else None,
+        chunk_size=chunk_size,
+        index_factory=spec.index_factory if spec else None,
+        progress=False,
+    )
+
+
+def _dedup(
+    docs: list[Any], eval_texts: list[str], tokenizer: Any, threshold: float
+) -> tuple[list[Any], dict[str, Any]]:
+    from retro_db.minhash import dedup_documents
+
+    report = dedup_documents(
+        (tokenizer.encode(d.text) for d in docs),
+        [tokenizer.encode(t) for t in eval_texts],
+        threshold=threshold,
+    )
+    kept = [docs[int(i)] for i in report.kept]
+    logger.info("dedup: removed %d of %d build documents", len(report.removed), len(docs))
+    return kept, report.to_dict()
+
+
+def _buckets(
+    values: np.ndarray, alphas: Sequence[float], scores: dict[str, ScoreResult]
+) -> list[dict[str, Any]]:
+    """bpb of the chunks with overlap <= alpha for each alpha (an empty bucket has null bpb)."""
+    from . import overlap as ov
+
+    rows = []
+    per_model = {
+        name: ov.bucket_bpb(res.bits, res.bytes, values, alphas) for name, res in scores.items()
+    }
+    for j, a in enumerate(alphas):
+        count = int(np.sum(values <= a + 1e-12))
+        bpb = {}
+        for name in scores:
+            b = per_model[name][j]
+            val = b.get("bpb") if isinstance(b, dict) else b
+            bpb[name] = None if val is None or not math.isfinite(float(val)) else float(val)
+        rows.append({"alpha": float(a), "chunks": count, "bpb": bpb})
+    return rows
+
+
+def _overlap_values(measure: str, res: ScoreResult, db: Any, overlap_k: int) -> np.ndarray:
+    """float [C] overlap of each evaluation chunk with the database (r(C) or MinHash Jaccard)."""
+    from . import overlap as ov
+
+    lengths = res.tokens
+    if measure == "rc":
+        nb_t = res.neighbour_tokens[:, :overlap_k]
+        nb_l = res.neighbour_lengths[:, :overlap_k]
+        return np.asarray(
+            ov.chunk_overlap_ratios(
+                res.chunk_tokens, lengths, nb_t, nb_l, chunk_size=res.chunk_size
+            ),
+            dtype=np.float64,
+        )
+    return np.asarray(ov.minhash_overlaps(res.chunk_tokens, lengths, db), dtype=np.float64)
+
+
+def _summary(res: ScoreResult, words: int | None) -> dict[str, Any]:
+    out = {"bpb": res.bpb(), "bits": res.total_bits(), "bytes": res.total_bytes()}
+    out["bits_per_token"] = res.bits_per_token()
+    out["word_perplexity"] = res.word_perplexity(words) if words else None
+    return out
+
+
+def _eval_lm(
+    bench: Any, cfg: RunConfig, retro: Any, baseline: Any, db: Any, tokenizer: Any, times: dict
+) -> dict[str, Any]:
+    docs = bench.documents
+    texts = [d.text for d in docs]
+    token_docs = [tokenizer.encode(t) for t in texts]
+    empty = [d.doc_id for d, t in zip(docs, token_docs, strict=True) if not t]
+    if empty:
+        logger.warning("%s: skipping %d empty documents", bench.name, len(empty))
+        keep = [i for i, t in enumerate(token_docs) if t]
+        docs = [docs[i] for i in keep]
+        token_docs = [token_docs[i] for i in keep]
+    if not docs:
+        raise RunConfigError(f"benchmark {bench.name}: empty (no scorable documents)")
+    words = None
+    if all("words" in (d.meta or {}) for d in docs):
+        words = int(sum(int(d.meta["words"]) for d in docs))
+    m = int(retro.config.chunk_size)
+    pad = int(retro.config.pad_id)
+    eos = getattr(tokenizer, "eos_id", None)
+    prefix = int(eos if eos is not None else pad)
+    k = cfg.k or int(retro.config.num_neighbours)
+    common = dict(
+        decode=tokenizer.decode,
+        prefix_id=prefix,
+        window=cfg.window,
+        stride=cfg.stride,
+        batch_size=cfg.batch_size,
+    )
+    scores: dict[str, ScoreResult] = {}
+    sweep: list[dict[str, Any]] = []
+    name = bench.name
+    if db is not None:
+        kmax = max([k, *cfg.k_sweep, cfg.overlap_k if "rc" in cfg.overlap else 1])
+        with _Timer(times, f"{name}: retrieval"):
+            full = retrieve_document_neighbours(db, token_docs, chunk_size=m, k=kmax, pad_id=pad)
+        with _Timer(times, f"{name}: RETRO[ON]"):
+            scores["retro_on"] = score_token_documents(
+                retro, token_docs, neighbours=[nb.first(k) for nb in full], **common
+            )
+            for kk in cfg.k_sweep:
+                r = (
+                    scores["retro_on"]
+                    if kk == k
+                    else score_token_documents(
+                        retro,
+                        token_docs,
+                        neighbours=[nb.first(kk) for nb in full],
+                        keep_neighbours=False,
+                        **common,
+                    )
+                )
+                sweep.append({"k": kk, "bpb": r.bpb()})
+        full_res = dataclasses.replace(
+            scores["retro_on"],
+            neighbour_tokens=np.concatenate([nb.tokens for nb in full]),
+            neighbour_lengths=np.concatenate([nb.lengths for nb in full]),
+        )
+    with _Timer(times, f"{name}: RETRO[OFF]"):
+        scores["retro_off"] = score_token_documents(retro, token_docs, **common)
+    if baseline is not None:
+        with _Timer(times, f"{name}: baseline"):
+            scores["baseline"] = score_token_documents(baseline, token_docs, **common)
+    any_res = next(iter(scores.values()))
+    out: dict[str, Any] = {
+        "kind": "lm",
+        "split": bench.split,
+        "source": bench.source,
+        "documents": len(docs),
+        "chunks": any_res.num_chunks,
+        "tokens": int(any_res.tokens.sum()),
+        "bytes": any_res.total_bytes(),
+        "words": words,
+        "models": {key: _summary(res, words) for key, res in scores.items()},
+        "k": k if db is not None else None,
+        "k_sweep": sweep,
+        "buckets": {},
+    }
+    if db is not None:
+        for measure in cfg.overlap:
+            with _Timer(times, f"{name}: overlap {measure}"):
+                values = _overlap_values(measure, full_res, db, cfg.overlap_k)
+            out["buckets"][measure] = _buckets(values, cfg.alphas, scores)
+    subsets: dict[str, list[int]] = {}
+    for i, d in enumerate(docs):
+        s = (d.meta or {}).get("pile_set_name")
+        if s:
+            subsets.setdefault(str(s), []).append(i)
+    if subsets:
+        out["subsets"] = {
+            s: {key: res.bpb(res.select_documents(idx)) for key, res in scores.items()}
+            for s, idx in subsets.items()
+        }
+    return out
+
+
+def _eval_qa(
+    bench: Any,
+    spec: BenchmarkSpec,
+    cfg: RunConfig,
+    retro: Any,
+    baseline: Any,
+    db: Any,
+    tokenizer: Any,
+    times: dict,
+) -> dict[str, Any]:
+    from .qa import answer_questions
+
+    if not bench.examples:
+        raise RunConfigError(f"benchmark {bench.name}: empty (no questions)")
+    qa_db = db
+    if spec.database is not None:
+        if not _is_database(spec.database):
+            with _Timer(times, f"{bench.name}: passage database"):
+                _build_database(
+                    spec.database,
+                    list(bench.corpus or []),
+                    cfg.database,
+                    tokenizer,
+                    int(retro.config.chunk_size),
+                )
+        qa_db = _open_database(spec.database)
+    models = {}
+    common = dict(max_new_tokens=cfg.max_new_tokens, progress=False)
+    if qa_db is not None:
+        with _Timer(times, f"{bench.name}: RETRO[ON]"):
+            models["retro_on"] = answer_questions(
+                retro, tokenizer, bench.examples, retriever=qa_db, k=cfg.k, **common
+            ).summary()
+    with _Timer(times, f"{bench.name}: RETRO[OFF]"):
+        models["retro_off"] = answer_questions(retro, tokenizer, bench.examples, **common).summary()
+    if baseline is not None:
+        with _Timer(times, f"{bench.name}: baseline"):
+            models["baseline"] = answer_questions(
+                baseline, tokenizer, bench.examples, **common
+            ).summary()
+    return {
+        "kind": "qa",
+        "split": bench.split,
+        "source": bench.source,
+        "questions": len(bench.examples),
+        "models": models,
+    }
+
+
+def run_evaluation(cfg: RunConfig | str | Path) -> dict[str, Any]:
+    """Run every benchmark of a run config; write results.json, report.md and the plots.
+
+    Raises:
+        RunConfigError, BenchmarkError, RetrieverMismatchError, CheckpointError: one-line errors.
+    """
+    from retro_core.checkpoint import load_checkpoint
+
+    from .perplexity import _check_retriever_for
+    from .report import render_report
+
+    if not isinstance(cfg, RunConfig):
+        cfg = load_run_config(cfg)
+    times: dict[str, float] = {}
+    with _Timer(times, "load models"):
+        retro = load_checkpoint(cfg.retro).eval()
+        baseline = load_checkpoint(cfg.baseline).eval() if cfg.baseline else None
+    if baseline is not None and baseline.config.chunk_size != retro.config.chunk_size:
+        logger.info("baseline chunk size differs from RETRO's: chunk tables use each model's own m")
+    with _Timer(times, "load benchmarks"):
+        benches = [(spec, _load_bench(spec)) for spec in cfg.benchmarks]
+
+    db = None
+    tokenizer = None
+    if cfg.database is not None:
+        spec = cfg.database
+        if not _is_database(spec.path):
+            if not spec.build_from:
+                raise RunConfigError(
+                    f"database.path {spec.path}: no database there and no database.build_from"
+                )
+            from retro_db.tokenizer import load_tokenizer
+
+            tokenizer = load_tokenizer(cfg.tokenizer)
+            with _Timer(times, "read database sources"):
+                docs = [d for s in spec.build_from for d in _source_documents(s)]
+            dedup_report = None
+            if spec.dedup:
+                eval_texts = [d.text for _, b in benches if b.kind == "lm" for d in b.documents]
+                with _Timer(times, "dedup"):
+                    docs, dedup_report = _dedup(docs, eval_texts, tokenizer, spec.dedup_threshold)
+            with _Timer(times, "build database"):
+                _build_database(spec.path, docs, spec, tokenizer, int(retro.config.chunk_size))
+            if dedup_report is not None:
+                cfg.output.mkdir(parents=True, exist_ok=True)
+                (cfg.output / "dedup.json").write_text(json.dumps(dedup_report, indent=1))
+        db = _open_database(spec.path)
+        _check_retriever_for(retro, db)
+    if tokenizer is None:
+        if cfg.tokenizer is None and db is not None:
+            tokenizer = db.tokenizer
+        else:
+            from retro_db.tokenizer import load_tokenizer
+
+            tokenizer = load_tokenizer(cfg.tokenizer)
+
+    results: dict[str, Any] = {
+        "version": 1,
+        "config": cfg.to_dict(),
+        "benchmarks": {},
+        "stage_times": times,
+    }
+    for spec, bench in benches:
+        key = (
+            bench.name if bench.name not in results["benchmarks"] else f"{bench.name}:{bench.split}"
+        )
+        logger.info("evaluating %s (%s)", key, bench.split)
+        with _Timer(times, key):
+            if bench.kind == "qa":
+                results["benchmarks"][key] = _eval_qa(
+                    bench, spec, cfg, retro, baseline, db, tokenizer, times
+                )
+            else:
+                results["benchmarks"][key] = _eval_lm(
+                    bench, cfg, retro, baseline, db, tokenizer, times
+                )
+    cfg.output.mkdir(parents=True, exist_ok=True)
+    results = _clean(results)
+    (cfg.output / "results.json").write_text(json.dumps(results, indent=1, allow_nan=False))
+    render_report(results, cfg.output)
+    return results
+
+
+def _clean(o: Any) -> Any:
+    """JSON-safe copy: numpy scalars to Python, NaN/inf to None, paths to strings."""
+    if isinstance(o, dict):
+        return {str(k): _clean(v) for k, v in o.items()}
+    if isinstance(o, list | tuple):
+        return [_clean(v) for v in o]
+    if isinstance(o, np.integer | bool):
+        return o if isinstance(o, bool) else int(o)
+    if isinstance(o, float | np.floating):
+        return float(o) if math.isfinite(float(o)) else None
+    if isinstance(o, Path):
+        return str(o)
+    return o
