@@ -1,0 +1,262 @@
+"""Precomputing neighbours for training: writes the training dataset format (API.md, DESIGN.md 2.2).
+
+The corpus is either the database itself (``corpus=None``: its chunks, with the keys already stored,
+so nothing is re-embedded) or a stream of Documents (tokenised with the database's tokenizer and
+embedded with its embedder). A neighbour never comes from the chunk's own document: in the first
+case the chunk's database document, in the second the database document with the same ``doc_id``
+string (if the database holds one). ``doc_ids`` are database document indices where the corpus
+document is in the database (matched by ``doc_id``), else D + a running count (D = database
+documents), so they never collide with a database document the chunk is not.
+
+Resumable: work is done in shards written to ``out_dir/parts/pNNNNN/`` (a ``done.json`` last); a
+restart skips complete parts. The final arrays are assembled from the parts (temporary name, fsync,
+rename), ``manifest.json`` is written last, then the parts are removed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from .build import _doc_fingerprint, iter_documents
+from .chunks import chunk_document
+from .database import Database
+from .manifest import (
+    MANIFEST_NAME,
+    DatabaseError,
+    atomic_save_npy,
+    atomic_write_json,
+    file_entry,
+    fsync_dir,
+    read_json,
+    remove_stale_temp_files,
+)
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["DATASET_FILES", "write_neighbours"]
+
+DATASET_FILES = (
+    "tokens.npy",
+    "lengths.npy",
+    "doc_ids.npy",
+    "neighbours.npy",
+    "neighbour_lengths.npy",
+    "neighbour_ids.npy",
+    "neighbour_distances.npy",
+)
+
+
+def _write_part(
+    d: Path,
+    db: Database,
+    tokens: np.ndarray,
+    lengths: np.ndarray,
+    doc_ids: np.ndarray,
+    keys: np.ndarray,
+    exclude: np.ndarray,
+    k: int,
+    info: dict[str, Any],
+) -> None:
+    nb = db.neighbours_of_keys(keys, k, exclude)
+    d.mkdir(parents=True, exist_ok=True)
+    arrays = {
+        "tokens.npy": tokens.astype(db.store.dtype),
+        "lengths.npy": lengths.astype(np.int32),
+        "doc_ids.npy": doc_ids.astype(np.int64),
+        "neighbours.npy": nb.tokens.astype(db.store.dtype),
+        "neighbour_lengths.npy": nb.lengths.astype(np.int32),
+        "neighbour_ids.npy": nb.chunk_ids.astype(np.int64),
+        "neighbour_distances.npy": nb.distances.astype(np.float32),
+    }
+    for name, a in arrays.items():
+        atomic_save_npy(d / name, a)
+    atomic_write_json(d / "done.json", dict(info, chunks=len(tokens)))
+
+
+def _self_parts(db: Database, parts: Path, k: int, shard_chunks: int, progress: bool) -> list[Path]:
+    n = db.num_chunks
+    out = []
+    for p, start in enumerate(
+        tqdm(range(0, n, shard_chunks), desc="neighbours", disable=not progress)
+    ):
+        d = parts / f"p{p:05d}"
+        out.append(d)
+        if (d / "done.json").is_file():
+            continue
+        ids = np.arange(start, min(n, start + shard_chunks), dtype=np.int64)
+        tokens, lengths = db.chunk_tokens(ids)
+        docs = db.store.doc_ids_of(ids)
+        _write_part(d, db, tokens, lengths, docs, db.keys(ids), docs, k, {"start": int(start)})
+    return out
+
+
+def _corpus_parts(
+    db: Database,
+    docs: Iterator,
+    parts: Path,
+    k: int,
+    shard_chunks: int,
+    batch_size: int,
+    progress: bool,
+) -> list[Path]:
+    m = db.chunk_size
+    out: list[Path] = []
+    p = 0
+    # A corpus document takes the id of the database document with the same doc_id string (so
+    # "own document" means the same thing as in the database), else D + a running count.
+    used: set[int] = set()
+    fresh = 0
+    while (parts / f"p{p:05d}" / "done.json").is_file():
+        info = read_json(parts / f"p{p:05d}" / "done.json")
+        h = hashlib.sha256()
+        for _ in range(info["docs_consumed"]):
+            doc = next(docs, None)
+            if doc is None:
+                raise DatabaseError(f"{parts / f'p{p:05d}'}: the corpus now holds fewer documents")
+            _doc_fingerprint(h, doc)
+        if h.hexdigest() != info["source_sha256"]:
+            raise DatabaseError(
+                f"{parts / f'p{p:05d}' / 'done.json'}: left by a run over another corpus; "
+                "delete the output folder or pass the same corpus"
+            )
+        out.append(parts / f"p{p:05d}")
+        done_ids = np.unique(np.load(parts / f"p{p:05d}" / "doc_ids.npy", allow_pickle=False))
+        used.update(int(x) for x in done_ids[done_ids < db.num_documents])
+        fresh += int((done_ids >= db.num_documents).sum())
+        p += 1
+    bar = tqdm(desc="neighbours", unit="doc", disable=not progress)
+    exhausted = False
+    while not exhausted:
+        toks, lens, dids, excl = [], [], [], []
+        n_chunks = consumed = documents = 0
+        h = hashlib.sha256()
+        while n_chunks < shard_chunks:
+            doc = next(docs, None)
+            if doc is None:
+                exhausted = True
+                break
+            consumed += 1
+            bar.update(1)
+            _doc_fingerprint(h, doc)
+            ids = db.tokenizer.encode(doc.text)
+            if not ids:
+                continue
+            t, n = chunk_document(ids, m, db.pad_id, db.store.dtype)
+            toks.append(t)
+            lens.append(n)
+            in_db = db.document_index(doc.doc_id)
+            if in_db >= 0 and in_db not in used:
+                used.add(in_db)
+                doc_index = in_db
+            else:
+                doc_index = db.num_documents + fresh
+                fresh += 1
+            dids.append(np.full(len(t), doc_index, np.int64))
+            excl.append(np.full(len(t), in_db, np.int64))
+            documents += 1
+            n_chunks += len(t)
+        if not consumed:
+            break
+        d = parts / f"p{p:05d}"
+        if toks:
+            tokens, lengths = np.concatenate(toks), np.concatenate(lens)
+            keys = db.embed_chunks(tokens, lengths, batch_size=batch_size)
+            doc_ids, exclude = np.concatenate(dids), np.concatenate(excl)
+        else:
+            tokens = np.empty((0, m), db.store.dtype)
+            lengths, keys = np.empty(0, np.int32), np.empty((0, db.dim), np.float32)
+            doc_ids = exclude = np.empty(0, np.int64)
+        info = {"docs_consumed": consumed, "documents": documents, "source_sha256": h.hexdigest()}
+        _write_part(d, db, tokens, lengths, doc_ids, keys, exclude, k, info)
+        out.append(d)
+        p += 1
+    bar.close()
+    return out
+
+
+def _concat(parts: list[Path], name: str, out: Path) -> None:
+    arrays = [np.load(p / name, mmap_mode="r", allow_pickle=False) for p in parts]
+    shape = (sum(len(a) for a in arrays), *arrays[0].shape[1:])
+    tmp = out.with_name(f".tmp-{out.name}")
+    mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=arrays[0].dtype, shape=shape)
+    i = 0
+    for a in arrays:
+        mm[i : i + len(a)] = a
+        i += len(a)
+    mm.flush()
+    del mm
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, out)
+    fsync_dir(out.parent)
+
+
+def write_neighbours(
+    db: Database | str | os.PathLike[str],
+    corpus: Any = None,
+    out_dir: str | os.PathLike[str] = "neighbours",
+    k: int = 2,
+    *,
+    shard_chunks: int = 16384,
+    batch_size: int = 64,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Write the training dataset (chunks of ``corpus`` and their k neighbours) to ``out_dir``.
+
+    Args:
+        db: an open Database or its path.
+        corpus: None (the database's own chunks) or Documents / paths / iterables of them.
+        out_dir: output directory (resumes if it holds an interrupted run's parts).
+        k: neighbours per chunk.
+        shard_chunks: chunks per part (the unit of resumption).
+
+    Returns:
+        The manifest written (tokens [N, m], neighbours [N, k, r=2m], ...; see API.md).
+    """
+    if not isinstance(db, Database):
+        db = Database.open(db)
+    out = Path(out_dir)
+    if (out / MANIFEST_NAME).is_file():
+        raise DatabaseError(f"{out / MANIFEST_NAME}: a dataset already exists here")
+    out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temp_files(out)
+    parts_dir = out / "parts"
+    if corpus is None:
+        parts = _self_parts(db, parts_dir, k, shard_chunks, progress)
+    else:
+        parts = _corpus_parts(
+            db, iter_documents(corpus), parts_dir, k, shard_chunks, batch_size, progress
+        )
+    if not parts:
+        raise DatabaseError(f"{out}: the corpus held no documents")
+    for name in DATASET_FILES:
+        _concat(parts, name, out / name)
+    doc_ids = np.load(out / "doc_ids.npy", mmap_mode="r", allow_pickle=False)
+    n_docs = int(np.count_nonzero(np.diff(doc_ids))) + 1 if len(doc_ids) else 0
+    tok = db.manifest["tokenizer"]
+    manifest = {
+        "format": "retro-dataset",
+        "version": 1,
+        "chunk_size": db.chunk_size,
+        "num_neighbours": int(k),
+        "neighbour_len": 2 * db.chunk_size,
+        "tokenizer_id": tok["id"],
+        "vocab_size": int(tok["vocab_size"]),
+        "pad_id": db.pad_id,
+        "source_db": {"id": db.id, "manifest_sha256": db.manifest_sha256},
+        "counts": {"chunks": int(len(doc_ids)), "documents": n_docs},
+        "files": {name: file_entry(out / name) for name in DATASET_FILES},
+    }
+    atomic_write_json(out / MANIFEST_NAME, manifest)
+    shutil.rmtree(parts_dir, ignore_errors=True)
+    logger.info("wrote %d chunks with k=%d neighbours to %s", len(doc_ids), k, out)
+    return manifest
