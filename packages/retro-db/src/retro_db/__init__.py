@@ -25,6 +25,22 @@ _LAZY = {
     "to_minhash": "retro_db.minhash",
     "ChunkEmbedder": "retro_db.embed",
     "embed_chunks": "retro_db.embed",
+    # database (db-A): none of these import torch
+    "Document": "retro_db.ingest",
+    "IngestError": "retro_db.ingest",
+    "IngestStats": "retro_db.ingest",
+    "read_documents": "retro_db.ingest",
+    "LMTokenizer": "retro_db.tokenizer",
+    "load_tokenizer": "retro_db.tokenizer",
+    "ChunkStore": "retro_db.chunks",
+    "DatabaseError": "retro_db.manifest",
+    "HashingEmbedder": "retro_db.embedders",
+    "load_embedder": "retro_db.embedders",
+    "Database": "retro_db.database",
+    "RetrievedNeighbours": "retro_db.database",
+    "build_database": "retro_db.build",
+    "add_documents": "retro_db.build",
+    "write_neighbours": "retro_db.neighbours",
 }
 __all__ += list(_LAZY)
 
