@@ -16,6 +16,8 @@ from retro_eval.perplexity import score_documents
 from retro_eval.tasks import TASKS_DIR, write_rolling_task
 from retro_eval.testing import ByteTokenizer, InMemoryRetriever
 
+torch.set_num_threads(1)
+
 M = 8
 N = 32
 DOCS = [

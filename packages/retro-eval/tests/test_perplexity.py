@@ -14,6 +14,8 @@ from retro_core.retrieval import RetrieverMismatchError
 from retro_eval.perplexity import plan_windows, score_documents, sweep_k
 from retro_eval.testing import ByteTokenizer, InMemoryRetriever
 
+torch.set_num_threads(1)
+
 M = 8
 N = 32
 TEXTS = [

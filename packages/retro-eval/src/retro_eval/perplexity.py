@@ -148,16 +148,19 @@ def retrieve_document_neighbours(
         token_documents: D documents of token ids.
         chunk_size: m.
         k: neighbours per chunk.
-        pad_id: pads a document's partial last chunk.
+        pad_id: pads a document's partial last chunk when the retriever has no ``pad_id``.
         batch_size: query chunks per ``retrieve`` call.
 
     Returns:
         One :class:`DocumentNeighbours` per document (tokens [c, k, r], c = ceil(T / m)).
     """
+    # A partial last chunk is padded with the retriever's own pad id (retro_db takes trailing pad
+    # tokens as padding), else with the model's.
+    query_pad = int(getattr(retriever, "pad_id", pad_id))
     all_chunks = []
     counts = []
     for doc in token_documents:
-        chunks, _ = _chunks_of(doc, chunk_size, pad_id)
+        chunks, _ = _chunks_of(doc, chunk_size, query_pad)
         all_chunks.append(chunks)
         counts.append(len(chunks))
     queries = np.concatenate(all_chunks) if all_chunks else np.zeros((0, chunk_size), np.int64)
