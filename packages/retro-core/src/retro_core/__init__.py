@@ -12,8 +12,10 @@ try:
 except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0"
 
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import RetroConfig
 from .data import DatasetFormatError, RetroDataset, write_dataset
+from .generate import generate
 from .model import KVCache, Retro
 from .train import TrainConfig, train  # retro_core.train is the function (issue 3)
 
@@ -22,6 +24,10 @@ __all__ = [
     "RetroConfig",
     "Retro",
     "KVCache",
+    "generate",
+    "save_checkpoint",
+    "load_checkpoint",
+    "CheckpointError",
     "DatasetFormatError",
     "RetroDataset",
     "write_dataset",

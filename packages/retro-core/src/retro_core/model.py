@@ -433,7 +433,6 @@ class Retro(nn.Module):
         B, T = tokens.shape
         end = start + T
         self._check_inputs(tokens, neighbours, neighbour_lengths, end)
-        use_retrieval = self.encoder is not None and neighbours is not None
 
         h = self.drop(self.tok_emb(tokens))  # (B, T, d)
         pos = torch.arange(start, end, device=tokens.device)
@@ -459,11 +458,9 @@ class Retro(nn.Module):
             if cache is not None:
                 cache.keys[i], cache.values[i] = k_all, v_all
             if block.cca is not None:
-                if i + 1 == cfg.cond_layer:
-                    if use_retrieval:  # E <- ENCODER(RET(C), H), once per completed chunk
-                        enc, enc_mask = self._encode(h, start, neighbours, neighbour_lengths, cache)
-                    elif cache is not None:
-                        cache.h_cond = None
+                if i + 1 == cfg.cond_layer and (neighbours is not None or cache is not None):
+                    # E <- ENCODER(RET(C), H), once per completed chunk
+                    enc, enc_mask = self._encode(h, start, neighbours, neighbour_lengths, cache)
                 if enc is not None:  # H <- CCA(H, E)
                     h = h + block.cca(block.norm_cca(h), start, enc, enc_mask, self.rope)
             h = h + block.ffw(block.norm2(h))  # H <- FFW(H)
@@ -484,7 +481,8 @@ class Retro(nn.Module):
         """Encode the neighbours of the chunks completed by this call; returns all U chunks' E.
 
         h: (B, T, d) conditioning activations of this call's tokens. Returns E (B, U, k, r, d')
-        and its mask (B, U, k, r), U = (start + T) // m.
+        and its mask (B, U, k, r), U = (start + T) // m, or (None, None) when nothing was ever
+        retrieved. With a cache, chunks completed while ``neighbours`` is None attend nothing.
         """
         m = self.config.chunk_size
         B, T, d = h.shape
@@ -496,25 +494,26 @@ class Retro(nn.Module):
             h_all = torch.cat((cache.h_cond, h), dim=1)  # (B, end - U_done·m, d)
         else:
             h_all = h
-        assert h_all.shape[1] == end - U_done * m, "KVCache out of step with the sequence"
-        _, _, k, r = neighbours.shape
-        if U > U_done:
+        if h_all.shape[1] != end - U_done * m:
+            raise RuntimeError("KVCache out of step with the sequence")
+        enc, mask = (cache.enc, cache.enc_mask) if cache is not None else (None, None)
+        if neighbours is not None and U > U_done:
+            _, _, k, r = neighbours.shape
             nb = neighbours[:, U_done:U]  # (B, U_new, k, r)
-            real = torch.arange(r, device=nb.device)
             if lengths is None:
-                mask = torch.ones(nb.shape, dtype=torch.bool, device=nb.device)
-            else:
-                mask = real < lengths[:, U_done:U, :, None]  # (B, U_new, k, r)
+                real = torch.ones(nb.shape, dtype=torch.bool, device=nb.device)
+            else:  # (B, U_new, k, r)
+                real = torch.arange(r, device=nb.device) < lengths[:, U_done:U, :, None]
             h_chunks = h_all[:, : (U - U_done) * m].reshape(B, U - U_done, m, d)  # (B, U_new, m, d)
-            e_new = self.encoder(self.tok_emb(nb), mask, h_chunks)  # (B, U_new, k, r, d')
-        else:
-            e_new = h.new_zeros(B, 0, k, r, self.config.enc_d_model)
-            mask = torch.zeros(B, 0, k, r, dtype=torch.bool, device=h.device)
-        if cache is None:
-            return e_new, mask
-        cache.h_cond = h_all[:, (U - U_done) * m :]  # (B, end - U·m, d): the incomplete chunk
-        if cache.enc is not None:
-            e_new = torch.cat((cache.enc, e_new), dim=1)  # (B, U, k, r, d')
-            mask = torch.cat((cache.enc_mask, mask), dim=1)
-        cache.enc, cache.enc_mask = e_new, mask
-        return e_new, mask
+            e_new = self.encoder(self.tok_emb(nb), real, h_chunks)  # (B, U_new, k, r, d')
+            enc = e_new if enc is None else torch.cat((enc, e_new), dim=1)  # (B, U, k, r, d')
+            mask = real if mask is None else torch.cat((mask, real), dim=1)  # (B, U, k, r)
+            h_all = h_all[:, (U - U_done) * m :]  # (B, end - U·m, d): the incomplete chunk
+        if cache is not None:
+            cache.h_cond, cache.enc, cache.enc_mask = h_all, enc, mask
+        if enc is not None and enc.shape[1] < U:
+            # Chunks completed without neighbours (cache mode, neighbours=None): attend nothing.
+            missing = U - enc.shape[1]
+            enc = torch.cat((enc, enc.new_zeros(B, missing, *enc.shape[2:])), dim=1)
+            mask = torch.cat((mask, mask.new_zeros(B, missing, *mask.shape[2:])), dim=1)
+        return enc, mask
