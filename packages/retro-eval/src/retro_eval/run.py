@@ -65,7 +65,8 @@ class RunConfigError(ValueError):
 
 @dataclass
 class BenchmarkSpec:
-    name: str
+    name: str  # what load_benchmark reads (pack name, resolved path or hub name)
+    label: str = ""  # the name shown in results and reports
     split: str | None = None
     max_documents: int | None = None
     max_questions: int | None = None
@@ -112,7 +113,7 @@ class RunConfig:
             "tokenizer": self.tokenizer,
             "database": str(db.path) if db else None,
             "dedup": bool(db and db.dedup),
-            "benchmarks": [b.name for b in self.benchmarks],
+            "benchmarks": [b.label or b.name for b in self.benchmarks],
             "k": self.k,
             "k_sweep": list(self.k_sweep),
             "overlap_k": self.overlap_k,
@@ -143,6 +144,17 @@ def _path(base: Path, v: Any, where: str) -> Path:
         raise RunConfigError(f"{where}: expected a path string, got {v!r}")
     p = Path(v).expanduser()
     return p if p.is_absolute() else (base / p)
+
+
+def _resolve_source(base: Path, source: str) -> str:
+    """``path[:split]`` with a relative path resolved against the config's directory."""
+    name, sep, split = source.rpartition(":")
+    if not sep or "/" in split:
+        name, split = source, ""
+    p = Path(name).expanduser()
+    if not p.is_absolute() and (base / p).exists():
+        name = str(base / p)
+    return f"{name}:{split}" if split else name
 
 
 def parse_run_config(data: Any, base_dir: str | Path = ".", source: str = "run.yaml") -> RunConfig:
@@ -179,12 +191,14 @@ def parse_run_config(data: Any, base_dir: str | Path = ".", source: str = "run.y
         )
         if extra:
             raise RunConfigError(f"{where}: unknown field(s) {', '.join(extra)}")
-        name = b.get("path") or b["name"]
-        if b.get("path"):
-            name = str(_path(base, b["path"], where))
+        label = str(b.get("name") or b["path"])
+        name = str(_path(base, b["path"], where)) if b.get("path") else b["name"]
+        if not b.get("path") and not Path(name).is_absolute() and (base / name).exists():
+            name = str(base / name)  # a path relative to the config file
         specs.append(
             BenchmarkSpec(
                 name=name,
+                label=label,
                 split=b.get("split"),
                 max_documents=_opt_int(b, "max_documents", where),
                 max_questions=_opt_int(b, "max_questions", where),
@@ -216,7 +230,7 @@ def parse_run_config(data: Any, base_dir: str | Path = ".", source: str = "run.y
             )
         db = DatabaseSpec(
             path=_path(base, d["path"], where),
-            build_from=[str(base / s) if (base / s).exists() else s for s in build],
+            build_from=[_resolve_source(base, s) for s in build],
             dedup=bool(d.get("dedup", False)),
             dedup_threshold=float(thr),
             embedder=d.get("embedder"),
@@ -295,6 +309,7 @@ def _load_bench(spec: BenchmarkSpec) -> Any:
     from .benchmarks import load_benchmark
 
     bench = load_benchmark(spec.name, spec.split)
+    bench.name = spec.label or spec.name
     if spec.max_documents and bench.kind == "lm":
         bench.documents = bench.documents[: spec.max_documents]
     if spec.max_questions and bench.kind == "qa":
@@ -306,10 +321,10 @@ def _source_documents(source: str) -> list[Any]:
     """Documents of a build source: ``<benchmark>:<split>`` or a benchmark name/path (its train split)."""
     from .benchmarks import load_benchmark
 
-    name, _, split = source.rpartition(":") if ":" in source else (source, "", "train")
-    if not name:
+    name, sep, split = source.rpartition(":")
+    if not sep or "/" in split:
         name, split = source, "train"
-    bench = load_benchmark(name, split or "train")
+    bench = load_benchmark(name, split)
     return list(bench.corpus or []) if bench.kind == "qa" else list(bench.documents)
 
 

@@ -1,0 +1,187 @@
+"""`retro-eval run` end to end on tiny checkpoints, a tiny retro_db database and local benchmarks."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from retro_core.checkpoint import save_checkpoint
+from retro_core.config import RetroConfig
+from retro_core.model import Retro
+from retro_eval.cli import main
+
+torch.set_num_threads(1)
+
+M = 8
+N = 32
+
+TRAIN = [
+    ("Wikipedia (en)", "The river flows through the old town and past the mill near the bridge."),
+    ("Wikipedia (en)", "Cats are small carnivorous mammals kept as pets in many households."),
+    ("Gutenberg (PG-19)", "Call me Ishmael. Some years ago, never mind how long precisely."),
+]
+EVAL = [
+    ("Wikipedia (en)", "The river flows through the old town and past the mill near the bridge."),
+    ("Gutenberg (PG-19)", "It was the best of times, it was the worst of times, said he."),
+    ("Wikipedia (en)", "Dogs are loyal animals."),
+]
+
+
+def _jsonl(path, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from retro_db.tokenizer import load_tokenizer
+
+    root = tmp_path_factory.mktemp("run")
+    tok = load_tokenizer(None)
+    pile = root / "pile"
+    _jsonl(pile / "train.jsonl", [{"text": t, "meta": {"pile_set_name": s}} for s, t in TRAIN])
+    _jsonl(pile / "test.jsonl", [{"text": t, "meta": {"pile_set_name": s}} for s, t in EVAL])
+    qa = root / "qa"
+    _jsonl(
+        qa / "mini.dev.jsonl",
+        [
+            {"question": "Where does the river flow?", "answer": ["through the old town"]},
+            {"question": "What are cats?", "answer": ["mammals"]},
+        ],
+    )
+    _jsonl(
+        qa / "passages.jsonl",
+        [{"id": i, "title": "t", "text": t} for i, (_, t) in enumerate(TRAIN)],
+    )
+    common = dict(
+        vocab_size=tok.vocab_size, d_model=16, n_heads=2, n_layers=3, chunk_size=M, enc_layers=1,
+        max_seq_len=N, tokenizer_id=tok.id, pad_id=tok.pad_id,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    save_checkpoint(Retro(RetroConfig(**common)), root / "retro")
+    save_checkpoint(Retro(RetroConfig(**{**common, "cca_layers": ()})), root / "base")
+    return root
+
+
+def _config(root, **over):
+    cfg = {
+        "retro": "retro",
+        "baseline": "base",
+        "database": {
+            "path": "db",
+            "build_from": ["pile:train"],
+            "dedup": True,
+            "embedder": "hash:32",
+        },
+        "benchmarks": [{"name": "pile", "split": "test"}, {"name": "qa", "max_questions": 2}],
+        "k": 2,
+        "k_sweep": [1, 2],
+        "overlap": [],
+        "batch_size": 2,
+        "max_new_tokens": 4,
+        "output": "out",
+    }
+    cfg.update(over)
+    path = root / f"run-{cfg['output']}.yaml"
+    import yaml
+
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.mark.slow
+def test_run_end_to_end(setup, capsys):
+    from retro_db.database import Database
+    from retro_eval.perplexity import score_documents
+
+    pytest.importorskip("retro_eval.metrics")
+    root = setup
+    assert main(["run", "--config", str(_config(root))]) == 0, capsys.readouterr().err
+    out = root / "out"
+    results = json.loads((out / "results.json").read_text())
+    pile = results["benchmarks"]["pile"]
+    assert set(pile["models"]) == {"retro_on", "retro_off", "baseline"}
+    assert [r["k"] for r in pile["k_sweep"]] == [1, 2]
+    assert set(pile["subsets"]) == {"Wikipedia (en)", "Gutenberg (PG-19)"}
+    qa = results["benchmarks"]["qa"]
+    assert qa["kind"] == "qa" and qa["questions"] == 2
+    assert set(qa["models"]) == {"retro_on", "retro_off", "baseline"}
+    assert (out / "report.md").exists() and (out / "subsets_pile.png").exists()
+    # Dedup removed the training document identical to an evaluation document.
+    dedup = json.loads((out / "dedup.json").read_text())
+    assert dedup["num_removed"] == 1 and dedup["removed"][0]["train_index"] == 0
+    db = Database.open(root / "db")
+    assert db.num_documents == len(TRAIN) - 1
+    # The numbers equal retro-eval's scorer called directly.
+    from retro_core.checkpoint import load_checkpoint
+
+    retro = load_checkpoint(root / "retro")
+    texts = [t for _, t in EVAL]
+    on = score_documents(retro, db.tokenizer, texts, retriever=db, k=2, progress=False)
+    assert pile["models"]["retro_on"]["bpb"] == pytest.approx(on.bpb(), rel=1e-6)
+    sub = on.select_documents([0, 2])
+    assert pile["subsets"]["Wikipedia (en)"]["retro_on"] == pytest.approx(on.bpb(sub), rel=1e-6)
+    assert math.isfinite(pile["models"]["baseline"]["bpb"])
+    assert results["stage_times"]["build database"] > 0
+    # `retro-eval report` renders the same report again.
+    before = (out / "report.md").read_text()
+    assert main(["report", str(out / "results.json")]) == 0
+    assert (out / "report.md").read_text() == before
+
+
+@pytest.mark.slow
+def test_run_with_leakage_buckets(setup):
+    pytest.importorskip("retro_eval.overlap")
+    root = setup
+    cfg = _config(root, overlap=["rc", "minhash"], output="out2", k_sweep=[], baseline=None)
+    cfg_data = cfg.read_text()
+    assert main(["run", "--config", str(cfg)]) == 0, cfg_data
+    results = json.loads((root / "out2" / "results.json").read_text())
+    pile = results["benchmarks"]["pile"]
+    for measure in ("rc", "minhash"):
+        rows = pile["buckets"][measure]
+        assert [r["alpha"] for r in rows] == [0.0, 0.125, 0.25, 0.5, 0.75, 1.0]
+        assert rows[-1]["chunks"] == pile["chunks"]
+        assert rows[-1]["bpb"]["retro_on"] == pytest.approx(pile["models"]["retro_on"]["bpb"])
+        counts = [r["chunks"] for r in rows]
+        assert counts == sorted(counts)
+        for r in rows:
+            assert (r["chunks"] == 0) == (r["bpb"]["retro_on"] is None)
+
+
+def test_run_errors_are_one_line(setup, capsys):
+    root = setup
+    # A database built with another chunk size than the model.
+    from retro_db.build import build_database
+    from retro_db.ingest import Document
+
+    if not (root / "db16" / "manifest.json").exists():
+        build_database(
+            [Document("a", "some words here to chunk " * 8, {})],
+            root / "db16",
+            embedder="hash:16",
+            chunk_size=16,
+            progress=False,
+        )
+    cases = [
+        (_config(root, database="db16", output="o1"), "chunk_size=16"),
+        (
+            _config(root, benchmarks=[{"name": "pile", "split": "validation"}], output="o2"),
+            "validation",
+        ),
+        (_config(root, benchmarks=["no/such/bench"], output="o3"), "no/such/bench"),
+        (_config(root, retro="missing-ckpt", output="o4"), "missing-ckpt"),
+    ]
+    for cfg, needle in cases:
+        assert main(["run", "--config", str(cfg)]) == 2, needle
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("retro-eval: error:") and "\n" not in err and needle in err, err
+    empty = root / "empty"
+    _jsonl(empty / "test.jsonl", [])
+    assert main(["run", "--config", str(_config(root, benchmarks=["empty"], output="o5"))]) == 2
+    assert "empty" in capsys.readouterr().err
+    assert np is not None
