@@ -20,6 +20,13 @@ from retro_db.minhash import (
     to_minhash,
 )
 
+try:
+    import numba  # noqa: F401
+
+    BACKENDS_HERE = ["numpy", "numba"]
+except ImportError:  # the [fast] extra is not installed: only the numpy backend
+    BACKENDS_HERE = ["numpy"]
+
 DATA = Path("/work/shared/data")
 WIKI = DATA / "wikipedia" / "gensim_enwiki_sample.jsonl"
 
@@ -78,24 +85,37 @@ docs_strategy = st.lists(
     batch=st.sampled_from([1, 7, 1 << 16]),
 )
 def test_signatures_bit_identical_to_datasketch(docs, ngram, num_perm, seed, scheme, batch):
-    sig = minhash_signatures(docs, num_perm, seed, ngram, scheme=scheme, batch_shingles=batch)
     ref = np.stack([datasketch_signature(d, num_perm, seed, ngram, scheme) for d in docs])
-    assert sig.dtype == ref.dtype
-    assert sig.shape == (len(docs), num_perm)
-    np.testing.assert_array_equal(sig, ref)
+    for backend in BACKENDS_HERE if scheme == "affine32" else ["numpy"]:
+        sig = minhash_signatures(
+            docs, num_perm, seed, ngram, scheme=scheme, batch_shingles=batch, backend=backend
+        )
+        assert sig.dtype == ref.dtype
+        assert sig.shape == (len(docs), num_perm)
+        np.testing.assert_array_equal(sig, ref)
 
 
-def test_signatures_long_documents_span_several_passes():
+@pytest.mark.parametrize("backend", BACKENDS_HERE)
+def test_signatures_long_documents_span_several_passes(backend):
     rng = np.random.default_rng(3)
     # 20k shingles at num_perm=128 cross the 8192-row passes; short docs share passes with them.
-    docs = [rng.integers(0, 50257, 20_000), [1, 2], rng.integers(0, 30, 9000), []]
-    sig = minhash_signatures(docs, batch_shingles=5000)
+    docs = [rng.integers(0, 50257, 20_000), [1, 2], rng.integers(0, 30, 9000), [], [7] * 40]
+    sig = minhash_signatures(docs, batch_shingles=5000, backend=backend)
     ref = np.stack([datasketch_signature(d) for d in docs])
     np.testing.assert_array_equal(sig, ref)
 
 
-def test_signatures_empty_input():
-    assert minhash_signatures([], num_perm=8).shape == (0, 8)
+@pytest.mark.parametrize("backend", BACKENDS_HERE)
+def test_signatures_empty_input(backend):
+    assert minhash_signatures([], num_perm=8, backend=backend).shape == (0, 8)
+    assert (minhash_signatures([[]], num_perm=8, backend=backend) == 2**32 - 1).all()
+
+
+def test_backend_validation():
+    with pytest.raises(ValueError, match="backend"):
+        minhash_signatures([[1]], backend="gpu")
+    with pytest.raises(ValueError, match="numba"):
+        minhash_signatures([[1]], scheme="legacy", backend="numba")
 
 
 def test_to_minhash_matches_datasketch_jaccard():
