@@ -162,3 +162,39 @@ def test_pack_tasks_load(offline_hf):
     (t,) = task.values()
     docs = list(t.test_docs())
     assert docs and all(d["subset"] == "Gutenberg (PG-19)" for d in docs)
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_pack_task_matches_scorer(offline_hf):
+    """lm-eval on a shipped pack task (custom_dataset) equals the scorer on the same documents."""
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    from retro_eval.benchmarks import load_benchmark
+
+    tok = ByteTokenizer()
+    model = tiny_model()
+    retriever = InMemoryRetriever([tok.encode(t) for t in DB], chunk_size=M)
+    task = "retro_pile_mini_dm_mathematics"
+    lm = RetroLM(model=model, retriever=retriever, tokenizer=tok, k=2, batch_size=8)
+    out = simple_evaluate(
+        model=lm,
+        tasks=[task],
+        task_manager=TaskManager(include_path=str(TASKS_DIR), include_defaults=False),
+    )
+    got = out["results"][task]
+    docs = [
+        d
+        for d in load_benchmark("pile-mini", "test").documents
+        if d.meta["pile_set_name"] == "DM Mathematics"
+    ]
+    ours = score_documents(
+        model, tok, [d.text for d in docs], retriever=retriever, k=2, progress=False
+    )
+    nbytes = sum(len(d.text.encode()) for d in docs)
+    words = sum(_words(d.text) for d in docs)
+    assert got["bits_per_byte,none"] == pytest.approx(ours.total_bits() / nbytes, rel=1e-5)
+    assert got["word_perplexity,none"] == pytest.approx(
+        math.exp(ours.total_bits() * math.log(2) / words), rel=1e-5
+    )
