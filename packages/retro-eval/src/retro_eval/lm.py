@@ -293,10 +293,10 @@ class RetroLM(LM):
                         np.stack([ln for _, ln in nbs])
                     ).to(device)
                 logits = self.model(inp, **kwargs)
-                logp = torch.log_softmax(logits.float(), dim=-1)
                 for b, (idx, seq, c) in enumerate(group):
                     tgt = torch.tensor(seq[-c:], dtype=torch.long, device=device)
-                    lp = logp[b, -c:]  # positions predicting the continuation
+                    # positions predicting the continuation
+                    lp = torch.log_softmax(logits[b, -c:].float(), dim=-1)
                     ll = float(lp.gather(-1, tgt[:, None]).sum())
                     greedy = bool((lp.argmax(-1) == tgt).all())
                     results[idx] = (ll, greedy)

@@ -434,14 +434,14 @@ def score_token_documents(
                     nl[b, : c1 - c0] = nb.lengths[c0:c1]
                 kwargs["neighbours"] = torch.from_numpy(nt).to(device)
                 kwargs["neighbour_lengths"] = torch.from_numpy(nl).to(device)
-            logits = model(torch.from_numpy(tok).to(device), **kwargs)
-            # Position p predicts token p+1.
-            targets = torch.from_numpy(np.concatenate([tok[:, 1:], tok[:, :1]], axis=1)).to(device)
-            logp = _targets_logprob(logits, targets).cpu().numpy().astype(np.float64)
+            logits = model(torch.from_numpy(tok).to(device), **kwargs)  # [B, l*m, V]
             for b, w in enumerate(batch):
+                # Position p predicts token p+1; only the window's new targets are normalised.
                 lo = w.score_from - 1 - w.begin
                 hi = w.end - 1 - w.begin
-                token_bits[w.doc][w.score_from : w.end] = -logp[b, lo:hi] / LN2
+                tgt = torch.from_numpy(tok[b, lo + 1 : hi + 1]).to(device)
+                logp = _targets_logprob(logits[b : b + 1, lo:hi], tgt[None])[0]
+                token_bits[w.doc][w.score_from : w.end] = -logp.double().cpu().numpy() / LN2
     if was_training:
         model.train()
 
