@@ -46,7 +46,7 @@ def wiki_docs():
 
 @pytest.fixture(scope="session")
 def small_db(tmp_path_factory, wiki_docs):
-    """A database of the first 10 articles: m=16, hashing embedder d=32, Flat index, 4 shards."""
+    """A database of the first 10 articles: m=16, hashing embedder d=32, Flat index, 3 shards."""
     from retro_db.build import build_database
 
     path = tmp_path_factory.mktemp("db") / "db"

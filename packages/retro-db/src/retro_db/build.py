@@ -67,6 +67,7 @@ __all__ = ["SCHEMA_VERSION", "add_documents", "build_database", "iter_documents"
 
 SCHEMA_VERSION = 1
 SHARD_FILES = (*CHUNK_FILES, "keys.npy", "documents.jsonl")
+READ_AHEAD = 256  # documents tokenised per encode_batch call
 
 
 def iter_documents(sources: Any, **read_kwargs: Any) -> Iterator[Document]:
@@ -148,6 +149,12 @@ class _ShardWriter:
         self.progress = progress
         self.dim = dim
         self.dtype = token_dtype(tokenizer.vocab_size)
+        self.config = {
+            "chunk_size": chunk_size,
+            "shard_chunks": shard_chunks,
+            "tokenizer": tokenizer.id,
+            "embedder": embedder.id,
+        }
 
     def shard_dir(self, i: int) -> Path:
         return self.db_dir / "shards" / f"s{i:05d}"
@@ -161,6 +168,11 @@ class _ShardWriter:
         # Resume: complete shards of an interrupted run are reused; their documents are skipped.
         while (self.shard_dir(shard) / "shard.json").is_file():
             info = read_json(self.shard_dir(shard) / "shard.json")
+            if info.get("config") != self.config:
+                raise DatabaseError(
+                    f"{self.shard_dir(shard) / 'shard.json'}: left by an interrupted run with "
+                    f"settings {info.get('config')}, expected {self.config}; delete that shard"
+                )
             h = hashlib.sha256()
             for _ in range(info["docs_consumed"]):
                 doc = next(it, None)
@@ -196,7 +208,7 @@ class _ShardWriter:
             h = hashlib.sha256()
             while n_chunks < self.shard_chunks:
                 if not pending:
-                    pending = [d for _, d in zip(range(256), it, strict=False)]
+                    pending = [d for _, d in zip(range(READ_AHEAD), it, strict=False)]
                     if not pending:
                         exhausted = True
                         break
@@ -278,6 +290,7 @@ class _ShardWriter:
             "documents": len(lines),
             "docs_consumed": len(docs),
             "source_sha256": source_sha,
+            "config": self.config,
             "files": {name: file_entry(d / name) for name in SHARD_FILES},
         }
         atomic_write_json(d / "shard.json", info)
