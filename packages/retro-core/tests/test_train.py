@@ -291,6 +291,73 @@ def test_incompatible_model_is_refused(dataset_dir, tmp_path):
         )
 
 
+def _twin_dataset(directory: Path, n_pairs: int, seed: int) -> Path:
+    """Random-token documents in identical pairs (a near-duplicate in the database). Chunk i's
+    first neighbour is the aligned chunk of its twin document + that chunk's continuation; the
+    second a random chunk of an unrelated document. No neighbour comes from the own document."""
+    rng = np.random.default_rng(seed)
+    docs = []
+    for _ in range(n_pairs):
+        doc = rng.integers(1, V, size=int(rng.integers(12, 25))).tolist()
+        docs += [doc, list(doc)]
+    tokens, lengths, doc_ids = chunk_documents(docs, M, PAD)
+    N, r = tokens.shape[0], 2 * M
+    first = {int(d): int(np.flatnonzero(doc_ids == d)[0]) for d in np.unique(doc_ids)}
+    neighbours = np.full((N, K, r), PAD, dtype=np.int64)
+    nb_lengths = np.zeros((N, K), dtype=np.int64)
+    nb_ids = np.full((N, K), -1, dtype=np.int64)
+    for i in range(N):
+        d = int(doc_ids[i])
+        twin = d ^ 1
+        j = first[twin] + i - first[d]
+        row = list(tokens[j, : lengths[j]])
+        if j + 1 < N and doc_ids[j + 1] == twin:
+            row += list(tokens[j + 1, : lengths[j + 1]])
+        other = int(rng.integers(0, N))
+        while int(doc_ids[other]) in (d, twin):
+            other = int(rng.integers(0, N))
+        for slot, (cid, toks) in enumerate(((j, row), (other, tokens[other, : lengths[other]]))):
+            neighbours[i, slot, : len(toks)] = toks
+            nb_lengths[i, slot] = len(toks)
+            nb_ids[i, slot] = cid
+    return write_dataset(
+        directory,
+        tokens=tokens,
+        lengths=lengths,
+        doc_ids=doc_ids,
+        neighbours=neighbours,
+        neighbour_lengths=nb_lengths,
+        neighbour_ids=nb_ids,
+        tokenizer_id="count-tok",
+        vocab_size=V,
+        pad_id=PAD,
+        source_db=None,
+        database_doc_ids=doc_ids,  # the dataset is its own database: check the own-document rule
+    )
+
+
+@pytest.mark.slow
+def test_retro_uses_neighbours_from_the_dataset_and_the_baseline_cannot(tmp_path):
+    """End to end through the dataset format: random tokens are unpredictable without retrieval,
+    but a RETRO model copies the continuation from the neighbours the dataset aligned with each
+    chunk, which needs the reader's neighbours [l, k, r] to line up with its tokens [n].
+    num_neighbours=1 slices the dataset's k=2 down to the twin's chunk."""
+    train_dir = _twin_dataset(tmp_path / "train", n_pairs=400, seed=0)
+    valid_dir = _twin_dataset(tmp_path / "valid", n_pairs=40, seed=1)
+    tc = _train_config(
+        steps=120, batch_size=32, lr=1e-2, min_lr=1e-3, warmup_steps=10, eval_every=0,
+        eval_batches=8, checkpoint_every=0, log_every=40, num_neighbours=1,
+    )  # fmt: skip
+    cfg = _model_config()
+    retro = train(cfg, tc, train_dir, tmp_path / "retro", valid_dir=valid_dir, progress=False)
+    base = train(
+        cfg.baseline(), tc, train_dir, tmp_path / "base", valid_dir=valid_dir, progress=False
+    )
+    assert base["val_loss"] > 0.95 * np.log(V - 1)  # fresh random documents: nothing to learn
+    # measured (seeds 0, 1, 3): RETRO 1.0-1.7 nats vs the baseline's ~3.44 = ln(31)
+    assert retro["val_loss"] < 0.7 * base["val_loss"], (retro["val_loss"], base["val_loss"])
+
+
 # ----------------------------------------------------------------------------------------------
 # CLI
 
