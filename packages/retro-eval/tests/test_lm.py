@@ -198,3 +198,19 @@ def test_pack_task_matches_scorer(offline_hf):
     assert got["word_perplexity,none"] == pytest.approx(
         math.exp(ours.total_bits() * math.log(2) / words), rel=1e-5
     )
+
+
+def test_create_from_arg_obj_with_checkpoint(tmp_path):
+    """The lm-eval CLI path: model args win over --batch_size; the tokenizer must match the model."""
+    from retro_core.checkpoint import save_checkpoint
+
+    save_checkpoint(tiny_model(), tmp_path / "ckpt")
+    args = {"checkpoint": str(tmp_path / "ckpt"), "batch_size": "4", "k": "3", "retrieval": "off"}
+    lm = RetroLM.create_from_arg_obj(
+        {**args, "tokenizer": ByteTokenizer()}, {"batch_size": 1, "device": "cpu"}
+    )
+    assert lm.batch_size == 4 and lm.k == 3 and lm.retriever is None
+    reqs = [SimpleNamespace(args=(d,)) for d in DOCS[:1]]
+    assert math.isfinite(lm.loglikelihood_rolling(reqs)[0])
+    with pytest.raises(ValueError, match="tokenizer"):
+        RetroLM.create_from_arg_string(f"checkpoint={tmp_path / 'ckpt'}", {"batch_size": 1})

@@ -110,6 +110,9 @@ class RetroLM(LM):
             from retro_core.checkpoint import load_checkpoint
 
             model = load_checkpoint(str(checkpoint))
+        if device and str(device).startswith("cuda") and not torch.cuda.is_available():
+            logger.warning("RetroLM: device=%s but CUDA is not available: using the CPU", device)
+            device = "cpu"
         if device:
             model = model.to(device)
         self.model = model.eval()
@@ -126,6 +129,12 @@ class RetroLM(LM):
         if self.retrieval and self.retriever is None and _has_retrieval(self.model):
             logger.warning("RetroLM: no database given: evaluating RETRO[OFF]")
         self.tokenizer = self._resolve_tokenizer(tokenizer, retriever)
+        want, have = self.model.config.tokenizer_id, getattr(self.tokenizer, "id", None)
+        if want and have and want != have:
+            raise ValueError(
+                f"RetroLM: tokenizer {have!r} but the checkpoint was trained with {want!r}: "
+                "pass model arg tokenizer=<its directory>"
+            )
         n, m, r, pad = _model_geometry(self.model)
         self.n, self.m, self.r, self.pad_id = n, m, r, pad
         self.k = _int_or_none(k, "k") or int(self.model.config.num_neighbours)
@@ -134,6 +143,23 @@ class RetroLM(LM):
         self.batch_size = _int_or_none(batch_size, "batch_size") or 1
         self.progress = progress
         self._nb_cache: dict[tuple[int, ...], tuple[np.ndarray, np.ndarray]] = {}
+
+    @classmethod
+    def create_from_arg_obj(
+        cls, arg_dict: dict[str, Any], additional_config: dict[str, Any] | None = None
+    ) -> RetroLM:
+        """As lm-eval's, but ``--model_args`` win over the CLI's ``--batch_size``/``--device``
+        (lm-eval would pass both and fail with "multiple values")."""
+        extra = {k: v for k, v in (additional_config or {}).items() if v is not None}
+        return cls(**{**extra, **arg_dict})
+
+    @classmethod
+    def create_from_arg_string(
+        cls, arg_string: str, additional_config: dict[str, Any] | None = None
+    ) -> RetroLM:
+        from lm_eval.utils import simple_parse_args_string
+
+        return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
 
     @staticmethod
     def _resolve_tokenizer(tokenizer: Any, retriever: Any) -> Any:
