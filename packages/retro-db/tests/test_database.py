@@ -272,3 +272,28 @@ def test_real_minilm_database_end_to_end(wiki_docs, tmp_path):
     assert np.all(nb.distances[:, 0] < 1e-2)
     nb = fresh.retrieve(tokens[:3], 2, exclude_doc_ids=fresh.doc_ids[:3], lengths=lengths[:3])
     assert not np.any(fresh.doc_ids[nb.chunk_ids] == fresh.doc_ids[:3, None])
+
+
+def test_info_recall_against_numpy_brute_force(wiki_docs, tmp_path):
+    db = build_database(
+        wiki_docs[:10],
+        tmp_path / "ivf",
+        embedder="hash:32",
+        chunk_size=16,
+        shard_chunks=60,
+        index_factory="IVF16,Flat",
+        search_params={"nprobe": 1},
+        threads=1,
+        progress=False,
+    )
+    info = db.info(sample=80, k=5)
+    assert info["chunks"] == db.num_chunks and info["index"] == "IVF16,Flat"
+    # independent: numpy brute force over all stored keys, same seeded sample of queries
+    ids = np.sort(np.random.default_rng(0).choice(db.num_chunks, size=80, replace=False))
+    keys = db.keys(np.arange(db.num_chunks))
+    full = ((keys[ids][:, None, :] - keys[None]) ** 2).sum(-1)
+    _, got = db.search_keys(keys[ids], 5)
+    truth = np.argsort(full, axis=1, kind="stable")[:, :5]
+    want = np.mean([len(set(t) & set(g)) / 5 for t, g in zip(truth, got, strict=True)])
+    assert info["recall@5"] == pytest.approx(want, abs=0.02)  # ties may order differently
+    assert info["recall@5"] < 1.0  # nprobe=1 of 16 lists misses some

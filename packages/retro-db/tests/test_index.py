@@ -13,6 +13,7 @@ from retro_db.index import (
     apply_search_params,
     default_factory,
     exact_search,
+    exact_search_blocks,
     read_index,
     recall_at_k,
     set_threads,
@@ -99,3 +100,11 @@ def test_read_errors_name_the_file(keys, tmp_path):
         read_index(p)
     with pytest.raises(DatabaseError, match="missing"):
         read_index(tmp_path / "nope.faiss")
+
+
+def test_exact_search_blocks_equals_one_block(keys):
+    q = keys[::100] + 0.01
+    d, i = exact_search(keys, q, 7)
+    d2, i2 = exact_search_blocks([keys[:500], keys[500:501], keys[501:1700], keys[1700:]], q, 7)
+    np.testing.assert_array_equal(i, i2)
+    np.testing.assert_allclose(d, d2, rtol=1e-6)

@@ -128,10 +128,6 @@ def _docs(paths: Sequence[str], args: argparse.Namespace, stats=None):
     return stream()
 
 
-def _dir_size(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-
 def _cmd_build(args: argparse.Namespace) -> None:
     from .build import build_database
     from .ingest import IngestStats
@@ -174,53 +170,11 @@ def _cmd_add(args: argparse.Namespace) -> None:
     print(f"now {db}: {stats.documents} documents read, {stats.skipped} bad records skipped")
 
 
-def database_info(path: str, *, verify: bool = False, sample: int = 200, k: int = 10) -> dict:
-    """Counts, sizes on disk and recall@k of the index vs exact search on a sample of own keys."""
-    from .database import Database
-    from .index import recall_at_k
-
-    db = Database.open(path, verify=verify)
-    root = Path(path)
-    files = db.manifest["files"]
-    sizes = {"chunks": 0, "keys": 0, "index": 0, "other": 0}
-    for name, entry in files.items():
-        kind = (
-            "keys"
-            if name.endswith("keys.npy")
-            else "index"
-            if name.startswith("index/")
-            else "chunks"
-            if name.endswith(".npy")
-            else "other"
-        )
-        sizes[kind] += int(entry["size"])
-    n = db.num_chunks
-    rng = np.random.default_rng(0)
-    ids = np.sort(rng.choice(n, size=min(sample, n), replace=False))
-    all_keys = db.keys(np.arange(n))
-    kk = min(k, n)
-    recall = recall_at_k(db.index, all_keys, all_keys[ids], kk)
-    return {
-        "path": str(root),
-        "version": db.version,
-        "chunks": n,
-        "documents": db.num_documents,
-        "chunk_size": db.chunk_size,
-        "tokenizer": db.tokenizer_id,
-        "embedder": db.manifest["embedder"]["id"],
-        "dim": db.dim,
-        "index": db.manifest["index"]["factory"],
-        "search_params": db.search_params,
-        "bytes": sizes,
-        "bytes_on_disk_all_versions": _dir_size(root),
-        f"recall@{kk}": recall,
-        "recall_sample": len(ids),
-        "verified": verify,
-    }
-
-
 def _cmd_info(args: argparse.Namespace) -> None:
-    info = database_info(args.db, verify=args.verify, sample=args.sample, k=args.k)
+    from .database import Database
+
+    info = Database.open(args.db, verify=args.verify).info(sample=args.sample, k=args.k)
+    info["verified"] = args.verify
     if args.json:
         print(json.dumps(info, indent=2))
         return

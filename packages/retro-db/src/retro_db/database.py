@@ -62,8 +62,10 @@ class Database:
         tokenizer: LMTokenizer | None = None,
         embedder: Any = None,
         mmap: bool = True,
+        threads: int | None = None,
     ) -> None:
         self.path = path
+        self.threads = threads
         self.manifest = manifest
         self.manifest_sha256 = manifest_sha256
         self.version = int(manifest["version"])
@@ -137,6 +139,7 @@ class Database:
             tokenizer=tokenizer,
             embedder=embedder,
             mmap=mmap,
+            threads=threads,
         )
 
     # ---- metadata (the Retriever contract) -----------------------------------------------
@@ -218,7 +221,10 @@ class Database:
     def embedder(self) -> Any:
         """The query embedder, created from the manifest's spec on first use and checked."""
         if self._embedder is None:
-            emb = load_embedder(self.manifest["embedder"].get("spec"))
+            spec = self.manifest["embedder"].get("spec")
+            hashing = spec is not None and spec.startswith("hash:")
+            kwargs = {} if self.threads is None or hashing else {"threads": self.threads}
+            emb = load_embedder(spec, **kwargs)
             self.check_embedder(emb)
             self._embedder = emb
         return self._embedder
@@ -371,6 +377,60 @@ class Database:
             distances=dist.astype(np.float32),
             pad_id=self.pad_id,
         )
+
+    def key_blocks(self):
+        """Stored keys shard by shard: an iterator of float16 memmaps [n_s, d] in chunk-id order."""
+        for s in self.manifest["shards"]:
+            yield np.load(self.path / "shards" / s / "keys.npy", mmap_mode="r", allow_pickle=False)
+
+    def recall(self, sample: int = 200, k: int = 10, seed: int = 0) -> float:
+        """recall@k of the index against exact search, queried with a seeded sample of own keys.
+
+        Exact search streams over the stored keys shard by shard (memory flat in N).
+        """
+        from .index import exact_search_blocks
+
+        n = self.num_chunks
+        k = min(k, n)
+        ids = np.sort(np.random.default_rng(seed).choice(n, size=min(sample, n), replace=False))
+        queries = self.keys(ids)
+        _, truth = exact_search_blocks(self.key_blocks(), queries, k)
+        _, got = self.search_keys(queries, k)
+        hits = sum(len(set(t[t >= 0]) & set(g[g >= 0])) for t, g in zip(truth, got, strict=True))
+        return hits / max(1, int((truth >= 0).sum()))
+
+    def info(self, sample: int = 200, k: int = 10) -> dict[str, Any]:
+        """Counts, bytes on disk (this version's files by kind, and the whole folder), recall@k."""
+        sizes = {"chunks": 0, "keys": 0, "index": 0, "other": 0}
+        for name, entry in self.manifest["files"].items():
+            if name.endswith("keys.npy"):
+                kind = "keys"
+            elif name.startswith("index/"):
+                kind = "index"
+            elif name.endswith(".npy"):
+                kind = "chunks"
+            else:
+                kind = "other"
+            sizes[kind] += int(entry["size"])
+        kk = min(k, self.num_chunks)
+        return {
+            "path": str(self.path),
+            "version": self.version,
+            "chunks": self.num_chunks,
+            "documents": self.num_documents,
+            "chunk_size": self.chunk_size,
+            "tokenizer": self.tokenizer_id,
+            "embedder": self.manifest["embedder"]["id"],
+            "dim": self.dim,
+            "index": self.manifest["index"]["factory"],
+            "search_params": self.search_params,
+            "bytes": sizes,
+            "bytes_on_disk_all_versions": sum(
+                p.stat().st_size for p in self.path.rglob("*") if p.is_file()
+            ),
+            f"recall@{kk}": self.recall(sample, kk),
+            "recall_sample": min(sample, self.num_chunks),
+        }
 
     def __repr__(self) -> str:
         return (

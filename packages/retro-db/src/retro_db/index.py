@@ -38,6 +38,7 @@ __all__ = [
     "apply_search_params",
     "default_factory",
     "exact_search",
+    "exact_search_blocks",
     "read_index",
     "recall_at_k",
     "set_threads",
@@ -142,6 +143,34 @@ def exact_search(keys: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndar
     flat = faiss.IndexFlatL2(keys.shape[1])
     flat.add(np.ascontiguousarray(keys, dtype=np.float32))
     return flat.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+
+
+def exact_search_blocks(blocks, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Brute-force squared-L2 k-NN over keys given as consecutive blocks [n_b, d] (memory flat).
+
+    Ids number the rows of all blocks in order. Returns distances float32 [q, k], ids int64 [q, k]
+    (-1 / inf where fewer than k keys exist); ties are broken by the smaller id.
+    """
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    q = len(queries)
+    best_d = np.full((q, k), np.inf, dtype=np.float32)
+    best_i = np.full((q, k), -1, dtype=np.int64)
+    start = 0
+    for block in blocks:
+        block = np.asarray(block, dtype=np.float32)
+        if not len(block):
+            continue
+        d, i = exact_search(block, queries, min(k, len(block)))
+        i = np.where(i >= 0, i + start, -1)
+        cat_d = np.concatenate([best_d, d], axis=1)
+        cat_i = np.concatenate([best_i, i], axis=1)
+        order = np.lexsort((np.where(cat_i < 0, np.iinfo(np.int64).max, cat_i), cat_d), axis=1)[
+            :, :k
+        ]
+        best_d = np.take_along_axis(cat_d, order, 1)
+        best_i = np.take_along_axis(cat_i, order, 1)
+        start += len(block)
+    return best_d, best_i
 
 
 def recall_at_k(index, keys: np.ndarray, queries: np.ndarray, k: int) -> float:
