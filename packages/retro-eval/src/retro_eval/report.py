@@ -217,7 +217,12 @@ def render_report(results: dict[str, Any] | str | Path, out_dir: str | Path) -> 
             continue
         lines.append(
             f"{bench.get('documents', '?')} documents, {bench.get('chunks', '?')} chunks, "
-            f"{bench.get('tokens', '?')} tokens, {bench.get('bytes', '?')} bytes."
+            f"{bench.get('tokens', '?')} tokens, {bench.get('bytes', '?')} bytes"
+            + (
+                f"; windows of {bench['window']} tokens, stride {bench['stride']}."
+                if bench.get("window")
+                else "."
+            )
         )
         lines.append("")
         has_wppl = any((models[m] or {}).get("word_perplexity") is not None for m in models)

@@ -18,8 +18,9 @@ run.yaml (paths relative to the YAML file)::
         split: test
         max_documents: null      # keep the first N documents (quick runs)
       - name: pile-mini          # Pile documents are also reported per pile_set_name
-      - name: squad-open-mini    # QA; retrieves from `database` (or its own `database:` path,
-        split: validation        #   built from the benchmark's passage corpus when missing)
+      - name: squad-open-mini    # QA; retrieves from its own `database:` path (built from the
+        split: validation        #   benchmark's passage corpus when missing; default
+                                 #   <output>/passages-db-<name>), else from `database`
         max_questions: 50
     k: 2                         # neighbours per chunk for RETRO[ON]
     k_sweep: [1, 2, 4, 10]       # extra RETRO[ON] runs (bpb against k); [] to skip
@@ -499,6 +500,8 @@ def _eval_lm(
         "tokens": int(any_res.tokens.sum()),
         "bytes": any_res.total_bytes(),
         "words": words,
+        "window": any_res.window,
+        "stride": any_res.stride,
         "models": {key: _summary(res, words) for key, res in scores.items()},
         "k": k if db is not None else None,
         "k_sweep": sweep,
@@ -532,22 +535,29 @@ def _eval_qa(
     tokenizer: Any,
     times: dict,
 ) -> dict[str, Any]:
+    from .perplexity import _check_retriever_for
     from .qa import answer_questions
 
     if not bench.examples:
         raise RunConfigError(f"benchmark {bench.name}: empty (no questions)")
     qa_db = db
-    if spec.database is not None:
-        if not _is_database(spec.database):
+    db_path = spec.database
+    if db_path is None and bench.corpus:
+        # The benchmark ships its passage corpus: retrieve from a database of it (built once).
+        slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in bench.name)
+        db_path = cfg.output / f"passages-db-{slug}"
+    if db_path is not None:
+        if not _is_database(db_path):
             with _Timer(times, f"{bench.name}: passage database"):
                 _build_database(
-                    spec.database,
+                    db_path,
                     list(bench.corpus or []),
                     cfg.database,
                     tokenizer,
                     int(retro.config.chunk_size),
                 )
-        qa_db = _open_database(spec.database)
+        qa_db = _open_database(db_path)
+        _check_retriever_for(retro, qa_db)
     models = {}
     common = dict(max_new_tokens=cfg.max_new_tokens, progress=False)
     if qa_db is not None:
