@@ -6,6 +6,7 @@ A thin argparse layer over :func:`retro_core.train.train`; every option maps to 
     retro-train --data runs/wiki-ds --out runs/retro-tiny --preset tiny --steps 2000
     retro-train --data runs/wiki-ds --out runs/base-tiny --preset tiny --baseline --steps 2000
     retro-train --data runs/wiki-ds --out runs/retro-tiny --resume          # continue a run
+    retro-train --data runs/gpt2-ds --out runs/gpt2-retrofit --retrofit models/gpt2 --steps 500
 """
 
 from __future__ import annotations
@@ -54,8 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         epilog=(
             "The model size comes from --preset or --config; vocabulary, chunk size m, k, r, pad id "
-            "and tokenizer id always come from the dataset. RETRO-fitting a pretrained LM is not "
-            "part of this command yet."
+            "and tokenizer id always come from the dataset. --retrofit DIR instead freezes a "
+            "pretrained Hugging Face causal LM (GPT-2 or Llama family; needs retro-core[hf]) and "
+            "trains only new CCA layers and a neighbour encoder; the dataset must be built with "
+            "that model's tokenizer."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -102,6 +105,31 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep the RETRO architecture but train without neighbours (RETRO[OFF] training)",
     )
 
+    rf = p.add_argument_group("RETRO-fitting a pretrained Hugging Face causal LM")
+    rf.add_argument(
+        "--retrofit",
+        type=Path,
+        default=None,
+        metavar="HF_MODEL_DIR",
+        help="freeze this model and train only new CCA layers + encoder (checkpoints hold the new "
+        "weights and a hashed reference to the base)",
+    )
+    rf.add_argument("--gguf-file", default=None, help="GGUF file inside --retrofit (needs gguf)")
+    rf.add_argument(
+        "--tokenizer-dir",
+        type=Path,
+        default=None,
+        help="HF tokenizer directory of the base model; its id must equal the dataset's "
+        "(default: --retrofit when it holds tokenizer files, else the dataset's id is trusted)",
+    )
+    rf.add_argument(
+        "--cca-layers",
+        default=None,
+        help="comma-separated 1-indexed base layers followed by CCA (default: 6, 9, 12, ...)",
+    )
+    rf.add_argument("--enc-layers", type=int, default=2, help="layers of the new encoder")
+    rf.add_argument("--enc-d-model", type=int, default=None, help="encoder width (default: d)")
+
     t = p.add_argument_group("training (defaults: TrainConfig)")
     t.add_argument("--train-config", type=Path, default=None, help="TrainConfig JSON; flags win")
     t.add_argument("--steps", type=int, default=None, help="optimizer steps (cosine ends here)")
@@ -143,6 +171,69 @@ def _read_json(path: Path, what: str) -> dict[str, Any]:
     return obj
 
 
+def _is_retrofit(checkpoint: Path) -> bool:
+    from .retrofit import is_retrofit_checkpoint
+
+    return is_retrofit_checkpoint(checkpoint)
+
+
+def _retrofit_model(args: argparse.Namespace, tc: Any, existing: Path | None) -> Any:
+    """The RetrofittedLM to train: from the flags and the dataset, or as the resumed run built it."""
+    from .data import RetroDataset
+    from .retrofit import hf_tokenizer_id, read_retrofit_config, retrofit
+
+    log = logging.getLogger("retro_core.cli")
+    if existing is not None and _is_retrofit(existing):  # rebuild exactly the resumed model
+        c, base, _ = read_retrofit_config(existing)
+        path = args.retrofit or Path(base["path"])
+        gguf = args.gguf_file or base.get("gguf_file")
+        kw: dict[str, Any] = dict(
+            cca_layers=c.cca_layers,
+            k=c.num_neighbours,
+            chunk_size=c.chunk_size,
+            neighbour_len=c.neighbour_len,
+            enc_layers=c.enc_layers,
+            enc_d_model=c.enc_d_model,
+            enc_n_heads=c.enc_n_heads,
+            dropout=c.dropout,
+            pad_id=c.pad_id,
+            tokenizer_id=c.tokenizer_id,
+        )
+    else:
+        ds = RetroDataset(args.data, tc.seq_chunks)
+        path, gguf = args.retrofit, args.gguf_file
+        tok_id = hf_tokenizer_id(args.tokenizer_dir or path)
+        if tok_id is None and args.tokenizer_dir is not None:
+            raise ValueError(f"--tokenizer-dir {args.tokenizer_dir}: no tokenizer files found")
+        if tok_id is None:
+            log.warning(
+                "%s has no tokenizer files: trusting the dataset's tokenizer id %r (pass "
+                "--tokenizer-dir to check it)",
+                path,
+                ds.tokenizer_id,
+            )
+            tok_id = ds.tokenizer_id
+        cca = None
+        if args.cca_layers:
+            try:
+                cca = tuple(int(x) for x in args.cca_layers.split(","))
+            except ValueError:
+                raise ValueError(
+                    f"--cca-layers: expected comma-separated ints, got {args.cca_layers!r}"
+                ) from None
+        kw = dict(
+            cca_layers=cca,
+            k=ds.k,
+            chunk_size=ds.chunk_size,
+            neighbour_len=ds.r,
+            enc_layers=args.enc_layers,
+            enc_d_model=args.enc_d_model,
+            pad_id=ds.pad_id,
+            tokenizer_id=tok_id,
+        )
+    return retrofit(path, gguf_file=gguf, seed=tc.seed, **kw)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``retro-train`` console script."""
     args = build_parser().parse_args(argv)
@@ -180,7 +271,13 @@ def main(argv: list[str] | None = None) -> int:
         tc = TrainConfig.from_dict(tc_fields)
 
         # Model config: --config / --preset, or the checkpoint's when resuming without either.
-        if existing is not None and args.config is None and args.preset is None:
+        if args.retrofit is not None or (existing is not None and _is_retrofit(existing)):
+            if args.preset or args.config or args.baseline:
+                raise ValueError(
+                    "--retrofit cannot be combined with --preset, --config, --baseline"
+                )
+            cfg = _retrofit_model(args, tc, existing)
+        elif existing is not None and args.config is None and args.preset is None:
             cfg = read_checkpoint_config(existing)[0]
         else:
             ds = RetroDataset(args.data, tc.seq_chunks)

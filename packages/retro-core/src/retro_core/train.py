@@ -48,6 +48,13 @@ from .checkpoint import load_checkpoint, read_checkpoint_config, save_checkpoint
 from .config import RetroConfig
 from .data import RetroDataset
 from .model import Retro
+from .retrofit import (
+    RetrofittedLM,
+    is_retrofit_checkpoint,
+    load_new_weights,
+    read_retrofit_config,
+    save_retrofitted,
+)
 
 __all__ = [
     "MODEL_PRESETS",
@@ -437,9 +444,8 @@ def _save_checkpoint(
     tmp = ckpts / f".tmp-{name}"
     if tmp.exists():
         shutil.rmtree(tmp)
-    save_checkpoint(
-        model, tmp, extra={"step": scalars["step"], "train_config": scalars["train_config"]}
-    )
+    save = save_retrofitted if isinstance(model, RetrofittedLM) else save_checkpoint
+    save(model, tmp, extra={"step": scalars["step"], "train_config": scalars["train_config"]})
     _save_training_state(tmp, optimizer, scalars)
     final = ckpts / name
     if final.exists():
@@ -450,6 +456,21 @@ def _save_checkpoint(
         shutil.rmtree(old, ignore_errors=True)
     logger.info("checkpoint %s", final)
     return final
+
+
+def _checkpoint_config(path: Path) -> RetroConfig:
+    """The model config of a checkpoint (a Retro one, or a retro-fit one)."""
+    if is_retrofit_checkpoint(path):
+        return read_retrofit_config(path)[0]
+    return read_checkpoint_config(path)[0]
+
+
+def _load_weights(model: nn.Module, path: Path) -> None:
+    """Load a checkpoint's weights into the model being trained."""
+    if isinstance(model, RetrofittedLM):  # the new weights only (base hash checked)
+        load_new_weights(model, path)
+    else:
+        model.load_state_dict(load_checkpoint(path, map_location="cpu").state_dict())
 
 
 def _check_compatible(cfg: RetroConfig, ds: RetroDataset, retrieval: bool, k: int) -> None:
@@ -499,7 +520,8 @@ def train(
     Args:
         model_config_or_model: a :class:`RetroConfig` (a model is built from it after seeding;
             a None tokenizer_id is filled in from the dataset, whose pad_id is then adopted too)
-            or a :class:`Retro` instance (trained in place).
+            or a :class:`Retro` instance, or a :class:`~retro_core.retrofit.RetrofittedLM`
+            (trained in place; a retro-fitted model trains and checkpoints its new weights only).
         train_config: the :class:`TrainConfig`.
         dataset_dir: a training dataset (DESIGN 2.2). Sequences of n = l*m tokens
             (l = ``train_config.seq_chunks``), batches tokens [B, n], neighbours [B, l, k, r].
@@ -529,7 +551,7 @@ def train(
 
     cfg = (
         model_config_or_model.config
-        if isinstance(model_config_or_model, Retro)
+        if isinstance(model_config_or_model, nn.Module)
         else model_config_or_model
     )
     if not isinstance(cfg, RetroConfig):
@@ -574,7 +596,7 @@ def train(
         valid_ds = None
 
     # Model and optimizer.
-    model = model_config_or_model if isinstance(model_config_or_model, Retro) else Retro(cfg)
+    model = model_config_or_model if isinstance(model_config_or_model, nn.Module) else Retro(cfg)
     model.to(device)
     model.train()
     optimizer = torch.optim.AdamW(
@@ -589,7 +611,7 @@ def train(
             f"{out}: holds checkpoints ({existing.name}); pass resume=True or use a new out_dir"
         )
     if resume and existing is not None:
-        saved_cfg, _ = read_checkpoint_config(existing)
+        saved_cfg = _checkpoint_config(existing)
         if saved_cfg.to_dict() != model.config.to_dict():
             diff = sorted(
                 k for k, v in saved_cfg.to_dict().items() if model.config.to_dict().get(k) != v
@@ -598,7 +620,7 @@ def train(
                 f"{existing}: config.json differs from the model being trained in {diff}; "
                 "resume with the same model config"
             )
-        model.load_state_dict(load_checkpoint(existing, map_location="cpu").state_dict())
+        _load_weights(model, existing)
         state = _load_training_state(existing, optimizer)
         saved_tc = state.get("train_config", {})
         for name in ("batch_size", "grad_accum", "seed", "seq_chunks"):

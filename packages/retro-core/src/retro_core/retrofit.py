@@ -1,0 +1,692 @@
+"""RETRO-fitting (paper section 4.2 and Table 3): add retrieval to a frozen pretrained causal LM.
+
+The pretrained Hugging Face model (GPT-2 or Llama family) is kept intact and frozen. New modules
+are attached around it with forward hooks on its decoder layers:
+
+- a :class:`~retro_core.model.ChunkedCrossAttention` (pre-normed, residual) right after each
+  decoder layer p in P, so the block reads ``H <- H + CCA(norm(H), E)`` on the layer's output;
+- a neighbour :class:`~retro_core.model.Encoder`, fed by the base model's frozen token
+  embeddings and conditioned on the base model's hidden states at the output of layer min(P)
+  (the layer right before the first CCA), exactly as ``Retro`` conditions its encoder.
+
+Only the new parameters train (``requires_grad`` is switched off on the base). Every CCA output
+projection starts at zero, so before training the retro-fitted model's logits equal the base
+model's exactly; with ``neighbours=None`` (RETRO[OFF]) the hooks do nothing at all, so the logits
+are the base model's whatever the new weights are. Calling the base model directly (including
+``hf_model.generate``) is unaffected: the hooks act only inside :meth:`RetrofittedLM.forward`.
+
+The default P is :func:`~retro_core.config.default_cca_layers` of the base depth (the paper's
+every 3rd layer from layer 6; anchored at the last layer for models shallower than 6 layers).
+
+Saving stores only the new weights (``retrofit.safetensors``) and ``retrofit.json``: the
+:class:`~retro_core.config.RetroConfig` of the new parts plus a reference to the base model (its
+directory, GGUF file name, and a sha256 over its weight files). :func:`load_retrofitted` reloads
+the base from that reference, refuses it when the hash differs, and rebuilds the whole.
+
+The retrieval database must be built with the base model's tokenizer: the model records a
+tokenizer id computed with the rule of ``retro_db.tokenizer`` (directory name + the first 12 hex
+digits of a sha256 over the tokenizer files) and refuses other retrievers through
+:func:`~retro_core.retrieval.check_retriever`.
+
+Symbols: B batch, n sequence length (T in one call), m chunk size, l = ceil(n/m) chunks,
+k neighbours, r = 2m tokens per neighbour, d base width, d' encoder width, |V| vocabulary.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import logging
+import os
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from .config import RetroConfig
+from .model import ChunkedCrossAttention, Encoder, KVCache, Retro, Rotary
+from .retrieval import check_retriever
+
+__all__ = [
+    "RETROFIT_FORMAT",
+    "RetrofitCache",
+    "RetrofitError",
+    "RetrofittedLM",
+    "base_weights_sha256",
+    "hf_tokenizer_id",
+    "is_retrofit_checkpoint",
+    "load_base_model",
+    "load_retrofitted",
+    "read_retrofit_config",
+    "retrofit",
+    "save_retrofitted",
+]
+
+logger = logging.getLogger(__name__)
+
+RETROFIT_FORMAT = "retro-retrofit"
+RETROFIT_VERSION = 1
+CONFIG_FILE = "retrofit.json"
+WEIGHTS_FILE = "retrofit.safetensors"
+_BLOCK = 1 << 20
+
+# Where the decoder layers (an nn.ModuleList) live in the supported causal-LM classes.
+_LAYER_PATHS = ("model.layers", "transformer.h")  # Llama family, GPT-2 family
+
+
+class RetrofitError(ValueError):
+    """A base model or a retro-fit checkpoint cannot be used (the message names what and why)."""
+
+
+# ----------------------------------------------------------------------------------------------
+# identities of the base model and its tokenizer
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(_BLOCK):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _combined_sha256(files: list[Path]) -> str:
+    """sha256 over (name, sha256 of bytes) of each file, sorted by name (retro_db's rule)."""
+    h = hashlib.sha256()
+    for p in sorted(files, key=lambda p: p.name):
+        h.update(p.name.encode())
+        h.update(b"\0")
+        h.update(bytes.fromhex(_file_sha256(p)))
+    return h.hexdigest()
+
+
+def base_weight_files(path: str | os.PathLike[str], gguf_file: str | None = None) -> list[Path]:
+    """The weight files of a Hugging Face model directory (or its one GGUF file).
+
+    ``*.safetensors``, else ``*.bin``, else ``*.gguf``; with ``gguf_file`` only that file.
+    """
+    d = Path(path)
+    if gguf_file is not None:
+        f = d / gguf_file
+        if not f.is_file():
+            raise RetrofitError(f"{f}: GGUF file not found")
+        return [f]
+    if not d.is_dir():
+        raise RetrofitError(f"{d}: not a model directory")
+    for pattern in ("*.safetensors", "*.bin", "*.gguf"):
+        files = sorted(d.glob(pattern))
+        if files:
+            return files
+    raise RetrofitError(f"{d}: no weight files (*.safetensors, *.bin or *.gguf)")
+
+
+def base_weights_sha256(path: str | os.PathLike[str], gguf_file: str | None = None) -> str:
+    """sha256 identifying the base model's weights: over the names and bytes of its weight files."""
+    return _combined_sha256(base_weight_files(path, gguf_file))
+
+
+def hf_tokenizer_id(directory: str | os.PathLike[str]) -> str | None:
+    """The tokenizer id that ``retro_db.tokenizer.load_tokenizer(directory).id`` reports.
+
+    Same rule, without importing retro_db: ``f"{dir name}-{sha256[:12]}"`` where the sha256 runs
+    over ``tokenizer_config.json`` and ``special_tokens_map.json`` (when present) plus
+    ``tokenizer.json`` (or ``vocab.json`` + ``merges.txt``). None when the directory holds no
+    tokenizer files (e.g. a GGUF-only model: save its tokenizer with ``save_pretrained``).
+    """
+    d = Path(directory)
+    if not d.is_dir():
+        return None
+    used = [
+        d / n for n in ("tokenizer_config.json", "special_tokens_map.json") if (d / n).is_file()
+    ]
+    if (d / "tokenizer.json").is_file():
+        used.append(d / "tokenizer.json")
+    elif (d / "vocab.json").is_file() and (d / "merges.txt").is_file():
+        used += [d / "vocab.json", d / "merges.txt"]
+    else:
+        return None
+    return f"{d.name}-{_combined_sha256(used)[:12]}"
+
+
+def load_base_model(
+    path: str | os.PathLike[str],
+    *,
+    gguf_file: str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> nn.Module:
+    """``AutoModelForCausalLM.from_pretrained`` of a local directory (GGUF files are dequantised).
+
+    Needs the ``[hf]`` extra (transformers), and the ``gguf`` package for ``gguf_file``.
+    """
+    try:
+        from transformers import AutoModelForCausalLM
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise RetrofitError("RETRO-fitting needs transformers: pip install 'retro-core[hf]'") from e
+    d = Path(path)
+    if not d.is_dir():
+        raise RetrofitError(f"{d}: not a Hugging Face model directory")
+    kw: dict[str, Any] = {"dtype": dtype}
+    if gguf_file is not None:
+        kw["gguf_file"] = gguf_file
+    model = AutoModelForCausalLM.from_pretrained(str(d), **kw)
+    model.eval()
+    return model
+
+
+# ----------------------------------------------------------------------------------------------
+# the model
+
+
+def _decoder_layers(hf_model: nn.Module) -> nn.ModuleList:
+    n = getattr(hf_model.config, "num_hidden_layers", None)
+    for path in _LAYER_PATHS:
+        obj: Any = hf_model
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+        if isinstance(obj, nn.ModuleList) and len(obj) == n:
+            return obj
+    raise RetrofitError(
+        f"{type(hf_model).__name__}: no decoder layer list found at {list(_LAYER_PATHS)} "
+        f"(supported: GPT-2 and Llama-family causal LMs)"
+    )
+
+
+@dataclass
+class RetrofitCache(KVCache):
+    """Incremental-decoding state of a :class:`RetrofittedLM` (see :meth:`RetrofittedLM.new_cache`).
+
+    ``past_key_values`` is the base model's own cache (a transformers ``Cache``); the inherited
+    ``length``, ``h_cond``, ``enc`` and ``enc_mask`` hold the encoded neighbours exactly as in
+    :class:`~retro_core.model.KVCache` (``keys``/``values`` stay unused).
+    """
+
+    past_key_values: Any = None
+
+
+@dataclass
+class _Call:
+    """What the hooks need during one :meth:`RetrofittedLM.forward`."""
+
+    start: int
+    neighbours: Tensor | None
+    lengths: Tensor | None
+    cache: RetrofitCache | None
+    enc: Tensor | None = None
+    enc_mask: Tensor | None = None
+
+
+class RetrofitCCA(nn.Module):
+    """``H <- H + CCA(RMSNorm(H), E)`` after one decoder layer of the base model."""
+
+    def __init__(self, cfg: RetroConfig):
+        super().__init__()
+        self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.cca = ChunkedCrossAttention(cfg)
+
+
+class RetrofittedLM(nn.Module):
+    """A frozen Hugging Face causal LM with chunked cross-attention and a neighbour encoder.
+
+    Build it with :func:`retrofit`. It has the interface of :class:`~retro_core.model.Retro`
+    (``config``, ``forward(tokens, neighbours, neighbour_lengths, cache=...)``, ``new_cache()``,
+    ``num_parameters()``), so :func:`retro_core.train.train` trains it and
+    :func:`retro_core.generate.generate` decodes with it (with the base model's KV cache).
+
+    Attributes:
+        base: the Hugging Face model (frozen, always in eval mode; its state is never changed).
+        config: RetroConfig of the new parts (d_model, n_heads, n_layers mirror the base).
+        cca_layers: ModuleDict ``{str(p): RetrofitCCA}`` for p in ``config.cca_layers``.
+        encoder: the neighbour :class:`~retro_core.model.Encoder`.
+        base_ref: {"path", "gguf_file", "sha256", "model_type"} or None (then it cannot be saved).
+    """
+
+    # The input checks, the per-chunk neighbour encoding and the CCA keys/values (with their cache
+    # bookkeeping) are Retro's own: they read only ``config``, ``encoder``, ``tok_emb`` and
+    # ``rope``, which this class has.
+    _check_inputs = Retro._check_inputs
+    _encode = Retro._encode
+    _cca_kv = Retro._cca_kv
+
+    def __init__(self, base: nn.Module, config: RetroConfig, base_ref: dict[str, Any] | None):
+        super().__init__()
+        self.base = base
+        self.config = config
+        self.base_ref = base_ref
+        base.requires_grad_(False)
+        base.eval()
+        layers = _decoder_layers(base)
+        if config.n_layers != len(layers) or config.d_model != base.config.hidden_size:
+            raise RetrofitError(
+                f"RetroConfig (n_layers={config.n_layers}, d_model={config.d_model}) does not fit "
+                f"the base model ({len(layers)} layers, hidden_size={base.config.hidden_size})"
+            )
+        self.cca_layers = nn.ModuleDict({str(p): RetrofitCCA(config) for p in config.cca_layers})
+        self.encoder = Encoder(config)
+        hs = config.d_model // config.n_heads
+        self.rope = Rotary(hs, config.rope_base, max(config.neighbour_len, 2 * config.chunk_size))
+        self.cca_layers.apply(Retro._init_weights)
+        self.encoder.apply(Retro._init_weights)
+        with torch.no_grad():  # CCA starts as the identity: logits equal the base model's
+            for layer in self.cca_layers.values():
+                layer.cca.attn.out_proj.weight.zero_()
+        p0 = next(base.parameters())
+        self.cca_layers.to(device=p0.device, dtype=p0.dtype)
+        self.encoder.to(device=p0.device, dtype=p0.dtype)
+        self.rope.to(device=p0.device)
+        self._call: _Call | None = None
+        # transformers >= 5.x names the KV cache argument `cache` (`past_key_values` before).
+        params = inspect.signature(base.forward).parameters
+        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
+        self._hooks = [
+            layers[p - 1].register_forward_hook(partial(self._after_layer, p))
+            for p in config.cca_layers
+        ]
+
+    # -- structure -------------------------------------------------------------------------------
+
+    @property
+    def tok_emb(self) -> nn.Module:
+        """The base model's (frozen) token embedding, shared with the encoder."""
+        return self.base.get_input_embeddings()
+
+    def train(self, mode: bool = True) -> RetrofittedLM:
+        """Switch the new modules' mode; the frozen base stays in eval mode (no dropout)."""
+        super().train(mode)
+        self.base.eval()
+        return self
+
+    def new_state_dict(self) -> dict[str, Tensor]:
+        """The new weights only (``cca_layers.*``, ``encoder.*``): what a checkpoint stores."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("base.")}
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        """All parameters, base included (the tied embedding counted once, or not at all)."""
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.tok_emb.weight.numel() if exclude_embeddings else n
+
+    def trainable_parameters(self) -> dict[str, Any]:
+        """Summary of the trainable (new) parameters: counts, share of the total, per module."""
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        total = self.num_parameters()
+        return {
+            "trainable": trainable,
+            "total": total,
+            "base": total - trainable,
+            "share": trainable / total,
+            "encoder": sum(p.numel() for p in self.encoder.parameters()),
+            "cca": sum(p.numel() for p in self.cca_layers.parameters()),
+            "cca_layers": list(self.config.cca_layers),
+        }
+
+    def remove_hooks(self) -> None:
+        """Detach from the base model (it is then exactly the untouched model again)."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+    def new_cache(self) -> RetrofitCache:
+        """An empty cache for incremental decoding with ``forward(..., cache=cache)``."""
+        return RetrofitCache(keys=[], values=[])
+
+    def check_retriever(self, retriever: object) -> None:
+        """Refuse a retriever built with another chunk size or tokenizer than this model's."""
+        check_retriever(
+            retriever, chunk_size=self.config.chunk_size, tokenizer_id=self.config.tokenizer_id
+        )
+
+    # -- forward ---------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        tokens: Tensor,
+        neighbours: Tensor | None = None,
+        neighbour_lengths: Tensor | None = None,
+        *,
+        cache: RetrofitCache | None = None,
+    ) -> Tensor:
+        """Next-token logits of the retro-fitted model (same contract as ``Retro.forward``).
+
+        Args:
+            tokens: int (B, T) token ids at absolute positions ``cache.length .. +T-1`` (0 .. n-1
+                without a cache).
+            neighbours: int (B, l, k, r) neighbours of chunk u at index u, or None (RETRO[OFF]:
+                exactly the base model's logits).
+            neighbour_lengths: int (B, l, k) real tokens per neighbour row, or None (all real).
+            cache: a :class:`RetrofitCache`, updated in place (the base model's past_key_values
+                plus the encoded neighbours of completed chunks).
+
+        Returns:
+            logits (B, T, |V|).
+        """
+        start = cache.length if cache is not None else 0
+        end = start + tokens.shape[1]
+        self._check_inputs(tokens, neighbours, neighbour_lengths, end)
+        self._call = _Call(start, neighbours, neighbour_lengths, cache)
+        past = None if cache is None else cache.past_key_values
+        try:
+            out = self.base(
+                input_ids=tokens,
+                use_cache=cache is not None,
+                return_dict=True,
+                **{self._cache_kwarg: past},
+            )
+        finally:
+            self._call = None
+        if cache is not None:
+            cache.past_key_values = getattr(out, self._cache_kwarg)
+            cache.length = end
+        return out.logits
+
+    def _after_layer(self, p: int, module: nn.Module, args: Any, output: Any) -> Any:
+        """Forward hook of decoder layer p (1-indexed): encode at min(P), then CCA when p in P."""
+        call = self._call
+        if call is None:  # the base model called on its own: untouched
+            return None
+        h = output[0] if isinstance(output, tuple) else output  # (B, T, d)
+        if p == self.config.cond_layer and (call.neighbours is not None or call.cache is not None):
+            # E <- ENCODER(RET(C_u), H) for the chunks completed in this call (cached after)
+            call.enc, call.enc_mask = self._encode(
+                h, call.start, call.neighbours, call.lengths, call.cache
+            )
+        if call.enc is None:
+            return None
+        layer = self.cca_layers[str(p)]
+        kv = self._cca_kv(p - 1, layer.cca, call.enc, call.cache)  # (B, U, h, k·r, hs) each
+        h = h + layer.cca(layer.norm(h), call.start, call.enc_mask, kv, self.rope)
+        return (h, *output[1:]) if isinstance(output, tuple) else h
+
+
+# ----------------------------------------------------------------------------------------------
+# building, saving, loading
+
+
+def _first_int(v: Any) -> int | None:
+    if isinstance(v, list | tuple):
+        v = v[0] if v else None
+    return int(v) if isinstance(v, int) and not isinstance(v, bool) else None
+
+
+def retrofit(
+    hf_model: nn.Module | str | os.PathLike[str],
+    *,
+    cca_layers: tuple[int, ...] | list[int] | None = None,
+    k: int = 2,
+    chunk_size: int = 64,
+    neighbour_len: int | None = None,
+    enc_layers: int = 2,
+    enc_d_model: int | None = None,
+    enc_n_heads: int | None = None,
+    dropout: float = 0.0,
+    pad_id: int | None = None,
+    tokenizer_id: str | None = None,
+    tokenizer_dir: str | os.PathLike[str] | None = None,
+    base_path: str | os.PathLike[str] | None = None,
+    gguf_file: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    seed: int | None = None,
+) -> RetrofittedLM:
+    """RETRO-fit a pretrained Hugging Face causal LM (GPT-2 or Llama family).
+
+    Args:
+        hf_model: the model (kept intact and frozen) or a local model directory to load.
+        cca_layers: P, 1-indexed base layers followed by CCA; None -> ``default_cca_layers``
+            (6, 9, 12, ... ; for fewer than 6 layers every 3rd counted back from the last).
+        k: neighbours per chunk used in training (the model accepts any k).
+        chunk_size: m, tokens per chunk; must equal the database's.
+        neighbour_len: r, tokens per neighbour; None -> 2m.
+        enc_layers, enc_d_model, enc_n_heads: the new encoder (width d' defaults to the base's d).
+        dropout: dropout of the new modules.
+        pad_id: id padding neighbours; None -> the base config's pad, else eos, else 0.
+        tokenizer_id: id of the tokenizer the database must have; None -> computed from
+            ``tokenizer_dir``, else from ``base_path`` when it holds tokenizer files.
+        tokenizer_dir: a Hugging Face tokenizer directory to compute the tokenizer id from.
+        base_path: the model's directory (recorded, with a hash of its weights, for saving);
+            None -> ``hf_model`` when it is a path, else ``hf_model.name_or_path`` if a directory.
+        gguf_file: the GGUF file inside ``base_path`` the model was loaded from, if any.
+        dtype: dtype used when loading ``hf_model`` from a path.
+        seed: seeds the initialisation of the new weights.
+
+    Returns:
+        The :class:`RetrofittedLM`; its trainable share is logged.
+    """
+    if isinstance(hf_model, str | os.PathLike):
+        base_path = hf_model if base_path is None else base_path
+        hf_model = load_base_model(hf_model, gguf_file=gguf_file, dtype=dtype)
+    if not isinstance(hf_model, nn.Module) or not hasattr(hf_model, "config"):
+        raise RetrofitError(
+            f"retrofit: expected a Hugging Face causal LM, got {type(hf_model).__name__}"
+        )
+    hc = hf_model.config
+    if base_path is None:
+        name = getattr(hf_model, "name_or_path", "") or getattr(hc, "_name_or_path", "")
+        base_path = name if name and Path(name).is_dir() else None
+    base_ref: dict[str, Any] | None = None
+    if base_path is not None:
+        base_ref = {
+            "path": str(Path(base_path).resolve()),
+            "gguf_file": gguf_file,
+            "sha256": base_weights_sha256(base_path, gguf_file),
+            "model_type": getattr(hc, "model_type", None),
+        }
+    else:
+        logger.warning("retrofit: the base model has no directory: it cannot be saved")
+    if tokenizer_id is None and tokenizer_dir is not None:
+        tokenizer_id = hf_tokenizer_id(tokenizer_dir)
+        if tokenizer_id is None:
+            raise RetrofitError(f"{tokenizer_dir}: no tokenizer files (tokenizer.json, ...)")
+    if tokenizer_id is None and base_path is not None:
+        tokenizer_id = hf_tokenizer_id(base_path)
+    if tokenizer_id is None:
+        logger.warning(
+            "retrofit: no tokenizer id (pass tokenizer_dir=): retrievers are checked by chunk "
+            "size only"
+        )
+    if pad_id is None:  # the base's pad, else its eos, else 0 (only padding: it is masked out)
+        for name in ("pad_token_id", "eos_token_id"):
+            v = _first_int(getattr(hc, name, None))
+            if v is not None and 0 <= v < int(hc.vocab_size):
+                pad_id = v
+                break
+    eps = getattr(hc, "rms_norm_eps", None) or getattr(hc, "layer_norm_epsilon", None) or 1e-5
+    try:
+        config = RetroConfig(
+            vocab_size=int(hc.vocab_size),
+            d_model=int(hc.hidden_size),
+            n_heads=int(hc.num_attention_heads),
+            n_layers=int(hc.num_hidden_layers),
+            chunk_size=chunk_size,
+            num_neighbours=k,
+            neighbour_len=neighbour_len,
+            enc_layers=enc_layers,
+            enc_d_model=enc_d_model,
+            enc_n_heads=enc_n_heads,
+            cca_layers=None if cca_layers is None else tuple(cca_layers),
+            dropout=dropout,
+            max_seq_len=int(getattr(hc, "max_position_embeddings", None) or 2048),
+            pad_id=pad_id or 0,
+            tokenizer_id=tokenizer_id,
+            norm_eps=float(eps),
+        )
+    except ValueError as e:
+        raise RetrofitError(f"retrofit: {e}") from None
+    if not config.is_retro:
+        raise RetrofitError("retrofit: cca_layers is empty; expected at least one layer")
+    if seed is not None:
+        torch.manual_seed(seed)
+    model = RetrofittedLM(hf_model, config, base_ref)
+    s = model.trainable_parameters()
+    logger.info(
+        "retro-fitted %s (%d layers, d=%d): CCA after layers %s, %d-layer encoder (d'=%d); "
+        "trainable %d of %d parameters (%.2f%%)",
+        getattr(hc, "model_type", type(hf_model).__name__),
+        config.n_layers,
+        config.d_model,
+        list(config.cca_layers),
+        config.enc_layers,
+        config.enc_d_model,
+        s["trainable"],
+        s["total"],
+        100 * s["share"],
+    )
+    return model
+
+
+def _fsync_replace(tmp: Path, final: Path) -> None:
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, final)
+
+
+def is_retrofit_checkpoint(directory: str | os.PathLike[str]) -> bool:
+    """True when ``directory`` holds a checkpoint written by :func:`save_retrofitted`."""
+    return (Path(directory) / CONFIG_FILE).is_file()
+
+
+def save_retrofitted(
+    model: RetrofittedLM, directory: str | os.PathLike[str], extra: dict[str, Any] | None = None
+) -> Path:
+    """Write the new weights (``retrofit.safetensors``) and ``retrofit.json`` to ``directory``.
+
+    ``retrofit.json``: {"format": "retro-retrofit", "version": 1, "config": {RetroConfig},
+    "base": {"path", "gguf_file", "sha256", "model_type"}, "extra": {...} | null}. The base
+    weights are not copied. Files are written to temporary names, fsynced and renamed, the JSON last.
+    """
+    if model.base_ref is None:
+        raise RetrofitError(
+            "save_retrofitted: the base model has no directory reference; pass base_path= to "
+            "retrofit()"
+        )
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "format": RETROFIT_FORMAT,
+        "version": RETROFIT_VERSION,
+        "config": model.config.to_dict(),
+        "base": model.base_ref,
+        "extra": extra,
+    }
+    try:
+        text = json.dumps(meta, indent=2, sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise RetrofitError(f"save_retrofitted: extra is not JSON-serialisable: {e}") from e
+    state = {k: v.detach().contiguous().cpu() for k, v in model.new_state_dict().items()}
+    tmp_w, tmp_c = d / f".{WEIGHTS_FILE}.tmp-{os.getpid()}", d / f".{CONFIG_FILE}.tmp-{os.getpid()}"
+    save_file(state, str(tmp_w), metadata={"format": RETROFIT_FORMAT})
+    _fsync_replace(tmp_w, d / WEIGHTS_FILE)
+    tmp_c.write_text(text + "\n", encoding="utf-8")
+    _fsync_replace(tmp_c, d / CONFIG_FILE)
+    logger.info("saved retro-fit weights to %s (%d tensors)", d, len(state))
+    return d
+
+
+def read_retrofit_config(
+    directory: str | os.PathLike[str],
+) -> tuple[RetroConfig, dict[str, Any], dict[str, Any] | None]:
+    """Read and validate ``retrofit.json``: (config, base reference, extra)."""
+    path = Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        raise RetrofitError(f"{path}: missing (expected a checkpoint written by save_retrofitted)")
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RetrofitError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(meta, dict) or meta.get("format") != RETROFIT_FORMAT:
+        raise RetrofitError(f'{path}: expected an object with "format": "{RETROFIT_FORMAT}"')
+    if meta.get("version") != RETROFIT_VERSION:
+        raise RetrofitError(
+            f"{path}: unsupported version {meta.get('version')!r} (expected {RETROFIT_VERSION})"
+        )
+    try:
+        config = RetroConfig.from_dict(meta.get("config"))
+    except (TypeError, ValueError) as e:
+        raise RetrofitError(f'{path}: invalid "config": {e}') from e
+    base = meta.get("base")
+    if not isinstance(base, dict) or not all(
+        isinstance(base.get(key), str) for key in ("path", "sha256")
+    ):
+        raise RetrofitError(f'{path}: "base" must be an object with "path" and "sha256" strings')
+    extra = meta.get("extra")
+    if extra is not None and not isinstance(extra, dict):
+        raise RetrofitError(f'{path}: "extra" must be an object or null')
+    return config, base, extra
+
+
+def load_new_weights(model: RetrofittedLM, directory: str | os.PathLike[str]) -> dict | None:
+    """Load a retro-fit checkpoint's new weights into ``model`` (same config, same base hash).
+
+    Returns the checkpoint's extra metadata.
+    """
+    d = Path(directory)
+    config, base, extra = read_retrofit_config(d)
+    if config.to_dict() != model.config.to_dict():
+        diff = sorted(k for k, v in config.to_dict().items() if model.config.to_dict().get(k) != v)
+        raise RetrofitError(f"{d / CONFIG_FILE}: config differs from the model's in {diff}")
+    if model.base_ref is not None and base["sha256"] != model.base_ref["sha256"]:
+        raise RetrofitError(
+            f"{d / CONFIG_FILE}: trained on base weights sha256 {base['sha256'][:12]}, but the "
+            f"model's base has {model.base_ref['sha256'][:12]}"
+        )
+    path = d / WEIGHTS_FILE
+    if not path.is_file():
+        raise RetrofitError(f"{path}: missing (expected the new weights beside {CONFIG_FILE})")
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise RetrofitError(f"{path}: not a readable safetensors file ({e})") from e
+    expected = model.new_state_dict()
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise RetrofitError(
+            f"{path}: tensors do not match {CONFIG_FILE}: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}"
+        )
+    for name, want in expected.items():
+        if tuple(state[name].shape) != tuple(want.shape):
+            raise RetrofitError(
+                f"{path}: tensor {name!r} has shape {tuple(state[name].shape)}, expected "
+                f"{tuple(want.shape)}"
+            )
+    with torch.no_grad():
+        for name, want in expected.items():
+            want.copy_(state[name])
+    return extra
+
+
+def load_retrofitted(
+    directory: str | os.PathLike[str],
+    *,
+    base_path: str | os.PathLike[str] | None = None,
+    dtype: torch.dtype = torch.float32,
+    map_location: str | torch.device = "cpu",
+) -> RetrofittedLM:
+    """Rebuild a retro-fitted model saved by :func:`save_retrofitted` (in eval mode).
+
+    The base model is loaded from the recorded directory (or ``base_path``) and GGUF file; its
+    weights' sha256 must equal the recorded one. ``model.checkpoint_extra`` holds the extra data.
+
+    Raises:
+        RetrofitError: bad/missing files, or base weights that differ from the ones trained on.
+    """
+    d = Path(directory)
+    config, base, _ = read_retrofit_config(d)
+    path = Path(base_path) if base_path is not None else Path(base["path"])
+    gguf = base.get("gguf_file")
+    sha = base_weights_sha256(path, gguf)
+    if sha != base["sha256"]:
+        raise RetrofitError(
+            f"{path}: base weights sha256 {sha[:12]} differ from {base['sha256'][:12]} recorded in "
+            f"{d / CONFIG_FILE}: the new weights were trained on another base model"
+        )
+    hf = load_base_model(path, gguf_file=gguf, dtype=dtype)
+    model = RetrofittedLM(hf, config, dict(base, path=str(path.resolve())))
+    model.checkpoint_extra = load_new_weights(model, d)
+    model.to(map_location)
+    model.eval()
+    logger.info("loaded retro-fitted model %s (base %s)", d, path)
+    return model
