@@ -106,25 +106,32 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         return x.view(B, T, self.n_heads, -1).transpose(1, 2)  # (B, h, T, hs)
 
+    def kv(self, ctx: Tensor, k_rope: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        """Rotated keys and values (B, h, Tk, hs) of a context ctx (B, Tk, d_kv)."""
+        k = apply_rotary(self._heads(self.k_proj(ctx)), k_rope)  # (B, h, Tk, hs)
+        v = self._heads(self.v_proj(ctx))  # (B, h, Tk, hs)
+        return k, v
+
     def forward(
         self,
         x: Tensor,
-        ctx: Tensor,
+        ctx: Tensor | None,
         q_rope: tuple[Tensor, Tensor],
-        k_rope: tuple[Tensor, Tensor],
+        k_rope: tuple[Tensor, Tensor] | None,
         mask: Tensor | None = None,
         is_causal: bool = False,
         past: tuple[Tensor, Tensor] | None = None,
+        kv: tuple[Tensor, Tensor] | None = None,
     ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         """x (B, Tq, d_q), ctx (B, Tk, d_kv); mask bool broadcastable to (B, h, Tq, Tk), True = attend.
 
-        ``past`` are cached rotated keys/values (B, h, Tp, hs) prepended to this call's. Returns the
-        output (B, Tq, d_q) and the keys/values (B, h, Tp + Tk, hs) for a cache.
+        ``past`` are cached rotated keys/values (B, h, Tp, hs) prepended to this call's; ``kv``
+        replaces the context's keys/values altogether (then ctx is unused). Returns the output
+        (B, Tq, d_q) and the keys/values (B, h, Tp + Tk, hs) for a cache.
         """
         B, Tq, _ = x.shape
         q = apply_rotary(self._heads(self.q_proj(x)), q_rope)  # (B, h, Tq, hs)
-        k = apply_rotary(self._heads(self.k_proj(ctx)), k_rope)  # (B, h, Tk, hs)
-        v = self._heads(self.v_proj(ctx))  # (B, h, Tk, hs)
+        k, v = kv if kv is not None else self.kv(ctx, k_rope)  # (B, h, Tk, hs)
         if past is not None:
             k = torch.cat((past[0], k), dim=2)  # (B, h, Tp + Tk, hs)
             v = torch.cat((past[1], v), dim=2)
@@ -170,10 +177,21 @@ class EncoderBlock(nn.Module):
         self.norm3 = nn.RMSNorm(de, eps=cfg.norm_eps)
         self.ffw = FeedForward(de, cfg.enc_d_ff, p)
 
-    def forward(self, x: Tensor, ctx: Tensor, mask: Tensor, rope_r: tuple, rope_m: tuple) -> Tensor:
-        """x (N, r, d') neighbours, ctx (N, m, d) their retrieving chunk, mask (N, 1, 1, r)."""
-        x = x + self.self_attn(self.norm1(x), self.norm1(x), rope_r, rope_r, mask=mask)[0]
-        x = x + self.cross_attn(self.norm2(x), ctx, rope_r, rope_m)[0]
+    def forward(
+        self, x: Tensor, ctx: Tensor, mask: Tensor, rope_r: tuple, rope_kr: tuple, rope_m: tuple
+    ) -> Tensor:
+        """x (B·U·k, r, d') neighbours, ctx (B·U, m, d) their retrieving chunks, mask (B·U·k, 1, 1, r).
+
+        In the cross-attention the k neighbours of a chunk are concatenated on the query axis
+        (each query attends the same m chunk tokens independently), so the chunk's keys and
+        values are computed once, not k times.
+        """
+        N, r, de = x.shape
+        BU = ctx.shape[0]
+        xn = self.norm1(x)
+        x = x + self.self_attn(xn, xn, rope_r, rope_r, mask=mask)[0]
+        xq = self.norm2(x).reshape(BU, N // BU * r, de)  # (B·U, k·r, d')
+        x = x + self.cross_attn(xq, ctx, rope_kr, rope_m)[0].reshape(N, r, de)  # (B·U·k, r, d')
         return x + self.ffw(self.norm3(x))
 
 
@@ -206,15 +224,15 @@ class Encoder(nn.Module):
         B, U, k, r, d = emb.shape
         m = h_chunks.shape[2]
         x = self.in_proj(emb).reshape(B * U * k, r, -1)  # (B·U·k, r, d')
-        ctx = self.ctx_norm(h_chunks)[:, :, None].expand(B, U, k, m, d)  # (B, U, k, m, d)
-        ctx = ctx.reshape(B * U * k, m, d)  # (B·U·k, m, d)
+        ctx = self.ctx_norm(h_chunks).reshape(B * U, m, d)  # (B·U, m, d)
         km = mask.reshape(B * U * k, r)  # (B·U·k, r)
         km = km | ~km.any(-1, keepdim=True)  # an empty row attends to all of itself: finite, unused
         km = km[:, None, None, :]  # (B·U·k, 1, 1, r)
         pos_r = torch.arange(r, device=emb.device)
         rope_r, rope_m = self.rope(pos_r), self.rope(torch.arange(m, device=emb.device))
+        rope_kr = self.rope(pos_r.repeat(k))  # (k·r,) the k neighbours on one axis
         for block in self.blocks:
-            x = block(x, ctx, km, rope_r, rope_m)
+            x = block(x, ctx, km, rope_r, rope_kr, rope_m)
         return self.norm_f(x).view(B, U, k, r, -1)  # (B, U, k, r, d')
 
 
@@ -237,15 +255,30 @@ class ChunkedCrossAttention(nn.Module):
         self.m = cfg.chunk_size
         self.attn = Attention(cfg.d_model, cfg.enc_d_model, cfg.d_model, cfg.n_heads, cfg.dropout)
 
-    def forward(self, x: Tensor, start: int, enc: Tensor, enc_mask: Tensor, rope: Rotary) -> Tensor:
+    def kv(self, enc: Tensor, rope: Rotary) -> tuple[Tensor, Tensor]:
+        """Keys and values (B, U, h, k·r, hs) of encoded neighbours enc (B, U, k, r, d').
+
+        Key positions are 0 .. r-1 within each neighbour. Computed once per chunk (and cached
+        during generation), then read by every token attending that chunk.
+        """
+        B, U, k, r, de = enc.shape
+        pos_k = torch.arange(r, device=enc.device).repeat(
+            k
+        )  # (k·r,) position within each neighbour
+        keys, values = self.attn.kv(enc.reshape(B * U, k * r, de), rope(pos_k))  # (B·U, h, k·r, hs)
+        return keys.view(B, U, *keys.shape[1:]), values.view(B, U, *values.shape[1:])
+
+    def forward(
+        self, x: Tensor, start: int, enc_mask: Tensor, kv: tuple[Tensor, Tensor], rope: Rotary
+    ) -> Tensor:
         """CCA output for x.
 
         Args:
             x: (B, T, d) normalised decoder activations of tokens at positions start .. start+T-1.
             start: absolute position of x[:, 0].
-            enc: (B, U, k, r, d') encoded neighbours of chunks 0 .. U-1; U must cover every chunk
-                attended by x, i.e. U >= (start + T) // m.
-            enc_mask: bool (B, U, k, r), True on real neighbour tokens.
+            enc_mask: bool (B, U, k, r), True on real neighbour tokens of chunks 0 .. U-1; U must
+                cover every chunk attended by x, i.e. U >= (start + T) // m.
+            kv: keys and values (B, U, h, k·r, hs) of the encoded neighbours (see :meth:`kv`).
             rope: the decoder's rotary table.
 
         Returns:
@@ -263,18 +296,25 @@ class ChunkedCrossAttention(nn.Module):
         nU = u_hi - u_lo + 1
         front = s_first - u_lo * m  # tokens of the first attending group already seen before
         xs = x[:, skip:]  # (B, T', d)
-        xs = F.pad(xs, (0, 0, front, nU * m - front - xs.shape[1]))  # (B, nU·m, d)
-        q = xs.reshape(B * nU, m, d)  # (B·nU, m, d): the m tokens attending chunk u
-        _, _, k, r, de = enc.shape
-        kv = enc[:, u_lo : u_hi + 1].reshape(B * nU, k * r, de)  # (B·nU, k·r, d')
-        km = enc_mask[:, u_lo : u_hi + 1].reshape(B * nU, k * r)  # (B·nU, k·r)
+        h, kr, hs = kv[0].shape[2:]
+        keys = kv[0][:, u_lo : u_hi + 1].reshape(B * nU, h, kr, hs)  # (B·nU, h, k·r, hs)
+        values = kv[1][:, u_lo : u_hi + 1].reshape(B * nU, h, kr, hs)
+        km = enc_mask[:, u_lo : u_hi + 1].reshape(B * nU, kr)  # (B·nU, k·r)
         has = km.any(-1)  # (B·nU,) the chunk has at least one real neighbour token
         km = km | ~has[:, None]  # fully masked rows would give NaN: attend all, zero below
-        pos_q = torch.arange(m - 1, 2 * m - 1, device=x.device)  # offsets from the start of chunk u
-        pos_k = torch.arange(r, device=x.device).repeat(k)  # (k·r,) position within each neighbour
-        y, _ = self.attn(q, kv, rope(pos_q), rope(pos_k), mask=km[:, None, None, :])  # (B·nU, m, d)
+        if nU == 1:  # all of x attends one chunk (e.g. one generation step): no padding needed
+            q = xs  # (B, T', d)
+            pos_q = torch.arange(m - 1 + front, m - 1 + front + xs.shape[1], device=x.device)
+        else:
+            xs = F.pad(xs, (0, 0, front, nU * m - front - xs.shape[1]))  # (B, nU·m, d)
+            q = xs.reshape(B * nU, m, d)  # (B·nU, m, d): the m tokens attending chunk u
+            pos_q = torch.arange(m - 1, 2 * m - 1, device=x.device)  # offsets from chunk u's start
+        y, _ = self.attn(
+            q, None, rope(pos_q), None, mask=km[:, None, None, :], kv=(keys, values)
+        )  # (B·nU, m or T', d)
         y = torch.where(has[:, None, None], y, torch.zeros((), dtype=y.dtype, device=y.device))
-        y = y.reshape(B, nU * m, d)[:, front : front + T - skip]  # (B, T', d)
+        if nU > 1:
+            y = y.reshape(B, nU * m, d)[:, front : front + T - skip]  # (B, T', d)
         return F.pad(y, (0, 0, skip, 0))  # (B, T, d)
 
 
@@ -310,6 +350,7 @@ class KVCache:
             of the current, not yet complete chunk.
         enc, enc_mask: (B, U, k, r, d') / bool (B, U, k, r) encoded neighbours of the U completed
             chunks, computed once when each chunk completes and reused by the next m tokens.
+        cca_kv: per CCA layer, its keys/values (B, U, h, k·r, hs) of ``enc``, also computed once.
     """
 
     keys: list[Tensor | None]
@@ -318,7 +359,7 @@ class KVCache:
     h_cond: Tensor | None = None
     enc: Tensor | None = None
     enc_mask: Tensor | None = None
-    extra: dict = field(default_factory=dict)
+    cca_kv: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
 
     @property
     def num_encoded(self) -> int:
@@ -462,13 +503,40 @@ class Retro(nn.Module):
                     # E <- ENCODER(RET(C), H), once per completed chunk
                     enc, enc_mask = self._encode(h, start, neighbours, neighbour_lengths, cache)
                 if enc is not None:  # H <- CCA(H, E)
-                    h = h + block.cca(block.norm_cca(h), start, enc, enc_mask, self.rope)
+                    kv = self._cca_kv(i, block.cca, enc, cache)
+                    h = h + block.cca(block.norm_cca(h), start, enc_mask, kv, self.rope)
             h = h + block.ffw(block.norm2(h))  # H <- FFW(H)
 
         if cache is not None:
             cache.length = end
         h = self.norm_f(h)
         return F.linear(h, self.tok_emb.weight)  # (B, T, |V|), tied READ
+
+    def _cca_kv(
+        self, i: int, cca: ChunkedCrossAttention, enc: Tensor, cache: KVCache | None
+    ) -> tuple[Tensor, Tensor]:
+        """Keys/values (B, U, h, k·r, hs) of layer i's CCA over enc (B, U, k, r, d'), cached."""
+        if cache is None:
+            return cca.kv(enc, self.rope)
+        have = cache.cca_kv.get(i)
+        n_have = 0 if have is None else have[0].shape[1]
+        n_real = cache.num_encoded  # chunks beyond it are zero padding (no neighbours)
+        if n_real > n_have:
+            new = cca.kv(cache.enc[:, n_have:n_real], self.rope)
+            have = (
+                new
+                if have is None
+                else (torch.cat((have[0], new[0]), 1), torch.cat((have[1], new[1]), 1))
+            )
+            cache.cca_kv[i] = have
+        if enc.shape[1] > n_real:
+            pad = cca.kv(enc[:, n_real:], self.rope)
+            have = (
+                pad
+                if have is None
+                else (torch.cat((have[0], pad[0]), 1), torch.cat((have[1], pad[1]), 1))
+            )
+        return have
 
     def _encode(
         self,
