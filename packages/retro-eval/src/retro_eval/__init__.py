@@ -11,4 +11,15 @@ try:
 except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0"
 
-__all__ = ["__version__"]
+from .benchmarks import Benchmark, BenchmarkError, Document, QAExample, load_benchmark
+from .packs import pack_path
+
+__all__ = [
+    "Benchmark",
+    "BenchmarkError",
+    "Document",
+    "QAExample",
+    "__version__",
+    "load_benchmark",
+    "pack_path",
+]
