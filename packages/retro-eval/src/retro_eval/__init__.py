@@ -12,14 +12,19 @@ except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0"
 
 from .benchmarks import Benchmark, BenchmarkError, Document, QAExample, load_benchmark
+from .overlap import ALPHAS, bucket_bpb, chunk_overlap_ratios, minhash_overlaps
 from .packs import pack_path
 
 __all__ = [
+    "ALPHAS",
     "Benchmark",
     "BenchmarkError",
     "Document",
     "QAExample",
     "__version__",
+    "bucket_bpb",
+    "chunk_overlap_ratios",
     "load_benchmark",
+    "minhash_overlaps",
     "pack_path",
 ]
