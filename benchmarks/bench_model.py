@@ -5,7 +5,7 @@
    encoder as wide as the decoder (d' = d, the config default) and narrower ones (d/2, d/4). The
    encoder reads k·r = 4m tokens per chunk, i.e. 4n tokens per sequence, so with d' = d its two
    layers cost about as much as 8 decoder layers: the ratio is bounded below by ~1.6 for a
-   12-layer decoder. The paper's RETRO models keep the encoder small relative to the decoder.
+   12-layer decoder; a narrower encoder (``enc_d_model``) brings it down.
 2. Greedy generation of 512 new tokens (``--quick``: 128) with retrieval at every chunk boundary:
    ``generate(use_cache=False)`` (full recompute each step) over ``use_cache=True``
    (target: >= 5x). The retriever is an in-memory fake (deterministic random neighbours), so the
