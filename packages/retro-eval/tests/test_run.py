@@ -134,12 +134,36 @@ def test_run_end_to_end(setup, capsys):
 
 
 @pytest.mark.slow
+def _lcs(a, b):
+    """Brute-force longest common contiguous substring length."""
+    best = 0
+    for i in range(len(a)):
+        for j in range(len(b)):
+            n = 0
+            while i + n < len(a) and j + n < len(b) and a[i + n] == b[j + n]:
+                n += 1
+            best = max(best, n)
+    return best
+
+
 def test_run_with_leakage_buckets(setup):
+    """bpb(alpha) of the run equals bits / bytes summed by hand over the chunks with r(C) <= alpha."""
     pytest.importorskip("retro_eval.overlap")
+    from retro_core.checkpoint import load_checkpoint
+    from retro_db.database import Database
+    from retro_eval.perplexity import score_documents
+
     root = setup
-    cfg = _config(root, overlap=["rc", "minhash"], output="out2", k_sweep=[], baseline=None)
-    cfg_data = cfg.read_text()
-    assert main(["run", "--config", str(cfg)]) == 0, cfg_data
+    cfg = _config(
+        root,
+        database={"path": "db-leak", "build_from": ["pile:train"], "embedder": "hash:32"},
+        overlap=["rc", "minhash"],
+        output="out2",
+        k_sweep=[],
+        baseline=None,
+        benchmarks=[{"name": "pile", "split": "test"}],
+    )
+    assert main(["run", "--config", str(cfg)]) == 0
     results = json.loads((root / "out2" / "results.json").read_text())
     pile = results["benchmarks"]["pile"]
     for measure in ("rc", "minhash"):
@@ -147,10 +171,30 @@ def test_run_with_leakage_buckets(setup):
         assert [r["alpha"] for r in rows] == [0.0, 0.125, 0.25, 0.5, 0.75, 1.0]
         assert rows[-1]["chunks"] == pile["chunks"]
         assert rows[-1]["bpb"]["retro_on"] == pytest.approx(pile["models"]["retro_on"]["bpb"])
-        counts = [r["chunks"] for r in rows]
-        assert counts == sorted(counts)
         for r in rows:
             assert (r["chunks"] == 0) == (r["bpb"]["retro_on"] is None)
+
+    # By hand: score, retrieve 10 neighbours of each chunk, brute-force r(C), sum bits and bytes.
+    db = Database.open(root / "db-leak")
+    retro = load_checkpoint(root / "retro")
+    texts = [t for _, t in EVAL]
+    on = score_documents(retro, db.tokenizer, texts, retriever=db, k=2, progress=False)
+    off = score_documents(retro, db.tokenizer, texts, progress=False)
+    rc = []
+    for c in range(on.num_chunks):
+        chunk = list(on.chunk_tokens[c, : on.tokens[c]])
+        nb = db.retrieve(on.chunk_tokens[c : c + 1], 10, lengths=on.tokens[c : c + 1])
+        best = max(_lcs(chunk, list(nb.tokens[0, j, : nb.lengths[0, j]])) for j in range(10))
+        rc.append(best / M)
+    rc = np.array(rc)
+    assert rc.max() == 1.0  # the evaluation document that is also in the database
+    for r in pile["buckets"]["rc"]:
+        sel = rc <= r["alpha"]
+        assert r["chunks"] == int(sel.sum())
+        if sel.any():
+            for key, res in (("retro_on", on), ("retro_off", off)):
+                hand = res.bits[sel].sum() / res.bytes[sel].sum()
+                assert r["bpb"][key] == pytest.approx(hand, rel=1e-6)
 
 
 def test_run_errors_are_one_line(setup, capsys):
