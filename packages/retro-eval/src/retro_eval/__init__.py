@@ -12,6 +12,7 @@ except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0"
 
 from .benchmarks import Benchmark, BenchmarkError, Document, QAExample, load_benchmark
+from .metrics import exact_match, f1, normalize_answer, squad_evaluate
 from .overlap import ALPHAS, bucket_bpb, chunk_overlap_ratios, minhash_overlaps
 from .packs import pack_path
 
@@ -24,7 +25,11 @@ __all__ = [
     "__version__",
     "bucket_bpb",
     "chunk_overlap_ratios",
+    "exact_match",
+    "f1",
     "load_benchmark",
     "minhash_overlaps",
+    "normalize_answer",
     "pack_path",
+    "squad_evaluate",
 ]
