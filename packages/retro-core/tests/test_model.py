@@ -182,6 +182,8 @@ def test_retro_off_equals_the_baseline_with_the_same_weights():
     with torch.no_grad():
         assert torch.equal(model(x), baseline(x))
     assert model.num_parameters() > baseline.num_parameters()
+    assert set(model.retrieval_parameter_names()) == set(dict(model.named_parameters())) - base_keys
+    assert baseline.retrieval_parameter_names() == []
 
 
 def test_baseline_ignores_neighbours():

@@ -404,6 +404,17 @@ class Retro(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n - self.tok_emb.weight.numel() if exclude_embeddings else n
 
+    def retrieval_parameter_names(self) -> list[str]:
+        """Names of the parameters a decoder-only baseline lacks (CCA layers and the encoder).
+
+        RETRO-fitting (paper section 4.4) trains exactly these and freezes the rest.
+        """
+        return [
+            name
+            for name, _ in self.named_parameters()
+            if name.startswith("encoder.") or ".cca." in name or ".norm_cca." in name
+        ]
+
     def new_cache(self) -> KVCache:
         """An empty cache for incremental decoding with ``forward(..., cache=cache)``."""
         L = self.config.n_layers
