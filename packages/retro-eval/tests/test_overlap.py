@@ -241,3 +241,41 @@ def test_bucket_bpb_bad_inputs():
         bucket_bpb([1.0], [1], [0.0], alphas=(12.5,))
     with pytest.raises(ValueError, match="non-negative"):
         bucket_bpb([-1.0], [1], [0.0])
+
+
+# ----------------------------------------------------------------------------- with a real database
+
+
+def test_overlaps_with_a_retro_db_database(tmp_path):
+    """Chunks stored in the database overlap it fully under both measures; unrelated text does not."""
+    pytest.importorskip("datasketch")
+    build = pytest.importorskip("retro_db.build")
+    from retro_db.ingest import Document
+    from retro_eval.benchmarks import load_benchmark
+
+    docs = [
+        d
+        for d in load_benchmark("pile-mini", "test").documents
+        if d.meta["pile_set_name"] == "Wikipedia (en)"
+    ]
+    db = build.build_database(
+        [Document(d.doc_id, d.text[:3000], {}) for d in docs[:2]],
+        tmp_path / "db",
+        embedder="hash:32",
+        chunk_size=32,
+        progress=False,
+    )
+    ids = np.arange(min(db.num_chunks, 12), dtype=np.int64)
+    tokens, lengths = db.chunk_tokens(ids)
+    full = np.asarray(lengths) == 32
+    assert full.sum() >= 5
+    index = build_minhash_index(db, ngram=8)
+    np.testing.assert_allclose(minhash_overlaps(tokens, lengths, index)[full], 1.0)
+    nb = db.retrieve(np.asarray(tokens), 2)
+    rc = chunk_overlap_ratios(tokens, lengths, nb.tokens, nb.lengths, chunk_size=32)
+    # each stored chunk retrieves itself (distance 0): its whole text is a common substring
+    np.testing.assert_allclose(rc[full], 1.0)
+    other = db.tokenizer.encode(
+        "Completely unrelated words about quantum chromodynamics and gluons " * 3
+    )[:32]
+    assert minhash_overlaps(np.array([other]), None, index, ngram=8)[0] < 0.2
