@@ -78,6 +78,7 @@ def longest_common_substrings(
     neighbour_lengths: np.ndarray | None,
     *,
     batch_size: int = 256,
+    progress: bool = False,
 ) -> np.ndarray:
     """Longest common contiguous token substring of each chunk with each of its neighbours.
 
@@ -90,6 +91,7 @@ def longest_common_substrings(
         neighbours: int [C, k, r] neighbour tokens (chunk + continuation; padding ignored).
         neighbour_lengths: int [C, k] real tokens per neighbour, 0 = no neighbour (None: all r).
         batch_size: chunks per vectorised step (memory ~ batch_size * k * r * 9 bytes).
+        progress: show a tqdm bar over batches.
 
     Returns:
         int64 [C, k] longest common substring lengths.
@@ -109,7 +111,7 @@ def longest_common_substrings(
     if c == 0 or k == 0 or m == 0 or r == 0:
         return out
     pos = np.arange(r)
-    for lo in range(0, c, batch_size):
+    for lo in tqdm(range(0, c, batch_size), desc="r(C)", unit="batch", disable=not progress):
         hi = min(c, lo + batch_size)
         nb = neighbours[lo:hi]  # (B, k, r)
         nb_valid = pos[None, None, :] < neighbour_lengths[lo:hi, :, None]  # (B, k, r)
@@ -133,6 +135,7 @@ def chunk_overlap_ratios(
     *,
     chunk_size: int | None = None,
     batch_size: int = 256,
+    progress: bool = False,
 ) -> np.ndarray:
     """r(C): longest common token substring of C with any of its neighbours, divided by m.
 
