@@ -85,7 +85,7 @@ def retro_db_no_torch(session: nox.Session) -> None:
 @nox.session
 def retro_eval(session: nox.Session) -> None:
     """retro-eval with its two siblings, and its own tests."""
-    install(session, CORE, f"{DB}[embed]", f"{EVAL}[test]")
+    install(session, CORE, f"{DB}[embed]", f"{EVAL}[test,packs]")
     pytest(session, "packages/retro-eval/tests")
 
 
