@@ -56,7 +56,7 @@ docs_strategy = st.lists(
 )
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=25, deadline=None)
 @given(docs=docs_strategy, m=st.integers(1, 9), per_segment=st.integers(1, 5))
 def test_store_invariants(tmp_path_factory, docs, m, per_segment):
     store = _store(tmp_path_factory.mktemp("s"), docs, m, per_segment)

@@ -40,7 +40,7 @@ def test_default_factory_by_size():
     f, p = default_factory(FLAT_THRESHOLD, 384)
     assert f.startswith("HNSW") and "efSearch" in p
     f, p = default_factory(HNSW_THRESHOLD * 50, 384)
-    assert f.startswith("IVF") and f.endswith(",PQ96") and p["nprobe"] >= 1
+    assert f.startswith("IVF") and f.endswith(",PQ192x4fs") and p["nprobe"] >= 1
     # the IVF list count grows like sqrt(N)
     nlist = int(f[3:].split(",")[0])
     assert 2 * np.sqrt(HNSW_THRESHOLD * 50) <= nlist <= 8 * np.sqrt(HNSW_THRESHOLD * 50)
