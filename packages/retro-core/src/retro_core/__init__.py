@@ -17,6 +17,7 @@ from .config import RetroConfig
 from .data import DatasetFormatError, RetroDataset, write_dataset
 from .generate import generate
 from .model import KVCache, Retro
+from .retrofit import RetrofittedLM, load_retrofitted, save_retrofitted  # retrofit(): the module's
 from .train import TrainConfig, train  # retro_core.train is the function (issue 3)
 
 __all__ = [
@@ -33,4 +34,7 @@ __all__ = [
     "write_dataset",
     "TrainConfig",
     "train",
+    "RetrofittedLM",
+    "save_retrofitted",
+    "load_retrofitted",
 ]
