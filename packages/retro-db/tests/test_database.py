@@ -297,3 +297,46 @@ def test_info_recall_against_numpy_brute_force(wiki_docs, tmp_path):
     want = np.mean([len(set(t) & set(g)) / 5 for t, g in zip(truth, got, strict=True)])
     assert info["recall@5"] == pytest.approx(want, abs=0.02)  # ties may order differently
     assert info["recall@5"] < 1.0  # nprobe=1 of 16 lists misses some
+
+
+@pytest.mark.embed
+def test_tiny_random_bert_encoder_directory_round_trips_through_the_manifest(wiki_docs, tmp_path):
+    """--embedder DIR: the manifest records the directory; open() re-creates and checks it."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    torch.set_num_threads(1)
+    d = tmp_path / "tiny-bert"
+    d.mkdir()
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *letters, *("##" + c for c in letters)]
+    (d / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
+    transformers.BertTokenizerFast(vocab_file=str(d / "vocab.txt")).save_pretrained(str(d))
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=128,
+    )
+    transformers.BertModel(config).save_pretrained(str(d))
+
+    docs = [type(x)(x.doc_id, x.text[:400], x.meta) for x in wiki_docs[:3]]
+    db = build_database(
+        docs, tmp_path / "db", embedder=str(d), chunk_size=16, threads=1, progress=False
+    )
+    assert db.manifest["embedder"]["spec"] == str(d) and db.dim == 16
+    fresh = Database.open(tmp_path / "db", threads=1)
+    tokens, lengths = fresh.chunk_tokens(np.arange(4))
+    nb = fresh.retrieve(tokens, 1, lengths=lengths)
+    # each chunk's nearest key is at distance ~0 (itself, or a chunk the tiny vocab maps alike)
+    assert np.all(nb.distances[:, 0] < 1e-4)
+    # keys equal a fresh ChunkEmbedder's on the detokenised chunk texts (stored as float16)
+    from retro_db.embed import ChunkEmbedder
+
+    tok = load_tokenizer()
+    want = ChunkEmbedder(d, threads=1).embed_texts(
+        [tok.decode(t[:n]) for t, n in zip(tokens, lengths, strict=True)]
+    )
+    np.testing.assert_allclose(fresh.keys(np.arange(4)), want, rtol=2e-3, atol=2e-3)
