@@ -300,6 +300,7 @@ def test_info_recall_against_numpy_brute_force(wiki_docs, tmp_path):
 
 
 @pytest.mark.embed
+@pytest.mark.slow
 def test_tiny_random_bert_encoder_directory_round_trips_through_the_manifest(wiki_docs, tmp_path):
     """--embedder DIR: the manifest records the directory; open() re-creates and checks it."""
     torch = pytest.importorskip("torch")
