@@ -140,3 +140,21 @@ def test_resume_with_another_corpus_is_refused(db, wiki_docs, tmp_path):
         write_neighbours(db, crashing(), out, k=2, shard_chunks=10, progress=False)
     with pytest.raises(DatabaseError, match="another corpus"):
         write_neighbours(db, wiki_docs[5:], out, k=2, shard_chunks=10, progress=False)
+
+
+def test_chunk_array_corpus_equals_self_mode(db, tmp_path):
+    """Pre-chunked tokens are embedded and excluded by their doc_ids: same as the self mode."""
+    n = db.num_chunks
+    tokens, lengths = db.chunk_tokens(np.arange(n))
+    chunks = {"tokens": tokens, "lengths": lengths, "doc_ids": db.doc_ids}
+    write_neighbours(db, chunks, tmp_path / "a", k=2, shard_chunks=70, progress=False)
+    write_neighbours(db, None, tmp_path / "b", k=2, progress=False)
+    for name in ("tokens.npy", "lengths.npy", "doc_ids.npy", "neighbour_lengths.npy"):
+        assert _sha(tmp_path / "a" / name) == _sha(tmp_path / "b" / name), name
+    da = np.load(tmp_path / "a" / "neighbour_distances.npy")
+    db_ = np.load(tmp_path / "b" / "neighbour_distances.npy")
+    np.testing.assert_allclose(da, db_, rtol=1e-2, atol=1e-3)  # query keys fp32 vs stored fp16
+    nid = np.load(tmp_path / "a" / "neighbour_ids.npy")
+    assert not np.any(db.doc_ids[nid] == db.doc_ids[:, None])
+    with pytest.raises(ValueError, match=r"expected \[N, m=16\]"):
+        write_neighbours(db, {"tokens": tokens[:, :8], "doc_ids": db.doc_ids}, tmp_path / "c")

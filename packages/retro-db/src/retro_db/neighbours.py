@@ -99,6 +99,39 @@ def _self_parts(db: Database, parts: Path, k: int, shard_chunks: int, progress: 
     return out
 
 
+def _array_parts(
+    db: Database,
+    chunks: dict,
+    parts: Path,
+    k: int,
+    shard_chunks: int,
+    batch_size: int,
+    progress: bool,
+) -> list[Path]:
+    tokens = np.asarray(chunks["tokens"])
+    n = len(tokens)
+    lengths = np.asarray(chunks.get("lengths", np.full(n, tokens.shape[1])), dtype=np.int32)
+    doc_ids = np.asarray(chunks["doc_ids"], dtype=np.int64)
+    if tokens.ndim != 2 or tokens.shape[1] != db.chunk_size:
+        raise ValueError(f"chunks['tokens']: expected [N, m={db.chunk_size}], got {tokens.shape}")
+    if lengths.shape != (n,) or doc_ids.shape != (n,):
+        raise ValueError(f"chunks['lengths'] and chunks['doc_ids']: expected [{n}]")
+    out = []
+    for p, start in enumerate(
+        tqdm(range(0, n, shard_chunks), desc="neighbours", disable=not progress)
+    ):
+        d = parts / f"p{p:05d}"
+        out.append(d)
+        if (d / "done.json").is_file():
+            continue
+        sl = slice(start, min(n, start + shard_chunks))
+        keys = db.embed_chunks(tokens[sl], lengths[sl], batch_size=batch_size)
+        _write_part(
+            d, db, tokens[sl], lengths[sl], doc_ids[sl], keys, doc_ids[sl], k, {"start": start}
+        )
+    return out
+
+
 def _corpus_parts(
     db: Database,
     docs: Iterator,
@@ -214,7 +247,10 @@ def write_neighbours(
 
     Args:
         db: an open Database or its path.
-        corpus: None (the database's own chunks) or Documents / paths / iterables of them.
+        corpus: None (the database's own chunks, with their stored keys); Documents / paths /
+            iterables of them; or already chunked tokens ``{"tokens": [N, m], "lengths": [N],
+            "doc_ids": [N]}`` whose doc_ids are database document indices (the exclusion) or
+            ids no database document has.
         out_dir: output directory (resumes if it holds an interrupted run's parts).
         k: neighbours per chunk.
         shard_chunks: chunks per part (the unit of resumption).
@@ -232,6 +268,8 @@ def write_neighbours(
     parts_dir = out / "parts"
     if corpus is None:
         parts = _self_parts(db, parts_dir, k, shard_chunks, progress)
+    elif isinstance(corpus, dict):
+        parts = _array_parts(db, corpus, parts_dir, k, shard_chunks, batch_size, progress)
     else:
         parts = _corpus_parts(
             db, iter_documents(corpus), parts_dir, k, shard_chunks, batch_size, progress
