@@ -160,3 +160,17 @@ def test_resume_with_other_settings_is_refused(wiki_docs, tmp_path, monkeypatch)
         build_database(
             wiki_docs[1:], out, embedder="hash:32", chunk_size=16, shard_chunks=30, progress=False
         )
+
+
+def test_second_writer_is_refused(small_db, wiki_docs, tmp_path):
+    import shutil
+
+    from retro_db.build import add_documents, writer_lock
+    from retro_db.manifest import DatabaseError
+
+    path = tmp_path / "db"
+    shutil.copytree(small_db, path)
+    with writer_lock(path):  # another writer holds the database
+        with pytest.raises(DatabaseError, match=r"\.lock: another build or add"):
+            add_documents(path, wiki_docs[10:11], progress=False)
+    add_documents(path, wiki_docs[10:11], progress=False)  # released: works

@@ -25,6 +25,7 @@ names. Old files stay, so a reader holding version v keeps working.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -298,6 +299,29 @@ class _ShardWriter:
         return d.name
 
 
+@contextlib.contextmanager
+def writer_lock(db_dir: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``db_dir/.lock`` while writing (one writer at a time).
+
+    The kernel drops the lock when the process dies, SIGKILL included, so a restart after a kill
+    acquires it again. Readers take no lock: they only read files a manifest names.
+    """
+    import fcntl
+
+    db_dir.mkdir(parents=True, exist_ok=True)
+    with open(db_dir / ".lock", "a+b") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise DatabaseError(
+                f"{db_dir / '.lock'}: another build or add is writing this database"
+            ) from None
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
 def _shard_keys(db_dir: Path, shards: list[str]) -> Iterator[np.ndarray]:
     for s in shards:
         yield np.load(db_dir / "shards" / s / "keys.npy", mmap_mode="r", allow_pickle=False)
@@ -375,7 +399,38 @@ def build_database(
         raise DatabaseError(
             f"{db_dir / MANIFEST_NAME}: a database already exists here; use add_documents to grow it"
         )
-    db_dir.mkdir(parents=True, exist_ok=True)
+    with writer_lock(db_dir):
+        tok, emb = _build(
+            sources,
+            db_dir,
+            tokenizer,
+            embedder,
+            chunk_size,
+            index_factory,
+            search_params,
+            batch_size,
+            shard_chunks,
+            threads,
+            train_seed,
+            progress,
+        )
+    return Database.open(db_dir, tokenizer=tok, embedder=emb, threads=threads)
+
+
+def _build(
+    sources: Any,
+    db_dir: Path,
+    tokenizer: Any,
+    embedder: Any,
+    chunk_size: int,
+    index_factory: str | None,
+    search_params: dict[str, int] | None,
+    batch_size: int,
+    shard_chunks: int,
+    threads: int | None,
+    train_seed: int,
+    progress: bool,
+) -> tuple[LMTokenizer, Embedder]:
     remove_stale_temp_files(db_dir)
     set_threads(threads)
     tok = _resolve_tokenizer(tokenizer)
@@ -411,7 +466,7 @@ def build_database(
     }
     _write_version(db_dir, base, shards, index_file, 1)
     logger.info("built %s: %d chunks, index %s", db_dir, n, index_factory)
-    return Database.open(db_dir, tokenizer=tok, embedder=emb, threads=threads)
+    return tok, emb
 
 
 def _train(db_dir: Path, shards: list[str], factory: str, n: int, dim: int, seed: int):
@@ -455,6 +510,21 @@ def add_documents(
     Returns:
         The new version, opened.
     """
+    db_dir = Path(db_dir)
+    read_json(db_dir / MANIFEST_NAME)  # fails with a one-line error before any lock file is made
+    with writer_lock(db_dir):
+        return _add(db_dir, sources, embedder, batch_size, shard_chunks, threads, progress)
+
+
+def _add(
+    db_dir: Path,
+    sources: Any,
+    embedder: Any,
+    batch_size: int,
+    shard_chunks: int | None,
+    threads: int | None,
+    progress: bool,
+):  # -> Database
     from .database import Database
 
     old = Database.open(db_dir, embedder=embedder if not isinstance(embedder, str) else None)
