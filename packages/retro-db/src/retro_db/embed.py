@@ -185,7 +185,10 @@ class ChunkEmbedder:
 
         with _torch_threads(threads):
             self.tokenizer = AutoTokenizer.from_pretrained(str(directory))
-            model = AutoModel.from_pretrained(str(directory), dtype=torch.float32)
+            # bf16: eager attention, whose matmuls autocast runs in bf16 (measured ~4% faster
+            # than sdpa, which stays fp32 under CPU autocast); fp32: the default (sdpa).
+            kwargs = {"attn_implementation": "eager"} if precision == "bf16" else {}
+            model = AutoModel.from_pretrained(str(directory), dtype=torch.float32, **kwargs)
             model.eval()
             model.requires_grad_(False)
         self.model = model

@@ -521,21 +521,16 @@ def dedup_documents(
             index = first + off
             cands = lsh.query(to_minhash(sig, seed, scheme)) if doc.size else []
             best: RemovedDocument | None = None
+            best_score = -1.0
             if cands:
                 tset = shingle_set(doc, ngram)
                 for j in sorted(cands):
                     checked += 1
-                    r = RemovedDocument(
-                        index, int(j), estimated_jaccard(sig, eval_sigs[j]),
-                        exact_jaccard(tset, eval_sets[j]),
-                    )  # fmt: skip
-                    score = r.exact_jaccard if criterion == "exact" else r.estimated_jaccard
-                    if score >= threshold and (
-                        best is None
-                        or score
-                        > (best.exact_jaccard if criterion == "exact" else best.estimated_jaccard)
-                    ):
-                        best = r
+                    est = estimated_jaccard(sig, eval_sigs[j])
+                    exact = exact_jaccard(tset, eval_sets[j])
+                    score = exact if criterion == "exact" else est
+                    if score >= threshold and score > best_score:
+                        best, best_score = RemovedDocument(index, int(j), est, exact), score
             if best is None:
                 kept.append(index)
             else:
