@@ -260,6 +260,8 @@ def test_real_minilm_database_end_to_end(wiki_docs, tmp_path):
     db = build_database(docs, tmp_path / "db", chunk_size=32, threads=1, progress=False)
     assert db.manifest["embedder"]["spec"] is None  # the packaged default: portable
     emb = ChunkEmbedder(threads=1)
+    # the resolved precision ("auto" depends on the CPU) is pinned so keys are re-made alike
+    assert db.manifest["embedder"]["options"]["precision"] == emb.precision
     assert db.manifest["embedder"]["id"] == emb.id and db.dim == emb.dim == 384
     tok = load_tokenizer()
     tokens, lengths = db.chunk_tokens(np.arange(db.num_chunks))
@@ -328,6 +330,8 @@ def test_tiny_random_bert_encoder_directory_round_trips_through_the_manifest(wik
         docs, tmp_path / "db", embedder=str(d), chunk_size=16, threads=1, progress=False
     )
     assert db.manifest["embedder"]["spec"] == str(d) and db.dim == 16
+    # the options that change keys are recorded, so open() re-creates the same embedder
+    assert db.manifest["embedder"]["options"]["max_length"] == 128
     fresh = Database.open(tmp_path / "db", threads=1)
     tokens, lengths = fresh.chunk_tokens(np.arange(4))
     nb = fresh.retrieve(tokens, 1, lengths=lengths)

@@ -40,7 +40,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .chunks import CHUNK_FILES, chunk_document, token_dtype, write_chunk_segment
-from .embedders import Embedder, embedder_spec, load_embedder
+from .embedders import Embedder, embedder_options, embedder_spec, load_embedder
 from .index import (
     apply_search_params,
     default_factory,
@@ -462,7 +462,13 @@ def _build(
         "pad_id": tok.pad_id,
         "token_dtype": str(token_dtype(tok.vocab_size)),
         "tokenizer": tok.to_manifest(),
-        "embedder": {"id": emb.id, "dim": dim, "spec": spec, "key_dtype": "float16"},
+        "embedder": {
+            "id": emb.id,
+            "dim": dim,
+            "spec": spec,
+            "options": embedder_options(emb),
+            "key_dtype": "float16",
+        },
         "index": {"factory": index_factory, "search_params": params, "metric": "l2"},
     }
     _write_version(db_dir, base, shards, index_file, 1)
@@ -528,7 +534,9 @@ def _add(
 ):  # -> Database
     from .database import Database
 
-    old = Database.open(db_dir, embedder=embedder if not isinstance(embedder, str) else None)
+    old = Database.open(
+        db_dir, embedder=embedder if not isinstance(embedder, str) else None, threads=threads
+    )
     db_dir = Path(db_dir)
     remove_stale_temp_files(db_dir)
     set_threads(threads)
@@ -536,7 +544,10 @@ def _add(
     emb = (
         old.embedder
         if embedder is None or not isinstance(embedder, str)
-        else load_embedder(embedder)
+        else load_embedder(
+            embedder,
+            **({} if embedder.startswith("hash:") else man["embedder"].get("options", {})),
+        )
     )
     old.check_embedder(emb)
     if shard_chunks is None:

@@ -223,7 +223,9 @@ class Database:
         if self._embedder is None:
             spec = self.manifest["embedder"].get("spec")
             hashing = spec is not None and spec.startswith("hash:")
-            kwargs = {} if self.threads is None or hashing else {"threads": self.threads}
+            kwargs = {} if hashing else dict(self.manifest["embedder"].get("options", {}))
+            if self.threads is not None and not hashing:
+                kwargs["threads"] = self.threads
             emb = load_embedder(spec, **kwargs)
             self.check_embedder(emb)
             self._embedder = emb

@@ -21,7 +21,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-__all__ = ["Embedder", "HashingEmbedder", "embedder_spec", "load_embedder"]
+__all__ = ["Embedder", "HashingEmbedder", "embedder_options", "embedder_spec", "load_embedder"]
 
 
 @runtime_checkable
@@ -85,6 +85,20 @@ def load_embedder(spec: str | None = None, **kwargs: Any) -> Embedder:
 
     model_dir = None if spec in (None, "minilm") else spec
     return ChunkEmbedder(model_dir, **kwargs)
+
+
+def embedder_options(embedder: Any) -> dict[str, Any]:
+    """Constructor options that change an embedder's keys (recorded so they are re-created alike).
+
+    For ``ChunkEmbedder``: ``max_length``, ``normalize`` and the resolved ``precision`` (its
+    ``"auto"`` picks bf16 or fp32 by CPU, so the manifest pins the one the keys were made with).
+    """
+    out: dict[str, Any] = {}
+    for name in ("max_length", "normalize", "precision"):
+        value = getattr(embedder, name, None)
+        if isinstance(value, (bool, int, str)):
+            out[name] = value
+    return out if type(embedder).__name__ == "ChunkEmbedder" else {}
 
 
 def embedder_spec(embedder: Any, given: str | None = None) -> str | None:
