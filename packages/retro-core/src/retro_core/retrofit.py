@@ -13,7 +13,8 @@ Only the new parameters train (``requires_grad`` is switched off on the base). E
 projection starts at zero, so before training the retro-fitted model's logits equal the base
 model's exactly; with ``neighbours=None`` (RETRO[OFF]) the hooks do nothing at all, so the logits
 are the base model's whatever the new weights are. Calling the base model directly (including
-``hf_model.generate``) is unaffected: the hooks act only inside :meth:`RetrofittedLM.forward`.
+``hf_model.generate``) is unaffected: the hooks act only inside :meth:`RetrofittedLM.forward`
+(which is therefore not re-entrant: one forward at a time per model).
 
 The default P is :func:`~retro_core.config.default_cca_layers` of the base depth (the paper's
 every 3rd layer from layer 6; anchored at the last layer for models shallower than 6 layers).
@@ -58,10 +59,12 @@ __all__ = [
     "RetrofitCache",
     "RetrofitError",
     "RetrofittedLM",
+    "base_weight_files",
     "base_weights_sha256",
     "hf_tokenizer_id",
     "is_retrofit_checkpoint",
     "load_base_model",
+    "load_new_weights",
     "load_retrofitted",
     "read_retrofit_config",
     "retrofit",
