@@ -25,6 +25,8 @@ With a byte-level BPE a character whose UTF-8 bytes are split across a chunk bou
 side as the decoder renders the fragment (U+FFFD, 3 bytes, for GPT-2), so the sum over a document's
 chunks can differ by a few bytes from the document's own byte count; every bpb this module reports
 (overall, per document, per bucket) divides by these same chunk bytes, so buckets and totals agree.
+Measured with GPT-2 BPE on 20 wikitext-mini test articles: 409,877 chunk bytes for 409,873 document
+bytes (+0.001%). lm-eval's ``bits_per_byte`` divides by the document's own UTF-8 bytes instead.
 """
 
 from __future__ import annotations
