@@ -203,7 +203,6 @@ def faiss_rows(factory, params, base, queries, truth, threads, repeats) -> list[
                 }
             )
             print(json.dumps(rows[-1]), flush=True)
-    del index
     return rows
 
 
