@@ -16,6 +16,10 @@ from /proc/cpuinfo) x 32 fp32 FLOP/cycle (two 256-bit FMA pipes, which is also w
 Zen 4 executes per cycle; 2 x 16 on Intel cores with two 512-bit FMA units would be 64).
 bf16 on Zen 4 (AVX512_BF16 dot products) peaks at 2x that; the share is reported against fp32 peak.
 
+On a shared machine (load above the core count) 2 torch threads run slower than 1 and the bf16
+gain mostly vanishes at 2 threads (threads wait on each other at every op); `--threads 1` then gives
+the steadier ratio. Each ratio is also reported on CPU time (`*_ratio_by_cpu_time`).
+
 Usage: python benchmarks/bench_embed.py [--quick] [--out PATH] [--threads T] [--chunks N]
 """
 
