@@ -68,7 +68,7 @@ def retro_core(session: nox.Session) -> None:
 @nox.session
 def retro_db(session: nox.Session) -> None:
     """retro-db with its [embed] extra, and its own tests."""
-    install(session, f"{DB}[embed,test]", "sentence-transformers")
+    install(session, f"{DB}[embed,fast,test]", "sentence-transformers")
     pytest(session, "packages/retro-db/tests")
 
 
@@ -85,21 +85,21 @@ def retro_db_no_torch(session: nox.Session) -> None:
 @nox.session
 def retro_eval(session: nox.Session) -> None:
     """retro-eval with its two siblings, and its own tests."""
-    install(session, CORE, f"{DB}[embed]", f"{EVAL}[test,packs]")
+    install(session, CORE, f"{DB}[embed,fast]", f"{EVAL}[test,packs]")
     pytest(session, "packages/retro-eval/tests")
 
 
 @nox.session
 def integration(session: nox.Session) -> None:
     """Cross-package tests in tests/, with all three packages installed."""
-    install(session, f"{CORE}[hf,test]", f"{DB}[embed,test]", f"{EVAL}[test]")
+    install(session, f"{CORE}[hf,test]", f"{DB}[embed,fast,test]", f"{EVAL}[test]")
     pytest(session, "tests")
 
 
 @nox.session
 def demo(session: nox.Session) -> None:
     """The main job (README Quickstart): `nox -s demo -- --scale small`."""
-    install(session, f"{CORE}[hf]", f"{DB}[embed]", EVAL)
+    install(session, f"{CORE}[hf]", f"{DB}[embed,fast]", EVAL)
     env = dict(OFFLINE)
     session.run("retro-eval", "demo", *session.posargs, env=env)
 
@@ -107,7 +107,7 @@ def demo(session: nox.Session) -> None:
 @nox.session
 def bench(session: nox.Session) -> None:
     """The benchmark suite: writes benchmarks/results/*.json and benchmarks/results/SUMMARY.md."""
-    install(session, f"{CORE}[hf]", f"{DB}[embed]", EVAL, "sentence-transformers")
+    install(session, f"{CORE}[hf]", f"{DB}[embed,fast]", EVAL, "sentence-transformers")
     env = dict(OFFLINE)
     env.setdefault("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", str(os.cpu_count() or 1)))
     session.run("python", "benchmarks/run.py", *session.posargs, env=env)
