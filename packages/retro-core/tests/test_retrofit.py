@@ -127,6 +127,8 @@ def test_default_cca_layers_follow_the_retro_config_rule(base_dir):
     deep = retrofit(_hf_model("llama", n_layers=12), chunk_size=M)
     assert deep.config.cca_layers == (6, 9, 12)  # the paper's 12-layer choice
     assert deep.base_ref is None  # built from an in-memory model: nothing to reference
+    narrow = retrofit(base_dir, chunk_size=M, enc_d_model=16)  # base head size 16: 1 head
+    assert (narrow.config.enc_d_model, narrow.config.enc_n_heads) == (16, 1)
 
 
 def test_logits_without_neighbours_equal_the_base_model(base_dir):

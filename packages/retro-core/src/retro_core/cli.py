@@ -129,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rf.add_argument("--enc-layers", type=int, default=2, help="layers of the new encoder")
     rf.add_argument("--enc-d-model", type=int, default=None, help="encoder width (default: d)")
+    rf.add_argument(
+        "--enc-n-heads", type=int, default=None, help="encoder heads (default: d' / head size)"
+    )
 
     t = p.add_argument_group("training (defaults: TrainConfig)")
     t.add_argument("--train-config", type=Path, default=None, help="TrainConfig JSON; flags win")
@@ -228,6 +231,7 @@ def _retrofit_model(args: argparse.Namespace, tc: Any, existing: Path | None) ->
             neighbour_len=ds.r,
             enc_layers=args.enc_layers,
             enc_d_model=args.enc_d_model,
+            enc_n_heads=args.enc_n_heads,
             pad_id=ds.pad_id,
             tokenizer_id=tok_id,
         )

@@ -443,7 +443,8 @@ def retrofit(
         k: neighbours per chunk used in training (the model accepts any k).
         chunk_size: m, tokens per chunk; must equal the database's.
         neighbour_len: r, tokens per neighbour; None -> 2m.
-        enc_layers, enc_d_model, enc_n_heads: the new encoder (width d' defaults to the base's d).
+        enc_layers, enc_d_model, enc_n_heads: the new encoder (width d' defaults to the base's d;
+            heads default to the base's, or to d' / head size when d' differs from d).
         dropout: dropout of the new modules.
         pad_id: id padding neighbours; None -> the base config's pad, else eos, else 0.
         tokenizer_id: id of the tokenizer the database must have; None -> computed from
@@ -497,6 +498,9 @@ def retrofit(
                 pad_id = v
                 break
     eps = getattr(hc, "rms_norm_eps", None) or getattr(hc, "layer_norm_epsilon", None) or 1e-5
+    if enc_n_heads is None and enc_d_model is not None and enc_d_model != hc.hidden_size:
+        # a narrower/wider encoder keeps the base's head size: d' / (d / h) heads
+        enc_n_heads = max(1, enc_d_model // (hc.hidden_size // hc.num_attention_heads))
     try:
         config = RetroConfig(
             vocab_size=int(hc.vocab_size),
