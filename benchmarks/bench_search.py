@@ -309,13 +309,13 @@ def main() -> int:
 
     nlist = 2 ** round(math.log2(4 * math.sqrt(n)))
     pq = f"IVF{nlist},PQ{d // 2}x4fs"
-    nprobes = [4, 8, 16, 32, 64, 128]
+    nprobes = [4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128]  # steps of ~sqrt(2)
     configs = [
         ("Flat", []),
-        ("HNSW32,Flat", [{"efSearch": e} for e in (16, 32, 64, 128, 256)]),
+        ("HNSW32,Flat", [{"efSearch": e} for e in (10, 12, 16, 24, 32, 48, 64, 128)]),
         (f"IVF{nlist},Flat", [{"nprobe": p} for p in nprobes]),
         (pq, [{"nprobe": p} for p in nprobes]),
-        (pq + ",RFlat", [{"nprobe": p, "k_factor_rf": 10} for p in nprobes[1:]]),
+        (pq + ",RFlat", [{"nprobe": p, "k_factor_rf": 10} for p in nprobes[2:]]),
     ]
     rows: list[dict] = []
     for factory, params in configs:
@@ -329,7 +329,8 @@ def main() -> int:
         scann_ok = False
         notes.append(f"ScaNN skipped: `import scann` failed ({e}); `pip install scann`.")
     if scann_ok:
-        rows += scann_rows(base, queries, truth, threads, repeats, [4, 8, 16, 32, 64, 128])
+        leaves = [2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64]
+        rows += scann_rows(base, queries, truth, threads, repeats, leaves)
 
     figures: dict = {
         "keys": n,
