@@ -1,8 +1,9 @@
-"""``retro-eval``: run | report | lm-eval.
+"""``retro-eval``: run | report | demo | lm-eval.
 
 - ``retro-eval run --config run.yaml``: evaluate (see :mod:`retro_eval.run`); writes results.json,
   report.md and PNG plots to the config's output directory.
 - ``retro-eval report results.json [--out DIR]``: render report.md and the plots again.
+- ``retro-eval demo [--scale tiny|small|full]``: the main job end to end (:mod:`retro_eval.demo`).
 - ``retro-eval lm-eval ARGS...``: lm-eval's own command line with the ``retro`` model registered and
   the retro-eval task directory on ``--include_path``, e.g.
   ``retro-eval lm-eval --model retro --model_args checkpoint=ckpt,database=db,k=2 --tasks retro_wikitext_mini``.
@@ -58,6 +59,22 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("results", help="results.json")
     rep.add_argument("--out", default=None, help="output directory (default: beside results.json)")
     sub.add_parser("lm-eval", help="lm-eval's command line with the 'retro' model registered")
+    d = sub.add_parser(
+        "demo",
+        help="the main job: build a database, train RETRO and its baseline, evaluate, report",
+    )
+    d.add_argument(
+        "--scale",
+        choices=["tiny", "small", "full"],
+        default="small",
+        help="tiny: a minute or two; small (default): at most ~30 min on 2 CPU cores; full: all text",
+    )
+    d.add_argument(
+        "--run-dir", default="runs/demo", help="stage outputs and report (default %(default)s)"
+    )
+    d.add_argument("--threads", type=int, default=None, help="torch/faiss threads")
+    d.add_argument("--steps", type=int, default=None, help="override the scale's training steps")
+    d.add_argument("--force", action="store_true", help="rerun every stage, cached or not")
     return p
 
 
@@ -82,6 +99,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(
                 f"retro-eval: wrote results.json, report.md and plots for {n} benchmark(s) to {out}"
             )
+        elif args.command == "demo":
+            from .demo import print_summary, run_demo
+
+            results = run_demo(
+                args.scale, args.run_dir, threads=args.threads, steps=args.steps, force=args.force
+            )
+            print_summary(results, Path(args.run_dir))
         elif args.command == "report":
             from .report import render_report
 

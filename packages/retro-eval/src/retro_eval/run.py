@@ -17,6 +17,7 @@ run.yaml (paths relative to the YAML file)::
       - name: wikitext-mini      # a pack, a path in a native format or a hub name
         split: test
         max_documents: null      # keep the first N documents (quick runs)
+        max_chars: null          # truncate each document to N characters (quick runs)
       - name: pile-mini          # Pile documents are also reported per pile_set_name
       - name: squad-open-mini    # QA; retrieves from its own `database:` path (built from the
         split: validation        #   benchmark's passage corpus when missing; default
@@ -70,6 +71,7 @@ class BenchmarkSpec:
     label: str = ""  # the name shown in results and reports
     split: str | None = None
     max_documents: int | None = None
+    max_chars: int | None = None
     max_questions: int | None = None
     database: Path | None = None
 
@@ -188,7 +190,8 @@ def parse_run_config(data: Any, base_dir: str | Path = ".", source: str = "run.y
         if not isinstance(b, dict) or not isinstance(b.get("name", b.get("path")), str):
             raise RunConfigError(f"{where}: expected a name/path string or a mapping with 'name'")
         extra = sorted(
-            set(b) - {"name", "path", "split", "max_documents", "max_questions", "database"}
+            set(b)
+            - {"name", "path", "split", "max_documents", "max_chars", "max_questions", "database"}
         )
         if extra:
             raise RunConfigError(f"{where}: unknown field(s) {', '.join(extra)}")
@@ -202,6 +205,7 @@ def parse_run_config(data: Any, base_dir: str | Path = ".", source: str = "run.y
                 label=label,
                 split=b.get("split"),
                 max_documents=_opt_int(b, "max_documents", where),
+                max_chars=_opt_int(b, "max_chars", where),
                 max_questions=_opt_int(b, "max_questions", where),
                 database=_path(base, b["database"], where) if b.get("database") else None,
             )
@@ -313,9 +317,19 @@ def _load_bench(spec: BenchmarkSpec) -> Any:
     bench.name = spec.label or spec.name
     if spec.max_documents and bench.kind == "lm":
         bench.documents = bench.documents[: spec.max_documents]
+    if spec.max_chars and bench.kind == "lm":
+        bench.documents = [_truncate(d, spec.max_chars) for d in bench.documents]
     if spec.max_questions and bench.kind == "qa":
         bench.examples = bench.examples[: spec.max_questions]
     return bench
+
+
+def _truncate(doc: Any, max_chars: int) -> Any:
+    """The document cut to max_chars characters; a cut one loses its (now wrong) word count."""
+    if len(doc.text) <= max_chars:
+        return doc
+    meta = {k: v for k, v in (doc.meta or {}).items() if k not in ("words", "raw_bytes")}
+    return dataclasses.replace(doc, text=doc.text[:max_chars], meta=meta)
 
 
 def _source_documents(source: str) -> list[Any]:

