@@ -87,7 +87,7 @@ SCALES: dict[str, DemoScale] = {
         max_questions=100,
         model={"d_model": 256, "n_heads": 4, "n_layers": 6, "enc_layers": 2, "cca_layers": (3, 6)},
         seq_chunks=4,
-        steps=400,
+        steps=300,
         batch_size=4,
         bf16=True,
         qa_own_database=False,
@@ -243,7 +243,15 @@ def run_demo(
     retro_dir, base_dir, report_dir = run / "retro", run / "baseline", run / "report"
 
     # 1. corpus + MinHash dedup against the evaluation documents --------------------------------
-    corpus_key = _key({"scale": asdict(sc), "tokenizer": tok.id, "packs": TRAIN_PACKS})
+    corpus_key = _key(
+        {
+            "docs": sc.max_train_docs,
+            "chars": sc.max_doc_chars,
+            "tokenizer": tok.id,
+            "packs": TRAIN_PACKS,
+            "eval": LM_BENCHMARKS,
+        }
+    )
 
     def corpus() -> None:
         corpus_dir.mkdir(parents=True, exist_ok=True)
