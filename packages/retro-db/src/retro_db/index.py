@@ -13,7 +13,7 @@ Default index by database size N (keys of dimension d, all-MiniLM-L6-v2: d = 384
   fit in RAM or mmap. Fast-scan rather than 8-bit ``PQ{d/4}`` of the same size: on this project's
   machines training 8-bit PQ (256 centroids per sub-quantizer) took minutes where 4-bit took
   seconds, and its SIMD scan answered ~2-5x more queries/s at similar recall (benchmarks/
-  bench_index.py). nprobe = nlist/32 trades recall for speed and is kept in the manifest. Trained
+  bench_search.py). nprobe = nlist/32 trades recall for speed and is kept in the manifest. Trained
   on a seeded sample of 64 x nlist keys (at least 65536; faiss wants >= 39 x nlist for k-means).
 
 Search parameters (``nprobe``, ``efSearch``) are stored in the database manifest and applied with
