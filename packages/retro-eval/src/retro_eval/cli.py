@@ -100,12 +100,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"retro-eval: wrote results.json, report.md and plots for {n} benchmark(s) to {out}"
             )
         elif args.command == "demo":
-            from .demo import print_summary, run_demo
+            from .demo import run_demo, summary_table
 
             results = run_demo(
                 args.scale, args.run_dir, threads=args.threads, steps=args.steps, force=args.force
             )
-            print_summary(results, Path(args.run_dir))
+            times = results.get("pipeline_stage_times", {})
+            print(f"retro-eval demo: report at {Path(args.run_dir) / 'report' / 'report.md'}")
+            print("stage times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()))
+            print(summary_table(results))
         elif args.command == "report":
             from .report import render_report
 

@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-__all__ = ["SCALES", "DemoScale", "print_summary", "run_demo", "summary_table"]
+__all__ = ["SCALES", "DemoScale", "run_demo", "summary_table"]
 
 logger = logging.getLogger(__name__)
 
@@ -463,12 +463,3 @@ def summary_table(results: dict[str, Any]) -> str:
                     + " |"
                 )
     return "\n".join(lines)
-
-
-def print_summary(results: dict[str, Any], run_dir: Path) -> None:
-    """Print where the report is, the stage times and the headline table (CLI use)."""
-    report = run_dir / "report" / "report.md"
-    times = results.get("pipeline_stage_times", {})
-    print(f"retro-eval demo: report at {report}")
-    print("stage times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()))
-    print(summary_table(results))
