@@ -91,27 +91,39 @@ def save_checkpoint(
     return directory
 
 
+def read_versioned_config(
+    path: Path, fmt: str, version: int, writer: str, error: type[ValueError]
+) -> tuple[dict[str, Any], RetroConfig]:
+    """Read a checkpoint's JSON metadata and its ``config``: (metadata, RetroConfig).
+
+    Checks that the file exists, is a JSON object with ``"format": fmt`` and ``"version": version``,
+    and holds a valid RetroConfig; otherwise raises ``error`` with one line naming the file.
+    """
+    if not path.is_file():
+        raise error(f"{path}: missing (expected a checkpoint written by {writer})")
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise error(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(meta, dict) or meta.get("format") != fmt:
+        raise error(f'{path}: expected an object with "format": "{fmt}"')
+    if meta.get("version") != version:
+        raise error(f"{path}: unsupported version {meta.get('version')!r} (expected {version})")
+    try:
+        config = RetroConfig.from_dict(meta.get("config"))
+    except (TypeError, ValueError) as e:
+        raise error(f'{path}: invalid "config": {e}') from e
+    return meta, config
+
+
 def read_checkpoint_config(
     directory: str | os.PathLike,
 ) -> tuple[RetroConfig, dict[str, Any] | None]:
     """Read and validate ``config.json``; returns (config, extra metadata)."""
     path = Path(directory) / CONFIG_FILE
-    if not path.is_file():
-        raise CheckpointError(f"{path}: missing (expected a checkpoint written by save_checkpoint)")
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from e
-    if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f'{path}: expected an object with "format": "{CHECKPOINT_FORMAT}"')
-    if meta.get("version") != CHECKPOINT_VERSION:
-        raise CheckpointError(
-            f"{path}: unsupported version {meta.get('version')!r} (expected {CHECKPOINT_VERSION})"
-        )
-    try:
-        config = RetroConfig.from_dict(meta.get("config"))
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f'{path}: invalid "config": {e}') from e
+    meta, config = read_versioned_config(
+        path, CHECKPOINT_FORMAT, CHECKPOINT_VERSION, "save_checkpoint", CheckpointError
+    )
     extra = meta.get("extra")
     if extra is not None and not isinstance(extra, dict):
         raise CheckpointError(

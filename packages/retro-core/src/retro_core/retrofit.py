@@ -50,6 +50,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from .checkpoint import read_versioned_config
 from .config import RetroConfig
 from .model import ChunkedCrossAttention, Encoder, KVCache, Retro, Rotary
 from .retrieval import check_retriever
@@ -597,22 +598,9 @@ def read_retrofit_config(
 ) -> tuple[RetroConfig, dict[str, Any], dict[str, Any] | None]:
     """Read and validate ``retrofit.json``: (config, base reference, extra)."""
     path = Path(directory) / CONFIG_FILE
-    if not path.is_file():
-        raise RetrofitError(f"{path}: missing (expected a checkpoint written by save_retrofitted)")
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise RetrofitError(f"{path}: not valid JSON ({e})") from e
-    if not isinstance(meta, dict) or meta.get("format") != RETROFIT_FORMAT:
-        raise RetrofitError(f'{path}: expected an object with "format": "{RETROFIT_FORMAT}"')
-    if meta.get("version") != RETROFIT_VERSION:
-        raise RetrofitError(
-            f"{path}: unsupported version {meta.get('version')!r} (expected {RETROFIT_VERSION})"
-        )
-    try:
-        config = RetroConfig.from_dict(meta.get("config"))
-    except (TypeError, ValueError) as e:
-        raise RetrofitError(f'{path}: invalid "config": {e}') from e
+    meta, config = read_versioned_config(
+        path, RETROFIT_FORMAT, RETROFIT_VERSION, "save_retrofitted", RetrofitError
+    )
     base = meta.get("base")
     if not isinstance(base, dict) or not all(
         isinstance(base.get(key), str) for key in ("path", "sha256")
