@@ -28,11 +28,12 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import logging
 import os
 import shutil
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -128,6 +129,14 @@ def _embed_chunks(
     return keys.astype(np.float32, copy=False)
 
 
+def tokenized(
+    tokenizer: LMTokenizer, docs: Iterator[Document]
+) -> Iterator[tuple[Document, list[int]]]:
+    """(document, token ids) pairs; ``encode_batch`` over READ_AHEAD documents at a time."""
+    while batch := list(itertools.islice(docs, READ_AHEAD)):
+        yield from zip(batch, tokenizer.encode_batch([d.text for d in batch]), strict=True)
+
+
 class _ShardWriter:
     """Turns a document stream into complete shard directories (the resumable part of a build)."""
 
@@ -164,6 +173,21 @@ class _ShardWriter:
     def run(self, docs: Iterable[Document], first_shard: int, first_doc: int) -> list[str]:
         """Write shards first_shard.. from ``docs``; return the names of the shards of this run."""
         it = iter(docs)
+        names, shard, doc_index = self.resume(it, first_shard, first_doc)
+        with tqdm(desc="documents", unit="doc", disable=not self.progress) as bar:
+            for docs_, ids, sha in self.plan(tokenized(self.tokenizer, it), bar):
+                names.append(self._write_shard(shard, docs_, ids, doc_index, sha))
+                doc_index += sum(1 for x in ids if len(x))
+                shard += 1
+        return names
+
+    def resume(
+        self, it: Iterator[Document], first_shard: int, first_doc: int
+    ) -> tuple[list[str], int, int]:
+        """Skip the complete shards of an interrupted run (consuming their documents from ``it``).
+
+        Returns the names of those shards, the next shard number and the next document index.
+        """
         names: list[str] = []
         shard = first_shard
         doc_index = first_doc
@@ -198,37 +222,31 @@ class _ShardWriter:
         while self.shard_dir(extra).exists():
             shutil.rmtree(self.shard_dir(extra))
             extra += 1
-        bar = tqdm(desc="documents", unit="doc", disable=not self.progress)
-        pending: list[Document] = []
-        pending_ids: list[list[int]] = []
-        exhausted = False
-        while not exhausted:
-            # Collect whole documents until the shard holds >= shard_chunks chunks.
-            docs: list[Document] = []
-            ids: list[list[int]] = []
-            n_chunks = 0
-            h = hashlib.sha256()
-            while n_chunks < self.shard_chunks:
-                if not pending:
-                    pending = [d for _, d in zip(range(READ_AHEAD), it, strict=False)]
-                    if not pending:
-                        exhausted = True
-                        break
-                    pending_ids = self.tokenizer.encode_batch([d.text for d in pending])
-                doc = pending.pop(0)
-                doc_ids = pending_ids.pop(0)
-                _doc_fingerprint(h, doc)
-                docs.append(doc)
-                ids.append(doc_ids)
-                n_chunks += -(-len(doc_ids) // self.m)
-                bar.update(1)
-            if not docs:
-                break
-            names.append(self._write_shard(shard, docs, ids, doc_index, h.hexdigest()))
-            doc_index += sum(1 for x in ids if x)
-            shard += 1
-        bar.close()
-        return names
+        return names, shard, doc_index
+
+    def plan(
+        self, pairs: Iterable[tuple[Document, Any]], bar: Any
+    ) -> Iterator[tuple[list[Document], list[Any], str]]:
+        """Group (document, token ids) pairs into shards: whole documents, >= shard_chunks chunks.
+
+        Yields (documents, their token ids, source fingerprint) per shard. Token ids may be any
+        object with ``len()`` (the Ray engine passes references to arrays held by its workers).
+        """
+        docs: list[Document] = []
+        ids: list[Any] = []
+        n_chunks = 0
+        h = hashlib.sha256()
+        for doc, doc_ids in pairs:
+            _doc_fingerprint(h, doc)
+            docs.append(doc)
+            ids.append(doc_ids)
+            n_chunks += -(-len(doc_ids) // self.m)
+            bar.update(1)
+            if n_chunks >= self.shard_chunks:
+                yield docs, ids, h.hexdigest()
+                docs, ids, n_chunks, h = [], [], 0, hashlib.sha256()
+        if docs:
+            yield docs, ids, h.hexdigest()
 
     def _write_shard(
         self,
@@ -243,7 +261,7 @@ class _ShardWriter:
         toks, lens, dids, offs, lines = [], [], [], [], []
         doc_index = first_doc
         for doc, doc_tokens in zip(docs, ids, strict=True):
-            if not doc_tokens:
+            if not len(doc_tokens):
                 logger.warning("skipping document %r: no tokens", doc.doc_id)
                 continue
             t, n = chunk_document(doc_tokens, self.m, self.tokenizer.pad_id, self.dtype)
@@ -439,7 +457,55 @@ def _build(
     dim = int(emb.dim)
     writer = _ShardWriter(db_dir, tok, emb, chunk_size, shard_chunks, batch_size, progress, dim)
     shards = writer.run(iter_documents(sources), 0, 0)
+    embedder_entry = {
+        "id": emb.id,
+        "dim": dim,
+        "spec": spec,
+        "options": embedder_options(emb),
+        "key_dtype": "float16",
+    }
+    _finish_build(
+        db_dir,
+        shards,
+        tok,
+        embedder_entry,
+        chunk_size,
+        shard_chunks,
+        index_factory,
+        search_params,
+        train_seed,
+        progress,
+    )
+    return tok, emb
 
+
+def _add_keys_local(index, db_dir: Path, shards: list[str], progress: bool):  # -> faiss.Index
+    for keys in tqdm(
+        _shard_keys(db_dir, shards), desc="index add", total=len(shards), disable=not progress
+    ):
+        index.add(np.asarray(keys, dtype=np.float32))
+    return index
+
+
+def _finish_build(
+    db_dir: Path,
+    shards: list[str],
+    tok: LMTokenizer,
+    embedder_entry: dict[str, Any],
+    chunk_size: int,
+    shard_chunks: int,
+    index_factory: str | None,
+    search_params: dict[str, int] | None,
+    train_seed: int,
+    progress: bool,
+    add_keys: Callable[..., Any] = _add_keys_local,
+) -> None:
+    """After the shards: train the index on a seeded sample, add every key, write version 1.
+
+    ``add_keys(trained_index, db_dir, shards, progress) -> index`` adds the shards' keys in chunk-id
+    order (the Ray engine adds per shard on its workers and merges).
+    """
+    dim = int(embedder_entry["dim"])
     n = sum(read_json(db_dir / "shards" / s / "shard.json")["chunks"] for s in shards)
     if n == 0:
         raise DatabaseError(f"{db_dir}: the sources held no documents with text")
@@ -448,11 +514,9 @@ def _build(
     else:
         params = {}
     params = dict(params if search_params is None else search_params)
-    index = _train(db_dir, shards, index_factory, n, dim, train_seed)
-    for keys in tqdm(
-        _shard_keys(db_dir, shards), desc="index add", total=len(shards), disable=not progress
-    ):
-        index.add(np.asarray(keys, dtype=np.float32))
+    index = add_keys(
+        _train(db_dir, shards, index_factory, n, dim, train_seed), db_dir, shards, progress
+    )
     index_file = "index/v00001.faiss"
     (db_dir / "index").mkdir(exist_ok=True)
     write_index(index, db_dir / index_file)
@@ -462,18 +526,11 @@ def _build(
         "pad_id": tok.pad_id,
         "token_dtype": str(token_dtype(tok.vocab_size)),
         "tokenizer": tok.to_manifest(),
-        "embedder": {
-            "id": emb.id,
-            "dim": dim,
-            "spec": spec,
-            "options": embedder_options(emb),
-            "key_dtype": "float16",
-        },
+        "embedder": embedder_entry,
         "index": {"factory": index_factory, "search_params": params, "metric": "l2"},
     }
     _write_version(db_dir, base, shards, index_file, 1)
     logger.info("built %s: %d chunks, index %s", db_dir, n, index_factory)
-    return tok, emb
 
 
 def _train(db_dir: Path, shards: list[str], factory: str, n: int, dim: int, seed: int):

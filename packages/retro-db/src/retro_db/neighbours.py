@@ -82,32 +82,19 @@ def _write_part(
     atomic_write_json(d / "done.json", dict(info, chunks=len(tokens)))
 
 
-def _self_parts(db: Database, parts: Path, k: int, shard_chunks: int, progress: bool) -> list[Path]:
+def _self_jobs(db: Database, parts: Path, shard_chunks: int, progress: bool) -> Iterator[tuple]:
     n = db.num_chunks
-    out = []
     for p, start in enumerate(
         tqdm(range(0, n, shard_chunks), desc="neighbours", disable=not progress)
     ):
         d = parts / f"p{p:05d}"
-        out.append(d)
-        if (d / "done.json").is_file():
-            continue
-        ids = np.arange(start, min(n, start + shard_chunks), dtype=np.int64)
-        tokens, lengths = db.chunk_tokens(ids)
-        docs = db.store.doc_ids_of(ids)
-        _write_part(d, db, tokens, lengths, docs, db.keys(ids), docs, k, {"start": int(start)})
-    return out
+        done = (d / "done.json").is_file()
+        yield d, None if done else {"start": int(start), "stop": int(min(n, start + shard_chunks))}
 
 
-def _array_parts(
-    db: Database,
-    chunks: dict,
-    parts: Path,
-    k: int,
-    shard_chunks: int,
-    batch_size: int,
-    progress: bool,
-) -> list[Path]:
+def _array_jobs(
+    db: Database, chunks: dict, parts: Path, shard_chunks: int, progress: bool
+) -> Iterator[tuple]:
     tokens = np.asarray(chunks["tokens"])
     n = len(tokens)
     lengths = np.asarray(chunks.get("lengths", np.full(n, tokens.shape[1])), dtype=np.int32)
@@ -116,33 +103,30 @@ def _array_parts(
         raise ValueError(f"chunks['tokens']: expected [N, m={db.chunk_size}], got {tokens.shape}")
     if lengths.shape != (n,) or doc_ids.shape != (n,):
         raise ValueError(f"chunks['lengths'] and chunks['doc_ids']: expected [{n}]")
-    out = []
     for p, start in enumerate(
         tqdm(range(0, n, shard_chunks), desc="neighbours", disable=not progress)
     ):
         d = parts / f"p{p:05d}"
-        out.append(d)
         if (d / "done.json").is_file():
+            yield d, None
             continue
         sl = slice(start, min(n, start + shard_chunks))
-        keys = db.embed_chunks(tokens[sl], lengths[sl], batch_size=batch_size)
-        _write_part(
-            d, db, tokens[sl], lengths[sl], doc_ids[sl], keys, doc_ids[sl], k, {"start": start}
+        yield (
+            d,
+            {
+                "tokens": tokens[sl],
+                "lengths": lengths[sl],
+                "doc_ids": doc_ids[sl],
+                "exclude": doc_ids[sl],
+                "info": {"start": start},
+            },
         )
-    return out
 
 
-def _corpus_parts(
-    db: Database,
-    docs: Iterator,
-    parts: Path,
-    k: int,
-    shard_chunks: int,
-    batch_size: int,
-    progress: bool,
-) -> list[Path]:
+def _corpus_jobs(
+    db: Database, docs: Iterator, parts: Path, shard_chunks: int, progress: bool
+) -> Iterator[tuple]:
     m = db.chunk_size
-    out: list[Path] = []
     p = 0
     # A corpus document takes the id of the database document with the same doc_id string (so
     # "own document" means the same thing as in the database), else D + a running count.
@@ -161,7 +145,7 @@ def _corpus_parts(
                 f"{parts / f'p{p:05d}' / 'done.json'}: left by a run over another corpus; "
                 "delete the output folder or pass the same corpus"
             )
-        out.append(parts / f"p{p:05d}")
+        yield parts / f"p{p:05d}", None
         done_ids = np.unique(np.load(parts / f"p{p:05d}" / "doc_ids.npy", allow_pickle=False))
         used.update(int(x) for x in done_ids[done_ids < db.num_documents])
         fresh += int((done_ids >= db.num_documents).sum())
@@ -199,21 +183,64 @@ def _corpus_parts(
             n_chunks += len(t)
         if not consumed:
             break
-        d = parts / f"p{p:05d}"
-        if toks:
-            tokens, lengths = np.concatenate(toks), np.concatenate(lens)
-            keys = db.embed_chunks(tokens, lengths, batch_size=batch_size)
-            doc_ids, exclude = np.concatenate(dids), np.concatenate(excl)
-        else:
-            tokens = np.empty((0, m), db.store.dtype)
-            lengths, keys = np.empty(0, np.int32), np.empty((0, db.dim), np.float32)
-            doc_ids = exclude = np.empty(0, np.int64)
         info = {"docs_consumed": consumed, "documents": documents, "source_sha256": h.hexdigest()}
-        _write_part(d, db, tokens, lengths, doc_ids, keys, exclude, k, info)
-        out.append(d)
+        if toks:
+            yield (
+                parts / f"p{p:05d}",
+                {
+                    "tokens": np.concatenate(toks),
+                    "lengths": np.concatenate(lens),
+                    "doc_ids": np.concatenate(dids),
+                    "exclude": np.concatenate(excl),
+                    "info": info,
+                },
+            )
+        else:
+            empty = np.empty(0, np.int64)
+            yield (
+                parts / f"p{p:05d}",
+                {
+                    "tokens": np.empty((0, m), db.store.dtype),
+                    "lengths": np.empty(0, np.int32),
+                    "doc_ids": empty,
+                    "exclude": empty,
+                    "info": info,
+                },
+            )
         p += 1
     bar.close()
-    return out
+
+
+def part_jobs(
+    db: Database, corpus: Any, parts: Path, shard_chunks: int, progress: bool
+) -> Iterator[tuple[Path, dict[str, Any] | None]]:
+    """The parts of a neighbours run in order: (part directory, job), job None if already done.
+
+    A job is ``{"start", "stop"}`` (the database's own chunks, stored keys) or ``{"tokens" [n, m],
+    "lengths" [n], "doc_ids" [n], "exclude" [n], "info"}`` (chunks to embed); :func:`run_part`
+    computes one, on any process that has the database open.
+    """
+    if corpus is None:
+        return _self_jobs(db, parts, shard_chunks, progress)
+    if isinstance(corpus, dict):
+        return _array_jobs(db, corpus, parts, shard_chunks, progress)
+    return _corpus_jobs(db, iter_documents(corpus), parts, shard_chunks, progress)
+
+
+def run_part(db: Database, d: Path, job: dict[str, Any], k: int, batch_size: int) -> None:
+    """Compute one part of :func:`part_jobs` (keys, k neighbours) and write it to ``d``."""
+    if "start" in job and "tokens" not in job:
+        ids = np.arange(job["start"], job["stop"], dtype=np.int64)
+        tokens, lengths = db.chunk_tokens(ids)
+        docs = db.store.doc_ids_of(ids)
+        _write_part(d, db, tokens, lengths, docs, db.keys(ids), docs, k, {"start": job["start"]})
+        return
+    tokens, lengths = job["tokens"], job["lengths"]
+    if len(tokens):
+        keys = db.embed_chunks(tokens, lengths, batch_size=batch_size)
+    else:
+        keys = np.empty((0, db.dim), np.float32)
+    _write_part(d, db, tokens, lengths, job["doc_ids"], keys, job["exclude"], k, job["info"])
 
 
 def _concat(parts: list[Path], name: str, out: Path) -> None:
@@ -266,14 +293,16 @@ def write_neighbours(
     out.mkdir(parents=True, exist_ok=True)
     remove_stale_temp_files(out)
     parts_dir = out / "parts"
-    if corpus is None:
-        parts = _self_parts(db, parts_dir, k, shard_chunks, progress)
-    elif isinstance(corpus, dict):
-        parts = _array_parts(db, corpus, parts_dir, k, shard_chunks, batch_size, progress)
-    else:
-        parts = _corpus_parts(
-            db, iter_documents(corpus), parts_dir, k, shard_chunks, batch_size, progress
-        )
+    parts = []
+    for d, job in part_jobs(db, corpus, parts_dir, shard_chunks, progress):
+        if job is not None:
+            run_part(db, d, job, k, batch_size)
+        parts.append(d)
+    return finish_dataset(db, out, parts, k)
+
+
+def finish_dataset(db: Database, out: Path, parts: list[Path], k: int) -> dict[str, Any]:
+    """Concatenate the complete ``parts`` into the dataset arrays, write ``manifest.json`` last."""
     if not parts:
         raise DatabaseError(f"{out}: the corpus held no documents")
     for name in DATASET_FILES:
@@ -295,6 +324,6 @@ def write_neighbours(
         "files": {name: file_entry(out / name) for name in DATASET_FILES},
     }
     atomic_write_json(out / MANIFEST_NAME, manifest)
-    shutil.rmtree(parts_dir, ignore_errors=True)
+    shutil.rmtree(out / "parts", ignore_errors=True)
     logger.info("wrote %d chunks with k=%d neighbours to %s", len(doc_ids), k, out)
     return manifest
