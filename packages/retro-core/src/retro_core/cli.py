@@ -7,6 +7,11 @@ A thin argparse layer over :func:`retro_core.train.train`; every option maps to 
     retro-train --data runs/wiki-ds --out runs/base-tiny --preset tiny --baseline --steps 2000
     retro-train --data runs/wiki-ds --out runs/retro-tiny --resume          # continue a run
     retro-train --data runs/gpt2-ds --out runs/gpt2-retrofit --retrofit models/gpt2 --steps 500
+
+Data parallel (DistributedDataParallel; --batch-size is the GLOBAL micro-batch, split over the
+processes)::
+
+    torchrun --standalone --nproc_per_node 2 $(which retro-train) --data ... --out ... --batch-size 16
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -136,7 +142,13 @@ def build_parser() -> argparse.ArgumentParser:
     t = p.add_argument_group("training (defaults: TrainConfig)")
     t.add_argument("--train-config", type=Path, default=None, help="TrainConfig JSON; flags win")
     t.add_argument("--steps", type=int, default=None, help="optimizer steps (cosine ends here)")
-    t.add_argument("--batch-size", type=int, default=None, help="B, sequences per micro-batch")
+    t.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="B, sequences per micro-batch; under torchrun the GLOBAL micro-batch, split evenly "
+        "over the WORLD_SIZE processes (so it must be divisible by WORLD_SIZE)",
+    )
     t.add_argument("--grad-accum", type=int, default=None, help="micro-batches per step")
     t.add_argument("--lr", type=float, default=None, help="peak learning rate")
     t.add_argument("--min-lr", type=float, default=None, help="final learning rate")
@@ -159,6 +171,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--stop-after", type=int, default=None, help="pause after this many steps (resume later)"
     )
     t.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    t.add_argument(
+        "--dist-backend",
+        default=None,
+        help="torch.distributed backend under torchrun (default: nccl on CUDA, gloo on CPU)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
@@ -241,9 +258,14 @@ def _retrofit_model(args: argparse.Namespace, tc: Any, existing: Path | None) ->
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``retro-train`` console script."""
     args = build_parser().parse_args(argv)
+    # Under torchrun only rank 0 logs at INFO, prints and shows the progress bar.
+    rank = int(os.environ.get("RANK", "0") or 0)
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    level = logging.DEBUG if args.verbose else logging.INFO
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        level=level if rank == 0 else max(level, logging.WARNING),
+        format=(f"[rank {rank}] " if world > 1 else "")
+        + "%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     import torch
 
@@ -305,11 +327,15 @@ def main(argv: list[str] | None = None) -> int:
             resume=args.resume,
             stop_after=args.stop_after,
             progress=not args.no_progress,
+            dist_backend=args.dist_backend,
         )
     except (DatasetFormatError, TrainError, CheckpointError, ValueError) as e:
-        print(f"retro-train: error: {e}", file=sys.stderr)
+        where = f" (rank {rank})" if world > 1 else ""
+        print(f"retro-train: error{where}: {e}", file=sys.stderr)
         return 2
     del final  # printed from the file, where NaN is written as null
+    if rank != 0:
+        return 0
     print((args.out / "final_metrics.json").read_text(encoding="utf-8"), end="")
     return 0
 

@@ -18,12 +18,25 @@ Layout of ``out_dir``::
 
 Nothing is pickled: tensors go to safetensors, everything else to JSON.
 
+Data parallel: under ``torchrun --nproc_per_node W`` (environment variables RANK, WORLD_SIZE,
+LOCAL_RANK, MASTER_ADDR, MASTER_PORT), or when the caller has already initialised a
+``torch.distributed`` process group, :func:`train` wraps the model in
+:class:`~torch.nn.parallel.DistributedDataParallel` (backend nccl for CUDA devices, gloo otherwise;
+``dist_backend`` overrides). ``batch_size`` stays the GLOBAL micro-batch: every rank draws the same
+seeded sequence of global micro-batches and takes its contiguous 1/W slice, so the same
+TrainConfig trains the same model (up to float reduction order) on any number of processes, and a
+checkpoint resumes on a different W. The loss is normalised by the step's real-token count summed
+over all ranks. Only rank 0 writes metrics, checkpoints and shows a progress bar; validation is
+sharded over the ranks and all-reduced.
+
 Symbols: B sequences per micro-batch, n = l * m tokens per sequence, k neighbours, r tokens each.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import inspect
 import json
 import logging
 import math
@@ -38,10 +51,12 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from .checkpoint import load_checkpoint, read_checkpoint_config, save_checkpoint
@@ -216,10 +231,31 @@ class _BatchSampler:
     The data order is a pure function of (seed, position): epoch e is ``randperm(N)`` from a
     generator seeded with (seed, e); batches run on across epoch boundaries. Starting at sample
     ``start`` continues exactly where a run that consumed ``start`` samples stopped.
+
+    Data parallel: with ``world_size`` W > 1 every rank draws the same global micro-batches of
+    ``batch_size`` B (``start`` counts global samples) and yields its contiguous slice
+    ``batch[rank * B/W : (rank + 1) * B/W]``; the union over ranks is the single-process batch.
     """
 
-    def __init__(self, num_items: int, batch_size: int, seed: int, start: int = 0):
+    def __init__(
+        self,
+        num_items: int,
+        batch_size: int,
+        seed: int,
+        start: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        if batch_size % world_size:
+            raise TrainError(
+                f"TrainConfig.batch_size={batch_size}: the global micro-batch must be divisible "
+                f"by the number of processes WORLD_SIZE={world_size} (each rank takes "
+                f"batch_size / WORLD_SIZE sequences of it)"
+            )
+        if not 0 <= rank < world_size:
+            raise TrainError(f"rank {rank} is outside 0..{world_size - 1}")
         self.num_items, self.batch_size, self.seed, self.start = num_items, batch_size, seed, start
+        self.rank, self.world_size = rank, world_size
 
     def _perm(self, epoch: int) -> list[int]:
         g = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) % (2**63))
@@ -237,7 +273,11 @@ class _BatchSampler:
                 take = min(self.batch_size - len(batch), self.num_items - offset)
                 batch.extend(perm[offset : offset + take])
                 offset += take
-            yield batch
+            if self.world_size == 1:
+                yield batch
+            else:
+                b = self.batch_size // self.world_size
+                yield batch[self.rank * b : (self.rank + 1) * b]
 
 
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -262,20 +302,33 @@ def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str
 
 
 def _loss_sum(
-    model: Retro, batch: dict[str, torch.Tensor], retrieval: bool, bf16: bool
+    model: Retro,
+    batch: dict[str, torch.Tensor],
+    retrieval: bool,
+    bf16: bool,
+    *,
+    runner: nn.Module | None = None,
+    always_forward: bool = False,
 ) -> tuple[torch.Tensor, int]:
     """Summed next-token cross-entropy over the loss mask of one micro-batch, and its token count.
 
     Trailing positions that no sequence of the batch predicts from are cut (causal: they cannot
-    change the kept logits), rounded up to whole chunks.
+    change the kept logits), rounded up to whole chunks. ``runner`` is the module called for the
+    forward pass (the DistributedDataParallel wrapper of ``model``; default ``model``).
+    ``always_forward``: a micro-batch without real tokens still runs the forward pass over its
+    first chunk (a zero loss connected to every parameter), so that DDP's gradient hooks fire on
+    every rank.
     """
     mask = batch["loss_mask"]  # (B, n) bool
     count = int(mask.sum())
-    if count == 0:
-        return torch.zeros((), device=mask.device), 0
     m = model.config.chunk_size
-    last = int(torch.nonzero(mask.any(0))[-1]) + 1
-    T = min(mask.shape[1], -(-last // m) * m)
+    if count == 0:
+        if not always_forward:
+            return torch.zeros((), device=mask.device), 0
+        T = min(mask.shape[1], m)
+    else:
+        last = int(torch.nonzero(mask.any(0))[-1]) + 1
+        T = min(mask.shape[1], -(-last // m) * m)
     tokens = batch["tokens"][:, :T]  # (B, T)
     targets = batch["targets"][:, :T].masked_fill(~mask[:, :T], -100)  # (B, T)
     neighbours = lengths = None
@@ -285,7 +338,7 @@ def _loss_sum(
         lengths = batch["neighbour_lengths"][:, :u]  # (B, l', k)
     device_type = tokens.device.type
     with torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=bf16):
-        logits = model(tokens, neighbours, lengths)  # (B, T, V)
+        logits = (model if runner is None else runner)(tokens, neighbours, lengths)  # (B, T, V)
     loss = F.cross_entropy(
         logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum"
     )
@@ -293,15 +346,15 @@ def _loss_sum(
 
 
 @torch.no_grad()
-def _evaluate(
+def _evaluate_sums(
     model: Retro,
     loader: DataLoader,
     batches: int,
     retrieval: bool,
     bf16: bool,
     device: torch.device,
-) -> float:
-    """Token-weighted mean validation loss over the first ``batches`` micro-batches (fixed order)."""
+) -> tuple[float, int]:
+    """Summed validation loss and real-token count over the first ``batches`` micro-batches."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
@@ -312,7 +365,115 @@ def _evaluate(
         total += float(loss)
         count += n
     model.train(was_training)
+    return total, count
+
+
+def _evaluate(
+    model: Retro,
+    loader: DataLoader,
+    batches: int,
+    retrieval: bool,
+    bf16: bool,
+    device: torch.device,
+) -> float:
+    """Token-weighted mean validation loss over the first ``batches`` micro-batches (fixed order)."""
+    total, count = _evaluate_sums(model, loader, batches, retrieval, bf16, device)
     return total / count if count else float("nan")
+
+
+# ----------------------------------------------------------------------------------------------
+# data parallel
+
+
+@dataclass(frozen=True)
+class _Dist:
+    """This process's place in a torch.distributed job."""
+
+    rank: int
+    world_size: int
+    created: bool  # train() initialised the process group and destroys it at the end
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name, "")
+    if not value:
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise TrainError(
+            f"environment variable {name}={value!r}: expected an int (torchrun sets it)"
+        ) from None
+
+
+def _setup_distributed(
+    device: torch.device, backend: str | None
+) -> tuple[_Dist | None, torch.device]:
+    """Join the data-parallel job, if any: an initialised process group, or torchrun's variables.
+
+    Returns None (single process, nothing initialised) when no process group exists and
+    WORLD_SIZE is unset or 1. A device "cuda" without an index becomes cuda:LOCAL_RANK.
+    """
+    initialised = dist.is_available() and dist.is_initialized()
+    if not initialised and _env_int("WORLD_SIZE", 1) <= 1:
+        return None, device
+    if not dist.is_available():
+        raise TrainError(
+            f"WORLD_SIZE={os.environ.get('WORLD_SIZE')}: this torch build has no torch.distributed"
+        )
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", _env_int("LOCAL_RANK", 0))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if initialised:
+        return _Dist(dist.get_rank(), dist.get_world_size(), created=False), device
+    for name in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
+        if not os.environ.get(name):
+            raise TrainError(
+                f"WORLD_SIZE={os.environ['WORLD_SIZE']} but environment variable {name} is not set: "
+                "launch data-parallel training with torchrun"
+            )
+    backend = backend or ("nccl" if device.type == "cuda" else "gloo")
+    dist.init_process_group(backend=backend)
+    logger.info(
+        "data parallel: rank %d of %d, backend %s, device %s",
+        dist.get_rank(),
+        dist.get_world_size(),
+        backend,
+        device,
+    )
+    return _Dist(dist.get_rank(), dist.get_world_size(), created=True), device
+
+
+def _all_reduce(
+    values: list[float | int], dtype: torch.dtype, device: torch.device, op: Any = None
+):
+    """Element-wise sum (or ``op``) of a short list of numbers over all ranks."""
+    t = torch.tensor(values, dtype=dtype, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM if op is None else op)
+    return t.tolist()
+
+
+def _wrap_ddp(model: nn.Module, device: torch.device, find_unused: bool) -> DistributedDataParallel:
+    """DistributedDataParallel over the trainable parameters of ``model``.
+
+    Frozen parameters (a retro-fitted model's base) are left out of DDP (they are loaded from the
+    same files on every rank); buffers (rotary tables) are constants and not re-broadcast.
+    """
+    frozen = [name for name, p in model.named_parameters() if not p.requires_grad]
+    if frozen:
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, frozen)
+    kwargs: dict[str, Any] = {}
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters:
+        kwargs["forward_sync_buffers"] = False  # torch >= 2.13
+    else:  # pragma: no cover (older torch)
+        kwargs["broadcast_buffers"] = False
+    return DistributedDataParallel(
+        model,
+        device_ids=[device.index] if device.type == "cuda" else None,
+        find_unused_parameters=find_unused,
+        **kwargs,
+    )
 
 
 def _finite(obj: Any) -> Any:
@@ -514,8 +675,13 @@ def train(
     resume: bool = False,
     stop_after: int | None = None,
     progress: bool = True,
+    dist_backend: str | None = None,
 ) -> dict[str, Any]:
     """Train a RETRO model (or its baseline) on a dataset directory; checkpoint and resume.
+
+    Runs data parallel (DistributedDataParallel) when started by ``torchrun`` with WORLD_SIZE > 1
+    or when a torch.distributed process group is already initialised (see the module docstring);
+    otherwise in this process alone.
 
     Args:
         model_config_or_model: a :class:`RetroConfig` (a model is built from it after seeding;
@@ -533,17 +699,74 @@ def train(
             ``resume`` an ``out_dir`` that holds checkpoints is refused.
         stop_after: stop once this many optimizer steps are done in total (the schedule still
             runs to ``train_config.steps``); used to pause a run and resume it later.
-        progress: show a tqdm progress bar.
+        progress: show a tqdm progress bar (rank 0 only).
+        dist_backend: torch.distributed backend when this call initialises the process group
+            (default: nccl for a CUDA device, gloo otherwise).
 
     Returns:
         Final metrics: step, loss (last step), val_loss (the latest validation, NaN without one),
         tokens_total (real tokens predicted), elapsed (s), checkpoint (path), num_parameters,
-        finished (False when stopped by ``stop_after``).
+        finished (False when stopped by ``stop_after``). Data parallel: the same on every rank
+        (losses and token counts are global), only rank 0 writes files.
     """
-    tc = train_config
+    device = torch.device(train_config.device)
+    dist_, device = _setup_distributed(device, dist_backend)
+    if dist_ is None:
+        return _train(
+            model_config_or_model,
+            train_config,
+            dataset_dir,
+            out_dir,
+            valid_dir=valid_dir,
+            resume=resume,
+            stop_after=stop_after,
+            progress=progress,
+            device=device,
+            dist_=None,
+        )
+    try:
+        return _train(
+            model_config_or_model,
+            train_config,
+            dataset_dir,
+            out_dir,
+            valid_dir=valid_dir,
+            resume=resume,
+            stop_after=stop_after,
+            progress=progress,
+            device=device,
+            dist_=dist_,
+        )
+    finally:
+        if dist_.created:
+            dist.destroy_process_group()
+
+
+def _train(
+    model_config_or_model: RetroConfig | Retro,
+    tc: TrainConfig,
+    dataset_dir: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    *,
+    valid_dir: str | os.PathLike[str] | None,
+    resume: bool,
+    stop_after: int | None,
+    progress: bool,
+    device: torch.device,
+    dist_: _Dist | None,
+) -> dict[str, Any]:
+    """The body of :func:`train` (``dist_`` None: a single process, exactly as before DDP)."""
+    rank, world = (0, 1) if dist_ is None else (dist_.rank, dist_.world_size)
+    is_main = rank == 0
+    if tc.batch_size % world:
+        raise TrainError(
+            f"TrainConfig.batch_size={tc.batch_size}: the global micro-batch must be divisible by "
+            f"the number of processes WORLD_SIZE={world} (global batch per step = batch_size x "
+            f"grad_accum = {tc.batch_size * tc.grad_accum} = WORLD_SIZE x grad_accum x per-rank "
+            "micro-batch)"
+        )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    device = torch.device(tc.device)
 
     random.seed(tc.seed)
     np.random.seed(tc.seed % 2**32)  # noqa: NPY002 (seed the global RNG for user code)
@@ -643,25 +866,47 @@ def train(
         if resume:
             logger.info("resume requested but %s has no checkpoint: starting from scratch", out)
 
-    _write_json(out / "train_config.json", tc.to_dict())
-    metrics_path = out / "metrics.jsonl"
-    if step == 0:
-        metrics_path.write_text("", encoding="utf-8")
-    elif metrics_path.exists():  # drop lines logged after the checkpoint we resume from
-        kept = [
-            line
-            for line in metrics_path.read_text(encoding="utf-8").splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= step
-        ]
-        metrics_path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    ddp: DistributedDataParallel | None = None
+    if dist_ is not None:
+        # Every rank must start from the same point: a checkpoint seen by rank 0 only (out_dir not
+        # on a shared filesystem) would silently desynchronise the data order and optimizer.
+        lo = _all_reduce([step, samples_seen], torch.int64, device, dist.ReduceOp.MIN)
+        hi = _all_reduce([step, samples_seen], torch.int64, device, dist.ReduceOp.MAX)
+        if lo != hi:
+            raise TrainError(
+                f"{out}: the ranks start at different steps ({lo[0]}..{hi[0]}); every rank must "
+                "see the same out_dir and checkpoint (use a shared filesystem)"
+            )
+        # RETRO trained without retrieval never runs its encoder and CCA layers.
+        ddp = _wrap_ddp(model, device, find_unused=cfg.is_retro and not retrieval)
 
-    sampler = _BatchSampler(len(train_ds), tc.batch_size, tc.seed, start=samples_seen)
+    metrics_path = out / "metrics.jsonl"
+    if is_main:  # only rank 0 writes files
+        _write_json(out / "train_config.json", tc.to_dict())
+        if step == 0:
+            metrics_path.write_text("", encoding="utf-8")
+        elif metrics_path.exists():  # drop lines logged after the checkpoint we resume from
+            kept = [
+                line
+                for line in metrics_path.read_text(encoding="utf-8").splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step
+            ]
+            metrics_path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+    sampler = _BatchSampler(
+        len(train_ds), tc.batch_size, tc.seed, start=samples_seen, rank=rank, world_size=world
+    )
     loader_gen = torch.Generator().manual_seed(tc.seed)  # keeps DataLoader off the global RNG
     train_iter = iter(
         DataLoader(
             train_ds, batch_sampler=sampler, num_workers=tc.num_workers, generator=loader_gen
         )
     )
+    if valid_ds is not None and dist_ is not None:
+        # Sharded validation: the sequences a single process would evaluate, split over the ranks;
+        # the loss sums and token counts are all-reduced, so the value is the single-process one.
+        n_eval = min(len(valid_ds), tc.eval_batches * tc.batch_size)
+        valid_ds = Subset(valid_ds, list(range(rank, n_eval, world)))  # type: ignore[assignment]
     valid_loader = (
         None
         if valid_ds is None
@@ -673,10 +918,21 @@ def train(
             generator=torch.Generator().manual_seed(tc.seed),
         )
     )
+
+    def evaluate() -> float:
+        assert valid_loader is not None
+        if dist_ is None:
+            return _evaluate(model, valid_loader, tc.eval_batches, retrieval, tc.bf16, device)
+        total, count = _evaluate_sums(
+            model, valid_loader, tc.eval_batches, retrieval, tc.bf16, device
+        )
+        total, count = _all_reduce([total, count], torch.float64, device)
+        return total / count if count else float("nan")
+
     params = [p for g in optimizer.param_groups for p in g["params"]]
     end_step = tc.steps if stop_after is None else min(tc.steps, stop_after)
     logger.info(
-        "training %s (%d parameters) on %s: %d sequences (n=%d), steps %d..%d, retrieval=%s, k=%d",
+        "training %s (%d parameters) on %s: %d sequences (n=%d), steps %d..%d, retrieval=%s, k=%d%s",
         "RETRO" if retrieval else "baseline",
         model.num_parameters(),
         dataset_dir,
@@ -686,6 +942,7 @@ def train(
         end_step,
         retrieval,
         k_read,
+        "" if dist_ is None else f", data parallel over {world} processes",
     )
 
     def scalars() -> dict[str, Any]:
@@ -699,23 +956,49 @@ def train(
         }
 
     t0 = time.perf_counter()
-    bar = tqdm(total=end_step, initial=step, disable=not progress, desc="train", unit="step")
+    bar = tqdm(
+        total=end_step, initial=step, disable=not (progress and is_main), desc="train", unit="step"
+    )
     checkpoint_path = existing if resume else None
-    with open(metrics_path, "a", encoding="utf-8") as log:
+    log_ctx = (
+        open(metrics_path, "a", encoding="utf-8")
+        if is_main
+        else contextlib.nullcontext(None)
+    )
+    with log_ctx as log:
         while step < end_step:
             micro = [_to_device(next(train_iter), device) for _ in range(tc.grad_accum)]
-            samples_seen += tc.batch_size * tc.grad_accum
+            samples_seen += tc.batch_size * tc.grad_accum  # global: every rank's share together
             step_tokens = sum(int(b["loss_mask"].sum()) for b in micro)
+            if ddp is not None:  # the loss is the mean over the real tokens of ALL ranks
+                step_tokens = int(_all_reduce([step_tokens], torch.int64, device)[0])
             lr = lr_at(step, tc)
             for g in optimizer.param_groups:
                 g["lr"] = lr
             optimizer.zero_grad(set_to_none=True)
             loss_total = 0.0
-            for b in micro:  # each micro-batch's share of the mean over all real tokens of the step
-                loss_sum, n = _loss_sum(model, b, retrieval, tc.bf16)
-                if n:
-                    (loss_sum / step_tokens).backward()
+            if ddp is None:
+                for b in micro:  # each micro-batch's share of the mean over the step's real tokens
+                    loss_sum, n = _loss_sum(model, b, retrieval, tc.bf16)
+                    if n:
+                        (loss_sum / step_tokens).backward()
+                        loss_total += float(loss_sum.detach())
+            elif step_tokens:
+                # DDP averages gradients over the W ranks; scaling each rank's token sum by
+                # W / (all ranks' tokens) makes that average the single-process gradient
+                # sum_ranks grad(loss sum) / step_tokens. Every rank runs every micro-batch (even
+                # one without real tokens) so that the gradient all-reduce sees all ranks; it
+                # runs once per step, after the last micro-batch (no_sync before it).
+                scale = world / step_tokens
+                for i, b in enumerate(micro):
+                    last_micro = i == len(micro) - 1
+                    with contextlib.nullcontext() if last_micro else ddp.no_sync():
+                        loss_sum, _ = _loss_sum(
+                            model, b, retrieval, tc.bf16, runner=ddp, always_forward=True
+                        )
+                        (loss_sum * scale).backward()
                     loss_total += float(loss_sum.detach())
+                loss_total = float(_all_reduce([loss_total], torch.float64, device)[0])
             max_norm = tc.grad_clip if tc.grad_clip else float("inf")
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
             optimizer.step()
@@ -729,12 +1012,10 @@ def train(
             if valid_loader is not None and (
                 (tc.eval_every and step % tc.eval_every == 0) or step == tc.steps
             ):
-                last_val = _evaluate(
-                    model, valid_loader, tc.eval_batches, retrieval, tc.bf16, device
-                )
+                last_val = evaluate()
                 record = {} if record is None else record
                 record["val_loss"] = last_val
-            if record is not None:
+            if record is not None and log is not None:
                 record = {
                     "step": step,
                     "loss": last_loss,
@@ -750,9 +1031,12 @@ def train(
             bar.update(1)
             bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}")
             if (tc.checkpoint_every and step % tc.checkpoint_every == 0) or step == end_step:
-                checkpoint_path = _save_checkpoint(
-                    out, model, optimizer, scalars(), tc.keep_checkpoints
-                )
+                if is_main:
+                    checkpoint_path = _save_checkpoint(
+                        out, model, optimizer, scalars(), tc.keep_checkpoints
+                    )
+                else:
+                    checkpoint_path = out / "checkpoints" / f"step_{step:08d}"
     bar.close()
 
     final = {
@@ -766,5 +1050,8 @@ def train(
         "retrieval": retrieval,
         "finished": step >= tc.steps,
     }
-    _write_json(out / "final_metrics.json", final)
+    if is_main:
+        _write_json(out / "final_metrics.json", final)
+    if dist_ is not None:
+        dist.barrier()  # every rank returns once rank 0's final checkpoint and metrics exist
     return final
