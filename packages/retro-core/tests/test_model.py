@@ -55,6 +55,21 @@ def test_forward_shapes_any_length_and_k():
     assert model(torch.randint(0, V, (1, 7))).shape == (1, 7, V)
 
 
+def test_logits_to_keep_selects_positions_of_the_full_logits():
+    # Independent truth: the full (B, n, |V|) logits, sliced afterwards.
+    model = tiny_model()
+    x, nb, _ = _random_inputs(3, 11)
+    full = model(x, nb)
+    torch.testing.assert_close(model(x, nb, logits_to_keep=0), full, rtol=0, atol=0)
+    torch.testing.assert_close(model(x, nb, logits_to_keep=4), full[:, -4:], rtol=0, atol=1e-12)
+    idx = torch.tensor([0, 5, 6, 10])
+    torch.testing.assert_close(model(x, nb, logits_to_keep=idx), full[:, idx], rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="logits_to_keep"):
+        model(x, logits_to_keep=-1)
+    with pytest.raises(ValueError, match="1-D"):
+        model(x, logits_to_keep=torch.zeros(2, 2, dtype=torch.long))
+
+
 def test_bad_inputs_raise_clear_errors():
     model = tiny_model(dtype=torch.float32)
     x = torch.randint(0, V, (2, 9))

@@ -151,6 +151,17 @@ def test_logits_without_neighbours_equal_the_base_model(base_dir):
     assert a.tolist() == b.tolist()
 
 
+def test_logits_to_keep_matches_the_full_logits(base_dir):
+    model = retrofit(base_dir, chunk_size=M, k=K)
+    _randomise_new_weights(model)
+    x, nb, _ = _inputs(2, 13)
+    with torch.no_grad():
+        full = model(x, nb)
+        torch.testing.assert_close(model(x, nb, logits_to_keep=5), full[:, -5:])
+        idx = torch.tensor([1, 7, 12])
+        torch.testing.assert_close(model(x, nb, logits_to_keep=idx), full[:, idx])
+
+
 def test_only_new_parameters_are_trainable_and_get_gradients(base_dir):
     model = retrofit(base_dir, chunk_size=M, k=K)
     base_names = {f"base.{n}" for n, _ in model.base.named_parameters()}

@@ -191,3 +191,23 @@ def test_bad_window_and_empty_document(tok):
         score_documents(model, tok, TEXTS, window=64, progress=False)
     with pytest.raises(ValueError, match="document 1"):
         score_documents(model, tok, ["ok", ""], progress=False)
+
+
+class _FullLogitsOnly(torch.nn.Module):
+    """A model whose forward has no ``logits_to_keep``: the scorer must read all positions."""
+
+    def __init__(self, model: Retro):
+        super().__init__()
+        self.model = model
+        self.config = model.config
+
+    def forward(self, tokens, neighbours=None, neighbour_lengths=None):
+        return self.model(tokens, neighbours, neighbour_lengths)
+
+
+def test_models_without_logits_to_keep_score_the_same(tok, retriever):
+    model = tiny_model()
+    kw = dict(retriever=retriever, k=2, window=24, stride=8, batch_size=3, progress=False)
+    fast = score_documents(model, tok, TEXTS, **kw)
+    full = score_documents(_FullLogitsOnly(model), tok, TEXTS, **kw)
+    np.testing.assert_allclose(fast.bits, full.bits, rtol=1e-5, atol=1e-5)

@@ -55,6 +55,24 @@ logger = logging.getLogger(__name__)
 # Rotary position embeddings (Su et al., 2021)
 
 
+def keep_positions(h: Tensor, logits_to_keep: int | Tensor) -> Tensor:
+    """The positions of h (B, T, d) whose logits are wanted (Hugging Face's ``logits_to_keep``).
+
+    0 keeps all T, an int N > 0 the last N, a 1-D int tensor those positions (B, len, d).
+    """
+    if isinstance(logits_to_keep, Tensor):
+        if logits_to_keep.ndim != 1:
+            raise ValueError(
+                f"logits_to_keep: expected an int or a 1-D tensor of positions, got shape "
+                f"{tuple(logits_to_keep.shape)}"
+            )
+        return h[:, logits_to_keep.to(h.device)]
+    n = int(logits_to_keep)
+    if n < 0:
+        raise ValueError(f"logits_to_keep: expected >= 0 (0 = every position), got {n}")
+    return h if n == 0 else h[:, -n:]
+
+
 class Rotary(nn.Module):
     """A table of rotary cos/sin for positions 0 .. max_pos-1 (not saved in the state dict)."""
 
@@ -463,6 +481,7 @@ class Retro(nn.Module):
         neighbour_lengths: Tensor | None = None,
         *,
         cache: KVCache | None = None,
+        logits_to_keep: int | Tensor = 0,
     ) -> Tensor:
         """Next-token logits.
 
@@ -476,9 +495,13 @@ class Retro(nn.Module):
             neighbour_lengths: int (B, l, k) real tokens per neighbour row (a prefix; 0 = no
                 neighbour), or None when all r tokens are real.
             cache: a :class:`KVCache` for incremental decoding, updated in place.
+            logits_to_keep: as in Hugging Face models: 0 = logits at all T positions; an int
+                N > 0 = only the last N positions; a 1-D int tensor = only those positions (the
+                same for every row). The |V|-way read-out is the costliest matmul of a small
+                model, so scoring a strided window's new tokens only is much cheaper.
 
         Returns:
-            logits (B, T, |V|).
+            logits (B, T, |V|), or (B, N, |V|) / (B, len(logits_to_keep), |V|).
         """
         cfg = self.config
         start = cache.length if cache is not None else 0
@@ -520,7 +543,7 @@ class Retro(nn.Module):
 
         if cache is not None:
             cache.length = end
-        h = self.norm_f(h)
+        h = self.norm_f(keep_positions(h, logits_to_keep))
         return F.linear(h, self.tok_emb.weight)  # (B, T, |V|), tied READ
 
     def _cca_kv(

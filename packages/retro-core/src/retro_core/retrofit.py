@@ -52,7 +52,7 @@ from torch import Tensor, nn
 
 from .checkpoint import read_versioned_config
 from .config import RetroConfig
-from .model import ChunkedCrossAttention, Encoder, KVCache, Retro, Rotary
+from .model import ChunkedCrossAttention, Encoder, KVCache, Retro, Rotary, keep_positions
 from .retrieval import check_retriever
 
 __all__ = [
@@ -287,6 +287,7 @@ class RetrofittedLM(nn.Module):
         # transformers >= 5.x names the KV cache argument `cache` (`past_key_values` before).
         params = inspect.signature(base.forward).parameters
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
+        self._keeps_logits = "logits_to_keep" in params
         self._hooks = [
             layers[p - 1].register_forward_hook(partial(self._after_layer, p))
             for p in config.cca_layers
@@ -353,6 +354,7 @@ class RetrofittedLM(nn.Module):
         neighbour_lengths: Tensor | None = None,
         *,
         cache: RetrofitCache | None = None,
+        logits_to_keep: int | Tensor = 0,
     ) -> Tensor:
         """Next-token logits of the retro-fitted model (same contract as ``Retro.forward``).
 
@@ -364,6 +366,8 @@ class RetrofittedLM(nn.Module):
             neighbour_lengths: int (B, l, k) real tokens per neighbour row, or None (all real).
             cache: a :class:`RetrofitCache`, updated in place (the base model's past_key_values
                 plus the encoded neighbours of completed chunks).
+            logits_to_keep: 0 = all positions, N > 0 = the last N, a 1-D tensor = those
+                positions (passed to the base model when it accepts ``logits_to_keep``).
 
         Returns:
             logits (B, T, |V|).
@@ -373,19 +377,21 @@ class RetrofittedLM(nn.Module):
         self._check_inputs(tokens, neighbours, neighbour_lengths, end)
         self._call = _Call(start, neighbours, neighbour_lengths, cache)
         past = None if cache is None else cache.past_key_values
+        kwargs: dict[str, Any] = {self._cache_kwarg: past}
+        if self._keeps_logits:
+            kwargs["logits_to_keep"] = logits_to_keep
         try:
             out = self.base(
-                input_ids=tokens,
-                use_cache=cache is not None,
-                return_dict=True,
-                **{self._cache_kwarg: past},
+                input_ids=tokens, use_cache=cache is not None, return_dict=True, **kwargs
             )
         finally:
             self._call = None
         if cache is not None:
             cache.past_key_values = getattr(out, self._cache_kwarg)
             cache.length = end
-        return out.logits
+        if self._keeps_logits:
+            return out.logits
+        return keep_positions(out.logits, logits_to_keep)
 
     def _after_layer(self, p: int, module: nn.Module, args: Any, output: Any) -> Any:
         """Forward hook of decoder layer p (1-indexed): encode at min(P), then CCA when p in P."""

@@ -31,6 +31,7 @@ bytes (+0.001%). lm-eval's ``bits_per_byte`` divides by the document's own UTF-8
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -338,6 +339,14 @@ def _model_device(model: torch.nn.Module) -> torch.device:
         return torch.device("cpu")
 
 
+def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
+    """Whether ``model.forward`` takes ``logits_to_keep`` (Retro, RETRO-fitted and HF models)."""
+    try:
+        return "logits_to_keep" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def _targets_logprob(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """log p of targets: logits [B, t, V], targets [B, t] -> [B, t] (float32 log-softmax)."""
     logp = torch.log_softmax(logits.float(), dim=-1)
@@ -405,8 +414,12 @@ def score_token_documents(
             token_bits[i][0] = -first_logp[d[0]] / LN2
 
         windows = [w for i, d in enumerate(docs) for w in plan_windows(len(d), n, s, doc=i)]
-        # Group by chunk count so a batch needs at most m-1 tokens of right padding each.
-        windows.sort(key=lambda w: (math.ceil((w.end - w.begin) / m), w.doc, w.begin))
+        # Group by chunk count so a batch needs at most m-1 tokens of right padding each, then
+        # by the first scored position so a batch reads out few positions it does not score.
+        windows.sort(
+            key=lambda w: (math.ceil((w.end - w.begin) / m), w.score_from - w.begin, w.doc, w.begin)
+        )
+        keeps = _accepts_logits_to_keep(model)
         batches: list[list[Window]] = []
         for w in windows:
             lw = math.ceil((w.end - w.begin) / m)
@@ -436,13 +449,18 @@ def score_token_documents(
                     nl[b, : c1 - c0] = nb.lengths[c0:c1]
                 kwargs["neighbours"] = torch.from_numpy(nt).to(device)
                 kwargs["neighbour_lengths"] = torch.from_numpy(nl).to(device)
-            logits = model(torch.from_numpy(tok).to(device), **kwargs)  # [B, l*m, V]
+            # Position p predicts token p+1: logits from the batch's first scored position only
+            # (the |V|-way read-out dominates a small model's cost; earlier positions are context).
+            first = min(w.score_from - 1 - w.begin for w in batch) if keeps else 0
+            if keeps:
+                kwargs["logits_to_keep"] = lw * m - first
+            logits = model(torch.from_numpy(tok).to(device), **kwargs)  # [B, l*m - first, V]
             for b, w in enumerate(batch):
-                # Position p predicts token p+1; only the window's new targets are normalised.
+                # Only the window's new targets are normalised.
                 lo = w.score_from - 1 - w.begin
                 hi = w.end - 1 - w.begin
                 tgt = torch.from_numpy(tok[b, lo + 1 : hi + 1]).to(device)
-                logp = _targets_logprob(logits[b : b + 1, lo:hi], tgt[None])[0]
+                logp = _targets_logprob(logits[b : b + 1, lo - first : hi - first], tgt[None])[0]
                 token_bits[w.doc][w.score_from : w.end] = -logp.double().cpu().numpy() / LN2
     if was_training:
         model.train()
