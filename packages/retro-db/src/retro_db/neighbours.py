@@ -19,7 +19,7 @@ import hashlib
 import logging
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -269,6 +269,7 @@ def write_neighbours(
     shard_chunks: int = 16384,
     batch_size: int = 64,
     progress: bool = True,
+    runner: Callable[..., list[Path]] | None = None,
 ) -> dict[str, Any]:
     """Write the training dataset (chunks of ``corpus`` and their k neighbours) to ``out_dir``.
 
@@ -281,6 +282,8 @@ def write_neighbours(
         out_dir: output directory (resumes if it holds an interrupted run's parts).
         k: neighbours per chunk.
         shard_chunks: chunks per part (the unit of resumption).
+        runner: ``runner(db, jobs, k, batch_size) -> part directories`` computes the parts of
+            :func:`part_jobs` (None: one after the other here; the Ray engine passes its own).
 
     Returns:
         The manifest written (tokens [N, m], neighbours [N, k, r=2m], ...; see API.md).
@@ -293,12 +296,19 @@ def write_neighbours(
     out.mkdir(parents=True, exist_ok=True)
     remove_stale_temp_files(out)
     parts_dir = out / "parts"
+    # A runner shows its own progress (over finished parts).
+    jobs = part_jobs(db, corpus, parts_dir, shard_chunks, progress and runner is None)
+    parts = (runner or _run_parts)(db, jobs, k, batch_size)
+    return finish_dataset(db, out, parts, k)
+
+
+def _run_parts(db: Database, jobs: Iterator, k: int, batch_size: int) -> list[Path]:
     parts = []
-    for d, job in part_jobs(db, corpus, parts_dir, shard_chunks, progress):
+    for d, job in jobs:
         if job is not None:
             run_part(db, d, job, k, batch_size)
         parts.append(d)
-    return finish_dataset(db, out, parts, k)
+    return parts
 
 
 def finish_dataset(db: Database, out: Path, parts: list[Path], k: int) -> dict[str, Any]:

