@@ -7,6 +7,7 @@ of the test suite checks against hand-computed losses.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import signal
@@ -318,3 +319,51 @@ def test_torchrun_two_processes_follow_the_single_process_loss_curve(dataset_dir
         "step_00000020",
     ]
     _assert_same_run(single, two, rel=1e-5, atol_weights=1e-5)
+
+
+def test_indivisible_global_batch_is_refused_by_train(dataset_dir, tmp_path, monkeypatch):
+    train_mod = importlib.import_module("retro_core.train")  # (retro_core.train is the function)
+
+    fake = train_mod._Dist(rank=0, world_size=2, created=False)  # checked before any collective
+    monkeypatch.setattr(train_mod, "_setup_distributed", lambda device, backend: (fake, device))
+    tc = TrainConfig(**{**TRAIN, "batch_size": 3})
+    with pytest.raises(TrainError, match=r"batch_size=3: .*divisible by .*WORLD_SIZE=2"):
+        train(_model_config(), tc, dataset_dir, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+@needs_gloo
+def test_retrofit_trains_through_ddp_like_the_plain_run(tmp_path):
+    """A retro-fitted GPT-2 (frozen base, left out of DDP) through the one-rank DDP path."""
+    transformers = pytest.importorskip("transformers")
+    from retro_core.retrofit import retrofit
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    torch.manual_seed(0)
+    gpt2 = transformers.GPT2Config(
+        vocab_size=V, n_embd=32, n_layer=2, n_head=2, n_positions=64, bos_token_id=0, eos_token_id=0
+    )
+    base = tmp_path / "tiny-gpt2"
+    transformers.GPT2LMHeadModel(gpt2).save_pretrained(str(base))
+    ds = _make_dataset(tmp_path / "ds", n_docs=8)
+    tc = TrainConfig(**{**TRAIN, "steps": 4, "eval_every": 2, "checkpoint_every": 2})
+
+    def fresh():
+        kw = dict(chunk_size=M, k=K, enc_layers=1, cca_layers=(2,), seed=0)
+        return retrofit(base, tokenizer_id="count-tok", pad_id=PAD, **kw)
+
+    model_a, model_b = fresh(), fresh()
+    plain = train(model_a, tc, ds, tmp_path / "plain", progress=False)
+    ddp = _in_one_rank_group(lambda: train(model_b, tc, ds, tmp_path / "ddp", progress=False))
+    assert plain["tokens_total"] == ddp["tokens_total"]
+    ma, mb = _metrics(tmp_path / "plain"), _metrics(tmp_path / "ddp")
+    assert [r["loss"] for r in mb] == pytest.approx([r["loss"] for r in ma], rel=1e-5)
+    assert mb[-1]["val_loss"] == pytest.approx(ma[-1]["val_loss"], rel=1e-5)
+    new_a = {n: p for n, p in model_a.named_parameters() if p.requires_grad}
+    new_b = dict(model_b.named_parameters())
+    assert new_a
+    for name, p in new_a.items():
+        torch.testing.assert_close(new_b[name], p, rtol=0, atol=1e-5, msg=name)
+    base_a = {n: p for n, p in model_a.named_parameters() if not p.requires_grad}
+    assert all(torch.equal(new_b[n], p) for n, p in base_a.items())
