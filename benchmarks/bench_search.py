@@ -53,7 +53,9 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-CACHE = HERE / ".cache"
+# Key cache (float16 pieces, named by content hash): RETRO_BENCH_CACHE moves it, e.g. to share it
+# between clones; a wrong or stale piece cannot be picked up, the name hashes texts + encoder.
+CACHE = Path(os.environ.get("RETRO_BENCH_CACHE") or HERE / ".cache")
 DATA = HERE.parent.parent / "shared" / "data"
 if not DATA.exists():
     DATA = Path("/work/shared/data")
@@ -126,7 +128,7 @@ def cached_keys(texts: list[str], emb, progress: bool = True) -> np.ndarray:
     """float16 keys [len(texts), d], computed piece by piece into benchmarks/.cache/."""
     from tqdm.auto import tqdm
 
-    CACHE.mkdir(exist_ok=True)
+    CACHE.mkdir(parents=True, exist_ok=True)
     mode = f"{emb.id}|{emb.precision}|{emb.max_length}|{int(emb.normalize)}"
     out = []
     pieces = range(0, len(texts), PIECE)
