@@ -367,3 +367,22 @@ def test_retrofit_trains_through_ddp_like_the_plain_run(tmp_path):
         torch.testing.assert_close(new_b[name], p, rtol=0, atol=1e-5, msg=name)
     base_a = {n: p for n, p in model_a.named_parameters() if not p.requires_grad}
     assert all(torch.equal(new_b[n], p) for n, p in base_a.items())
+
+
+def test_world_size_without_torchrun_variables_is_refused(dataset_dir, tmp_path, monkeypatch):
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for name in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(TrainError, match="RANK is not set: launch data-parallel .* torchrun"):
+        train(_model_config(), TrainConfig(**TRAIN), dataset_dir, tmp_path / "run", progress=False)
+    monkeypatch.setenv("WORLD_SIZE", "1")  # torchrun --nproc_per_node 1: a plain run
+    final = train(
+        _model_config(),
+        TrainConfig(**{**TRAIN, "steps": 1}),
+        dataset_dir,
+        tmp_path / "one",
+        progress=False,
+    )
+    assert final["step"] == 1 and not dist.is_initialized()

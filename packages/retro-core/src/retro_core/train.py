@@ -413,6 +413,7 @@ def _setup_distributed(
 
     Returns None (single process, nothing initialised) when no process group exists and
     WORLD_SIZE is unset or 1. A device "cuda" without an index becomes cuda:LOCAL_RANK.
+    Raises TrainError when WORLD_SIZE > 1 but torchrun's other variables are missing.
     """
     initialised = dist.is_available() and dist.is_initialized()
     if not initialised and _env_int("WORLD_SIZE", 1) <= 1:
@@ -422,7 +423,8 @@ def _setup_distributed(
             f"WORLD_SIZE={os.environ.get('WORLD_SIZE')}: this torch build has no torch.distributed"
         )
     if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", _env_int("LOCAL_RANK", 0))
+        local = _env_int("LOCAL_RANK", -1)  # torchrun; else the caller's torch.cuda.set_device
+        device = torch.device("cuda", local if local >= 0 else torch.cuda.current_device())
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if initialised:
@@ -447,7 +449,7 @@ def _setup_distributed(
 
 def _all_reduce(
     values: list[float | int], dtype: torch.dtype, device: torch.device, op: Any = None
-):
+) -> list[Any]:
     """Element-wise sum (or ``op``) of a short list of numbers over all ranks."""
     t = torch.tensor(values, dtype=dtype, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.SUM if op is None else op)
@@ -960,11 +962,7 @@ def _train(
         total=end_step, initial=step, disable=not (progress and is_main), desc="train", unit="step"
     )
     checkpoint_path = existing if resume else None
-    log_ctx = (
-        open(metrics_path, "a", encoding="utf-8")
-        if is_main
-        else contextlib.nullcontext(None)
-    )
+    log_ctx = open(metrics_path, "a", encoding="utf-8") if is_main else contextlib.nullcontext(None)
     with log_ctx as log:
         while step < end_step:
             micro = [_to_device(next(train_iter), device) for _ in range(tc.grad_accum)]
