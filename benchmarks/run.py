@@ -114,8 +114,13 @@ def main() -> int:
         res["wall_s"] = round(time.perf_counter() - t0, 1)
         out.write_text(json.dumps(res, indent=2) + "\n")
         results.append(res)
-    (RESULTS / "SUMMARY.md").write_text(summary(results, info))
-    print(summary(results, info))
+    text = summary(results, info)
+    if (RESULTS / "embed.json").exists() and (RESULTS / "search.json").exists():
+        from sizing import sizing_table
+
+        text += "\n## Sizing (benchmarks/sizing.py)\n\n" + sizing_table(RESULTS)
+    (RESULTS / "SUMMARY.md").write_text(text)
+    print(text)
     if failed:
         print(f"failed: {', '.join(failed)}", file=sys.stderr)
     return 1 if failed else 0
