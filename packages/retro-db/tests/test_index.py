@@ -40,7 +40,8 @@ def test_default_factory_by_size():
     f, p = default_factory(FLAT_THRESHOLD, 384)
     assert f.startswith("HNSW") and "efSearch" in p
     f, p = default_factory(HNSW_THRESHOLD * 50, 384)
-    assert f.startswith("IVF") and f.endswith(",PQ192x4fs") and p["nprobe"] >= 1
+    assert f.startswith("IVF") and f.endswith(",PQ192x4fs,Refine(SQ8)") and p["nprobe"] >= 1
+    assert p["k_factor_rf"] > 1
     # the IVF list count grows like sqrt(N)
     nlist = int(f[3:].split(",")[0])
     assert 2 * np.sqrt(HNSW_THRESHOLD * 50) <= nlist <= 8 * np.sqrt(HNSW_THRESHOLD * 50)
@@ -108,3 +109,20 @@ def test_exact_search_blocks_equals_one_block(keys):
     d2, i2 = exact_search_blocks([keys[:500], keys[500:501], keys[501:1700], keys[1700:]], q, 7)
     np.testing.assert_array_equal(i, i2)
     np.testing.assert_allclose(d, d2, rtol=1e-6)
+
+
+def test_refine_lifts_the_recall_of_fast_scan_pq(keys, tmp_path):
+    # The large-database default re-ranks fast-scan candidates on SQ8 keys; truth = exact search.
+    queries, base = keys[:100], keys[100:]
+    got = {}
+    for factory, params in (
+        ("IVF32,PQ24x4fs", {"nprobe": 8}),
+        ("IVF32,PQ24x4fs,Refine(SQ8)", {"nprobe": 8, "k_factor_rf": 10}),
+    ):
+        index = train_index(factory, base)
+        index.add(base)
+        write_index(index, tmp_path / "i.faiss")
+        index = read_index(tmp_path / "i.faiss")  # memory-mapped, as a database opens it
+        apply_search_params(index, params)
+        got[factory] = recall_at_k(index, base, queries, 10)
+    assert got["IVF32,PQ24x4fs,Refine(SQ8)"] > got["IVF32,PQ24x4fs"] + 0.1, got
