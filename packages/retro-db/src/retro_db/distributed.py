@@ -117,6 +117,8 @@ def ray_cluster(
         raise ValueError(f"--num-cpus: expected >= 1, got {num_cpus}")
     started = False
     if not ray.is_initialized():
+        if address is not None:
+            _check_reachable(address)
         kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING}
         if address is None:
             kwargs["num_cpus"] = num_cpus
@@ -138,6 +140,23 @@ def ray_cluster(
     finally:
         if started:
             ray.shutdown()
+
+
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Fail fast on a ``host:port`` nobody listens at (ray.init would retry for minutes)."""
+    import socket
+
+    target = address.removeprefix("ray://")
+    host, sep, port = target.rpartition(":")
+    if not sep or not port.isdigit():
+        return  # "auto", "local" and malformed addresses: ray.init's own error is quick
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise RuntimeError(
+            f"ray: cannot connect to {address!r}: {e.strerror or e} (is a cluster running there? "
+            "`ray start --head` prints the address)"
+        ) from None
 
 
 def _raise_cause(ray, e: Exception) -> None:
@@ -363,6 +382,9 @@ def _add_keys_ray(ray, pool, index, db_dir: Path, shards: list[str], progress: b
         ivf = True
     except RuntimeError:
         ivf = False
+    # Merge into a deserialised copy: faiss checks the C++ type, and index_factory("Flat") gives
+    # an IndexFlat where reading it back (as the workers do) gives an IndexFlatL2.
+    index = faiss.deserialize_index(blob)
     ref = ray.put(blob)
     sizes = [int(read_json(db_dir / "shards" / s / "shard.json")["chunks"]) for s in shards]
     starts = np.concatenate([[0], np.cumsum(sizes)])[:-1]
@@ -423,8 +445,8 @@ def build_database_ray(
     tok = _resolve_tokenizer(tokenizer)
     spec, options, want_id = _embedder_recipe(embedder)
     with (
-        writer_lock(db_dir),
         ray_cluster(address, num_cpus, what="retro-db build --engine ray") as cpus,
+        writer_lock(db_dir),
         _probe_file(db_dir) as probe,
     ):
         remove_stale_temp_files(db_dir)

@@ -1,0 +1,255 @@
+"""The Ray engine (distributed.py): a database or neighbours dataset built on a local 2-CPU Ray
+cluster must equal the one the local engine builds from the same arguments.
+
+Independent truth: the local build (``build_database`` / ``write_neighbours``, tested on their own
+against brute force elsewhere). One Ray cluster serves the whole module (startup takes seconds).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from retro_db.build import build_database
+from retro_db.database import Database
+from retro_db.ingest import Document
+from retro_db.neighbours import DATASET_FILES, write_neighbours
+
+# fp16 keys: both engines embed in float32 and round to float16. If the float32 results differ by
+# the encoder's float noise (different thread counts), rounding can land one fp16 step apart:
+# a step is at most |x| * 2**-10 (10 mantissa bits) for normal numbers, 2**-24 below 2**-14.
+KEY_RTOL = 2.0**-10
+KEY_ATOL = 2.0**-24
+
+BUILD = dict(embedder="hash:64", chunk_size=16, shard_chunks=100, threads=1, progress=False)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    ray = pytest.importorskip("ray")
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        object_store_memory=128 * 1024**2,
+        logging_level="WARNING",
+    )
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def docs(load_records):
+    recs = load_records("wikipedia/gensim_enwiki_sample.jsonl", 48)
+    out = [Document(r["title"], r["text"], {"pageid": r["pageid"]}) for r in recs[:40]]
+    out.insert(7, Document("empty", "", {}))  # no tokens: skipped, takes no document index
+    return out, [Document(r["title"], r["text"], {}) for r in recs[40:]]
+
+
+@pytest.fixture(scope="module")
+def flat_pair(cluster, docs, tmp_path_factory):
+    from retro_db.distributed import build_database_ray
+
+    d = tmp_path_factory.mktemp("flat")
+    local = build_database(docs[0], d / "local", index_factory="Flat", **BUILD)
+    remote = build_database_ray(docs[0], d / "ray", index_factory="Flat", **BUILD)
+    return local, remote
+
+
+def _assert_same_database(local: Database, remote: Database) -> None:
+    n = local.num_chunks
+    assert remote.num_chunks == n and remote.num_documents == local.num_documents
+    ids = np.arange(n)
+    for a, b in zip(local.chunk_tokens(ids), remote.chunk_tokens(ids), strict=True):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(local.doc_ids, remote.doc_ids)
+    np.testing.assert_array_equal(local.store.offsets_of(ids), remote.store.offsets_of(ids))
+    np.testing.assert_allclose(remote.keys(ids), local.keys(ids), rtol=KEY_RTOL, atol=KEY_ATOL)
+    assert remote.manifest["shards"] == local.manifest["shards"]
+    for s in local.manifest["shards"]:
+        a = (local.path / "shards" / s / "documents.jsonl").read_text()
+        assert (remote.path / "shards" / s / "documents.jsonl").read_text() == a
+
+
+def test_ray_build_equals_local_build(flat_pair):
+    local, remote = flat_pair
+    assert len(local.manifest["shards"]) >= 4  # several shard tasks ran on 2 workers
+    _assert_same_database(local, remote)
+    # the skipped empty document: same indices on both sides, none for it
+    assert local.document_index("empty") == remote.document_index("empty") == -1
+    # neighbours of every chunk, by its own stored key, with the exact (Flat) index
+    keys = local.keys(np.arange(local.num_chunks))
+    d_local, i_local = local.search_keys(keys, 5)
+    d_remote, i_remote = remote.search_keys(keys, 5)
+    np.testing.assert_array_equal(i_remote, i_local)
+    np.testing.assert_array_equal(d_remote, d_local)
+    # the manifests name the same files with the same sha256 (hashing keys are exact)
+    assert json.loads((remote.path / "manifest.json").read_text()) == json.loads(
+        (local.path / "manifest.json").read_text()
+    )
+    Database.open(remote.path, verify=True)
+    assert not list(remote.path.glob(".ray-probe-*")) and not list(remote.path.rglob(".tmp-*"))
+
+
+@pytest.mark.parametrize("factory", ["IVF16,Flat", "IVF16,PQ16x4fs", "HNSW32,Flat"])
+def test_ray_index_merge_searches_like_local(cluster, docs, tmp_path, factory):
+    # IVF: shard parts added on the workers and merged with merge_from (ids shifted per shard);
+    # HNSW cannot merge, its keys are added on the driver. 846 chunks, 16 lists.
+    from retro_db.distributed import build_database_ray
+
+    kw = dict(BUILD, index_factory=factory, search_params={"nprobe": 4, "efSearch": 64})
+    if factory.startswith("HNSW"):
+        kw["search_params"] = {"efSearch": 64}
+    else:
+        kw["search_params"] = {"nprobe": 4}
+    local = build_database(docs[0], tmp_path / "local", **kw)
+    remote = build_database_ray(docs[0], tmp_path / "ray", **kw)
+    assert local.num_chunks >= 39 * 16  # enough keys to train 16 lists
+    _assert_same_database(local, remote)
+    keys = local.keys(np.arange(local.num_chunks))
+    d_local, i_local = local.search_keys(keys, 10)
+    d_remote, i_remote = remote.search_keys(keys, 10)
+    np.testing.assert_array_equal(i_remote, i_local)
+    np.testing.assert_array_equal(d_remote, d_local)
+    if factory == "IVF16,Flat":  # merging IVF-Flat parts gives the very same index bytes
+        sha = [
+            json.loads((db.path / "manifest.json").read_text())["files"]["index/v00001.faiss"]
+            for db in (local, remote)
+        ]
+        assert sha[0]["sha256"] == sha[1]["sha256"]
+    Database.open(remote.path, verify=True)
+
+
+def test_ray_resumes_an_interrupted_build(cluster, flat_pair, docs, tmp_path):
+    # A kill after shards 0-1 completed and during shard 2: no shard.json there, no manifest.
+    from retro_db.distributed import build_database_ray
+
+    _, remote = flat_pair
+    path = tmp_path / "ray"
+    shutil.copytree(remote.path, path)
+    for p in [path / "manifest.json", path / "versions", path / "index"]:
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    (path / "shards" / "s00002" / "shard.json").unlink()
+    (path / "shards" / "s00003" / "keys.npy").write_bytes(b"junk")  # to be redone, not read
+    before = (path / "shards" / "s00000" / "shard.json").stat().st_mtime_ns
+    again = build_database_ray(docs[0], path, index_factory="Flat", **BUILD)
+    assert (path / "shards" / "s00000" / "shard.json").stat().st_mtime_ns == before  # reused
+    assert json.loads((path / "manifest.json").read_text()) == remote.manifest
+    Database.open(again.path, verify=True)
+
+
+def _assert_same_dataset(a, b) -> None:
+    for name in DATASET_FILES:
+        np.testing.assert_array_equal(np.load(b / name), np.load(a / name), err_msg=name)
+    ma, mb = (json.loads((p / "manifest.json").read_text()) for p in (a, b))
+    assert mb["counts"] == ma["counts"] and mb["files"] == ma["files"]
+
+
+def test_ray_neighbours_equal_local(cluster, flat_pair, docs, tmp_path):
+    from retro_db.distributed import write_neighbours_ray
+
+    local, _ = flat_pair
+    kw = dict(k=3, shard_chunks=150, progress=False)
+    # the database's own chunks (stored keys) ...
+    write_neighbours(local, None, tmp_path / "self_local", **kw)
+    write_neighbours_ray(local, None, tmp_path / "self_ray", **kw)
+    _assert_same_dataset(tmp_path / "self_local", tmp_path / "self_ray")
+    # ... and a corpus of documents: some in the database (by doc_id, excluded), some new
+    corpus = docs[0][30:] + docs[1]
+    write_neighbours(local, corpus, tmp_path / "docs_local", **kw)
+    write_neighbours_ray(local, corpus, tmp_path / "docs_ray", **kw)
+    _assert_same_dataset(tmp_path / "docs_local", tmp_path / "docs_ray")
+    assert not (tmp_path / "docs_ray" / "parts").exists()
+
+
+def test_cli_build_and_neighbours_with_engine_ray(cluster, docs, tmp_path):
+    from retro_db.cli import main
+
+    src = tmp_path / "docs.jsonl"
+    src.write_text(
+        "".join(json.dumps({"title": d.doc_id, "text": d.text}) + "\n" for d in docs[0][:20]),
+        encoding="utf-8",
+    )
+    common = ["--id-field", "title", "--embedder", "hash:64", "--chunk-size", "16"]
+    common += ["--shard-chunks", "100", "--threads", "1", "--no-progress"]
+    assert main(["build", str(src), "--out", str(tmp_path / "local"), *common]) == 0
+    ray_args = ["--engine", "ray", "--num-cpus", "2"]
+    assert main(["build", str(src), "--out", str(tmp_path / "ray"), *common, *ray_args]) == 0
+    _assert_same_database(Database.open(tmp_path / "local"), Database.open(tmp_path / "ray"))
+    nb = ["-k", "2", "--shard-chunks", "100", "--no-progress"]
+    assert main(["neighbours", str(tmp_path / "local"), "--out", str(tmp_path / "nl"), *nb]) == 0
+    rc = main(
+        ["neighbours", str(tmp_path / "local"), "--out", str(tmp_path / "nr"), *nb, *ray_args]
+    )
+    assert rc == 0
+    _assert_same_dataset(tmp_path / "nl", tmp_path / "nr")
+
+
+def test_worker_errors_arrive_as_one_line(cluster, docs, tmp_path):
+    from retro_db.distributed import build_database_ray
+
+    with pytest.raises(ValueError, match=r"^HashingEmbedder: dim must be >= 1, got 0$"):
+        build_database_ray(docs[0][:3], tmp_path / "db", **dict(BUILD, embedder="hash:0"))
+
+
+def test_missing_ray_is_a_one_line_error(monkeypatch, tmp_path, capsys):
+    from retro_db.cli import main
+    from retro_db.distributed import build_database_ray
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
+    msg = "retro-db build --engine ray needs the [ray] extra: pip install 'retro-db[ray]'"
+    with pytest.raises(ImportError) as e:
+        build_database_ray([Document("a", "text")], tmp_path / "db", embedder="hash:8")
+    assert str(e.value) == msg
+    assert not (tmp_path / "db").exists()
+    src = tmp_path / "a.txt"
+    src.write_text("some text", encoding="utf-8")
+    assert main(["build", str(src), "--out", str(tmp_path / "db"), "--engine", "ray"]) == 2
+    assert capsys.readouterr().err.strip() == f"retro-db: error: {msg}"
+
+
+def test_ray_options_need_engine_ray(tmp_path, capsys):
+    from retro_db.cli import main
+
+    src = tmp_path / "a.txt"
+    src.write_text("some text", encoding="utf-8")
+    assert main(["build", str(src), "--out", str(tmp_path / "db"), "--num-cpus", "2"]) == 2
+    assert "--address and --num-cpus need --engine ray" in capsys.readouterr().err
+
+
+def test_unreachable_address_fails_fast(tmp_path):
+    # In a fresh process: ray.init would retry for minutes; a TCP probe answers at once.
+    pytest.importorskip("ray")
+    src = tmp_path / "a.txt"
+    src.write_text("some text", encoding="utf-8")
+    out = tmp_path / "db"
+    args = ["build", str(src), "--out", str(out), "--engine", "ray", "--address", "127.0.0.1:1"]
+    r = subprocess.run(
+        [sys.executable, "-m", "retro_db.cli", *args], capture_output=True, text=True, timeout=60
+    )
+    assert r.returncode == 2
+    assert r.stderr.startswith("retro-db: error: ray: cannot connect to '127.0.0.1:1': ")
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert not out.exists()  # nothing written before the cluster answered
+
+
+@pytest.mark.embed
+@pytest.mark.slow
+def test_ray_build_with_minilm_equals_local(cluster, docs, tmp_path):
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from retro_db.distributed import build_database_ray
+
+    tiny = [Document(d.doc_id, d.text[:300], d.meta) for d in docs[0][:8]]
+    kw = dict(BUILD, embedder=None, shard_chunks=12, index_factory="Flat")
+    local = build_database(tiny, tmp_path / "local", **kw)
+    remote = build_database_ray(tiny, tmp_path / "ray", **kw)
+    assert len(local.manifest["shards"]) >= 2
+    _assert_same_database(local, remote)
+    assert remote.manifest["embedder"] == local.manifest["embedder"]
+    keys = local.keys(np.arange(local.num_chunks))
+    np.testing.assert_array_equal(remote.search_keys(keys, 4)[1], local.search_keys(keys, 4)[1])
