@@ -52,11 +52,9 @@ def docs(load_records):
 
 @pytest.fixture(scope="module")
 def flat_pair(cluster, docs, tmp_path_factory):
-    from retro_db.distributed import build_database_ray
-
     d = tmp_path_factory.mktemp("flat")
     local = build_database(docs[0], d / "local", index_factory="Flat", **BUILD)
-    remote = build_database_ray(docs[0], d / "ray", index_factory="Flat", **BUILD)
+    remote = build_database(docs[0], d / "ray", index_factory="Flat", **BUILD, engine="ray")
     return local, remote
 
 
@@ -99,15 +97,13 @@ def test_ray_build_equals_local_build(flat_pair):
 def test_ray_index_merge_searches_like_local(cluster, docs, tmp_path, factory):
     # IVF: shard parts added on the workers and merged with merge_from (ids shifted per shard);
     # HNSW cannot merge, its keys are added on the driver. 846 chunks, 16 lists.
-    from retro_db.distributed import build_database_ray
-
     kw = dict(BUILD, index_factory=factory, search_params={"nprobe": 4, "efSearch": 64})
     if factory.startswith("HNSW"):
         kw["search_params"] = {"efSearch": 64}
     else:
         kw["search_params"] = {"nprobe": 4}
     local = build_database(docs[0], tmp_path / "local", **kw)
-    remote = build_database_ray(docs[0], tmp_path / "ray", **kw)
+    remote = build_database(docs[0], tmp_path / "ray", **kw, engine="ray")
     assert local.num_chunks >= 39 * 16  # enough keys to train 16 lists
     _assert_same_database(local, remote)
     keys = local.keys(np.arange(local.num_chunks))
@@ -126,8 +122,6 @@ def test_ray_index_merge_searches_like_local(cluster, docs, tmp_path, factory):
 
 def test_ray_resumes_an_interrupted_build(cluster, flat_pair, docs, tmp_path):
     # A kill after shards 0-1 completed and during shard 2: no shard.json there, no manifest.
-    from retro_db.distributed import build_database_ray
-
     _, remote = flat_pair
     path = tmp_path / "ray"
     shutil.copytree(remote.path, path)
@@ -136,7 +130,7 @@ def test_ray_resumes_an_interrupted_build(cluster, flat_pair, docs, tmp_path):
     (path / "shards" / "s00002" / "shard.json").unlink()
     (path / "shards" / "s00003" / "keys.npy").write_bytes(b"junk")  # to be redone, not read
     before = (path / "shards" / "s00000" / "shard.json").stat().st_mtime_ns
-    again = build_database_ray(docs[0], path, index_factory="Flat", **BUILD)
+    again = build_database(docs[0], path, index_factory="Flat", **BUILD, engine="ray")
     assert (path / "shards" / "s00000" / "shard.json").stat().st_mtime_ns == before  # reused
     assert json.loads((path / "manifest.json").read_text()) == remote.manifest
     Database.open(again.path, verify=True)
@@ -150,18 +144,16 @@ def _assert_same_dataset(a, b) -> None:
 
 
 def test_ray_neighbours_equal_local(cluster, flat_pair, docs, tmp_path):
-    from retro_db.distributed import write_neighbours_ray
-
     local, _ = flat_pair
     kw = dict(k=3, shard_chunks=150, progress=False)
     # the database's own chunks (stored keys) ...
     write_neighbours(local, None, tmp_path / "self_local", **kw)
-    write_neighbours_ray(local, None, tmp_path / "self_ray", **kw)
+    write_neighbours(local, None, tmp_path / "self_ray", **kw, engine="ray")
     _assert_same_dataset(tmp_path / "self_local", tmp_path / "self_ray")
     # ... and a corpus of documents: some in the database (by doc_id, excluded), some new
     corpus = docs[0][30:] + docs[1]
     write_neighbours(local, corpus, tmp_path / "docs_local", **kw)
-    write_neighbours_ray(local, corpus, tmp_path / "docs_ray", **kw)
+    write_neighbours(local, corpus, tmp_path / "docs_ray", **kw, engine="ray")
     _assert_same_dataset(tmp_path / "docs_local", tmp_path / "docs_ray")
     assert not (tmp_path / "docs_ray" / "parts").exists()
 
@@ -190,26 +182,27 @@ def test_cli_build_and_neighbours_with_engine_ray(cluster, docs, tmp_path):
 
 
 def test_worker_errors_arrive_as_one_line(cluster, docs, tmp_path):
-    from retro_db.distributed import build_database_ray
-
     with pytest.raises(ValueError, match=r"^HashingEmbedder: dim must be >= 1, got 0$"):
-        build_database_ray(docs[0][:3], tmp_path / "db", **dict(BUILD, embedder="hash:0"))
+        build_database(docs[0][:3], tmp_path / "db", **dict(BUILD, embedder="hash:0"), engine="ray")
 
 
 def test_missing_ray_is_a_one_line_error(monkeypatch, tmp_path, capsys):
     from retro_db.cli import main
-    from retro_db.distributed import build_database_ray
 
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
     msg = "retro-db build --engine ray needs the [ray] extra: pip install 'retro-db[ray]'"
     with pytest.raises(ImportError) as e:
-        build_database_ray([Document("a", "text")], tmp_path / "db", embedder="hash:8")
+        build_database([Document("a", "text")], tmp_path / "db", embedder="hash:8", engine="ray")
     assert str(e.value) == msg
     assert not (tmp_path / "db").exists()
     src = tmp_path / "a.txt"
     src.write_text("some text", encoding="utf-8")
     assert main(["build", str(src), "--out", str(tmp_path / "db"), "--engine", "ray"]) == 2
     assert capsys.readouterr().err.strip() == f"retro-db: error: {msg}"
+    with pytest.raises(ImportError) as e:
+        write_neighbours(tmp_path / "no-db", None, tmp_path / "ds", engine="ray")
+    assert str(e.value) == msg.replace("build", "neighbours")
+    assert not (tmp_path / "ds").exists()
 
 
 def test_ray_options_need_engine_ray(tmp_path, capsys):
@@ -218,7 +211,10 @@ def test_ray_options_need_engine_ray(tmp_path, capsys):
     src = tmp_path / "a.txt"
     src.write_text("some text", encoding="utf-8")
     assert main(["build", str(src), "--out", str(tmp_path / "db"), "--num-cpus", "2"]) == 2
-    assert "--address and --num-cpus need --engine ray" in capsys.readouterr().err
+    err = "retro-db: error: build: --address and --num-cpus need --engine ray"
+    assert capsys.readouterr().err.strip() == err
+    with pytest.raises(ValueError, match="^build: engine 'spark', expected 'local' or 'ray'$"):
+        build_database([Document("a", "text")], tmp_path / "db", engine="spark")
 
 
 def test_unreachable_address_fails_fast(tmp_path):
@@ -242,12 +238,10 @@ def test_unreachable_address_fails_fast(tmp_path):
 def test_ray_build_with_minilm_equals_local(cluster, docs, tmp_path):
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
-    from retro_db.distributed import build_database_ray
-
     tiny = [Document(d.doc_id, d.text[:300], d.meta) for d in docs[0][:8]]
     kw = dict(BUILD, embedder=None, shard_chunks=12, index_factory="Flat")
     local = build_database(tiny, tmp_path / "local", **kw)
-    remote = build_database_ray(tiny, tmp_path / "ray", **kw)
+    remote = build_database(tiny, tmp_path / "ray", **kw, engine="ray")
     assert len(local.manifest["shards"]) >= 2
     _assert_same_database(local, remote)
     assert remote.manifest["embedder"] == local.manifest["embedder"]

@@ -41,9 +41,6 @@ _LAZY = {
     "build_database": "retro_db.build",
     "add_documents": "retro_db.build",
     "write_neighbours": "retro_db.neighbours",
-    # the Ray engine (extra [ray]; ray itself is imported only when these run)
-    "build_database_ray": "retro_db.distributed",
-    "write_neighbours_ray": "retro_db.distributed",
 }
 __all__ += list(_LAZY)
 

@@ -390,6 +390,9 @@ def build_database(
     threads: int | None = None,
     train_seed: int = 0,
     progress: bool = True,
+    engine: str = "local",
+    address: str | None = None,
+    num_cpus: int | None = None,
 ):  # -> Database
     """Build a database from documents; resumable (re-run with the same arguments after a kill).
 
@@ -404,21 +407,34 @@ def build_database(
         search_params: e.g. ``{"nprobe": 16}``; None takes the default of the factory chosen.
         batch_size: embedding batch size.
         shard_chunks: chunks per shard (the unit of resumption).
-        threads: faiss (and embedder) threads; None leaves the libraries' defaults.
+        threads: faiss (and embedder) threads; None leaves the libraries' defaults. Ray engine:
+            CPUs and threads per worker (default 1).
         train_seed: seed of the index training sample.
         progress: show tqdm progress bars.
+        engine: ``"local"`` (this process) or ``"ray"``: shards written by workers of a Ray
+            cluster (distributed.py, extra [ray]); the database is the same.
+        address: Ray cluster address (None: start a local cluster); Ray engine only.
+        num_cpus: CPUs of the local Ray cluster, or the most to use of a cluster; Ray only.
 
     Returns:
         The built :class:`~retro_db.database.Database`, opened.
     """
     from .database import Database
+    from .distributed import check_engine
 
+    check_engine(engine, address, num_cpus, "build")
     db_dir = Path(out_dir)
     if (db_dir / MANIFEST_NAME).exists():
         raise DatabaseError(
             f"{db_dir / MANIFEST_NAME}: a database already exists here; use add_documents to grow it"
         )
-    with writer_lock(db_dir):
+    with contextlib.ExitStack() as stack:
+        stage = None
+        if engine == "ray":  # connect first: a bad address leaves nothing on disk
+            from .distributed import ray_shard_stage
+
+            stage = stack.enter_context(ray_shard_stage(address, num_cpus, threads))
+        stack.enter_context(writer_lock(db_dir))
         tok, emb = _build(
             sources,
             db_dir,
@@ -432,8 +448,17 @@ def build_database(
             threads,
             train_seed,
             progress,
+            stage,
         )
     return Database.open(db_dir, tokenizer=tok, embedder=emb, threads=threads)
+
+
+def _add_keys_local(index, db_dir: Path, shards: list[str], progress: bool):  # -> faiss.Index
+    for keys in tqdm(
+        _shard_keys(db_dir, shards), desc="index add", total=len(shards), disable=not progress
+    ):
+        index.add(np.asarray(keys, dtype=np.float32))
+    return index
 
 
 def _build(
@@ -449,63 +474,27 @@ def _build(
     threads: int | None,
     train_seed: int,
     progress: bool,
-) -> tuple[LMTokenizer, Embedder]:
+    stage: Any = None,
+) -> tuple[LMTokenizer, Embedder | None]:
     remove_stale_temp_files(db_dir)
     set_threads(threads)
     tok = _resolve_tokenizer(tokenizer)
-    emb, spec = _resolve_embedder(embedder, threads)
-    dim = int(emb.dim)
-    writer = _ShardWriter(db_dir, tok, emb, chunk_size, shard_chunks, batch_size, progress, dim)
-    shards = writer.run(iter_documents(sources), 0, 0)
-    embedder_entry = {
-        "id": emb.id,
-        "dim": dim,
-        "spec": spec,
-        "options": embedder_options(emb),
-        "key_dtype": "float16",
-    }
-    _finish_build(
-        db_dir,
-        shards,
-        tok,
-        embedder_entry,
-        chunk_size,
-        shard_chunks,
-        index_factory,
-        search_params,
-        train_seed,
-        progress,
-    )
-    return tok, emb
+    if stage is None:
+        emb, spec = _resolve_embedder(embedder, threads)
+        dim = int(emb.dim)
+        writer = _ShardWriter(db_dir, tok, emb, chunk_size, shard_chunks, batch_size, progress, dim)
+        shards = writer.run(iter_documents(sources), 0, 0)
+        embedder_entry = {"id": emb.id, "dim": dim, "spec": spec, "options": embedder_options(emb)}
+        add_keys: Callable[..., Any] = _add_keys_local
+    else:
+        # Ray: its workers load the embedder and write the shards; `add_keys` runs on them too
+        # (distributed.py). The embedder is not loaded here (Database creates it on first use).
+        emb = None
+        shards, embedder_entry, add_keys = stage.write_shards(
+            sources, db_dir, tok, embedder, chunk_size, shard_chunks, batch_size, progress
+        )
+        dim = int(embedder_entry["dim"])
 
-
-def _add_keys_local(index, db_dir: Path, shards: list[str], progress: bool):  # -> faiss.Index
-    for keys in tqdm(
-        _shard_keys(db_dir, shards), desc="index add", total=len(shards), disable=not progress
-    ):
-        index.add(np.asarray(keys, dtype=np.float32))
-    return index
-
-
-def _finish_build(
-    db_dir: Path,
-    shards: list[str],
-    tok: LMTokenizer,
-    embedder_entry: dict[str, Any],
-    chunk_size: int,
-    shard_chunks: int,
-    index_factory: str | None,
-    search_params: dict[str, int] | None,
-    train_seed: int,
-    progress: bool,
-    add_keys: Callable[..., Any] = _add_keys_local,
-) -> None:
-    """After the shards: train the index on a seeded sample, add every key, write version 1.
-
-    ``add_keys(trained_index, db_dir, shards, progress) -> index`` adds the shards' keys in chunk-id
-    order (the Ray engine adds per shard on its workers and merges).
-    """
-    dim = int(embedder_entry["dim"])
     n = sum(read_json(db_dir / "shards" / s / "shard.json")["chunks"] for s in shards)
     if n == 0:
         raise DatabaseError(f"{db_dir}: the sources held no documents with text")
@@ -514,9 +503,8 @@ def _finish_build(
     else:
         params = {}
     params = dict(params if search_params is None else search_params)
-    index = add_keys(
-        _train(db_dir, shards, index_factory, n, dim, train_seed), db_dir, shards, progress
-    )
+    index = _train(db_dir, shards, index_factory, n, dim, train_seed)
+    index = add_keys(index, db_dir, shards, progress)
     index_file = "index/v00001.faiss"
     (db_dir / "index").mkdir(exist_ok=True)
     write_index(index, db_dir / index_file)
@@ -526,11 +514,12 @@ def _finish_build(
         "pad_id": tok.pad_id,
         "token_dtype": str(token_dtype(tok.vocab_size)),
         "tokenizer": tok.to_manifest(),
-        "embedder": embedder_entry,
+        "embedder": dict(embedder_entry, key_dtype="float16"),
         "index": {"factory": index_factory, "search_params": params, "metric": "l2"},
     }
     _write_version(db_dir, base, shards, index_file, 1)
     logger.info("built %s: %d chunks, index %s", db_dir, n, index_factory)
+    return tok, emb
 
 
 def _train(db_dir: Path, shards: list[str], factory: str, n: int, dim: int, seed: int):

@@ -52,15 +52,6 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _engine_kwargs(args: argparse.Namespace) -> dict:
-    """``{}`` for the local engine; the Ray options otherwise (refused without --engine ray)."""
-    if args.engine == "ray":
-        return {"address": args.address, "num_cpus": args.num_cpus}
-    if args.address is not None or args.num_cpus is not None:
-        raise ValueError("--address and --num-cpus need --engine ray")
-    return {}
-
-
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="retro-db", description=__doc__.splitlines()[0])
     ap.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -156,13 +147,9 @@ def _docs(paths: Sequence[str], args: argparse.Namespace, stats=None):
 
 
 def _cmd_build(args: argparse.Namespace) -> None:
+    from .build import build_database
     from .ingest import IngestStats
 
-    engine = _engine_kwargs(args)
-    if engine:
-        from .distributed import build_database_ray as build_database
-    else:
-        from .build import build_database
     stats = IngestStats()
     params = {}
     if args.nprobe is not None:
@@ -181,7 +168,9 @@ def _cmd_build(args: argparse.Namespace) -> None:
         shard_chunks=args.shard_chunks or 65536,
         threads=args.threads,
         progress=not args.no_progress,
-        **engine,
+        engine=args.engine,
+        address=args.address,
+        num_cpus=args.num_cpus,
     )
     print(f"built {db}: {stats.documents} documents read, {stats.skipped} bad records skipped")
 
@@ -246,15 +235,8 @@ def _cmd_query(args: argparse.Namespace) -> None:
 
 
 def _cmd_neighbours(args: argparse.Namespace) -> None:
-    engine = _engine_kwargs(args)
-    if engine:
-        from .distributed import write_neighbours_ray as write_neighbours
+    from .neighbours import write_neighbours
 
-        engine["threads"] = args.threads
-    elif args.threads is not None:
-        raise ValueError("neighbours --threads needs --engine ray")
-    else:
-        from .neighbours import write_neighbours
     corpus = _docs(args.corpus, args) if args.corpus else None
     manifest = write_neighbours(
         args.db,
@@ -264,7 +246,10 @@ def _cmd_neighbours(args: argparse.Namespace) -> None:
         shard_chunks=args.shard_chunks,
         batch_size=args.batch_size,
         progress=not args.no_progress,
-        **engine,
+        engine=args.engine,
+        address=args.address,
+        num_cpus=args.num_cpus,
+        threads=args.threads,
     )
     print(f"wrote {manifest['counts']['chunks']} chunks with k={args.k} neighbours to {args.out}")
 

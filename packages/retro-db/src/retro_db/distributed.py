@@ -1,12 +1,14 @@
 """Building a database and precomputing neighbours on a Ray cluster (``--engine ray``).
 
-The result is the database (or training dataset) a local build writes from the same arguments:
+``build_database(..., engine="ray")`` and ``write_neighbours(..., engine="ray")`` (CLI:
+``retro-db build|neighbours --engine ray [--address ADDR] [--num-cpus N]``) run here. The result
+is the database (or training dataset) the local engine writes from the same arguments:
 the same shards with the same chunk tokens, lengths, document ids and chunk ids, keys equal up to
 the float noise of the encoder (stored as float16 either way), the same index. It opens with
 ``Database.open`` and verifies. Ray is imported inside functions only (extra ``[ray]``), so
 ``import retro_db`` never needs it.
 
-How the work is split (the driver is the process that calls :func:`build_database_ray`):
+How the work is split (the driver is the process that calls ``build_database``):
 
 1. **Read** documents on the driver, ``READ_AHEAD`` at a time (sources are arbitrary iterators, and
    their order fixes the chunk ids), and **tokenise** each batch in a Ray task. The task keeps the
@@ -17,7 +19,7 @@ How the work is split (the driver is the process that calls :func:`build_databas
    (``_ShardWriter.plan``): whole documents until a shard holds ``shard_chunks`` chunks. Shard
    boundaries, document indices and fingerprints are therefore the local build's.
 3. **Write shards** on an ``ActorPool`` of encoder actors, one per ``threads`` CPUs (default 1): each
-   actor loads the tokenizer and the embedder once, in its constructor, then for each shard fetches
+   actor loads the tokenizer and the embedder once (``setup_build``), then for each shard fetches
    its token ids from the object store, chunks, embeds and writes the shard with the local
    ``_ShardWriter._write_shard`` (arrays via temporary names + fsync + rename; ``shard.json``
    last). Actors rather than Ray Data ``map_batches``: a shard is the unit of resumption and must
@@ -34,7 +36,7 @@ How the work is split (the driver is the process that calls :func:`build_databas
    rather than through ``faiss.contrib.ondisk.merge_ondisk``: that writes the lists to a separate
    ``.ivfdata`` file named by absolute path inside the index, which the database's one-file,
    checksummed, relocatable index format does not allow; memory on the driver is the local build's.
-5. **Manifest** last, by the local code (``_finish_build``): the database appears only complete.
+5. **Manifest** last, by the local code (``build._build``): the database appears only complete.
 
 Kill-safety is the local build's: a shard is complete once its ``shard.json`` exists; rerunning the
 same command skips the complete shards at the start and redoes the rest (complete shards after the
@@ -43,7 +45,7 @@ first incomplete one are redone too, since they were written out of order). One 
 same path (a shared filesystem); the actors check that before any work, and must have retro-db
 installed (with ``[embed]`` for the MiniLM encoder).
 
-Neighbours (:func:`write_neighbours_ray`): the parts ``write_neighbours`` computes one after the
+Neighbours (:func:`ray_part_runner`): the parts ``write_neighbours`` computes one after the
 other are computed by actors that open the database once each (memory-mapped) and write each part
 with the local ``run_part``; the driver plans the parts (for a document corpus: tokenising it, as
 locally, so the doc-id assignment is the local one), shows progress and concatenates.
@@ -59,7 +61,7 @@ import logging
 import os
 import uuid
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -67,24 +69,16 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from .build import (
-    READ_AHEAD,
-    _add_keys_local,
-    _finish_build,
-    _resolve_tokenizer,
-    _ShardWriter,
-    iter_documents,
-    writer_lock,
-)
+from .build import READ_AHEAD, _add_keys_local, _ShardWriter, iter_documents
 from .embedders import embedder_options, embedder_spec, load_embedder
 from .index import set_threads
 from .ingest import Document
-from .manifest import MANIFEST_NAME, DatabaseError, remove_stale_temp_files
+from .manifest import DatabaseError
 from .tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["build_database_ray", "ray_cluster", "write_neighbours_ray"]
+__all__ = ["check_engine", "ray_cluster", "ray_part_runner", "ray_shard_stage"]
 
 _EXTRA = "needs the [ray] extra: pip install 'retro-db[ray]'"
 
@@ -333,13 +327,25 @@ def _embedder_recipe(embedder: Any) -> tuple[str | None, dict[str, Any], str | N
     return spec, embedder_options(embedder), str(embedder.id)
 
 
-def _start_workers(ray, cpus: int, threads: int | None) -> tuple[list[Any], int]:
+@contextlib.contextmanager
+def _workers(
+    address: str | None, num_cpus: int | None, threads: int | None, what: str
+) -> Iterator[tuple[Any, list[Any]]]:
+    """Connect to Ray and start one ``_Worker`` actor per ``threads`` CPUs; yield (ray, actors)."""
+    ray = _import_ray(what)
     per = int(threads or 1)
-    if per > cpus:
-        raise ValueError(f"--threads {per}: more than the {cpus} CPUs Ray offers")
-    actor = ray.remote(_Worker)
-    n = max(1, cpus // per)
-    return [actor.options(num_cpus=per).remote(per) for _ in range(n)], per
+    if per < 1:
+        raise ValueError(f"--threads: expected >= 1, got {per}")
+    with ray_cluster(address, num_cpus, what=what) as cpus:
+        if per > cpus:
+            raise ValueError(f"--threads {per}: more than the {cpus} CPUs Ray offers")
+        actor = ray.remote(_Worker)
+        actors = [actor.options(num_cpus=per).remote(per) for _ in range(max(1, cpus // per))]
+        try:
+            yield ray, actors
+        finally:
+            for a in actors:
+                ray.kill(a)
 
 
 @contextlib.contextmanager
@@ -402,216 +408,131 @@ def _add_keys_ray(ray, pool, index, db_dir: Path, shards: list[str], progress: b
     return index
 
 
-def build_database_ray(
-    sources: Any,
-    out_dir: str | os.PathLike[str],
-    *,
-    tokenizer: Any = None,
-    embedder: Any = None,
-    chunk_size: int = 64,
-    index_factory: str | None = None,
-    search_params: dict[str, int] | None = None,
-    batch_size: int = 64,
-    shard_chunks: int = 65536,
-    threads: int | None = None,
-    train_seed: int = 0,
-    progress: bool = True,
-    address: str | None = None,
-    num_cpus: int | None = None,
-):  # -> Database
-    """:func:`~retro_db.build.build_database` with the shards built on a Ray cluster.
-
-    Same arguments and the same result (see the module docstring for how the work is split),
-    plus:
-
-    Args:
-        threads: CPUs (and torch/faiss threads) per encoder actor; default 1, so that a cluster of
-            C CPUs runs C actors.
-        address: Ray cluster address; None starts a local cluster (or uses the one this process
-            is already connected to).
-        num_cpus: CPUs to start the local cluster with, or the most CPUs of a cluster to use.
-
-    Returns:
-        The built :class:`~retro_db.database.Database`, opened.
-    """
-    from .database import Database
-
-    ray = _import_ray("retro-db build --engine ray")
-    db_dir = Path(out_dir)
-    if (db_dir / MANIFEST_NAME).exists():
-        raise DatabaseError(
-            f"{db_dir / MANIFEST_NAME}: a database already exists here; use add_documents to grow it"
-        )
-    tok = _resolve_tokenizer(tokenizer)
-    spec, options, want_id = _embedder_recipe(embedder)
-    with (
-        ray_cluster(address, num_cpus, what="retro-db build --engine ray") as cpus,
-        writer_lock(db_dir),
-        _probe_file(db_dir) as probe,
-    ):
-        remove_stale_temp_files(db_dir)
-        set_threads(threads)
-        actors, _ = _start_workers(ray, cpus, threads)
-        try:
-            with _worker_errors(ray):
-                infos = ray.get(
-                    [
-                        a.setup_build.remote(
-                            str(db_dir.resolve()),
-                            probe,
-                            tok.source,
-                            spec,
-                            options,
-                            chunk_size,
-                            shard_chunks,
-                            batch_size,
-                        )
-                        for a in actors
-                    ]
-                )
-            info = infos[0]
-            if any(i != info for i in infos) or info["tokenizer"] != tok.id:
-                raise DatabaseError(
-                    f"{db_dir}: Ray workers load different tokenizers/embedders: "
-                    f"{sorted({str(i) for i in infos})} (driver tokenizer {tok.id})"
-                )
-            if want_id is not None and info["id"] != want_id:
-                raise DatabaseError(
-                    f"{db_dir}: the workers' embedder is {info['id']}, the one passed {want_id}"
-                )
-            logger.info("ray: %d encoder actors, embedder %s", len(actors), info["id"])
-            stub = SimpleNamespace(id=info["id"], dim=info["dim"])
-            writer = _ShardWriter(
-                db_dir, tok, stub, chunk_size, shard_chunks, batch_size, False, info["dim"]
-            )
-            shards = _write_shards_ray(ray, actors, writer, tok, sources, progress)
-            from ray.util import ActorPool
-
-            embedder_entry = {
-                "id": info["id"],
-                "dim": info["dim"],
-                "spec": spec,
-                "options": info["options"],
-                "key_dtype": "float16",
-            }
-            _finish_build(
-                db_dir,
-                shards,
-                tok,
-                embedder_entry,
-                chunk_size,
-                shard_chunks,
-                index_factory,
-                search_params,
-                train_seed,
-                progress,
-                add_keys=functools.partial(_add_keys_ray, ray, ActorPool(actors)),
-            )
-        finally:
-            for a in actors:
-                ray.kill(a)
-    return Database.open(db_dir, tokenizer=tok, threads=threads)
+def check_engine(engine: str, address: str | None, num_cpus: int | None, command: str) -> None:
+    """One-line errors for an unknown engine or Ray options given to the local engine."""
+    if engine not in ("local", "ray"):
+        raise ValueError(f"{command}: engine {engine!r}, expected 'local' or 'ray'")
+    if engine == "local" and (address is not None or num_cpus is not None):
+        raise ValueError(f"{command}: --address and --num-cpus need --engine ray")
 
 
-def _write_shards_ray(ray, actors, writer: _ShardWriter, tok, sources: Any, progress: bool):
-    from ray.util import ActorPool
+class _RayShardStage:
+    """The shard-writing stage of ``build_database(engine="ray")`` (see the module docstring)."""
 
-    it = iter(iter_documents(sources))
-    names, shard, doc_index = writer.resume(it, 0, 0)
-    pool = ActorPool(actors)
-    pending = 0
-    pairs = _tokenized_remote(ray, tok.source, it, 2 * len(actors))
-    with tqdm(desc="shards", unit="shard", disable=not progress) as bar:
-        for docs, spans, sha in writer.plan(pairs, SimpleNamespace(update=lambda n: None)):
-            refs = list(dict.fromkeys(s.ref for s in spans))
-            where = {r: i for i, r in enumerate(refs)}
-            args = (
-                shard,
-                [dataclasses.replace(d, text="") for d in docs],  # the text is not needed there
-                [(where[s.ref], s.start, s.stop) for s in spans],
-                doc_index,
-                sha,
-                *refs,
-            )
-            pool.submit(lambda actor, v: actor.write_shard.remote(*v), args)
-            pending = _drain(ray, pool, bar, 2 * len(actors), pending + 1)
-            names.append(writer.shard_dir(shard).name)
-            doc_index += sum(1 for s in spans if len(s))
-            shard += 1
-        _drain(ray, pool, bar, 0, pending)
-    return names
-
-
-def write_neighbours_ray(
-    db: Any,
-    corpus: Any = None,
-    out_dir: str | os.PathLike[str] = "neighbours",
-    k: int = 2,
-    *,
-    shard_chunks: int = 16384,
-    batch_size: int = 64,
-    progress: bool = True,
-    threads: int | None = None,
-    address: str | None = None,
-    num_cpus: int | None = None,
-) -> dict[str, Any]:
-    """:func:`~retro_db.neighbours.write_neighbours` with the parts computed on a Ray cluster.
-
-    Same arguments and output; ``threads``, ``address`` and ``num_cpus`` as in
-    :func:`build_database_ray`. Returns the dataset manifest.
-    """
-    from .database import Database
-    from .neighbours import write_neighbours
-
-    what = "retro-db neighbours --engine ray"
-    ray = _import_ray(what)
-    if not isinstance(db, Database):
-        db = Database.open(db)
-
-    def runner(db: Database, jobs: Iterator, k: int, batch_size: int) -> list[Path]:
+    def __init__(self, ray, actors: list[Any]) -> None:
         from ray.util import ActorPool
 
+        self.ray = ray
+        self.actors = actors
+        self.pool = ActorPool(actors)
+
+    def _setup(self, db_dir: Path, probe: str, tok, embedder: Any, *config: int) -> dict:
+        spec, options, want_id = _embedder_recipe(embedder)
+        path = str(db_dir.resolve())
+        with _worker_errors(self.ray):
+            infos = self.ray.get(
+                [
+                    a.setup_build.remote(path, probe, tok.source, spec, options, *config)
+                    for a in self.actors
+                ]
+            )
+        info = infos[0]
+        if any(i != info for i in infos) or info["tokenizer"] != tok.id:
+            raise DatabaseError(
+                f"{db_dir}: Ray workers load different tokenizers/embedders: "
+                f"{sorted({str(i) for i in infos})} (driver tokenizer {tok.id})"
+            )
+        if want_id is not None and info["id"] != want_id:
+            raise DatabaseError(
+                f"{db_dir}: the workers' embedder is {info['id']}, the one passed {want_id}"
+            )
+        logger.info("ray: %d encoder actors, embedder %s", len(self.actors), info["id"])
+        return {"id": info["id"], "dim": info["dim"], "spec": spec, "options": info["options"]}
+
+    def write_shards(
+        self,
+        sources: Any,
+        db_dir: Path,
+        tok,
+        embedder: Any,
+        chunk_size: int,
+        shard_chunks: int,
+        batch_size: int,
+        progress: bool,
+    ) -> tuple[list[str], dict[str, Any], Any]:
+        """Write every shard on the workers; return (shard names, embedder entry, add_keys)."""
+        ray = self.ray
+        with _probe_file(db_dir) as probe:
+            entry = self._setup(db_dir, probe, tok, embedder, chunk_size, shard_chunks, batch_size)
+        stub = SimpleNamespace(id=entry["id"], dim=entry["dim"])
+        writer = _ShardWriter(
+            db_dir, tok, stub, chunk_size, shard_chunks, batch_size, False, entry["dim"]
+        )
+        it = iter(iter_documents(sources))
+        names, shard, doc_index = writer.resume(it, 0, 0)
+        window = 2 * len(self.actors)
+        pending = 0
+        pairs = _tokenized_remote(ray, tok.source, it, window)
+        with tqdm(desc="shards", unit="shard", disable=not progress) as bar:
+            for docs, spans, sha in writer.plan(pairs, SimpleNamespace(update=lambda n: None)):
+                refs = list(dict.fromkeys(s.ref for s in spans))
+                where = {r: i for i, r in enumerate(refs)}
+                args = (
+                    shard,
+                    [dataclasses.replace(d, text="") for d in docs],  # the text is not needed
+                    [(where[s.ref], s.start, s.stop) for s in spans],
+                    doc_index,
+                    sha,
+                    *refs,
+                )
+                self.pool.submit(lambda actor, v: actor.write_shard.remote(*v), args)
+                pending = _drain(ray, self.pool, bar, window, pending + 1)
+                names.append(writer.shard_dir(shard).name)
+                doc_index += sum(1 for s in spans if len(s))
+                shard += 1
+            _drain(ray, self.pool, bar, 0, pending)
+        return names, entry, functools.partial(_add_keys_ray, ray, self.pool)
+
+
+@contextlib.contextmanager
+def ray_shard_stage(
+    address: str | None, num_cpus: int | None, threads: int | None
+) -> Iterator[_RayShardStage]:
+    """Ray workers for ``build_database(engine="ray")``, stopped (and Ray shut down) after."""
+    with _workers(address, num_cpus, threads, "retro-db build --engine ray") as (ray, actors):
+        yield _RayShardStage(ray, actors)
+
+
+def ray_part_runner(
+    out_dir: Path,
+    progress: bool,
+    address: str | None,
+    num_cpus: int | None,
+    threads: int | None,
+) -> Callable[..., list[Path]]:
+    """A ``write_neighbours`` runner computing the parts on Ray workers (each opens the database)."""
+    what = "retro-db neighbours --engine ray"
+    _import_ray(what)  # fail before any work
+
+    def runner(db: Any, jobs: Iterator, k: int, batch_size: int) -> list[Path]:
         out = Path(out_dir).resolve()
-        with ray_cluster(address, num_cpus, what=what) as cpus, _probe_file(out) as probe:
-            actors, _ = _start_workers(ray, cpus, threads)
-            try:
-                with _worker_errors(ray):
-                    ray.get(
-                        [
-                            a.open_db.remote(
-                                str(db.path.resolve()),
-                                db.version,
-                                db.manifest_sha256,
-                                str(out),
-                                probe,
-                            )
-                            for a in actors
-                        ]
-                    )
-                pool = ActorPool(actors)
-                parts: list[Path] = []
-                pending = 0
-                with tqdm(desc="neighbour parts", unit="part", disable=not progress) as bar:
-                    for d, job in jobs:
-                        parts.append(d)
-                        if job is None:
-                            continue
+        with _workers(address, num_cpus, threads, what) as (ray, actors), _probe_file(out) as pr:
+            from ray.util import ActorPool
+
+            path, version, sha = str(db.path.resolve()), db.version, db.manifest_sha256
+            with _worker_errors(ray):
+                ray.get([a.open_db.remote(path, version, sha, str(out), pr) for a in actors])
+            pool = ActorPool(actors)
+            parts: list[Path] = []
+            pending = 0
+            with tqdm(desc="neighbour parts", unit="part", disable=not progress) as bar:
+                for d, job in jobs:
+                    parts.append(d)
+                    if job is not None:
                         v = (str(d.resolve()), job)
                         pool.submit(lambda a, v: a.neighbours_part.remote(*v, k, batch_size), v)
                         pending = _drain(ray, pool, bar, 2 * len(actors), pending + 1)
-                    _drain(ray, pool, bar, 0, pending)
-                return parts
-            finally:
-                for a in actors:
-                    ray.kill(a)
+                _drain(ray, pool, bar, 0, pending)
+            return parts
 
-    return write_neighbours(
-        db,
-        corpus,
-        out_dir,
-        k,
-        shard_chunks=shard_chunks,
-        batch_size=batch_size,
-        progress=progress,
-        runner=runner,
-    )
+    return runner

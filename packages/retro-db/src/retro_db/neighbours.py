@@ -19,7 +19,7 @@ import hashlib
 import logging
 import os
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -269,7 +269,10 @@ def write_neighbours(
     shard_chunks: int = 16384,
     batch_size: int = 64,
     progress: bool = True,
-    runner: Callable[..., list[Path]] | None = None,
+    engine: str = "local",
+    address: str | None = None,
+    num_cpus: int | None = None,
+    threads: int | None = None,
 ) -> dict[str, Any]:
     """Write the training dataset (chunks of ``corpus`` and their k neighbours) to ``out_dir``.
 
@@ -282,23 +285,33 @@ def write_neighbours(
         out_dir: output directory (resumes if it holds an interrupted run's parts).
         k: neighbours per chunk.
         shard_chunks: chunks per part (the unit of resumption).
-        runner: ``runner(db, jobs, k, batch_size) -> part directories`` computes the parts of
-            :func:`part_jobs` (None: one after the other here; the Ray engine passes its own).
+        engine: ``"local"`` (parts one after the other here) or ``"ray"`` (parts computed by
+            the workers of a Ray cluster, distributed.py, extra [ray]); the output is the same.
+        address, num_cpus: the Ray cluster and its CPUs to use (Ray engine only).
+        threads: faiss/embedder threads (when ``db`` is a path); Ray: CPUs per worker (default 1).
 
     Returns:
         The manifest written (tokens [N, m], neighbours [N, k, r=2m], ...; see API.md).
     """
+    from .distributed import check_engine
+
+    check_engine(engine, address, num_cpus, "neighbours")
+    runner = _run_parts
+    if engine == "ray":
+        from .distributed import ray_part_runner
+
+        runner = ray_part_runner(Path(out_dir), progress, address, num_cpus, threads)
     if not isinstance(db, Database):
-        db = Database.open(db)
+        db = Database.open(db, threads=threads if engine == "local" else None)
     out = Path(out_dir)
     if (out / MANIFEST_NAME).is_file():
         raise DatabaseError(f"{out / MANIFEST_NAME}: a dataset already exists here")
     out.mkdir(parents=True, exist_ok=True)
     remove_stale_temp_files(out)
     parts_dir = out / "parts"
-    # A runner shows its own progress (over finished parts).
-    jobs = part_jobs(db, corpus, parts_dir, shard_chunks, progress and runner is None)
-    parts = (runner or _run_parts)(db, jobs, k, batch_size)
+    # The Ray runner shows its own progress (over finished parts).
+    jobs = part_jobs(db, corpus, parts_dir, shard_chunks, progress and engine == "local")
+    parts = runner(db, jobs, k, batch_size)
     return finish_dataset(db, out, parts, k)
 
 
