@@ -314,6 +314,11 @@ class _Worker:
         return d
 
 
+def _absolute(path: str | None) -> str | None:
+    """An existing relative path made absolute (workers need not share the driver's cwd)."""
+    return str(Path(path).resolve()) if path and Path(path).exists() else path
+
+
 def _embedder_recipe(embedder: Any) -> tuple[str | None, dict[str, Any], str | None]:
     """(spec, constructor options, expected id) that re-create ``embedder`` on every worker."""
     if embedder is None or isinstance(embedder, str):
@@ -428,14 +433,9 @@ class _RayShardStage:
 
     def _setup(self, db_dir: Path, probe: str, tok, embedder: Any, *config: int) -> dict:
         spec, options, want_id = _embedder_recipe(embedder)
-        path = str(db_dir.resolve())
+        args = (str(db_dir.resolve()), probe, _absolute(tok.source), _absolute(spec), options)
         with _worker_errors(self.ray):
-            infos = self.ray.get(
-                [
-                    a.setup_build.remote(path, probe, tok.source, spec, options, *config)
-                    for a in self.actors
-                ]
-            )
+            infos = self.ray.get([a.setup_build.remote(*args, *config) for a in self.actors])
         info = infos[0]
         if any(i != info for i in infos) or info["tokenizer"] != tok.id:
             raise DatabaseError(
@@ -472,7 +472,7 @@ class _RayShardStage:
         names, shard, doc_index = writer.resume(it, 0, 0)
         window = 2 * len(self.actors)
         pending = 0
-        pairs = _tokenized_remote(ray, tok.source, it, window)
+        pairs = _tokenized_remote(ray, _absolute(tok.source), it, window)
         with tqdm(desc="shards", unit="shard", disable=not progress) as bar:
             for docs, spans, sha in writer.plan(pairs, SimpleNamespace(update=lambda n: None)):
                 refs = list(dict.fromkeys(s.ref for s in spans))

@@ -183,30 +183,16 @@ def _corpus_jobs(
             n_chunks += len(t)
         if not consumed:
             break
-        info = {"docs_consumed": consumed, "documents": documents, "source_sha256": h.hexdigest()}
         if toks:
-            yield (
-                parts / f"p{p:05d}",
-                {
-                    "tokens": np.concatenate(toks),
-                    "lengths": np.concatenate(lens),
-                    "doc_ids": np.concatenate(dids),
-                    "exclude": np.concatenate(excl),
-                    "info": info,
-                },
-            )
+            tokens, lengths = np.concatenate(toks), np.concatenate(lens)
+            doc_ids, exclude = np.concatenate(dids), np.concatenate(excl)
         else:
-            empty = np.empty(0, np.int64)
-            yield (
-                parts / f"p{p:05d}",
-                {
-                    "tokens": np.empty((0, m), db.store.dtype),
-                    "lengths": np.empty(0, np.int32),
-                    "doc_ids": empty,
-                    "exclude": empty,
-                    "info": info,
-                },
-            )
+            tokens = np.empty((0, m), db.store.dtype)
+            lengths = np.empty(0, np.int32)
+            doc_ids = exclude = np.empty(0, np.int64)
+        info = {"docs_consumed": consumed, "documents": documents, "source_sha256": h.hexdigest()}
+        job = {"tokens": tokens, "lengths": lengths, "doc_ids": doc_ids, "exclude": exclude}
+        yield parts / f"p{p:05d}", dict(job, info=info)
         p += 1
     bar.close()
 
@@ -229,7 +215,7 @@ def part_jobs(
 
 def run_part(db: Database, d: Path, job: dict[str, Any], k: int, batch_size: int) -> None:
     """Compute one part of :func:`part_jobs` (keys, k neighbours) and write it to ``d``."""
-    if "start" in job and "tokens" not in job:
+    if "tokens" not in job:
         ids = np.arange(job["start"], job["stop"], dtype=np.int64)
         tokens, lengths = db.chunk_tokens(ids)
         docs = db.store.doc_ids_of(ids)
