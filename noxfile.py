@@ -67,8 +67,8 @@ def retro_core(session: nox.Session) -> None:
 
 @nox.session
 def retro_db(session: nox.Session) -> None:
-    """retro-db with its [embed] extra, and its own tests."""
-    install(session, f"{DB}[embed,fast,test]", "sentence-transformers")
+    """retro-db with its [embed] and [ray] extras, and its own tests (Ray on a local 2-CPU cluster)."""
+    install(session, f"{DB}[embed,fast,ray,test]", "sentence-transformers")
     pytest(session, "packages/retro-db/tests")
 
 
