@@ -93,15 +93,15 @@ def test_ray_build_equals_local_build(flat_pair):
     assert not list(remote.path.glob(".ray-probe-*")) and not list(remote.path.rglob(".tmp-*"))
 
 
-@pytest.mark.parametrize("factory", ["IVF16,Flat", "IVF16,PQ16x4fs", "HNSW32,Flat"])
+@pytest.mark.parametrize("factory", ["IVF16,Flat", "IVF16,PQ16x4fs,Refine(SQ8)", "HNSW32,Flat"])
 def test_ray_index_merge_searches_like_local(cluster, docs, tmp_path, factory):
     # IVF: shard parts added on the workers and merged with merge_from (ids shifted per shard);
-    # HNSW cannot merge, its keys are added on the driver. 846 chunks, 16 lists.
-    kw = dict(BUILD, index_factory=factory, search_params={"nprobe": 4, "efSearch": 64})
+    # Refine: its IVF-PQ base and SQ8 codes merged apart (the >2M default's shape); HNSW cannot
+    # merge, its keys are added on the driver. 846 chunks, 16 lists.
+    params = {"nprobe": 4, "k_factor_rf": 4} if "Refine" in factory else {"nprobe": 4}
     if factory.startswith("HNSW"):
-        kw["search_params"] = {"efSearch": 64}
-    else:
-        kw["search_params"] = {"nprobe": 4}
+        params = {"efSearch": 64}
+    kw = dict(BUILD, index_factory=factory, search_params=params)
     local = build_database(docs[0], tmp_path / "local", **kw)
     remote = build_database(docs[0], tmp_path / "ray", **kw, engine="ray")
     assert local.num_chunks >= 39 * 16  # enough keys to train 16 lists

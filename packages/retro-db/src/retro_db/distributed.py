@@ -31,8 +31,9 @@ How the work is split (the driver is the process that calls ``build_database``):
    it serialised; the driver merges the parts in shard order (IVF lists get ``add_id`` = the
    shard's first chunk id; flat codes are appended, ids implicit), which gives the index an
    uninterrupted ``add`` of all keys gives: identical bytes for Flat, IVF-Flat, IVF-PQ and SQ, the
-   same search results for 4-bit fast-scan (whose blocks pack differently). HNSW cannot merge
-   (faiss builds one graph), so its keys are added on the driver as locally. Parts travel in memory
+   same search results for 4-bit fast-scan (whose blocks pack differently) and for the >2M default
+   ``IVF..,PQ..x4fs,Refine(SQ8)`` (merged as its two halves, which faiss does not do itself).
+   HNSW cannot merge (faiss builds one graph), so its keys are added on the driver as locally. Parts travel in memory
    rather than through ``faiss.contrib.ondisk.merge_ondisk``: that writes the lists to a separate
    ``.ivfdata`` file named by absolute path inside the index, which the database's one-file,
    checksummed, relocatable index format does not allow; memory on the driver is the local build's.
@@ -375,6 +376,31 @@ def _drain(ray, pool, bar, limit: int, pending: int) -> int:
     return pending
 
 
+def _merge_part(index, part, start: int) -> None:
+    """Append ``part`` (keys with ids 0..) to ``index`` as ids ``start``.. (see module doc).
+
+    IVF lists store ids: they are shifted by ``start``. Flat codes (Flat, PQ, SQ) hold no ids: the
+    codes are appended in order. ``IndexRefine`` (which faiss cannot merge) is merged as its two
+    halves, the IVF base index and the flat refine codes.
+    """
+    import faiss
+
+    if isinstance(index, faiss.IndexRefine):
+        for name in ("base_index", "refine_index"):
+            _merge_part(
+                faiss.downcast_index(getattr(index, name)),
+                faiss.downcast_index(getattr(part, name)),
+                start,
+            )
+        index.ntotal = index.base_index.ntotal
+        return
+    try:
+        faiss.extract_index_ivf(index)
+    except RuntimeError:
+        start = 0  # no IVF inside: flat codes, ids implicit
+    index.merge_from(part, start)
+
+
 def _add_keys_ray(ray, pool, index, db_dir: Path, shards: list[str], progress: bool):
     """Add each shard's keys on a worker and merge the parts in shard order (see module doc)."""
     import faiss
@@ -382,17 +408,11 @@ def _add_keys_ray(ray, pool, index, db_dir: Path, shards: list[str], progress: b
     from .manifest import read_json
 
     blob = faiss.serialize_index(index)
-    a, b = faiss.deserialize_index(blob), faiss.deserialize_index(blob)
     try:
-        a.merge_from(b, 0)
+        _merge_part(faiss.deserialize_index(blob), faiss.deserialize_index(blob), 0)
     except RuntimeError:
         logger.info("index %s cannot merge_from: adding keys on the driver", type(index).__name__)
         return _add_keys_local(index, db_dir, shards, progress)
-    try:
-        faiss.extract_index_ivf(index)
-        ivf = True
-    except RuntimeError:
-        ivf = False
     # Merge into a deserialised copy: faiss checks the C++ type, and index_factory("Flat") gives
     # an IndexFlat where reading it back (as the workers do) gives an IndexFlatL2.
     index = faiss.deserialize_index(blob)
@@ -408,8 +428,7 @@ def _add_keys_ray(ray, pool, index, db_dir: Path, shards: list[str], progress: b
             desc="index add",
             disable=not progress,
         ):
-            # IVF lists store ids: shift the shard's 0.. to its chunk ids. Flat codes: implicit.
-            index.merge_from(faiss.deserialize_index(part), int(start) if ivf else 0)
+            _merge_part(index, faiss.deserialize_index(part), int(start))
     return index
 
 
