@@ -32,7 +32,12 @@ def _add_source_args(p: argparse.ArgumentParser) -> None:
 
 def _add_build_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=64, help="embedding batch size")
-    p.add_argument("--threads", type=int, default=None, help="faiss/embedder threads")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="faiss/embedder threads (--engine ray: per worker)",
+    )
     p.add_argument("--shard-chunks", type=int, default=None, help="chunks per resumable shard")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -107,7 +112,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64, help="embedding batch size")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     _add_engine_args(p)
-    p.add_argument("--threads", type=int, default=None, help="Ray: CPUs per worker (default 1)")
+    p.add_argument(
+        "--threads", type=int, default=None, help="faiss/embedder threads (Ray: per worker, 1)"
+    )
 
     p = sub.add_parser("dedup", help="remove training documents near-duplicating evaluation ones")
     p.add_argument("--train", nargs="+", required=True, help="training documents")
