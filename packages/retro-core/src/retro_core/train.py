@@ -713,19 +713,6 @@ def train(
     """
     device = torch.device(train_config.device)
     dist_, device = _setup_distributed(device, dist_backend)
-    if dist_ is None:
-        return _train(
-            model_config_or_model,
-            train_config,
-            dataset_dir,
-            out_dir,
-            valid_dir=valid_dir,
-            resume=resume,
-            stop_after=stop_after,
-            progress=progress,
-            device=device,
-            dist_=None,
-        )
     try:
         return _train(
             model_config_or_model,
@@ -740,7 +727,7 @@ def train(
             dist_=dist_,
         )
     finally:
-        if dist_.created:
+        if dist_ is not None and dist_.created:
             dist.destroy_process_group()
 
 
