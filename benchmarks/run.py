@@ -114,6 +114,16 @@ def main() -> int:
         res["wall_s"] = round(time.perf_counter() - t0, 1)
         out.write_text(json.dumps(res, indent=2) + "\n")
         results.append(res)
+    # The summary covers every result on disk, so `--only NAME` refreshes one benchmark's rows.
+    ran = {r["name"] for r in results}
+    for path in sorted(RESULTS.glob("*.json")):
+        try:
+            res = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if isinstance(res, dict) and res.get("name") not in ran and "ratios" in res:
+            results.append(res)
+    results.sort(key=lambda r: r["name"])
     text = summary(results, info)
     if (RESULTS / "embed.json").exists() and (RESULTS / "search.json").exists():
         from sizing import sizing_table

@@ -78,7 +78,7 @@ def sizing_table(results: Path) -> str:
         hours = c / per_core / 3600
         lines.append(
             f"| {name} tokens | {c:.3g} | {_human(c * store)} | {_human(c * keys)} | "
-            f"{_human(c * pq) if pq else 'n/a'} | {hours:,.0f} | {hours / 1000:,.1f} h | "
+            f"{_human(c * pq) if pq else 'n/a'} | {hours:,.0f} | {hours / 1000 * 60:,.0f} min | "
             f"{_human(c * neighbours)} |"
         )
     return "\n".join(lines) + "\n"
