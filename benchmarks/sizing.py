@@ -38,6 +38,10 @@ def _human(nbytes: float) -> str:
     return f"{nbytes:.3g} EB"
 
 
+def _duration(hours: float) -> str:
+    return f"{hours * 60:.0f} min" if hours < 2 else f"{hours:,.0f} h"
+
+
 def _bytes_per_key(search: dict, prefix: str, contains: str = "") -> float | None:
     for key, value in search.get("figures", {}).items():
         name = key.removesuffix(" bytes_per_key")
@@ -78,7 +82,7 @@ def sizing_table(results: Path) -> str:
         hours = c / per_core / 3600
         lines.append(
             f"| {name} tokens | {c:.3g} | {_human(c * store)} | {_human(c * keys)} | "
-            f"{_human(c * pq) if pq else 'n/a'} | {hours:,.0f} | {hours / 1000 * 60:,.0f} min | "
+            f"{_human(c * pq) if pq else 'n/a'} | {hours:,.0f} | {_duration(hours / 1000)} | "
             f"{_human(c * neighbours)} |"
         )
     return "\n".join(lines) + "\n"
