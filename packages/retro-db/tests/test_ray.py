@@ -17,6 +17,7 @@ import pytest
 
 from retro_db.build import build_database
 from retro_db.database import Database
+from retro_db.distributed import local_temp_dir
 from retro_db.ingest import Document
 from retro_db.neighbours import DATASET_FILES, write_neighbours
 
@@ -37,6 +38,7 @@ def cluster():
         include_dashboard=False,
         object_store_memory=128 * 1024**2,
         logging_level="WARNING",
+        _temp_dir=local_temp_dir(),  # nox points TMPDIR into the venv, which Ray's workers refuse
     )
     yield ray
     ray.shutdown()
@@ -247,3 +249,18 @@ def test_ray_build_with_minilm_equals_local(cluster, docs, tmp_path):
     assert remote.manifest["embedder"] == local.manifest["embedder"]
     keys = local.keys(np.arange(local.num_chunks))
     np.testing.assert_array_equal(remote.search_keys(keys, 4)[1], local.search_keys(keys, 4)[1])
+
+
+def test_local_ray_temp_dir_leaves_the_virtualenv(monkeypatch, tmp_path):
+    # Ray's workers die at start with a temp dir inside $VIRTUAL_ENV (nox sets TMPDIR there).
+    venv = tmp_path / "venv"
+    monkeypatch.setenv("VIRTUAL_ENV", str(venv))
+    monkeypatch.delenv("RAY_TMPDIR", raising=False)
+    monkeypatch.setenv("TMPDIR", str(venv / "tmp"))
+    assert local_temp_dir() == "/tmp/ray"
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "elsewhere"))
+    assert local_temp_dir() is None
+    monkeypatch.setenv("RAY_TMPDIR", str(venv / "ray"))
+    assert local_temp_dir() == "/tmp/ray"
+    monkeypatch.delenv("VIRTUAL_ENV")
+    assert local_temp_dir() is None

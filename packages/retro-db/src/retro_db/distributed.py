@@ -93,6 +93,24 @@ def _import_ray(what: str):
     return ray
 
 
+def local_temp_dir() -> str | None:
+    """A temp dir for a local Ray outside the active virtualenv, or None for Ray's default.
+
+    Ray's workers refuse a temp dir inside ``$VIRTUAL_ENV`` and die at start, which leaves the
+    driver waiting for them forever. Its default is ``$RAY_TMPDIR``, else ``$TMPDIR``, else /tmp;
+    nox and tox point ``TMPDIR`` into the session's virtualenv, so there the default is refused.
+    """
+    venv = os.environ.get("VIRTUAL_ENV")
+    if not venv:
+        return None
+    base = os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp"
+    try:
+        Path(base).resolve().relative_to(Path(venv).resolve())
+    except ValueError:
+        return None
+    return os.path.join("/tmp", "ray")
+
+
 @contextlib.contextmanager
 def ray_cluster(
     address: str | None = None, num_cpus: int | None = None, *, what: str = "retro-db --engine ray"
@@ -117,6 +135,9 @@ def ray_cluster(
         kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING}
         if address is None:
             kwargs["num_cpus"] = num_cpus
+            temp_dir = local_temp_dir()
+            if temp_dir is not None:
+                kwargs["_temp_dir"] = temp_dir
         try:
             ray.init(address=address, **kwargs)
         except Exception as e:  # ConnectionError, ValueError, RuntimeError, by Ray version
