@@ -48,7 +48,7 @@ def pytest(session: nox.Session, *paths: str) -> None:
 @nox.session
 def lint(session: nox.Session) -> None:
     """ruff check + format check, and the import-boundary check in a venv with retro-db only."""
-    install(session, "ruff", "pytest", DB)
+    install(session, "ruff", "pytest", "pytest-timeout", DB)
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
     # No torch in this venv: `import retro_db` must work without it.
