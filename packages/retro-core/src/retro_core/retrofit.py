@@ -40,6 +40,8 @@ import inspect
 import json
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -187,18 +189,36 @@ def load_base_model(
 # the model
 
 
-def _decoder_layers(hf_model: nn.Module) -> nn.ModuleList:
+def _layer_owner(hf_model: nn.Module) -> tuple[nn.Module, str, nn.ModuleList]:
+    """(module holding the decoder layer list, its attribute name, the list)."""
     n = getattr(hf_model.config, "num_hidden_layers", None)
     for path in _LAYER_PATHS:
-        obj: Any = hf_model
-        for part in path.split("."):
-            obj = getattr(obj, part, None)
+        *parents, attr = path.split(".")
+        owner: Any = hf_model
+        for part in parents:
+            owner = getattr(owner, part, None)
+        obj = getattr(owner, attr, None)
         if isinstance(obj, nn.ModuleList) and len(obj) == n:
-            return obj
+            return owner, attr, obj
     raise RetrofitError(
         f"{type(hf_model).__name__}: no decoder layer list found at {list(_LAYER_PATHS)} "
         f"(supported: GPT-2 and Llama-family causal LMs)"
     )
+
+
+def _decoder_layers(hf_model: nn.Module) -> nn.ModuleList:
+    return _layer_owner(hf_model)[2]
+
+
+@contextmanager
+def _only_layers(hf_model: nn.Module, lo: int, hi: int) -> Iterator[None]:
+    """Run the base model with its decoder layers lo .. hi-1 (0-indexed) only, then restore."""
+    owner, attr, layers = _layer_owner(hf_model)
+    setattr(owner, attr, nn.ModuleList(list(layers)[lo:hi]))
+    try:
+        yield
+    finally:
+        setattr(owner, attr, layers)
 
 
 @dataclass
@@ -345,6 +365,53 @@ class RetrofittedLM(nn.Module):
             retriever, chunk_size=self.config.chunk_size, tokenizer_id=self.config.tokenizer_id
         )
 
+    # -- the frozen prefix -----------------------------------------------------------------------
+
+    @property
+    def prefix_depth(self) -> int:
+        """Base layers below the first retrieval layer: min(P) - 1 (1-indexed P).
+
+        Their output depends neither on the new weights nor on the neighbours.
+        """
+        return min(self.config.cond_layer, *self.config.cca_layers) - 1
+
+    def _check_prefix_support(self) -> None:
+        owner, attr, _ = _layer_owner(self.base)
+        if attr != "layers":  # GPT-2 adds its position embedding to inputs_embeds
+            raise RetrofitError(
+                f"{type(self.base).__name__}: a frozen prefix needs a Llama-family base model"
+            )
+
+    @torch.no_grad()
+    def frozen_prefix(self, tokens: Tensor) -> Tensor:
+        """The base model's hidden states entering layer min(P): H (B, n, d), no gradient.
+
+        A training loop that sees the same sequences in several epochs can compute them once (the
+        base below the first retrieval layer is frozen and never reads neighbours) and pass them to
+        :meth:`forward` as ``prefix=H``: the logits are the same, and each step then runs only the
+        layers from min(P) up. Llama-family bases only.
+
+        Args:
+            tokens: int (B, n) token ids at positions 0 .. n-1.
+        """
+        self._check_prefix_support()
+        depth = self.prefix_depth
+        emb = self.tok_emb(tokens)  # (B, n, d)
+        if depth == 0:
+            return emb
+        owner = _layer_owner(self.base)[0]
+        layers = _decoder_layers(self.base)
+        seen: list[Tensor] = []
+        hook = layers[depth - 1].register_forward_hook(
+            lambda _m, _a, out: seen.append(out[0] if isinstance(out, tuple) else out)
+        )
+        try:
+            with _only_layers(self.base, 0, depth):
+                owner(inputs_embeds=emb, use_cache=False)
+        finally:
+            hook.remove()
+        return seen[-1]
+
     # -- forward ---------------------------------------------------------------------------------
 
     def forward(
@@ -355,6 +422,7 @@ class RetrofittedLM(nn.Module):
         *,
         cache: RetrofitCache | None = None,
         logits_to_keep: int | Tensor = 0,
+        prefix: Tensor | None = None,
     ) -> Tensor:
         """Next-token logits of the retro-fitted model (same contract as ``Retro.forward``).
 
@@ -368,6 +436,8 @@ class RetrofittedLM(nn.Module):
                 plus the encoded neighbours of completed chunks).
             logits_to_keep: 0 = all positions, N > 0 = the last N, a 1-D tensor = those
                 positions (passed to the base model when it accepts ``logits_to_keep``).
+            prefix: (B, T, d) the :meth:`frozen_prefix` of ``tokens`` (no cache): only the layers
+                from min(P) up run.
 
         Returns:
             logits (B, T, |V|).
@@ -375,15 +445,25 @@ class RetrofittedLM(nn.Module):
         start = cache.length if cache is not None else 0
         end = start + tokens.shape[1]
         self._check_inputs(tokens, neighbours, neighbour_lengths, end)
+        inputs: dict[str, Tensor] = {"input_ids": tokens}
+        only: Any = nullcontext()
+        if prefix is not None:
+            self._check_prefix_support()
+            if cache is not None or prefix.shape != (*tokens.shape, self.config.d_model):
+                raise ValueError(
+                    f"prefix: expected shape {(*tokens.shape, self.config.d_model)} and no cache, "
+                    f"got {tuple(prefix.shape)}"
+                )
+            inputs = {"inputs_embeds": prefix.to(self.tok_emb.weight.dtype)}
+            only = _only_layers(self.base, self.prefix_depth, self.config.n_layers)
         self._call = _Call(start, neighbours, neighbour_lengths, cache)
         past = None if cache is None else cache.past_key_values
         kwargs: dict[str, Any] = {self._cache_kwarg: past}
         if self._keeps_logits:
             kwargs["logits_to_keep"] = logits_to_keep
         try:
-            out = self.base(
-                input_ids=tokens, use_cache=cache is not None, return_dict=True, **kwargs
-            )
+            with only:
+                out = self.base(**inputs, use_cache=cache is not None, return_dict=True, **kwargs)
         finally:
             self._call = None
         if cache is not None:
