@@ -60,6 +60,13 @@ def test_buckets_agree_with_the_overall_bits_per_byte(demo: tuple[Path, dict]) -
             for model in ("retro_on", "retro_off", "baseline"):
                 assert top["bpb"][model] == pytest.approx(bench["models"][model]["bpb"], rel=1e-9)
         assert [row["k"] for row in bench["k_sweep"]] == [1, 2]
+        # The controls: RETRO[shuffled], and disjoint overlap bins that add up to every chunk.
+        assert math.isfinite(bench["models"]["retro_shuffled"]["bpb"])
+        assert set(bench["vs_off"]) == {"retro_on", "retro_shuffled"}
+        for measure in ("rc", "minhash"):
+            bins = bench["bins"][measure]
+            assert sum(b["chunks"] for b in bins) == bench["chunks"]
+            assert bins[0]["chunks"] == bench["buckets"][measure][1]["chunks"]  # r(C) <= 12.5%
 
 
 @pytest.mark.slow

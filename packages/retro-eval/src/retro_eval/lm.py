@@ -6,9 +6,19 @@ command line; from Python, pass ``model=RetroLM(...)`` to ``lm_eval.simple_evalu
 
 Model args (``--model_args``): ``checkpoint`` (a retro_core checkpoint directory), ``database``
 (a retro_db database directory), ``k`` (neighbours per chunk; default the model's), ``retrieval``
-(on/off; off = RETRO[OFF]), ``batch_size``, ``max_length`` (window n; default the model's
-max_seq_len), ``stride`` (default n/2), ``tokenizer`` (a tokenizer directory; default the database's
-tokenizer, else GPT-2).
+(on/off/shuffled; off = RETRO[OFF]; shuffled = the control RETRO[shuffled], below), ``shuffle_seed``
+(default 0), ``batch_size``, ``max_length`` (window n; default the model's max_seq_len), ``stride``
+(default n/2), ``tokenizer`` (a tokenizer directory; default the database's tokenizer, else GPT-2).
+
+``retrieval=shuffled``: every chunk gets the neighbours retrieved for another chunk of the same
+request list (lm-eval hands a model all requests of a kind at once), paired by a seeded derangement
+(``retro_eval.perplexity.shuffled_slots``) that also avoids the chunk's own document (rolling) or
+request (loglikelihood, generation) where the sizes allow. In ``loglikelihood_rolling`` this is
+exactly ``retro-eval run``'s RETRO[shuffled] (:func:`retro_eval.perplexity.shuffle_document_neighbours`);
+in ``loglikelihood`` the distinct complete chunks of all inputs are paired; in ``generate_until`` the
+prompts' chunks are paired and a chunk completed during generation takes a seeded random prompt
+chunk's neighbours. A request list with a single distinct chunk is refused (ValueError: there is no
+other chunk to take neighbours from).
 
 Retrieval happens at chunk boundaries: a scored sequence is cut into chunks of m tokens from its
 first token, and chunk u's neighbours condition the tokens after it (the causal shift in the model).
@@ -28,6 +38,8 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from tqdm.auto import tqdm
 
+from retro_core.retrieval import Neighbours
+
 from .perplexity import (
     _check_retriever_for,
     _has_retrieval,
@@ -35,11 +47,13 @@ from .perplexity import (
     _model_geometry,
     retrieve_document_neighbours,
     score_token_documents,
+    shuffle_document_neighbours,
+    shuffled_slots,
 )
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["RetroLM", "parse_bool"]
+__all__ = ["RetroLM", "parse_bool", "parse_retrieval"]
 
 
 def parse_bool(value: Any) -> bool:
@@ -52,6 +66,102 @@ def parse_bool(value: Any) -> bool:
     if s in {"0", "false", "off", "no", "n", "none"}:
         return False
     raise ValueError(f"retrieval={value!r}: expected on/off (true/false)")
+
+
+def parse_retrieval(value: Any) -> str:
+    """Parse the ``retrieval`` model arg: ``"on"``, ``"off"`` or ``"shuffled"`` (booleans as on/off)."""
+    if isinstance(value, str) and value.strip().lower() in {"shuffled", "shuffle"}:
+        return "shuffled"
+    try:
+        return "on" if parse_bool(value) else "off"
+    except ValueError:
+        raise ValueError(f"retrieval={value!r}: expected on, off or shuffled") from None
+
+
+class _ShuffledNeighbours:
+    """``retrieval=shuffled`` for loglikelihood and generation: each distinct chunk is paired with a
+    donor chunk (a seeded derangement over the chunks given to :meth:`prepare`) and gets the
+    neighbours retrieved for the donor. A Retriever itself (for ``retro_core.generate``)."""
+
+    def __init__(self, retriever: Any, k: int, seed: int) -> None:
+        self.base, self.k, self.seed = retriever, int(k), int(seed)
+        self.pad_id = int(getattr(retriever, "pad_id", 0))
+        self.cache: dict[tuple[int, ...], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        self.donor: dict[tuple[int, ...], tuple[int, ...]] = {}
+        self.pool: list[tuple[int, ...]] = []
+        self.rng = np.random.default_rng(self.seed)
+
+    @property
+    def chunk_size(self) -> int:
+        return int(self.base.chunk_size)
+
+    @property
+    def tokenizer_id(self) -> str:
+        return self.base.tokenizer_id
+
+    def prepare(self, chunk_lists: Sequence[Sequence[tuple[int, ...]]]) -> None:
+        """Retrieve the neighbours of every chunk (keys: m token ids) and pair the distinct chunks.
+
+        ``chunk_lists[g]`` holds the complete chunks of request g; a chunk is grouped with the first
+        request that holds it.
+
+        Raises:
+            ValueError: exactly one distinct chunk (no other chunk to take neighbours from).
+        """
+        keys: list[tuple[int, ...]] = []
+        groups: list[int] = []
+        seen: set[tuple[int, ...]] = set()
+        for g, chunks in enumerate(chunk_lists):
+            for key in chunks:
+                if key not in seen:
+                    seen.add(key)
+                    keys.append(key)
+                    groups.append(g)
+        self.pool, self.donor = keys, {}
+        if not keys:
+            return
+        src = shuffled_slots(np.asarray(groups, dtype=np.int64), seed=self.seed)
+        missing = [key for key in keys if key not in self.cache]
+        if missing:
+            nb = self.base.retrieve(np.array(missing, dtype=np.int64), self.k)
+            for j, key in enumerate(missing):
+                self.cache[key] = (
+                    np.asarray(nb.tokens[j], dtype=np.int64),
+                    np.asarray(nb.lengths[j], dtype=np.int64),
+                    np.asarray(nb.chunk_ids[j], dtype=np.int64),
+                )
+        self.donor = {key: keys[int(src[i])] for i, key in enumerate(keys)}
+
+    def lookup(self, key: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Neighbours (tokens [k, r], lengths [k], chunk ids [k]) of the chunk's donor; a chunk not
+        seen by :meth:`prepare` gets a seeded random other chunk of the pool as its donor."""
+        donor = self.donor.get(key)
+        if donor is None:
+            others = len(self.pool) - (1 if key in self.cache else 0)
+            if others < 1:
+                raise ValueError(
+                    "retrieval=shuffled: no other chunk to take neighbours from (the requests hold "
+                    "a single distinct chunk)"
+                )
+            while donor is None or donor == key:
+                donor = self.pool[int(self.rng.integers(len(self.pool)))]
+            self.donor[key] = donor
+        return self.cache[donor]
+
+    def retrieve(
+        self, chunks: np.ndarray, k: int, exclude_doc_ids: np.ndarray | None = None
+    ) -> Neighbours:
+        """The donors' neighbours of query chunks [q, m] -> Neighbours [q, k, r]."""
+        if int(k) > self.k:
+            raise ValueError(f"retrieval=shuffled: k={k} but {self.k} neighbours were retrieved")
+        rows = [self.lookup(tuple(int(t) for t in c)) for c in np.asarray(chunks)]
+        return Neighbours(
+            np.stack([t[:k] for t, _, _ in rows]),
+            np.stack([ln[:k] for _, ln, _ in rows]),
+            np.stack([i[:k] for _, _, i in rows]),
+            None,
+            self.pad_id,
+        )
 
 
 def _int_or_none(value: Any, name: str) -> int | None:
@@ -73,7 +183,9 @@ class RetroLM(LM):
         database: database directory (``retro_db.Database.open``), or None when ``retriever`` is
             given or for RETRO[OFF].
         k: neighbours per chunk (default the model's ``num_neighbours``).
-        retrieval: False = RETRO[OFF] (the model sees no neighbours).
+        retrieval: on/off/shuffled (False = "off" = RETRO[OFF], the model sees no neighbours;
+            "shuffled" = each chunk gets the neighbours of another chunk, see the module docstring).
+        shuffle_seed: seeds the shuffled pairing.
         batch_size: windows per forward pass.
         max_length: window n (default the model's max_seq_len); stride: s (default n/2).
         tokenizer: tokenizer directory / object (default the database's tokenizer, else GPT-2).
@@ -92,6 +204,7 @@ class RetroLM(LM):
         stride: int | str | None = None,
         tokenizer: Any = None,
         device: str | None = None,
+        shuffle_seed: int | str = 0,
         *,
         model: torch.nn.Module | None = None,
         retriever: Any = None,
@@ -116,7 +229,9 @@ class RetroLM(LM):
         if device:
             model = model.to(device)
         self.model = model.eval()
-        self.retrieval = parse_bool(retrieval)
+        self.retrieval_mode = parse_retrieval(retrieval)
+        self.retrieval = self.retrieval_mode != "off"
+        self.shuffle_seed = _int_or_none(shuffle_seed, "shuffle_seed") or 0
         if self.retrieval and retriever is None and database:
             from retro_db.database import Database
 
@@ -127,6 +242,8 @@ class RetroLM(LM):
             _check_retriever_for(self.model, retriever)
         self.retriever = retriever if self.retrieval else None
         if self.retrieval and self.retriever is None and _has_retrieval(self.model):
+            if self.retrieval_mode == "shuffled":
+                raise ValueError("RetroLM: retrieval=shuffled needs a database")
             logger.warning("RetroLM: no database given: evaluating RETRO[OFF]")
         self.tokenizer = self._resolve_tokenizer(tokenizer, retriever)
         want, have = self.model.config.tokenizer_id, getattr(self.tokenizer, "id", None)
@@ -143,6 +260,11 @@ class RetroLM(LM):
         self.batch_size = _int_or_none(batch_size, "batch_size") or 1
         self.progress = progress
         self._nb_cache: dict[tuple[int, ...], tuple[np.ndarray, np.ndarray]] = {}
+        self._shuffled = (
+            _ShuffledNeighbours(self.retriever, self.k, self.shuffle_seed)
+            if self.retrieval_mode == "shuffled" and self.retriever is not None
+            else None
+        )
 
     @classmethod
     def create_from_arg_obj(
@@ -206,6 +328,11 @@ class RetroLM(LM):
         n_complete = len(seq) // m
         toks = np.full((n_complete, self.k, self.r), self.pad_id, dtype=np.int64)
         lens = np.zeros((n_complete, self.k), dtype=np.int64)
+        if self._shuffled is not None:
+            for u in range(n_complete):
+                t, ln, _ = self._shuffled.lookup(tuple(seq[u * m : (u + 1) * m]))
+                toks[u], lens[u] = t, ln
+            return toks, lens
         missing = []
         for u in range(n_complete):
             key = tuple(seq[u * m : (u + 1) * m])
@@ -246,6 +373,8 @@ class RetroLM(LM):
                 pad_id=self.pad_id,
                 progress=self.progress and not disable_tqdm,
             )
+            if self.retrieval_mode == "shuffled":
+                neighbours = shuffle_document_neighbours(neighbours, seed=self.shuffle_seed)
         res = score_token_documents(
             self.model,
             token_docs,
@@ -301,6 +430,14 @@ class RetroLM(LM):
                 groups[-1].append(it)
             else:
                 groups.append([it])
+        if self._shuffled is not None:
+            m = self.m
+            self._shuffled.prepare(
+                [
+                    [tuple(seq[u * m : (u + 1) * m]) for u in range((len(seq) - 1) // m)]
+                    for _, seq, _ in todo
+                ]
+            )
         device = self.device
         with torch.inference_mode():
             for group in tqdm(
@@ -329,6 +466,24 @@ class RetroLM(LM):
                     self.cache_hook.add_partial("loglikelihood", requests[idx].args, results[idx])
         return results
 
+    def _gen_request(self, req: Any) -> tuple[list[int], list[str], int, float]:
+        """(aligned prompt, until, max_new, temperature) of a generate_until request."""
+        from .qa import align_prompt
+
+        context, gen_kwargs = req.args
+        gen_kwargs = dict(gen_kwargs or {})
+        until = gen_kwargs.pop("until", None) or []
+        if isinstance(until, str):
+            until = [until]
+        max_new = int(gen_kwargs.pop("max_gen_toks", self.max_gen_toks))
+        temperature = float(gen_kwargs.pop("temperature", 0.0) or 0.0)
+        if not parse_bool(gen_kwargs.pop("do_sample", False)):
+            temperature = 0.0
+        max_new = max(1, min(max_new, self.n - self.m))
+        budget = (self.n - max_new) // self.m * self.m
+        prompt = align_prompt(self.tok_encode(context), self.m, self.pad_id, budget)
+        return prompt, list(until), max_new, temperature
+
     def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
         """Greedy generation (``retro_core.generate``) with retrieval at chunk boundaries.
 
@@ -337,26 +492,24 @@ class RetroLM(LM):
         """
         from retro_core.generate import generate
 
-        from .qa import align_prompt
-
+        parsed = [self._gen_request(req) for req in requests]
+        retriever = self.retriever
+        if self._shuffled is not None:
+            m = self.m
+            self._shuffled.prepare(
+                [[tuple(p[u * m : (u + 1) * m]) for u in range(len(p) // m)] for p, *_ in parsed]
+            )
+            retriever = self._shuffled
         out = []
-        for req in tqdm(requests, desc="generate", disable=disable_tqdm or not self.progress):
-            context, gen_kwargs = req.args
-            gen_kwargs = dict(gen_kwargs or {})
-            until = gen_kwargs.pop("until", None) or []
-            if isinstance(until, str):
-                until = [until]
-            max_new = int(gen_kwargs.pop("max_gen_toks", self.max_gen_toks))
-            temperature = float(gen_kwargs.pop("temperature", 0.0) or 0.0)
-            if not parse_bool(gen_kwargs.pop("do_sample", False)):
-                temperature = 0.0
-            max_new = max(1, min(max_new, self.n - self.m))
-            budget = (self.n - max_new) // self.m * self.m
-            prompt = align_prompt(self.tok_encode(context), self.m, self.pad_id, budget)
+        for req, (prompt, until, max_new, temperature) in tqdm(
+            list(zip(requests, parsed, strict=True)),
+            desc="generate",
+            disable=disable_tqdm or not self.progress,
+        ):
             new = generate(
                 self.model,
                 prompt,
-                self.retriever,
+                retriever,
                 max_new,
                 k=self.k,
                 temperature=temperature,

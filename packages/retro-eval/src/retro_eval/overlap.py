@@ -12,6 +12,12 @@ Two measures of how much of an evaluation chunk C (m tokens) the database alread
 
 :func:`bucket_bpb` then reports bpb(alpha) = bits / UTF-8 bytes over the chunks with overlap <= alpha,
 with chunk counts, and marks an empty bucket instead of dividing by zero.
+
+Beside the paper's cumulative bpb(alpha), disjoint bins of overlap (:data:`BIN_EDGES`: [0, 12.5%],
+(12.5%, 50%], (50%, 100%]) separate the chunks the database barely covers from those it holds:
+:func:`overlap_bins` assigns each chunk its bin, :func:`bin_totals` sums bits and bytes per bin, and
+:func:`bootstrap_bpb_difference` gives the difference in bpb between two models over a set of chunks
+with a seeded bootstrap interval (chunks resampled with replacement), so "within noise" is a number.
 """
 
 from __future__ import annotations
@@ -25,18 +31,26 @@ from tqdm.auto import tqdm
 
 __all__ = [
     "ALPHAS",
+    "BIN_EDGES",
+    "bin_labels",
+    "bin_totals",
+    "bootstrap_bpb_difference",
     "bucket_bpb",
     "build_minhash_index",
     "chunk_overlap_ratios",
     "longest_common_substring",
     "longest_common_substrings",
     "minhash_overlaps",
+    "overlap_bins",
 ]
 
 logger = logging.getLogger(__name__)
 
 #: the paper's leakage thresholds: 0, 12.5, 25, 50, 75, 100 %.
 ALPHAS: tuple[float, ...] = (0.0, 0.125, 0.25, 0.5, 0.75, 1.0)
+
+#: edges of the disjoint overlap bins: [0, 12.5%], (12.5%, 50%], (50%, 100%].
+BIN_EDGES: tuple[float, ...] = (0.0, 0.125, 0.5, 1.0)
 
 _EPS = 1e-12  # overlap <= alpha is tested with this slack (alphas like 1/8 are exact anyway)
 
@@ -319,3 +333,147 @@ def bucket_bpb(
             }
         )
     return rows
+
+
+def _check_edges(edges: Sequence[float]) -> np.ndarray:
+    e = np.asarray(edges, dtype=np.float64)
+    if e.ndim != 1 or len(e) < 2 or not np.all(np.diff(e) > 0) or e[0] < 0 or e[-1] > 1:
+        raise ValueError(
+            f"bin edges must be at least 2 increasing fractions in [0, 1], got {list(edges)!r}"
+        )
+    return e
+
+
+def bin_labels(edges: Sequence[float] = BIN_EDGES) -> list[str]:
+    """Display labels of the bins of :func:`overlap_bins`: ``["[0%, 12.5%]", "(12.5%, 50%]", ...]``."""
+    e = _check_edges(edges)
+    pct = [f"{100 * float(x):g}%" for x in e]
+    return [("[" if b == 0 else "(") + f"{pct[b]}, {pct[b + 1]}]" for b in range(len(e) - 1)]
+
+
+def overlap_bins(
+    overlap: Sequence[float] | np.ndarray, edges: Sequence[float] = BIN_EDGES
+) -> np.ndarray:
+    """The bin of each chunk's overlap: bin 0 is ``[e_0, e_1]``, bin b > 0 is ``(e_b, e_{b+1}]``.
+
+    Args:
+        overlap: float [C] r(C) or MinHash Jaccard of each chunk, in [0, 1].
+        edges: B + 1 increasing fractions (default :data:`BIN_EDGES`, B = 3).
+
+    Returns:
+        int64 [C] bin index in ``0..B-1``; -1 for an overlap outside ``[e_0, e_B]``.
+
+    Raises:
+        ValueError: overlap not 1-D or not finite; edges not increasing fractions.
+    """
+    e = _check_edges(edges)
+    ov = np.asarray(overlap, dtype=np.float64)
+    if ov.ndim != 1:
+        raise ValueError(f"overlap must be 1-D [C], got shape {list(ov.shape)}")
+    if not np.all(np.isfinite(ov)):
+        raise ValueError("overlap must be finite (found NaN or inf)")
+    # (e_b, e_{b+1}] with the same slack as bucket_bpb's "overlap <= alpha", so bins and buckets agree.
+    out = np.searchsorted(e[1:], ov - _EPS, side="left").astype(np.int64)
+    out[(ov < e[0] - _EPS) | (ov > e[-1] + _EPS)] = -1
+    return out
+
+
+def bin_totals(
+    chunk_nll_bits: Sequence[float] | np.ndarray,
+    chunk_bytes: Sequence[int] | np.ndarray,
+    bins: Sequence[int] | np.ndarray,
+    num_bins: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Sum bits and bytes of the chunks in each bin.
+
+    Args:
+        chunk_nll_bits: float [C] bits of each chunk; chunk_bytes: int [C] UTF-8 bytes of each chunk.
+        bins: int [C] bin of each chunk (:func:`overlap_bins`; -1 = in no bin, left out).
+        num_bins: B.
+
+    Returns:
+        ``(bits, bytes, chunks)``: float64 [B], int64 [B], int64 [B]; bpb of bin b is
+        ``bits[b] / bytes[b]`` (undefined when ``bytes[b] == 0``).
+
+    Raises:
+        ValueError: arrays of different lengths or not 1-D, or a bin index >= B.
+    """
+    bits = np.asarray(chunk_nll_bits, dtype=np.float64)
+    nbytes = np.asarray(chunk_bytes, dtype=np.int64)
+    b = np.asarray(bins, dtype=np.int64)
+    if bits.ndim != 1 or nbytes.ndim != 1 or b.ndim != 1 or not len(bits) == len(nbytes) == len(b):
+        raise ValueError(
+            "chunk_nll_bits, chunk_bytes and bins must be 1-D with one entry per chunk, got shapes "
+            f"{list(bits.shape)}, {list(nbytes.shape)}, {list(b.shape)}"
+        )
+    if len(b) and b.max() >= num_bins:
+        raise ValueError(f"bin index {int(b.max())} out of range for {num_bins} bins")
+    sel = b >= 0
+    return (
+        np.bincount(b[sel], weights=bits[sel], minlength=num_bins).astype(np.float64),
+        np.bincount(b[sel], weights=nbytes[sel], minlength=num_bins).round().astype(np.int64),
+        np.bincount(b[sel], minlength=num_bins).astype(np.int64),
+    )
+
+
+def bootstrap_bpb_difference(
+    bits_a: Sequence[float] | np.ndarray,
+    bits_b: Sequence[float] | np.ndarray,
+    chunk_bytes: Sequence[int] | np.ndarray,
+    *,
+    samples: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+    max_draws: int = 4_000_000,
+) -> np.ndarray:
+    """bpb of model a minus bpb of model b over the same chunks, with a bootstrap interval.
+
+    The estimate is ``sum(bits_a) / sum(bytes) - sum(bits_b) / sum(bytes)``. Each of ``samples``
+    resamples draws the C chunks with replacement (the same draw for both models: the difference is
+    paired) and recomputes it; the interval is the ``(1 - level) / 2`` and ``(1 + level) / 2``
+    percentiles of the resampled differences. Seeded: the same inputs and seed give the same interval.
+
+    Args:
+        bits_a, bits_b: float [C] bits of each chunk under models a and b.
+        chunk_bytes: int [C] UTF-8 bytes of each chunk.
+        samples: bootstrap resamples.
+        seed: seeds ``numpy.random.default_rng``.
+        level: the interval's coverage.
+        max_draws: most chunk indices drawn at once (memory bound; does not change the result).
+
+    Returns:
+        float64 [3]: (estimate, low, high); all NaN when the chunks hold no bytes (C = 0).
+
+    Raises:
+        ValueError: arrays of different lengths or not 1-D, samples < 1, level outside (0, 1).
+    """
+    a = np.asarray(bits_a, dtype=np.float64)
+    b = np.asarray(bits_b, dtype=np.float64)
+    nb = np.asarray(chunk_bytes, dtype=np.float64)
+    if a.ndim != 1 or b.ndim != 1 or nb.ndim != 1 or not len(a) == len(b) == len(nb):
+        raise ValueError(
+            "bits_a, bits_b and chunk_bytes must be 1-D with one entry per chunk, got shapes "
+            f"{list(a.shape)}, {list(b.shape)}, {list(nb.shape)}"
+        )
+    if int(samples) < 1:
+        raise ValueError(f"samples must be >= 1, got {samples}")
+    if not 0.0 < float(level) < 1.0:
+        raise ValueError(f"level must lie in (0, 1), got {level}")
+    total = float(nb.sum())
+    if total <= 0:
+        return np.full(3, np.nan)
+    diff = a - b
+    estimate = float(diff.sum()) / total
+    c = len(diff)
+    rng = np.random.default_rng(seed)
+    stats = np.empty(int(samples), dtype=np.float64)
+    step = max(1, int(max_draws) // c)
+    for lo in range(0, int(samples), step):
+        hi = min(int(samples), lo + step)
+        idx = rng.integers(0, c, size=(hi - lo, c))
+        den = nb[idx].sum(axis=1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            stats[lo:hi] = np.where(den > 0, diff[idx].sum(axis=1) / den, np.nan)
+    q = 100.0 * np.array([(1.0 - level) / 2.0, (1.0 + level) / 2.0])
+    low, high = np.nanpercentile(stats, q)
+    return np.array([estimate, float(low), float(high)], dtype=np.float64)

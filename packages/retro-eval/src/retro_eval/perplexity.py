@@ -54,6 +54,8 @@ __all__ = [
     "retrieve_document_neighbours",
     "score_documents",
     "score_token_documents",
+    "shuffle_document_neighbours",
+    "shuffled_slots",
     "sweep_k",
 ]
 
@@ -192,6 +194,132 @@ def retrieve_document_neighbours(
                 tokens[offset : offset + c, :k],
                 lengths[offset : offset + c, :k],
                 chunk_ids[offset : offset + c, :k],
+            )
+        )
+        offset += c
+    return out
+
+
+def shuffled_slots(
+    groups: Sequence[int] | np.ndarray,
+    *,
+    seed: int = 0,
+    avoid_same_group: bool = True,
+    rounds: int = 32,
+) -> np.ndarray:
+    """A seeded derangement of C slots: the slot whose neighbours each slot receives.
+
+    The control "RETRO[ON] with shuffled neighbours" gives evaluation chunk i the neighbours that
+    were retrieved for chunk ``out[i]``. Guarantees, for C >= 2:
+
+    - ``out`` is a permutation of ``0..C-1`` (each slot's neighbours are used exactly once);
+    - ``out[i] != i`` for every i (a derangement: no chunk gets its own slot's neighbours);
+    - with ``avoid_same_group``, the fewest possible chunks get neighbours from their own group (a
+      document): none when no group holds more than C/2 chunks, else ``2 * max_group - C``.
+
+    Construction: the slots are laid out group by group (the largest group first, groups and slots
+    within them in a seeded random order) and each slot takes the slot ``max_group`` places further
+    on (cyclically; 1 place when all slots share one group), which meets the guarantees; then
+    ``rounds`` rounds of seeded random swaps between disjoint pairs of slots, each swap kept only when
+    it keeps the guarantees, mix the assignment.
+
+    Args:
+        groups: int [C] group (document index) of each slot.
+        seed: seeds the layout and the swaps (same seed and groups: same output).
+        avoid_same_group: also keep chunks from receiving their own group's neighbours where possible.
+        rounds: swap rounds (each proposes C/2 swaps).
+
+    Returns:
+        int64 [C] source slot of each slot.
+
+    Raises:
+        ValueError: fewer than 2 slots (a single chunk has no other chunk to take neighbours from),
+            or ``groups`` not 1-D.
+    """
+    g = np.asarray(groups)
+    if g.ndim != 1:
+        raise ValueError(f"groups must be 1-D [C], got shape {list(g.shape)}")
+    c = len(g)
+    if c < 2:
+        raise ValueError(
+            f"shuffled neighbours need at least 2 evaluation chunks, got {c}: a single chunk has "
+            "no other chunk to take neighbours from"
+        )
+    g = g.astype(np.int64) if avoid_same_group else np.zeros(c, dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    labels, inverse, counts = np.unique(g, return_inverse=True, return_counts=True)
+    # Group order: largest first, ties (and the rest) in random order; slots within a group shuffled.
+    group_rank = np.empty(len(labels), dtype=np.int64)
+    order_groups = np.lexsort((rng.permutation(len(labels)), -counts))
+    group_rank[order_groups] = np.arange(len(labels))
+    layout = np.lexsort((rng.permutation(c), group_rank[inverse]))  # [C] slots, grouped
+    biggest = int(counts.max())
+    shift = biggest if biggest < c else 1
+    out = np.empty(c, dtype=np.int64)
+    out[layout] = layout[(np.arange(c) + shift) % c]
+    # Mixing: swap the sources of disjoint random pairs (i, j) when neither becomes its own source
+    # and the number of same-group assignments does not grow.
+    for _ in range(max(0, int(rounds))):
+        perm = rng.permutation(c)
+        i, j = perm[0 : c - 1 : 2], perm[1:c:2]
+        si, sj = out[i], out[j]
+        same_now = (g[si] == g[i]).astype(np.int64) + (g[sj] == g[j])
+        same_new = (g[sj] == g[i]).astype(np.int64) + (g[si] == g[j])
+        ok = (sj != i) & (si != j) & (same_new <= same_now)
+        out[i[ok]], out[j[ok]] = sj[ok], si[ok]
+    return out
+
+
+def shuffle_document_neighbours(
+    neighbours: Sequence[DocumentNeighbours],
+    *,
+    seed: int = 0,
+    avoid_same_document: bool = True,
+) -> list[DocumentNeighbours]:
+    """A shuffled copy of a benchmark's neighbours: every chunk gets another chunk's neighbours.
+
+    The control for RETRO[ON]: the neighbours retrieved for the C evaluation chunks of all
+    documents (concatenated in document order, as :func:`retrieve_document_neighbours` returns
+    them) are permuted across the whole benchmark with :func:`shuffled_slots`, a seeded derangement
+    that also avoids a chunk's own document where the documents' sizes allow. Shapes are kept: the
+    result can replace ``neighbours`` in :func:`score_token_documents`.
+
+    Args:
+        neighbours: D :class:`DocumentNeighbours` (tokens [c_d, k, r]), sum of c_d = C.
+        seed: seeds the permutation.
+        avoid_same_document: keep chunks from receiving neighbours retrieved for their own document.
+
+    Returns:
+        D :class:`DocumentNeighbours` with the same shapes; chunk i of the benchmark holds the
+        neighbours (tokens, lengths, database chunk ids) retrieved for chunk ``shuffled_slots(...)[i]``.
+
+    Raises:
+        ValueError: C < 2 (a benchmark with a single chunk has no other chunk's neighbours).
+    """
+    if not neighbours:
+        return []
+    counts = [int(nb.tokens.shape[0]) for nb in neighbours]
+    doc = np.repeat(np.arange(len(neighbours), dtype=np.int64), counts)
+    src = shuffled_slots(doc, seed=seed, avoid_same_group=avoid_same_document)
+    tokens = np.concatenate([nb.tokens for nb in neighbours])[src]
+    lengths = np.concatenate([nb.lengths for nb in neighbours])[src]
+    ids = np.concatenate([nb.chunk_ids for nb in neighbours])[src]
+    same = int((doc[src] == doc).sum())
+    if same:
+        logger.info(
+            "shuffled neighbours: %d of %d chunks take them from their own document (one document "
+            "holds more than half of the chunks)",
+            same,
+            len(doc),
+        )
+    out = []
+    offset = 0
+    for c in counts:
+        out.append(
+            DocumentNeighbours(
+                tokens[offset : offset + c],
+                lengths[offset : offset + c],
+                ids[offset : offset + c],
             )
         )
         offset += c

@@ -6,16 +6,29 @@ results.json (version 1)::
      "models": {"retro_on": "RETRO[ON] ...", ...},          # optional display names
      "benchmarks": {
        "<name>": {"kind": "lm", "split": "test", "documents": D, "chunks": C, "tokens": T, "bytes": B,
-                  "models": {"retro_on": {"bpb": .., "word_perplexity": ..|null, "bits": ..}, "retro_off": {...},
-                             "baseline": {...}},
+                  "models": {"retro_on": {"bpb": .., "word_perplexity": ..|null, "bits": ..},
+                             "retro_shuffled": {...}, "retro_off": {...}, "baseline": {...}},
+                  "vs_off": {"retro_on": {"delta": .., "ci95": [lo, hi]}, "retro_shuffled": {...}},
+                  "shuffle": {"seed": 0, "same_document_chunks": n},
+                  "bootstrap": {"samples": 1000, "seed": 0, "level": 0.95},
                   "buckets": {"rc": [{"alpha": 0.125, "chunks": n, "bpb": {"retro_on": ..|null, ...}}, ...],
                               "minhash": [...]},
+                  "bins": {"rc": [{"bin": "[0%, 12.5%]", "lower": 0.0, "upper": 0.125, "chunks": n,
+                                   "bytes": b, "bpb": {"retro_on": ..|null, ...},
+                                   "vs_off": {"retro_on": {"delta": .., "ci95": [lo, hi]}, ...}},
+                                  ...],
+                           "minhash": [...]},
                   "k_sweep": [{"k": 1, "bpb": ..}, ...],
                   "subsets": {"<pile_set_name>": {"retro_on": bpb, ...}, ...}},
        "<qa name>": {"kind": "qa", "split": "validation", "questions": Q,
                      "models": {"retro_on": {"exact_match": .., "f1": ..}, "retro_off": {...}}}}}
 
 A bucket with no chunks has ``"chunks": 0`` and null bpb: the report prints "empty".
+
+``retro_shuffled`` is RETRO[ON] fed the neighbours retrieved for another chunk of the same benchmark
+(the control: a model that reads its neighbours loses its gain there). ``vs_off`` holds
+bpb(model) - bpb(RETRO[OFF]) (negative: the model is better) with a seeded bootstrap 95% interval over
+chunks, over all chunks and per disjoint overlap bin (``bins``: [0, 12.5%], (12.5%, 50%], (50%, 100%]).
 """
 
 from __future__ import annotations
@@ -32,7 +45,15 @@ logger = logging.getLogger(__name__)
 __all__ = ["MODEL_LABELS", "ReportError", "load_results", "render_report"]
 
 #: Column order and display names of the evaluated models.
-MODEL_LABELS = {"retro_on": "RETRO[ON]", "retro_off": "RETRO[OFF]", "baseline": "baseline"}
+MODEL_LABELS = {
+    "retro_on": "RETRO[ON]",
+    "retro_shuffled": "RETRO[shuffled]",
+    "retro_off": "RETRO[OFF]",
+    "baseline": "baseline",
+}
+#: The models whose difference from RETRO[OFF] is reported, and the plot of bpb per bin.
+VS_OFF_MODELS = ("retro_on", "retro_shuffled")
+BIN_PLOT_MODELS = ("retro_on", "retro_shuffled", "retro_off")
 MEASURE_LABELS = {"rc": "r(C): longest common token substring / m", "minhash": "MinHash Jaccard"}
 
 
@@ -88,13 +109,68 @@ def _pct(alpha: float) -> str:
     return f"{100 * float(alpha):g}%"
 
 
+def _delta(d: dict[str, Any] | None) -> str:
+    """``-0.0123 [-0.0200, -0.0050]``: a difference and its 95% interval, or "-"."""
+    if not d or d.get("delta") is None:
+        return "-"
+    ci = d.get("ci95") or [None, None]
+    if ci[0] is None or ci[1] is None:
+        return f"{d['delta']:+.4f}"
+    return f"{d['delta']:+.4f} [{ci[0]:+.4f}, {ci[1]:+.4f}]"
+
+
+def _measures(table: dict[str, Any]) -> list[str]:
+    return [m for m in ("rc", "minhash") if table.get(m)] + [
+        m for m in table if m not in ("rc", "minhash") and table[m]
+    ]
+
+
+def _plot_bins(name: str, bench: dict[str, Any], path: Path) -> bool:
+    """bpb per disjoint overlap bin for RETRO[ON], RETRO[shuffled] and RETRO[OFF] (one panel per
+    overlap measure; an empty bin has no point)."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    bins = bench.get("bins") or {}
+    measures = _measures(bins)
+    if not measures:
+        return False
+    fig, axes = plt.subplots(1, len(measures), figsize=(5.5 * len(measures), 4), squeeze=False)
+    for ax, measure in zip(axes[0], measures, strict=True):
+        rows = bins[measure]
+        present = {k for r in rows for k, v in (r.get("bpb") or {}).items() if v is not None}
+        models = [m for m in BIN_PLOT_MODELS if m in present]
+        x = np.arange(len(rows))
+        # Points (not bars from zero): the differences between models are small against bpb itself.
+        for i, model in enumerate(models):
+            ys = [(r.get("bpb") or {}).get(model) for r in rows]
+            ax.plot(
+                x + (i - (len(models) - 1) / 2) * 0.08,
+                [np.nan if y is None else y for y in ys],
+                marker="o",
+                linestyle="-",
+                label=_label(model),
+            )
+        ax.set_xticks(x, [f"{r['bin']}\n{r['chunks']} chunks" for r in rows], fontsize=8)
+        ax.set_xlabel("overlap bin")
+        ax.set_ylabel("bits per byte")
+        ax.set_title(MEASURE_LABELS.get(measure, measure), fontsize=10)
+        ax.set_xlim(-0.5, len(rows) - 0.5)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    fig.suptitle(f"{name}: bpb per overlap bin")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
 def _plot_alpha(name: str, bench: dict[str, Any], path: Path) -> bool:
     import matplotlib.pyplot as plt
 
     buckets = bench.get("buckets") or {}
-    measures = [m for m in ("rc", "minhash") if buckets.get(m)] + [
-        m for m in buckets if m not in ("rc", "minhash") and buckets[m]
-    ]
+    measures = _measures(buckets)
     if not measures:
         return False
     fig, axes = plt.subplots(1, len(measures), figsize=(5.5 * len(measures), 4), squeeze=False)
@@ -128,7 +204,7 @@ def _plot_k(name: str, bench: dict[str, Any], path: Path) -> bool:
     fig, ax = plt.subplots(figsize=(5.5, 4))
     ax.plot([r["k"] for r in sweep], [r["bpb"] for r in sweep], marker="o", label="RETRO[ON]")
     models = bench.get("models") or {}
-    for key, style in (("retro_off", "--"), ("baseline", ":")):
+    for key, style in (("retro_shuffled", "-."), ("retro_off", "--"), ("baseline", ":")):
         bpb = (models.get(key) or {}).get("bpb")
         if bpb is not None:
             ax.axhline(bpb, linestyle=style, color="gray", label=_label(key))
@@ -226,14 +302,35 @@ def render_report(results: dict[str, Any] | str | Path, out_dir: str | Path) -> 
         )
         lines.append("")
         has_wppl = any((models[m] or {}).get("word_perplexity") is not None for m in models)
+        vs_off = bench.get("vs_off") or {}
         header = ["model", "bits per byte"] + (["word perplexity"] if has_wppl else [])
+        if vs_off:
+            header.append("minus RETRO[OFF] [95% interval]")
         rows = []
         for m in _models_in(models):
             row = [_label(m), _fmt(models[m].get("bpb"))]
             if has_wppl:
                 row.append(_fmt(models[m].get("word_perplexity"), 2))
+            if vs_off:
+                row.append(_delta(vs_off.get(m)))
             rows.append(row)
         lines += _table(header, rows) + [""]
+        shuffle = bench.get("shuffle")
+        if "retro_shuffled" in models and shuffle:
+            lines += [
+                "RETRO[shuffled]: RETRO[ON] fed the neighbours retrieved for another chunk of this "
+                f"benchmark (a derangement, seed {shuffle.get('seed')}; "
+                f"{shuffle.get('same_document_chunks')} chunks from their own document).",
+                "",
+            ]
+        boot = bench.get("bootstrap") or {}
+        if vs_off and boot:
+            lines += [
+                "Intervals: bootstrap over chunks (resampled with replacement, "
+                f"{boot.get('samples')} resamples, seed {boot.get('seed')}); a negative difference "
+                "means fewer bits per byte than RETRO[OFF].",
+                "",
+            ]
 
         for measure, buckets in (bench.get("buckets") or {}).items():
             if not buckets:
@@ -251,6 +348,26 @@ def render_report(results: dict[str, Any] | str | Path, out_dir: str | Path) -> 
                     )
             lines += _table(["alpha", "chunks"] + [_label(c) for c in cols], rows) + [""]
 
+        for measure, bins in (bench.get("bins") or {}).items():
+            if not bins:
+                continue
+            cols = _models_in({k: None for r in bins for k in (r.get("bpb") or {})})
+            diffs = [m for m in VS_OFF_MODELS if any(m in (r.get("vs_off") or {}) for r in bins)]
+            lines += [f"### bpb per overlap bin, overlap = {MEASURE_LABELS.get(measure, measure)}"]
+            lines.append("")
+            rows = []
+            for r in bins:
+                cells = [r["bin"], str(r.get("chunks", 0))]
+                if not r.get("chunks"):
+                    cells += ["empty"] * (len(cols) + len(diffs))
+                else:
+                    cells += [_fmt((r.get("bpb") or {}).get(c)) for c in cols]
+                    cells += [_delta((r.get("vs_off") or {}).get(m)) for m in diffs]
+                rows.append(cells)
+            header = ["bin", "chunks"] + [_label(c) for c in cols]
+            header += [f"{_label(m)} minus RETRO[OFF] [95%]" for m in diffs]
+            lines += _table(header, rows) + [""]
+
         if bench.get("k_sweep"):
             lines += ["### RETRO[ON] against k", ""]
             rows = [[str(r["k"]), _fmt(r.get("bpb"))] for r in bench["k_sweep"]]
@@ -266,6 +383,7 @@ def render_report(results: dict[str, Any] | str | Path, out_dir: str | Path) -> 
         slug = _slug(name)
         for role, fn, arg in (
             ("bpb_vs_alpha", _plot_alpha, bench),
+            ("bpb_per_bin", _plot_bins, bench),
             ("bpb_vs_k", _plot_k, bench),
             ("subsets", _plot_subsets, subsets),
         ):

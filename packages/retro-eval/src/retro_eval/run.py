@@ -1,5 +1,11 @@
 """``retro-eval run --config run.yaml``: evaluate RETRO[ON], RETRO[OFF] and a baseline on benchmarks.
 
+With a database, each language-modelling benchmark also gets the control RETRO[shuffled] (RETRO[ON]
+fed the neighbours retrieved for another chunk of the same benchmark: ``shuffle_document_neighbours``)
+and, per overlap measure, disjoint overlap bins ([0, 12.5%], (12.5%, 50%], (50%, 100%]) with bpb per
+model and bpb(model) - bpb(RETRO[OFF]) with a seeded bootstrap 95% interval over chunks. A benchmark
+of a single chunk has no shuffled row (there is no other chunk to take neighbours from; logged).
+
 run.yaml (paths relative to the YAML file)::
 
     retro: runs/retro            # retro_core checkpoint directory (required)
@@ -24,6 +30,10 @@ run.yaml (paths relative to the YAML file)::
                                  #   <output>/passages-db-<name>), else from `database`
         max_questions: 50
     k: 2                         # neighbours per chunk for RETRO[ON]
+    shuffled: true               # also RETRO[shuffled]: RETRO[ON] fed the neighbours retrieved for
+                                 #   another chunk of the same benchmark (a seeded derangement)
+    seed: 0                      # seeds the shuffle and the bootstrap intervals
+    bootstrap_samples: 1000      # resamples for the 95% intervals of bpb(model) - bpb(RETRO[OFF])
     k_sweep: [1, 2, 4, 10]       # extra RETRO[ON] runs (bpb against k); [] to skip
     overlap_k: 10                # neighbours per chunk used for r(C) (the paper: 10)
     window: null                 # n (default the model's max_seq_len)
@@ -52,7 +62,13 @@ from typing import Any
 
 import numpy as np
 
-from .perplexity import ScoreResult, retrieve_document_neighbours, score_token_documents
+from .perplexity import (
+    ScoreResult,
+    retrieve_document_neighbours,
+    score_token_documents,
+    shuffle_document_neighbours,
+    shuffled_slots,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +121,9 @@ class RunConfig:
     overlap: list[str] = field(default_factory=lambda: ["rc", "minhash"])
     batch_size: int = 4
     max_new_tokens: int = 24
+    shuffled: bool = True
+    seed: int = 0
+    bootstrap_samples: int = 1000
     source: str = "run.yaml"
 
     def to_dict(self) -> dict[str, Any]:
@@ -124,12 +143,16 @@ class RunConfig:
             "stride": self.stride,
             "alphas": list(self.alphas),
             "overlap": list(self.overlap),
+            "shuffled": self.shuffled,
+            "seed": self.seed,
+            "bootstrap_samples": self.bootstrap_samples,
         }
 
 
 _TOP_KEYS = {
     "retro", "baseline", "tokenizer", "database", "benchmarks", "k", "k_sweep", "overlap_k",
     "window", "stride", "alphas", "overlap", "batch_size", "max_new_tokens", "output", "checkpoints",
+    "shuffled", "seed", "bootstrap_samples",
 }  # fmt: skip
 
 
@@ -256,6 +279,12 @@ def parse_run_config(data: Any, base_dir: str | Path = ".", source: str = "run.y
     overlap = data.get("overlap", ["rc", "minhash"]) or []
     if not isinstance(overlap, list) or not set(overlap) <= {"rc", "minhash"}:
         raise RunConfigError(f"{source}: 'overlap' must be a list of rc / minhash, got {overlap!r}")
+    shuffled = data.get("shuffled", True)
+    if not isinstance(shuffled, bool):
+        raise RunConfigError(f"{source}: 'shuffled' must be true or false, got {shuffled!r}")
+    seed = data.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise RunConfigError(f"{source}: 'seed' must be an integer >= 0, got {seed!r}")
     out = data.get("output")
     if not out:
         raise RunConfigError(f"{source}: 'output' (the output directory) is required")
@@ -276,6 +305,9 @@ def parse_run_config(data: Any, base_dir: str | Path = ".", source: str = "run.y
         overlap=list(overlap),
         batch_size=_opt_int(data, "batch_size", source) or 4,
         max_new_tokens=_opt_int(data, "max_new_tokens", source) or 24,
+        shuffled=shuffled,
+        seed=seed,
+        bootstrap_samples=_opt_int(data, "bootstrap_samples", source) or 1000,
         source=source,
     )
 
@@ -423,6 +455,73 @@ def _buckets(
     return rows
 
 
+#: the models compared with RETRO[OFF] (bpb difference with a bootstrap interval).
+_VS_OFF = ("retro_on", "retro_shuffled")
+
+
+def _vs_off(
+    scores: dict[str, ScoreResult], sel: np.ndarray | None, cfg: RunConfig
+) -> dict[str, dict[str, Any]]:
+    """bpb(model) - bpb(RETRO[OFF]) over the selected chunks (all when None), with the bootstrap
+    95% interval (``overlap.bootstrap_bpb_difference``), for RETRO[ON] and RETRO[shuffled]."""
+    from .overlap import bootstrap_bpb_difference
+
+    off = scores.get("retro_off")
+    out: dict[str, dict[str, Any]] = {}
+    if off is None:
+        return out
+    for key in _VS_OFF:
+        res = scores.get(key)
+        if res is None or res.num_chunks != off.num_chunks:
+            continue
+        idx = slice(None) if sel is None else sel
+        est, lo, hi = bootstrap_bpb_difference(
+            res.bits[idx],
+            off.bits[idx],
+            off.bytes[idx],
+            samples=cfg.bootstrap_samples,
+            seed=cfg.seed,
+        )
+        out[key] = {"delta": est, "ci95": [lo, hi]}
+    return out
+
+
+def _bins(
+    values: np.ndarray, scores: dict[str, ScoreResult], cfg: RunConfig
+) -> list[dict[str, Any]]:
+    """Disjoint overlap bins (``overlap.BIN_EDGES``): chunk counts, bytes, bpb per model and each
+    retrieval model's bpb difference from RETRO[OFF] with its bootstrap 95% interval.
+
+    Models with another chunk count than the overlap array (a baseline with its own m) are left out.
+    An empty bin has ``chunks == 0``, null bpb and no differences.
+    """
+    from .overlap import BIN_EDGES, bin_labels, bin_totals, overlap_bins
+
+    nb = len(BIN_EDGES) - 1
+    bins = overlap_bins(values, BIN_EDGES)
+    same = {k: r for k, r in scores.items() if r.num_chunks == len(values)}
+    totals = {k: bin_totals(r.bits, r.bytes, bins, nb) for k, r in same.items()}
+    rows = []
+    for b, label in enumerate(bin_labels(BIN_EDGES)):
+        first = next(iter(totals.values()))
+        chunks, nbytes = int(first[2][b]), int(first[1][b])
+        sel = bins == b
+        rows.append(
+            {
+                "bin": label,
+                "lower": float(BIN_EDGES[b]),
+                "upper": float(BIN_EDGES[b + 1]),
+                "chunks": chunks,
+                "bytes": nbytes,
+                "bpb": {
+                    k: (float(t[0][b]) / nbytes if nbytes else None) for k, t in totals.items()
+                },
+                "vs_off": _vs_off(same, sel, cfg) if nbytes else {},
+            }
+        )
+    return rows
+
+
 def _overlap_values(
     measure: str, res: ScoreResult, minhash_index: Any, overlap_k: int
 ) -> np.ndarray:
@@ -509,6 +608,31 @@ def _eval_lm(
                     )
                 )
                 sweep.append({"k": kk, "bpb": r.bpb()})
+        shuffle_info: dict[str, Any] | None = None
+        if cfg.shuffled:
+            doc = np.repeat(np.arange(len(full)), [nb.tokens.shape[0] for nb in full])
+            if len(doc) < 2:
+                logger.warning(
+                    "%s: a single evaluation chunk: no RETRO[shuffled] row (no other chunk to "
+                    "take neighbours from)",
+                    name,
+                )
+            else:
+                with _Timer(times, f"{name}: RETRO[shuffled]"):
+                    scores["retro_shuffled"] = score_token_documents(
+                        retro,
+                        token_docs,
+                        neighbours=shuffle_document_neighbours(
+                            [nb.first(k) for nb in full], seed=cfg.seed
+                        ),
+                        keep_neighbours=False,
+                        **common,
+                    )
+                src = shuffled_slots(doc, seed=cfg.seed)
+                shuffle_info = {
+                    "seed": cfg.seed,
+                    "same_document_chunks": int((doc[src] == doc).sum()),
+                }
         full_res = dataclasses.replace(
             scores["retro_on"],
             neighbour_tokens=np.concatenate([nb.tokens for nb in full]),
@@ -535,7 +659,12 @@ def _eval_lm(
         "k": k if db is not None else None,
         "k_sweep": sweep,
         "buckets": {},
+        "bins": {},
     }
+    if db is not None:
+        out["shuffle"] = shuffle_info
+        out["bootstrap"] = {"samples": cfg.bootstrap_samples, "seed": cfg.seed, "level": 0.95}
+        out["vs_off"] = _vs_off(scores, None, cfg)
     if db is not None:
         for measure in cfg.overlap:
             index = None
@@ -549,6 +678,7 @@ def _eval_lm(
             with _Timer(times, f"{name}: overlap {measure}"):
                 values = _overlap_values(measure, full_res, index, cfg.overlap_k)
             out["buckets"][measure] = _buckets(values, cfg.alphas, scores)
+            out["bins"][measure] = _bins(values, scores, cfg)
     subsets: dict[str, list[int]] = {}
     for i, d in enumerate(docs):
         s = (d.meta or {}).get("pile_set_name")
