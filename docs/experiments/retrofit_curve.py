@@ -98,7 +98,10 @@ def bins_of(res, ratios: np.ndarray) -> dict:
     rows = {"all": {"chunks": int(len(ratios)), "bpb": res.bpb()}}
     for lo, hi in BINS:
         mask = (ratios > lo) & (ratios <= hi) if lo > 0 else ratios <= hi
-        rows[f"({lo},{hi}]"] = {"chunks": int(mask.sum()), "bpb": res.bpb(mask) if mask.any() else None}
+        rows[f"({lo},{hi}]"] = {
+            "chunks": int(mask.sum()),
+            "bpb": res.bpb(mask) if mask.any() else None,
+        }
     return rows
 
 
@@ -106,9 +109,9 @@ def sequence_signal(ds, m: int) -> np.ndarray:
     """Per training sequence: mean r of chunk u+1 against the continuations retrieved for chunk u."""
     from retro_eval.overlap import longest_common_substrings
 
-    toks, lens = ds._tokens, ds._lengths  # noqa: SLF001 - experiment script, read-only
-    nb, nbl = ds._neighbours, ds._neighbour_lengths  # noqa: SLF001
-    doc = ds._doc_ids  # noqa: SLF001
+    toks, lens = ds._tokens, ds._lengths
+    nb, nbl = ds._neighbours, ds._neighbour_lengths
+    doc = ds._doc_ids
     nxt_same = np.r_[doc[1:] == doc[:-1], False]
     cont = np.asarray(nb[:, :, m:])  # continuations [N, k, m]
     cont_len = np.clip(np.asarray(nbl) - m, 0, m)
@@ -141,6 +144,13 @@ def main() -> None:
     ap.add_argument("--copy-share", type=float, default=0.0, help="pool share by retrieval signal")
     ap.add_argument("--eval-chars", type=int, default=4000)
     ap.add_argument("--eval-first", type=int, default=25_000, help="first eval point (tokens)")
+    ap.add_argument(
+        "--loss-share",
+        type=float,
+        default=1.0,
+        help="share of the positions that read neighbours (t >= m-1) whose logits "
+        "are computed in a step (random each step; the |V|-way read-out dominates)",
+    )
     ap.add_argument("--bf16", action="store_true")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
@@ -173,40 +183,61 @@ def main() -> None:
     tok = load_tokenizer(tok_dir)
     db_dir, ds_dir = shared / "db", shared / "dataset"
     if not (db_dir / "manifest.json").exists():
-        build_database(corpus(tok, shared), db_dir, tokenizer=tok, chunk_size=a.chunk_size,
-                       threads=a.threads, progress=False)
+        build_database(
+            corpus(tok, shared),
+            db_dir,
+            tokenizer=tok,
+            chunk_size=a.chunk_size,
+            threads=a.threads,
+            progress=False,
+        )
     db = Database.open(db_dir)
     if not (ds_dir / "manifest.json").exists():
         write_neighbours(db, None, ds_dir, k=a.k, progress=False)
     log.info("database %d chunks; setup %.0f s", db.num_chunks, time.time() - t0)
 
-    model = retrofit(hf, base_path=pkg, gguf_file=gguf, tokenizer_dir=tok_dir,
-                     cca_layers=tuple(int(x) for x in a.cca_layers.split(",")), k=a.k,
-                     chunk_size=a.chunk_size, enc_layers=2, enc_d_model=a.enc_d_model,
-                     pad_id=tok.pad_id, seed=a.seed)
+    model = retrofit(
+        hf,
+        base_path=pkg,
+        gguf_file=gguf,
+        tokenizer_dir=tok_dir,
+        cca_layers=tuple(int(x) for x in a.cca_layers.split(",")),
+        k=a.k,
+        chunk_size=a.chunk_size,
+        enc_layers=2,
+        enc_d_model=a.enc_d_model,
+        pad_id=tok.pad_id,
+        seed=a.seed,
+    )
     model.check_retriever(db)
 
     # evaluation set: wikitext-mini test, neighbours retrieved once; shuffled control; r(C) bins
     texts = [d.text[: a.eval_chars] for d in load_benchmark("wikitext-mini", "test").documents]
     tdocs = [tok.encode(t) for t in texts]
-    nbs = retrieve_document_neighbours(db, tdocs, chunk_size=a.chunk_size, k=a.k,
-                                       pad_id=tok.pad_id, progress=False)
+    nbs = retrieve_document_neighbours(
+        db, tdocs, chunk_size=a.chunk_size, k=a.k, pad_id=tok.pad_id, progress=False
+    )
     nbs_shuf = shuffled(nbs, a.seed)
-    nbs10 = retrieve_document_neighbours(db, tdocs, chunk_size=a.chunk_size, k=10,
-                                         pad_id=tok.pad_id, progress=False)
+    nbs10 = retrieve_document_neighbours(
+        db, tdocs, chunk_size=a.chunk_size, k=10, pad_id=tok.pad_id, progress=False
+    )
 
     def score(neigh):
         model.eval()
         with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=a.bf16):
-            return score_documents(model, tok, texts, neighbours=neigh, window=512, stride=256,
-                                   progress=False)
+            return score_documents(
+                model, tok, texts, neighbours=neigh, window=512, stride=256, progress=False
+            )
 
     off = score(None)
     # r(C): the paper's measure with the 10 nearest neighbours retrieved for C itself
-    ratios = chunk_overlap_ratios(off.chunk_tokens, off.tokens,
-                                  np.concatenate([n.tokens for n in nbs10]),
-                                  np.concatenate([n.lengths for n in nbs10]),
-                                  chunk_size=a.chunk_size)
+    ratios = chunk_overlap_ratios(
+        off.chunk_tokens,
+        off.tokens,
+        np.concatenate([n.tokens for n in nbs10]),
+        np.concatenate([n.lengths for n in nbs10]),
+        chunk_size=a.chunk_size,
+    )
     off_bins = bins_of(off, ratios)
     log.info("RETRO[OFF] %s", off_bins)
 
@@ -224,11 +255,17 @@ def main() -> None:
         rest = np.setdiff1d(pool, top)
         pool = np.concatenate([top, rng.choice(rest, a.pool - n_copy, replace=False)])
     n = a.seq_chunks * a.chunk_size
-    setup = {**vars(a), "out": str(a.out), "db_chunks": db.num_chunks, "sequences": len(ds),
-             "pool": int(len(pool)), "eval_chunks": int(len(ratios)),
-             "pool_signal_mean": None if sig is None else float(sig[pool].mean()),
-             "all_signal_mean": None if sig is None else float(sig.mean()),
-             "trainable": model.trainable_parameters()["trainable"]}
+    setup = {
+        **vars(a),
+        "out": str(a.out),
+        "db_chunks": db.num_chunks,
+        "sequences": len(ds),
+        "pool": int(len(pool)),
+        "eval_chunks": int(len(ratios)),
+        "pool_signal_mean": None if sig is None else float(sig[pool].mean()),
+        "all_signal_mean": None if sig is None else float(sig.mean()),
+        "trainable": model.trainable_parameters()["trainable"],
+    }
     (out / "setup.json").write_text(json.dumps(setup, indent=1))
 
     params = [p for p in model.parameters() if p.requires_grad]
@@ -260,35 +297,58 @@ def main() -> None:
         h = torch.stack([prefix[int(i)] for i in idx]).float()
         for g in opt.param_groups:
             g["lr"] = a.lr * min(1.0, step / a.warmup)
+        # positions t < m-1 attend no neighbours: no gradient reaches the new weights from them
+        cand = torch.arange(a.chunk_size - 1, n)
+        keep = cand[torch.randperm(len(cand))[: max(1, int(a.loss_share * len(cand)))]].sort()[0]
         with torch.autocast("cpu", torch.bfloat16, enabled=a.bf16):
-            logits = model(b["tokens"], b["neighbours"], b["neighbour_lengths"], prefix=h)
-        lp = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1),
-                                               b["targets"].flatten(), reduction="none")
-        mask = b["loss_mask"].flatten().float()
+            logits = model(
+                b["tokens"], b["neighbours"], b["neighbour_lengths"], prefix=h, logits_to_keep=keep
+            )
+        lp = torch.nn.functional.cross_entropy(
+            logits.float().flatten(0, 1), b["targets"][:, keep].flatten(), reduction="none"
+        )
+        mask = b["loss_mask"][:, keep].flatten().float()
         loss = (lp * mask).sum() / mask.sum().clamp(min=1)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         t_train += time.time() - ts
-        seen += int(mask.sum())
+        seen += int(b["loss_mask"].sum())  # tokens read (the loss samples a share)
         losses.append(loss.item())
         if step % 10 == 0:
-            log.info("step %d tokens %d loss %.3f (%.2f s/step, %d cached)", step, seen,
-                     np.mean(losses[-10:]), t_train / step, len(prefix))
+            log.info(
+                "step %d tokens %d loss %.3f (%.2f s/step, %d cached)",
+                step,
+                seen,
+                np.mean(losses[-10:]),
+                t_train / step,
+                len(prefix),
+            )
         if step in evals:
             te = time.time()
             on, sh = score(nbs), score(nbs_shuf)
-            rec = {"step": step, "tokens": seen, "train_s": round(t_train, 1),
-                   "loss_last50": float(np.mean(losses[-50:])), "off": off_bins,
-                   "on": bins_of(on, ratios), "shuffled": bins_of(sh, ratios),
-                   "eval_s": round(time.time() - te, 1)}
+            rec = {
+                "step": step,
+                "tokens": seen,
+                "train_s": round(t_train, 1),
+                "loss_last50": float(np.mean(losses[-50:])),
+                "off": off_bins,
+                "on": bins_of(on, ratios),
+                "shuffled": bins_of(sh, ratios),
+                "eval_s": round(time.time() - te, 1),
+            }
             curve.write(json.dumps(rec) + "\n")
             curve.flush()
-            log.info("EVAL tokens %d: ON %.4f shuffled %.4f OFF %.4f | >50%%: ON %s OFF %s",
-                     seen, rec["on"]["all"]["bpb"], rec["shuffled"]["all"]["bpb"],
-                     off_bins["all"]["bpb"], rec["on"]["(0.5,1.0]"]["bpb"],
-                     off_bins["(0.5,1.0]"]["bpb"])
+            log.info(
+                "EVAL tokens %d: ON %.4f shuffled %.4f OFF %.4f | >50%%: ON %s OFF %s",
+                seen,
+                rec["on"]["all"]["bpb"],
+                rec["shuffled"]["all"]["bpb"],
+                off_bins["all"]["bpb"],
+                rec["on"]["(0.5,1.0]"]["bpb"],
+                off_bins["(0.5,1.0]"]["bpb"],
+            )
 
 
 if __name__ == "__main__":

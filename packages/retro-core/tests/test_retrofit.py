@@ -509,3 +509,85 @@ def test_cli_retrofit_trains_and_resumes(base_dir, tmp_path, capsys):
     other = _dataset(tmp_path / "ds-other", "gpt2-0123456789ab")
     rc = main(["--data", str(other), "--out", str(tmp_path / "run3"), "--retrofit", str(base_dir)])
     assert rc == 2 and "tokenizer_id" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# The frozen prefix (layers below min(P) computed once) and sampled loss positions
+
+
+def test_forward_from_the_frozen_prefix_equals_the_full_forward(tmp_path):
+    d = tmp_path / "tiny-llama"
+    _hf_model("llama", n_layers=6).save_pretrained(str(d))
+    model = retrofit(d, cca_layers=(3, 6), chunk_size=M, k=K, enc_layers=1, seed=0)
+    _randomise_new_weights(model)
+    assert model.prefix_depth == 2
+    x, nb, _ = _inputs(3, 3 * M)
+    with torch.no_grad():
+        h = model.frozen_prefix(x)
+        assert h.shape == (2, 3 * M, 32)
+        full = model(x, nb)
+        torch.testing.assert_close(model(x, nb, prefix=h), full, rtol=0, atol=0)
+        keep = torch.tensor([M - 1, M + 2, 3 * M - 1])
+        torch.testing.assert_close(
+            model(x, nb, prefix=h, logits_to_keep=keep), full[:, keep], rtol=0, atol=0
+        )
+        # the prefix is the base's own hidden state entering layer min(P) = 3
+        ref = model.base(x, output_hidden_states=True).hidden_states[2]
+        torch.testing.assert_close(h, ref, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="prefix"):
+        model(x, nb, prefix=h[:, :-1])
+
+
+def test_gpt2_has_no_frozen_prefix(tmp_path):
+    d = tmp_path / "tiny-gpt2"
+    _hf_model("gpt2").save_pretrained(str(d))
+    model = retrofit(d, chunk_size=M, k=K, enc_layers=1, seed=0)
+    with pytest.raises(RetrofitError, match="Llama"):
+        model.frozen_prefix(torch.zeros(1, M, dtype=torch.long))
+
+
+def test_cached_prefix_and_sampled_loss_train_the_same_weights(tmp_path):
+    """cache_prefix changes nothing but speed; loss_share draws positions >= m-1 only."""
+    d = tmp_path / "tiny-llama"
+    _hf_model("llama", n_layers=4).save_pretrained(str(d))
+    _save_tokenizer(d)
+    ds = _dataset(tmp_path / "ds", hf_tokenizer_id(d))
+    runs = {}
+    for name, kw in {
+        "plain": {"loss_share": 0.5},
+        "cached": {"loss_share": 0.5, "cache_prefix": True},
+    }.items():
+        model = retrofit(d, cca_layers=(3, 4), chunk_size=M, k=K, enc_layers=1, seed=0)
+        final = train(model, _tc(steps=4, **kw), ds, tmp_path / name, progress=False)
+        runs[name] = (model.new_state_dict(), final)
+    (a, fa), (b, fb) = runs["plain"], runs["cached"]
+    assert fa["tokens_total"] == fb["tokens_total"]
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
+    full = retrofit(d, cca_layers=(3, 4), chunk_size=M, k=K, enc_layers=1, seed=0)
+    ff = train(full, _tc(steps=4), ds, tmp_path / "full", progress=False)
+    # half of the real positions t >= m-1 (n = 3m per sequence, short documents) carry a loss
+    assert 0.15 * ff["tokens_total"] < fa["tokens_total"] < 0.5 * ff["tokens_total"]
+
+
+def test_sampled_positions_avoid_the_first_chunk():
+    from retro_core.train import _sample_positions
+
+    mask = torch.ones(2, 4 * M, dtype=torch.bool)
+    out = _sample_positions({"loss_mask": mask}, 0.25, M - 1, seed=5)["loss_mask"]
+    assert not out[:, : M - 1].any()
+    assert torch.equal(out[0], out[1])
+    assert int(out[0].sum()) == round(0.25 * (4 * M - (M - 1)))
+
+
+def test_load_model_opens_either_kind_and_a_run_directory(base_dir, tmp_path):
+    from retro_core import load_model
+
+    ds = _dataset(tmp_path / "ds", hf_tokenizer_id(base_dir))
+    model = retrofit(base_dir, chunk_size=M, k=K, enc_layers=1, seed=0)
+    train(model, _tc(), ds, tmp_path / "run", progress=False)
+    loaded = load_model(tmp_path / "run")  # the run directory: its latest checkpoint
+    assert isinstance(loaded, RetrofittedLM)
+    x, nb, _ = _inputs(7, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x, nb), model.eval()(x, nb), rtol=0, atol=0)

@@ -16,6 +16,7 @@ from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import RetroConfig
 from .data import DatasetFormatError, RetroDataset, write_dataset
 from .generate import generate
+from .loading import load_model
 from .model import KVCache, Retro
 from .retrofit import RetrofittedLM, load_retrofitted, save_retrofitted  # retrofit(): the module's
 from .train import TrainConfig, train  # retro_core.train is the function (issue 3)
@@ -28,6 +29,7 @@ __all__ = [
     "generate",
     "save_checkpoint",
     "load_checkpoint",
+    "load_model",
     "CheckpointError",
     "DatasetFormatError",
     "RetroDataset",

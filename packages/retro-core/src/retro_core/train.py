@@ -56,7 +56,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from .checkpoint import load_checkpoint, read_checkpoint_config, save_checkpoint
@@ -73,6 +73,7 @@ from .retrofit import (
 
 __all__ = [
     "MODEL_PRESETS",
+    "PrefixCachedDataset",
     "TrainConfig",
     "TrainError",
     "latest_checkpoint",
@@ -127,6 +128,15 @@ class TrainConfig:
     bf16: bool = False  # bfloat16 autocast of the forward pass
     num_workers: int = 0  # DataLoader worker processes
     device: str = "cpu"
+    # Share of the positions whose logits and loss a step computes, drawn afresh each step (the
+    # same positions for the whole micro-batch): the |V|-way read-out dominates a retro-fit step.
+    # For a retro-fitted model the positions t < m-1, which read no neighbours and so give the new
+    # weights no gradient, are never drawn. 1.0 = every position.
+    loss_share: float = 1.0
+    # Retro-fitted models: compute each training sequence's frozen prefix (the base's layers below
+    # min(P)) once and keep it in memory (n x d per sequence; bf16 with bf16), so later epochs run the
+    # layers from min(P) up only. Single process, num_workers = 0.
+    cache_prefix: bool = False
 
     def __post_init__(self) -> None:
         def err(name: str, expected: str) -> TrainError:
@@ -163,6 +173,10 @@ class TrainConfig:
             raise err("num_neighbours", "None or an int >= 1")
         if not 0.0 <= self.valid_fraction < 1.0:
             raise err("valid_fraction", "a float in [0, 1)")
+        if not 0.0 < self.loss_share <= 1.0:
+            raise err("loss_share", "a float in (0, 1]")
+        if self.cache_prefix and self.num_workers:
+            raise err("num_workers", "0 with cache_prefix (the cache lives in this process)")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe dict of every field."""
@@ -301,6 +315,53 @@ def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
+def _sample_positions(
+    batch: dict[str, torch.Tensor], share: float, first: int, seed: int
+) -> dict[str, torch.Tensor]:
+    """Keep the loss at a seeded random ``share`` of the positions >= ``first`` (same for all B)."""
+    n = batch["loss_mask"].shape[1]
+    g = torch.Generator().manual_seed(seed % 2**63)
+    cand = torch.arange(first, n)
+    take = cand[torch.randperm(len(cand), generator=g)[: max(1, round(share * len(cand)))]]
+    keep = torch.zeros(n, dtype=torch.bool)
+    keep[take] = True
+    return {**batch, "loss_mask": batch["loss_mask"] & keep.to(batch["loss_mask"].device)}
+
+
+class PrefixCachedDataset(Dataset):
+    """A training dataset whose items also carry the model's frozen prefix (computed once).
+
+    Items are those of ``dataset`` plus ``prefix`` (n, d) in ``dtype``: the retro-fitted model's
+    :meth:`~retro_core.retrofit.RetrofittedLM.frozen_prefix` of the item's tokens, computed on
+    first access and kept in memory (n x d x 2 bytes per sequence in bfloat16).
+    """
+
+    def __init__(
+        self, dataset: Dataset, model: RetrofittedLM, dtype: torch.dtype = torch.bfloat16
+    ) -> None:
+        self.dataset, self.model, self.dtype = dataset, model, dtype
+        self.cache: dict[int, torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getattr__(self, name: str) -> Any:  # the dataset's metadata (seq_len, k, ...)
+        if name in ("dataset", "model", "cache", "dtype"):
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        item = dict(self.dataset[index])
+        h = self.cache.get(int(index))
+        if h is None:
+            device = next(self.model.parameters()).device
+            h = self.model.frozen_prefix(item["tokens"][None].to(device))[0]
+            h = h.to("cpu", self.dtype)
+            self.cache[int(index)] = h
+        item["prefix"] = h
+        return item
+
+
 def _loss_sum(
     model: Retro,
     batch: dict[str, torch.Tensor],
@@ -336,9 +397,17 @@ def _loss_sum(
         u = T // m + (T % m > 0)
         neighbours = batch["neighbours"][:, :u]  # (B, l', k, r)
         lengths = batch["neighbour_lengths"][:, :u]  # (B, l', k)
+    kwargs: dict[str, Any] = {}
+    cols = mask[:, :T].any(0)  # (T,) positions some sequence predicts from
+    if count and not bool(cols.all()):  # sampled positions (loss_share): logits there only
+        keep = torch.nonzero(cols).squeeze(1)
+        kwargs["logits_to_keep"] = keep
+        targets = targets[:, keep]
+    if "prefix" in batch:
+        kwargs["prefix"] = batch["prefix"][:, :T]
     device_type = tokens.device.type
     with torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=bf16):
-        logits = (model if runner is None else runner)(tokens, neighbours, lengths)  # (B, T, V)
+        logits = (model if runner is None else runner)(tokens, neighbours, lengths, **kwargs)
     loss = F.cross_entropy(
         logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum"
     )
@@ -882,6 +951,14 @@ def _train(
             ]
             metrics_path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
+    first_pos = model.config.chunk_size - 1 if isinstance(model, RetrofittedLM) else 0
+    if tc.cache_prefix:
+        if not isinstance(model, RetrofittedLM) or dist_ is not None:
+            raise TrainError(
+                "TrainConfig.cache_prefix: expected a retro-fitted model trained in one process"
+            )
+        dtype = torch.bfloat16 if tc.bf16 else next(model.parameters()).dtype
+        train_ds = PrefixCachedDataset(train_ds, model, dtype)  # type: ignore[assignment]
     sampler = _BatchSampler(
         len(train_ds), tc.batch_size, tc.seed, start=samples_seen, rank=rank, world_size=world
     )
@@ -953,6 +1030,13 @@ def _train(
     with log_ctx as log:
         while step < end_step:
             micro = [_to_device(next(train_iter), device) for _ in range(tc.grad_accum)]
+            if tc.loss_share < 1.0:
+                micro = [
+                    _sample_positions(
+                        b, tc.loss_share, first_pos, tc.seed * 1_000_003 + step * 131 + i
+                    )
+                    for i, b in enumerate(micro)
+                ]
             samples_seen += tc.batch_size * tc.grad_accum  # global: every rank's share together
             step_tokens = sum(int(b["loss_mask"].sum()) for b in micro)
             if ddp is not None:  # the loss is the mean over the real tokens of ALL ranks

@@ -754,7 +754,7 @@ def run_evaluation(cfg: RunConfig | str | Path) -> dict[str, Any]:
     Raises:
         RunConfigError, BenchmarkError, RetrieverMismatchError, CheckpointError: one-line errors.
     """
-    from retro_core.checkpoint import load_checkpoint
+    from retro_core.loading import load_model
 
     from .perplexity import _check_retriever_for
     from .report import render_report
@@ -763,8 +763,8 @@ def run_evaluation(cfg: RunConfig | str | Path) -> dict[str, Any]:
         cfg = load_run_config(cfg)
     times: dict[str, float] = {}
     with _Timer(times, "load models"):
-        retro = load_checkpoint(cfg.retro).eval()
-        baseline = load_checkpoint(cfg.baseline).eval() if cfg.baseline else None
+        retro = load_model(cfg.retro).eval()
+        baseline = load_model(cfg.baseline).eval() if cfg.baseline else None
     if baseline is not None and baseline.config.chunk_size != retro.config.chunk_size:
         logger.info("baseline chunk size differs from RETRO's: chunk tables use each model's own m")
     with _Timer(times, "load benchmarks"):
