@@ -31,6 +31,7 @@ __all__ = [
     "ChunkStore",
     "check_segment",
     "chunk_document",
+    "read_npy",
     "token_dtype",
     "write_chunk_segment",
 ]
@@ -176,10 +177,11 @@ def check_segment(
     return prev_doc + 1
 
 
-def _load(path: Path) -> np.ndarray:
+def read_npy(path: str | os.PathLike[str]) -> np.ndarray:
+    """Memory-map a ``.npy`` file (no pickle); any unreadable header is a one-line DatabaseError."""
     try:
         return np.load(path, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError, EOFError, SyntaxError) as e:
+    except Exception as e:  # numpy's header parser raises ValueError, SyntaxError, TokenError...
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DatabaseError(f"{path}: not a readable .npy file, header corrupt ({first})") from None
 
@@ -203,12 +205,12 @@ class ChunkStore:
         self._doc_ids: list[np.ndarray] = []
         self._offsets: list[np.ndarray] = []
         for d in map(Path, segment_dirs):
-            tok = _load(d / "tokens.npy")
+            tok = read_npy(d / "tokens.npy")
             if tok.ndim != 2 or tok.shape[1] != self.chunk_size:
                 raise DatabaseError(
                     f"{d / 'tokens.npy'}: shape {tok.shape}, expected [n, m={self.chunk_size}]"
                 )
-            arrays = [_load(d / name) for name in CHUNK_FILES[1:]]
+            arrays = [read_npy(d / name) for name in CHUNK_FILES[1:]]
             for name, a in zip(CHUNK_FILES[1:], arrays, strict=True):
                 if a.shape != (tok.shape[0],):
                     raise DatabaseError(f"{d / name}: shape {a.shape}, expected [{tok.shape[0]}]")

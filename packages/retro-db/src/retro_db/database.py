@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from .chunks import ChunkStore, check_segment, token_dtype
+from .chunks import ChunkStore, check_segment, read_npy, token_dtype
 from .embedders import load_embedder
 from .index import apply_search_params, read_index, set_threads
 from .manifest import (
@@ -42,13 +42,7 @@ def _check_headers(path: Path, files: dict[str, Any], mpath: Path) -> None:
         if not name.endswith(".npy") or "shape" not in entry:
             continue
         p = path / name
-        try:
-            arr = np.load(p, mmap_mode="r", allow_pickle=False)
-        except (ValueError, OSError, EOFError, SyntaxError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise DatabaseError(
-                f"{p}: not a readable .npy file, header corrupt ({first})"
-            ) from None
+        arr = read_npy(p)
         if list(arr.shape) != list(entry["shape"]) or str(arr.dtype) != entry.get("dtype"):
             raise DatabaseError(
                 f"{p}: {arr.dtype} {list(arr.shape)}, expected {entry.get('dtype')} "
@@ -146,7 +140,7 @@ class Database:
         for d, a, b in zip(
             shard_dirs, self._store._starts[:-1], self._store._starts[1:], strict=True
         ):
-            keys = np.load(d / "keys.npy", mmap_mode="r", allow_pickle=False)
+            keys = read_npy(d / "keys.npy")
             if keys.shape != (b - a, self.dim) or keys.dtype != np.float16:
                 raise DatabaseError(
                     f"{d / 'keys.npy'}: {keys.dtype} {list(keys.shape)}, expected float16 "
