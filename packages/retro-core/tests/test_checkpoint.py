@@ -92,8 +92,10 @@ def test_bad_config_json(tmp_path, text, match):
 def test_corrupt_weights(tmp_path):
     save_checkpoint(tiny(), tmp_path)
     (tmp_path / "model.safetensors").write_bytes(b"\x00garbage" * 10)
-    with pytest.raises(CheckpointError, match=r"model\.safetensors: not a readable safetensors"):
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: sha256 .* differs"):
         load_checkpoint(tmp_path)
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: not a readable safetensors"):
+        load_checkpoint(tmp_path, verify=False)
 
 
 def test_weights_not_matching_the_config(tmp_path):
@@ -103,23 +105,59 @@ def test_weights_not_matching_the_config(tmp_path):
     meta["config"]["cca_layers"] = []
     (tmp_path / "config.json").write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match=r"missing \[\], unexpected \[.blocks.0.cca"):
-        load_checkpoint(tmp_path)
+        load_checkpoint(tmp_path, verify=False)  # verify refuses any edit (test_integrity_*)
     # A config with a different width: shapes differ.
     save_checkpoint(tiny(), tmp_path)
     meta = json.loads((tmp_path / "config.json").read_text())
     meta["config"]["d_ff"] = 32
     (tmp_path / "config.json").write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match=r"shape \(64, 16\), expected \(32, 16\)"):
-        load_checkpoint(tmp_path)
+        load_checkpoint(tmp_path, verify=False)
     # A tensor removed from the file: missing.
     save_checkpoint(tiny(), tmp_path)
     state = load_file(str(tmp_path / "model.safetensors"))
     del state["norm_f.weight"]
     save_file(state, str(tmp_path / "model.safetensors"))
     with pytest.raises(CheckpointError, match=r"missing \['norm_f.weight'\]"):
-        load_checkpoint(tmp_path)
+        load_checkpoint(tmp_path, verify=False)
 
 
 def test_extra_must_be_json(tmp_path):
     with pytest.raises(CheckpointError, match="JSON"):
         save_checkpoint(tiny(), tmp_path, extra={"x": object()})
+
+
+def test_integrity_flipped_weight_bytes_are_refused(tmp_path):
+    """Seeded byte flips over the tensor data of model.safetensors: every one is refused."""
+    import numpy as np
+
+    save_checkpoint(tiny(), tmp_path)
+    p = tmp_path / "model.safetensors"
+    pristine = p.read_bytes()
+    header = 8 + int.from_bytes(pristine[:8], "little")
+    rng = np.random.default_rng(6)
+    offsets = rng.integers(header, len(pristine), size=12)
+    for off in offsets:
+        raw = bytearray(pristine)
+        raw[int(off)] ^= 0x01
+        p.write_bytes(bytes(raw))
+        with pytest.raises(CheckpointError, match=r"model\.safetensors: sha256 .* differs"):
+            load_checkpoint(tmp_path)
+    load_checkpoint(tmp_path, verify=False)  # the flip itself loads: only the hash finds it
+    p.write_bytes(pristine)
+    load_checkpoint(tmp_path)
+
+
+def test_integrity_config_edit_is_refused(tmp_path):
+    save_checkpoint(tiny(), tmp_path)
+    meta = json.loads((tmp_path / "config.json").read_text())
+    assert set(meta["integrity"]) == {"weights_sha256", "meta_sha256"}
+    meta["config"]["chunk_size"] = 8  # shapes still match: only the record finds the edit
+    (tmp_path / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=r"config\.json: contents differ from the recorded"):
+        load_checkpoint(tmp_path)
+    assert load_checkpoint(tmp_path, verify=False).config.chunk_size == 8
+    # a checkpoint from before the record existed still loads (with a warning)
+    del meta["integrity"]
+    (tmp_path / "config.json").write_text(json.dumps(meta))
+    assert load_checkpoint(tmp_path).config.chunk_size == 8

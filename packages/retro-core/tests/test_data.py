@@ -422,6 +422,20 @@ def test_reader_refuses_pickled_array(tmp_path):
         RetroDataset(d, 2)
 
 
+@pytest.mark.parametrize("name", ["tokens.npy", "neighbours.npy"])
+def test_out_of_vocabulary_id_is_a_one_line_error_at_load(tmp_path, name):
+    d = _write(tmp_path / "ds")
+    a = np.load(d / name, mmap_mode="r+")
+    a.reshape(len(a), -1)[3, 1] = 16  # vocab_size is 16: the embedding table has no row 16
+    a.flush()
+    del a
+    with pytest.raises(DatasetFormatError) as e:
+        RetroDataset(d, 2)  # without verify: the range check runs on every load
+    msg = str(e.value)
+    assert f"{name}: row 3 holds token id 16, outside the vocabulary [0, vocab_size=16)" in msg
+    assert "\n" not in msg
+
+
 def test_verify_checks_hashes_and_values(tmp_path):
     d = _write(tmp_path / "ds")
     tokens = np.load(d / "tokens.npy")

@@ -25,6 +25,7 @@ from retro_core.retrofit import (  # noqa: E402
     RetrofittedLM,
     base_weights_sha256,
     hf_tokenizer_id,
+    load_new_weights,
     load_retrofitted,
     retrofit,
     save_retrofitted,
@@ -402,6 +403,27 @@ def test_load_refuses_a_different_base(base_dir, tmp_path):
     changed.save_pretrained(str(copy))
     with pytest.raises(RetrofitError, match="sha256"):
         load_retrofitted(out)
+
+
+def test_load_refuses_flipped_new_weights_and_edited_config(base_dir, tmp_path):
+    model = retrofit(base_dir, chunk_size=M, k=K, enc_layers=1, enc_d_model=16, seed=1)
+    out = save_retrofitted(model, tmp_path / "rf")
+    w = out / "retrofit.safetensors"
+    pristine = w.read_bytes()
+    raw = bytearray(pristine)
+    raw[-3] ^= 0x10  # inside the last tensor's data
+    w.write_bytes(bytes(raw))
+    with pytest.raises(RetrofitError, match=r"retrofit\.safetensors: sha256 .* differs"):
+        load_retrofitted(out)
+    with pytest.raises(RetrofitError, match=r"retrofit\.safetensors: sha256 .* differs"):
+        load_new_weights(model, out)
+    w.write_bytes(pristine)
+    meta = json.loads((out / "retrofit.json").read_text())
+    meta["extra"] = {"edited": True}
+    (out / "retrofit.json").write_text(json.dumps(meta))
+    with pytest.raises(RetrofitError, match=r"retrofit\.json: contents differ from the recorded"):
+        load_retrofitted(out)
+    assert load_retrofitted(out, verify=False).checkpoint_extra == {"edited": True}
 
 
 # ---------------------------------------------------------------------------------------------

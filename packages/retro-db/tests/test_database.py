@@ -12,7 +12,7 @@ from retro_db.build import add_documents, build_database
 from retro_db.database import Database
 from retro_db.embedders import HashingEmbedder
 from retro_db.index import exact_search
-from retro_db.manifest import DatabaseError
+from retro_db.manifest import DatabaseError, json_checksum
 from retro_db.tokenizer import _gpt2_files, load_tokenizer
 
 
@@ -209,6 +209,10 @@ def test_tokenizer_differing_from_manifest(small_db, tmp_path):
     path = _copy(small_db, tmp_path)
     man = json.loads((path / "manifest.json").read_text())
     man["tokenizer"]["sha256"] = "0" * 64
+    (path / "manifest.json").write_text(json.dumps(man))
+    with pytest.raises(DatabaseError, match="contents differ from its checksum"):
+        Database.open(path)
+    man["checksum"] = json_checksum(man)  # an edit that also fixes the self-checksum
     (path / "manifest.json").write_text(json.dumps(man))
     with pytest.raises(DatabaseError, match="tokenizer gpt2-.* differs"):
         Database.open(path).tokenizer  # noqa: B018

@@ -9,10 +9,16 @@ Layout::
 
 Both files are written to temporary names, fsynced and renamed into place (``model.safetensors``
 first, ``config.json`` last), so a reader never sees a half-written file under the final name.
+
+``config.json`` also holds ``"integrity": {"weights_sha256", "meta_sha256"}``: the sha256 of the
+weights file's bytes and of the canonical JSON of the rest of ``config.json``. Loading verifies
+both (``verify=False`` skips it), so a flipped byte in the weights or an edited config is refused
+with one line naming the file. Checkpoints written before this field existed load with a warning.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -30,6 +36,8 @@ __all__ = [
     "CHECKPOINT_FORMAT",
     "CHECKPOINT_VERSION",
     "CheckpointError",
+    "check_integrity",
+    "integrity_record",
     "load_checkpoint",
     "read_checkpoint_config",
     "save_checkpoint",
@@ -51,6 +59,56 @@ def _fsync_rename(tmp: Path, final: Path) -> None:
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, final)
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _meta_sha256(meta: dict[str, Any]) -> str:
+    body = {k: v for k, v in meta.items() if k != "integrity"}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def integrity_record(meta: dict[str, Any], weights: str | os.PathLike) -> dict[str, str]:
+    """``{"weights_sha256", "meta_sha256"}`` of a weights file and its JSON metadata (sans this)."""
+    return {"weights_sha256": _sha256_file(Path(weights)), "meta_sha256": _meta_sha256(meta)}
+
+
+def check_integrity(
+    meta: dict[str, Any],
+    meta_path: str | os.PathLike,
+    weights: str | os.PathLike,
+    error: type[ValueError],
+) -> None:
+    """Raise ``error`` unless the metadata and weights match ``meta["integrity"]``.
+
+    A checkpoint without the record (written before it existed) is accepted with a warning.
+    """
+    rec = meta.get("integrity")
+    if rec is None:
+        logger.warning("%s: no integrity record (an older checkpoint); not verified", meta_path)
+        return
+    if not isinstance(rec, dict) or not all(
+        isinstance(rec.get(k), str) for k in ("weights_sha256", "meta_sha256")
+    ):
+        raise error(f'{meta_path}: "integrity" must hold "weights_sha256" and "meta_sha256"')
+    if _meta_sha256(meta) != rec["meta_sha256"]:
+        raise error(
+            f"{meta_path}: contents differ from the recorded meta_sha256 "
+            f"{rec['meta_sha256'][:12]} (the config was edited or corrupted)"
+        )
+    got = _sha256_file(Path(weights))
+    if got != rec["weights_sha256"]:
+        raise error(
+            f"{weights}: sha256 {got[:12]} differs from {rec['weights_sha256'][:12]} recorded in "
+            f"{meta_path} (corrupted or replaced weights)"
+        )
 
 
 def save_checkpoint(
@@ -84,6 +142,8 @@ def save_checkpoint(
     tmp_w = directory / f".{WEIGHTS_FILE}.tmp-{os.getpid()}"
     tmp_c = directory / f".{CONFIG_FILE}.tmp-{os.getpid()}"
     save_file(state, str(tmp_w), metadata={"format": CHECKPOINT_FORMAT})
+    meta["integrity"] = integrity_record(meta, tmp_w)
+    text = json.dumps(meta, indent=2, sort_keys=True, allow_nan=False)
     _fsync_rename(tmp_w, directory / WEIGHTS_FILE)
     tmp_c.write_text(text + "\n", encoding="utf-8")
     _fsync_rename(tmp_c, directory / CONFIG_FILE)
@@ -117,13 +177,21 @@ def read_versioned_config(
 
 
 def read_checkpoint_config(
-    directory: str | os.PathLike,
+    directory: str | os.PathLike, verify: bool = False
 ) -> tuple[RetroConfig, dict[str, Any] | None]:
-    """Read and validate ``config.json``; returns (config, extra metadata)."""
+    """Read and validate ``config.json``; returns (config, extra metadata).
+
+    With ``verify``, also check the integrity record (config and weights sha256).
+    """
     path = Path(directory) / CONFIG_FILE
     meta, config = read_versioned_config(
         path, CHECKPOINT_FORMAT, CHECKPOINT_VERSION, "save_checkpoint", CheckpointError
     )
+    if verify:
+        weights = Path(directory) / WEIGHTS_FILE
+        if not weights.is_file():
+            raise CheckpointError(f"{weights}: missing (expected the weights beside {CONFIG_FILE})")
+        check_integrity(meta, path, weights, CheckpointError)
     extra = meta.get("extra")
     if extra is not None and not isinstance(extra, dict):
         raise CheckpointError(
@@ -133,18 +201,24 @@ def read_checkpoint_config(
 
 
 def load_checkpoint(
-    directory: str | os.PathLike, map_location: str | torch.device = "cpu"
+    directory: str | os.PathLike, map_location: str | torch.device = "cpu", verify: bool = True
 ) -> Retro:
     """Load a model saved by :func:`save_checkpoint`; the returned model is in eval mode.
 
     The extra metadata is available as ``model.checkpoint_extra``.
 
+    Args:
+        directory: the checkpoint directory.
+        map_location: device of the loaded tensors.
+        verify: check the recorded sha256 of the weights file and of ``config.json`` first.
+
     Raises:
-        CheckpointError: missing files, bad JSON, or tensors whose names/shapes do not match the
-            config, with a one-line message naming the file and what was expected.
+        CheckpointError: missing files, bad JSON, a weights file or config whose sha256 differs
+            from the record, or tensors whose names/shapes do not match the config, with a
+            one-line message naming the file and what was expected.
     """
     directory = Path(directory)
-    config, extra = read_checkpoint_config(directory)
+    config, extra = read_checkpoint_config(directory, verify=verify)
     path = directory / WEIGHTS_FILE
     if not path.is_file():
         raise CheckpointError(f"{path}: missing (expected the weights beside {CONFIG_FILE})")

@@ -576,6 +576,29 @@ def _load_array(directory: Path, name: str, entry: Mapping[str, Any], verify: bo
     return arr
 
 
+def _check_token_range(
+    directory: Path, arrays: Mapping[str, np.ndarray], vocab_size: int, block: int = 1 << 16
+) -> None:
+    """Raise DatasetFormatError naming the file and row of the first id outside [0, vocab_size).
+
+    Reads each array once, ``block`` rows at a time (memory stays flat): a token id the embedding
+    table does not have would otherwise crash training with an IndexError.
+    """
+    for name, arr in arrays.items():
+        for a in range(0, len(arr), block):
+            part = np.asarray(arr[a : a + block]).reshape(min(block, len(arr) - a), -1)
+            if not part.size:
+                continue
+            bad = np.flatnonzero((part.max(1) >= vocab_size) | (part.min(1) < 0))
+            if len(bad):
+                row = part[bad[0]]
+                value = int(row.max() if row.max() >= vocab_size else row.min())
+                raise DatasetFormatError(
+                    f"{directory / name}: row {a + int(bad[0])} holds token id {value}, outside "
+                    f"the vocabulary [0, vocab_size={vocab_size}) of {MANIFEST}"
+                )
+
+
 def _splitmix64(x: np.ndarray) -> np.ndarray:
     """The splitmix64 finaliser on uint64 [*]: a stable, well-mixed hash of each value."""
     with np.errstate(over="ignore"):
@@ -701,6 +724,12 @@ class RetroDataset(Dataset):
                     f"tokens.npy [N={n_chunks}, m={m}] / neighbours.npy [N, k={k}, r={r}]: "
                     f"expected {list(shapes[name])}"
                 )
+        if not verify:  # verify checks these and every other value rule
+            _check_token_range(
+                self.directory,
+                {"tokens.npy": self._tokens, "neighbours.npy": self._neighbours},
+                self.vocab_size,
+            )
         if verify:
             n_docs = _validate_contents(
                 str(self.directory),

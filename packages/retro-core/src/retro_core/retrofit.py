@@ -52,7 +52,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from .checkpoint import read_versioned_config
+from .checkpoint import check_integrity, integrity_record, read_versioned_config
 from .config import RetroConfig
 from .model import ChunkedCrossAttention, Encoder, KVCache, Retro, Rotary, keep_positions
 from .retrieval import check_retriever
@@ -672,6 +672,8 @@ def save_retrofitted(
     state = {k: v.detach().contiguous().cpu() for k, v in model.new_state_dict().items()}
     tmp_w, tmp_c = d / f".{WEIGHTS_FILE}.tmp-{os.getpid()}", d / f".{CONFIG_FILE}.tmp-{os.getpid()}"
     save_file(state, str(tmp_w), metadata={"format": RETROFIT_FORMAT})
+    meta["integrity"] = integrity_record(meta, tmp_w)
+    text = json.dumps(meta, indent=2, sort_keys=True, allow_nan=False)
     _fsync_replace(tmp_w, d / WEIGHTS_FILE)
     tmp_c.write_text(text + "\n", encoding="utf-8")
     _fsync_replace(tmp_c, d / CONFIG_FILE)
@@ -698,13 +700,19 @@ def read_retrofit_config(
     return config, base, extra
 
 
-def load_new_weights(model: RetrofittedLM, directory: str | os.PathLike[str]) -> dict | None:
+def load_new_weights(
+    model: RetrofittedLM, directory: str | os.PathLike[str], verify: bool = True
+) -> dict | None:
     """Load a retro-fit checkpoint's new weights into ``model`` (same config, same base hash).
 
-    Returns the checkpoint's extra metadata.
+    With ``verify`` the recorded sha256 of ``retrofit.json`` and of the weights file are checked
+    first. Returns the checkpoint's extra metadata.
     """
     d = Path(directory)
     config, base, extra = read_retrofit_config(d)
+    if verify and (d / WEIGHTS_FILE).is_file():
+        meta = json.loads((d / CONFIG_FILE).read_text(encoding="utf-8"))
+        check_integrity(meta, d / CONFIG_FILE, d / WEIGHTS_FILE, RetrofitError)
     if config.to_dict() != model.config.to_dict():
         diff = sorted(k for k, v in config.to_dict().items() if model.config.to_dict().get(k) != v)
         raise RetrofitError(f"{d / CONFIG_FILE}: config differs from the model's in {diff}")
@@ -745,8 +753,11 @@ def load_retrofitted(
     base_path: str | os.PathLike[str] | None = None,
     dtype: torch.dtype = torch.float32,
     map_location: str | torch.device = "cpu",
+    verify: bool = True,
 ) -> RetrofittedLM:
     """Rebuild a retro-fitted model saved by :func:`save_retrofitted` (in eval mode).
+
+    ``verify`` checks the recorded sha256 of the new weights and of ``retrofit.json``.
 
     The base model is loaded from the recorded directory (or ``base_path``) and GGUF file; its
     weights' sha256 must equal the recorded one. ``model.checkpoint_extra`` holds the extra data.
@@ -756,6 +767,9 @@ def load_retrofitted(
     """
     d = Path(directory)
     config, base, _ = read_retrofit_config(d)
+    if verify and (d / WEIGHTS_FILE).is_file():  # before the base model is loaded
+        meta = json.loads((d / CONFIG_FILE).read_text(encoding="utf-8"))
+        check_integrity(meta, d / CONFIG_FILE, d / WEIGHTS_FILE, RetrofitError)
     path = Path(base_path) if base_path is not None else Path(base["path"])
     gguf = base.get("gguf_file")
     sha = base_weights_sha256(path, gguf)
@@ -766,7 +780,7 @@ def load_retrofitted(
         )
     hf = load_base_model(path, gguf_file=gguf, dtype=dtype)
     model = RetrofittedLM(hf, config, dict(base, path=str(path.resolve())))
-    model.checkpoint_extra = load_new_weights(model, d)
+    model.checkpoint_extra = load_new_weights(model, d, verify=False)  # verified above
     model.to(map_location)
     model.eval()
     logger.info("loaded retro-fitted model %s (base %s)", d, path)

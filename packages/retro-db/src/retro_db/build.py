@@ -34,6 +34,7 @@ import logging
 import os
 import shutil
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +60,7 @@ from .manifest import (
     atomic_write_bytes,
     atomic_write_json,
     file_entry,
+    json_checksum,
     read_json,
     remove_stale_temp_files,
 )
@@ -66,7 +68,14 @@ from .tokenizer import LMTokenizer, load_tokenizer
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SCHEMA_VERSION", "add_documents", "build_database", "iter_documents"]
+__all__ = [
+    "SCHEMA_VERSION",
+    "BuildStats",
+    "add_documents",
+    "build_database",
+    "iter_documents",
+    "text_fingerprint",
+]
 
 SCHEMA_VERSION = 1
 SHARD_FILES = (*CHUNK_FILES, "keys.npy", "documents.jsonl")
@@ -100,6 +109,42 @@ def _resolve_embedder(embedder: Any, threads: int | None) -> tuple[Embedder, str
         )
         return load_embedder(embedder, **kwargs), embedder
     return embedder, embedder_spec(embedder)
+
+
+@dataclass
+class BuildStats:
+    """What a build or add skipped as duplicates (pass one in to read the counts).
+
+    Attributes:
+        already_present: documents whose text the database already held (``add`` re-runs).
+        duplicates: documents whose text appeared earlier in the same run.
+    """
+
+    already_present: int = 0
+    duplicates: int = 0
+
+
+def text_fingerprint(text: str) -> str:
+    """A document's fingerprint: hex sha256 of its text (UTF-8). Equal texts are one document."""
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def _unique_documents(
+    docs: Iterable[Document], seen: set[str], present: set[str], stats: BuildStats
+) -> Iterator[Document]:
+    """``docs`` without those whose text is in ``present`` (the database) or was seen earlier."""
+    for doc in docs:
+        fp = text_fingerprint(doc.text)
+        if fp in present:
+            stats.already_present += 1
+            logger.warning("skipping document %r: its text is already in the database", doc.doc_id)
+            continue
+        if fp in seen:
+            stats.duplicates += 1
+            logger.warning("skipping document %r: duplicates an earlier document", doc.doc_id)
+            continue
+        seen.add(fp)
+        yield doc
 
 
 def _doc_fingerprint(h: Any, doc: Document) -> None:
@@ -276,6 +321,7 @@ class _ShardWriter:
                         "index": doc_index,
                         "chunks": len(t),
                         "tokens": len(doc_tokens),
+                        "sha256": text_fingerprint(doc.text),
                         "meta": doc.meta,
                     },
                     ensure_ascii=False,
@@ -319,11 +365,19 @@ class _ShardWriter:
 
 
 @contextlib.contextmanager
-def writer_lock(db_dir: Path) -> Iterator[None]:
+def writer_lock(
+    db_dir: Path, what: str = "build or add", remove_when_done: bool = False
+) -> Iterator[None]:
     """Hold an exclusive ``flock`` on ``db_dir/.lock`` while writing (one writer at a time).
 
     The kernel drops the lock when the process dies, SIGKILL included, so a restart after a kill
     acquires it again. Readers take no lock: they only read files a manifest names.
+
+    Args:
+        db_dir: the directory written (created if needed).
+        what: names the writer in the error of a second one.
+        remove_when_done: delete the lock file when the body finishes without an error (for
+            outputs that are complete then, such as a neighbours dataset).
     """
     import fcntl
 
@@ -333,10 +387,12 @@ def writer_lock(db_dir: Path) -> Iterator[None]:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise DatabaseError(
-                f"{db_dir / '.lock'}: another build or add is writing this database"
+                f"{db_dir / '.lock'}: another {what} is writing here (one writer at a time)"
             ) from None
         try:
             yield
+            if remove_when_done:
+                (db_dir / ".lock").unlink(missing_ok=True)
         finally:
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
@@ -371,6 +427,13 @@ def _write_version(
         }
     )
     manifest["index"] = dict(manifest["index"], file=index_file)
+    manifest["version_files"] = {
+        f"versions/v{v:05d}.json": file_entry(db_dir / "versions" / f"v{v:05d}.json")["sha256"]
+        for v in range(1, version)
+        if (db_dir / "versions" / f"v{v:05d}.json").is_file()
+    }
+    manifest.pop("checksum", None)
+    manifest["checksum"] = json_checksum(manifest)
     atomic_write_json(db_dir / "versions" / f"v{version:05d}.json", manifest)
     atomic_write_json(db_dir / MANIFEST_NAME, manifest)
     return manifest
@@ -393,8 +456,13 @@ def build_database(
     engine: str = "local",
     address: str | None = None,
     num_cpus: int | None = None,
+    stats: BuildStats | None = None,
 ):  # -> Database
     """Build a database from documents; resumable (re-run with the same arguments after a kill).
+
+    A document whose text equals an earlier one's (:func:`text_fingerprint`) is skipped with a
+    warning and counted in ``stats.duplicates``: duplicates would retrieve each other, defeating
+    the same-document exclusion.
 
     Args:
         sources: Documents, paths (read with ``read_documents``) or iterables of either.
@@ -415,6 +483,7 @@ def build_database(
             cluster (distributed.py, extra [ray]); the database is the same.
         address: Ray cluster address (None: start a local cluster); Ray engine only.
         num_cpus: CPUs of the local Ray cluster, or the most to use of a cluster; Ray only.
+        stats: duplicates skipped are counted here.
 
     Returns:
         The built :class:`~retro_db.database.Database`, opened.
@@ -449,6 +518,7 @@ def build_database(
             train_seed,
             progress,
             stage,
+            stats if stats is not None else BuildStats(),
         )
     return Database.open(db_dir, tokenizer=tok, embedder=emb, threads=threads)
 
@@ -475,15 +545,19 @@ def _build(
     train_seed: int,
     progress: bool,
     stage: Any = None,
+    stats: BuildStats | None = None,
 ) -> tuple[LMTokenizer, Embedder | None]:
     remove_stale_temp_files(db_dir)
+    docs = _unique_documents(
+        iter_documents(sources), set(), set(), stats if stats is not None else BuildStats()
+    )
     set_threads(threads)
     tok = _resolve_tokenizer(tokenizer)
     if stage is None:
         emb, spec = _resolve_embedder(embedder, threads)
         dim = int(emb.dim)
         writer = _ShardWriter(db_dir, tok, emb, chunk_size, shard_chunks, batch_size, progress, dim)
-        shards = writer.run(iter_documents(sources), 0, 0)
+        shards = writer.run(docs, 0, 0)
         embedder_entry = {"id": emb.id, "dim": dim, "spec": spec, "options": embedder_options(emb)}
         add_keys: Callable[..., Any] = _add_keys_local
     else:
@@ -491,7 +565,7 @@ def _build(
         # (distributed.py). The embedder is not loaded here (Database creates it on first use).
         emb = None
         shards, embedder_entry, add_keys = stage.write_shards(
-            sources, db_dir, tok, embedder, chunk_size, shard_chunks, batch_size, progress
+            docs, db_dir, tok, embedder, chunk_size, shard_chunks, batch_size, progress
         )
         dim = int(embedder_entry["dim"])
 
@@ -552,8 +626,14 @@ def add_documents(
     shard_chunks: int | None = None,
     threads: int | None = None,
     progress: bool = True,
+    stats: BuildStats | None = None,
 ):  # -> Database
     """Append documents to a database as a new version (no rebuild; resumable like a build).
+
+    Idempotent: a document whose text the database already holds (:func:`text_fingerprint`) is
+    skipped and counted in ``stats.already_present``, so re-running an ``add`` (the recovery after
+    a kill) adds nothing twice; a document repeating an earlier one of the same run is skipped
+    and counted in ``stats.duplicates``. The index file that is copied is verified (sha256).
 
     The tokenizer and embedder are the database's own (the embedder is re-created from the
     manifest's spec unless one is passed; its id and dimension must match the manifest's). New
@@ -566,7 +646,16 @@ def add_documents(
     db_dir = Path(db_dir)
     read_json(db_dir / MANIFEST_NAME)  # fails with a one-line error before any lock file is made
     with writer_lock(db_dir):
-        return _add(db_dir, sources, embedder, batch_size, shard_chunks, threads, progress)
+        return _add(
+            db_dir,
+            sources,
+            embedder,
+            batch_size,
+            shard_chunks,
+            threads,
+            progress,
+            stats if stats is not None else BuildStats(),
+        )
 
 
 def _add(
@@ -577,8 +666,10 @@ def _add(
     shard_chunks: int | None,
     threads: int | None,
     progress: bool,
+    stats: BuildStats,
 ):  # -> Database
     from .database import Database
+    from .manifest import check_files
 
     old = Database.open(
         db_dir, embedder=embedder if not isinstance(embedder, str) else None, threads=threads
@@ -601,11 +692,28 @@ def _add(
     writer = _ShardWriter(
         db_dir, old.tokenizer, emb, old.chunk_size, shard_chunks, batch_size, progress, old.dim
     )
-    new = writer.run(iter_documents(sources), len(man["shards"]), old.num_documents)
+    present: set[str] = set()
+    unknown = 0
+    for rec in old.document_records():
+        if isinstance(rec.get("sha256"), str):
+            present.add(rec["sha256"])
+        else:
+            unknown += 1
+    if unknown:
+        logger.warning(
+            "%s: %d documents carry no text fingerprint (an older build): re-adding them is not "
+            "detected",
+            db_dir,
+            unknown,
+        )
+    docs = _unique_documents(iter_documents(sources), set(), present, stats)
+    new = writer.run(docs, len(man["shards"]), old.num_documents)
     if not new:
         logger.info("add_documents: nothing to add")
         return old
-    index = read_index(db_dir / man["index"]["file"], mmap=False, dim=old.dim)
+    index_name = man["index"]["file"]
+    check_files(db_dir, {index_name: man["files"][index_name]}, verify=True)
+    index = read_index(db_dir / index_name, mmap=False, dim=old.dim)
     apply_search_params(index, man["index"]["search_params"])
     for keys in _shard_keys(db_dir, new):
         index.add(np.asarray(keys, dtype=np.float32))

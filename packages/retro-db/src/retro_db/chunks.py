@@ -26,7 +26,15 @@ from .manifest import DatabaseError, atomic_save_npy
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CHUNK_FILES", "ChunkStore", "chunk_document", "token_dtype", "write_chunk_segment"]
+__all__ = [
+    "CHUNK_FILES",
+    "ChunkStore",
+    "check_segment",
+    "chunk_document",
+    "read_npy",
+    "token_dtype",
+    "write_chunk_segment",
+]
 
 CHUNK_FILES = ("tokens.npy", "lengths.npy", "doc_ids.npy", "offsets.npy")
 
@@ -78,11 +86,104 @@ def write_chunk_segment(
     atomic_save_npy(d / "offsets.npy", np.asarray(offsets, dtype=np.int64))
 
 
-def _load(path: Path) -> np.ndarray:
+CHECK_ROWS = 1 << 16  # rows per block of check_segment (memory stays flat in N)
+
+
+def check_segment(
+    directory: str | os.PathLike[str],
+    tokens: np.ndarray,
+    lengths: np.ndarray,
+    doc_ids: np.ndarray,
+    offsets: np.ndarray,
+    *,
+    pad_id: int,
+    vocab_size: int,
+    first_doc: int,
+) -> int:
+    """Check the values of one segment against the rules of the format; return the next doc index.
+
+    Rules (every one follows from how segments are written, so any violation is corruption):
+    token ids lie in [0, vocab_size); 1 <= lengths <= m; positions at or after a chunk's length
+    hold ``pad_id``; doc_ids start at ``first_doc`` and step by 0 or 1; a document's first chunk
+    has offset 0 and each further chunk follows a full chunk at offset + m. Reads the arrays once,
+    ``CHECK_ROWS`` rows at a time.
+
+    Raises:
+        DatabaseError: naming the file, the row and what was expected.
+    """
+    d = Path(directory)
+    n, m = tokens.shape
+    cols = np.arange(m)
+    prev_doc, prev_off, prev_len = first_doc - 1, 0, m
+    for a in range(0, n, CHECK_ROWS):
+        b = min(n, a + CHECK_ROWS)
+        t = np.asarray(tokens[a:b])
+        ln = np.asarray(lengths[a:b], dtype=np.int64)
+        di = np.asarray(doc_ids[a:b], dtype=np.int64)
+        of = np.asarray(offsets[a:b], dtype=np.int64)
+        bad = np.flatnonzero((t.min(1) < 0) | (t.max(1) >= vocab_size)) if len(t) else []
+        if len(bad):
+            i = int(bad[0])
+            raise DatabaseError(
+                f"{d / 'tokens.npy'}: row {a + i} holds token id "
+                f"{int(t[i].max() if t[i].max() >= vocab_size else t[i].min())}, expected ids in "
+                f"[0, vocab_size={vocab_size})"
+            )
+        bad = np.flatnonzero((ln < 1) | (ln > m))
+        if len(bad):
+            i = int(bad[0])
+            raise DatabaseError(
+                f"{d / 'lengths.npy'}: row {a + i} is {int(ln[i])}, expected 1..m={m}"
+            )
+        bad = np.flatnonzero(((cols[None, :] >= ln[:, None]) & (t != pad_id)).any(1))
+        if len(bad):
+            i = int(bad[0])
+            raise DatabaseError(
+                f"{d / 'lengths.npy'}: row {a + i} is {int(ln[i])} but tokens.npy holds real "
+                f"tokens after it (expected pad_id={pad_id} from position {int(ln[i])})"
+            )
+        pdoc = np.concatenate([[prev_doc], di[:-1]])
+        step = di - pdoc
+        bad = np.flatnonzero((step != 0) & (step != 1))
+        if len(bad):
+            i = int(bad[0])
+            raise DatabaseError(
+                f"{d / 'doc_ids.npy'}: row {a + i} is {int(di[i])} after {int(pdoc[i])}, expected "
+                f"{int(pdoc[i])} or {int(pdoc[i]) + 1} (documents are numbered in order)"
+            )
+        if a == 0 and n and di[0] != first_doc:
+            raise DatabaseError(
+                f"{d / 'doc_ids.npy'}: row 0 is {int(di[0])}, expected {first_doc} (the document "
+                "after the previous shard's last)"
+            )
+        poff = np.concatenate([[prev_off], of[:-1]])
+        plen = np.concatenate([[prev_len], ln[:-1]])
+        want = np.where(step == 1, 0, poff + m)
+        bad = np.flatnonzero(of != want)
+        if len(bad):
+            i = int(bad[0])
+            raise DatabaseError(
+                f"{d / 'offsets.npy'}: row {a + i} is {int(of[i])}, expected {int(want[i])} "
+                "(chunks of a document follow each other m tokens apart)"
+            )
+        bad = np.flatnonzero((step == 0) & (plen != m))
+        if len(bad):
+            i = int(bad[0]) - 1
+            raise DatabaseError(
+                f"{d / 'lengths.npy'}: row {a + i} is {int(plen[i + 1])} but its document "
+                f"continues, expected m={m}"
+            )
+        prev_doc, prev_off, prev_len = int(di[-1]), int(of[-1]), int(ln[-1])
+    return prev_doc + 1
+
+
+def read_npy(path: str | os.PathLike[str]) -> np.ndarray:
+    """Memory-map a ``.npy`` file (no pickle); any unreadable header is a one-line DatabaseError."""
     try:
         return np.load(path, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError) as e:
-        raise DatabaseError(f"{path}: cannot read as .npy ({e})") from None
+    except Exception as e:  # numpy's header parser raises ValueError, SyntaxError, TokenError...
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DatabaseError(f"{path}: not a readable .npy file, header corrupt ({first})") from None
 
 
 class ChunkStore:
@@ -104,12 +205,12 @@ class ChunkStore:
         self._doc_ids: list[np.ndarray] = []
         self._offsets: list[np.ndarray] = []
         for d in map(Path, segment_dirs):
-            tok = _load(d / "tokens.npy")
+            tok = read_npy(d / "tokens.npy")
             if tok.ndim != 2 or tok.shape[1] != self.chunk_size:
                 raise DatabaseError(
                     f"{d / 'tokens.npy'}: shape {tok.shape}, expected [n, m={self.chunk_size}]"
                 )
-            arrays = [_load(d / name) for name in CHUNK_FILES[1:]]
+            arrays = [read_npy(d / name) for name in CHUNK_FILES[1:]]
             for name, a in zip(CHUNK_FILES[1:], arrays, strict=True):
                 if a.shape != (tok.shape[0],):
                     raise DatabaseError(f"{d / name}: shape {a.shape}, expected [{tok.shape[0]}]")

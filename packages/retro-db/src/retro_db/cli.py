@@ -108,6 +108,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     _add_source_args(p)
     p.add_argument("-k", type=int, default=2, help="neighbours per chunk")
+    p.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="skip the sha256 check of the database's files (only the cheap checks of every open)",
+    )
     p.add_argument("--shard-chunks", type=int, default=16384, help="chunks per resumable part")
     p.add_argument("--batch-size", type=int, default=64, help="embedding batch size")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -154,10 +159,11 @@ def _docs(paths: Sequence[str], args: argparse.Namespace, stats=None):
 
 
 def _cmd_build(args: argparse.Namespace) -> None:
-    from .build import build_database
+    from .build import BuildStats, build_database
     from .ingest import IngestStats
 
     stats = IngestStats()
+    bstats = BuildStats()
     params = {}
     if args.nprobe is not None:
         params["nprobe"] = args.nprobe
@@ -178,15 +184,17 @@ def _cmd_build(args: argparse.Namespace) -> None:
         engine=args.engine,
         address=args.address,
         num_cpus=args.num_cpus,
+        stats=bstats,
     )
-    print(f"built {db}: {stats.documents} documents read, {stats.skipped} bad records skipped")
+    print(f"built {db}: {_report(stats, bstats)}")
 
 
 def _cmd_add(args: argparse.Namespace) -> None:
-    from .build import add_documents
+    from .build import BuildStats, add_documents
     from .ingest import IngestStats
 
     stats = IngestStats()
+    bstats = BuildStats()
     db = add_documents(
         args.db,
         _docs(args.sources, args, stats),
@@ -194,8 +202,21 @@ def _cmd_add(args: argparse.Namespace) -> None:
         shard_chunks=args.shard_chunks,
         threads=args.threads,
         progress=not args.no_progress,
+        stats=bstats,
     )
-    print(f"now {db}: {stats.documents} documents read, {stats.skipped} bad records skipped")
+    print(f"now {db}: {_report(stats, bstats)}")
+
+
+def _report(stats, bstats) -> str:
+    """The counts line of build/add: read, bad, truncated files, duplicates skipped."""
+    text = f"{stats.documents} documents read, {stats.skipped} bad records skipped"
+    if stats.truncated:
+        text += f", {len(stats.truncated)} truncated files ({', '.join(stats.truncated)})"
+    text += (
+        f", {bstats.already_present} already in the database and {bstats.duplicates} "
+        "duplicates skipped"
+    )
+    return text
 
 
 def _cmd_info(args: argparse.Namespace) -> None:
@@ -257,6 +278,7 @@ def _cmd_neighbours(args: argparse.Namespace) -> None:
         address=args.address,
         num_cpus=args.num_cpus,
         threads=args.threads,
+        verify=not args.no_verify,
     )
     print(f"wrote {manifest['counts']['chunks']} chunks with k={args.k} neighbours to {args.out}")
 

@@ -17,15 +17,61 @@ from typing import Any
 
 import numpy as np
 
-from .chunks import ChunkStore
+from .chunks import ChunkStore, check_segment, read_npy, token_dtype
 from .embedders import load_embedder
 from .index import apply_search_params, read_index, set_threads
-from .manifest import MANIFEST_NAME, DatabaseError, check_files, read_json, sha256_file
+from .manifest import (
+    MANIFEST_NAME,
+    DatabaseError,
+    check_files,
+    json_checksum,
+    read_json,
+    resolve_inside,
+    sha256_file,
+)
 from .tokenizer import LMTokenizer, load_tokenizer
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["Database", "RetrievedNeighbours"]
+
+
+def _check_headers(path: Path, files: dict[str, Any], mpath: Path) -> None:
+    """Every ``.npy`` file's header (dtype, shape) equals the manifest's record of it."""
+    for name, entry in files.items():
+        if not name.endswith(".npy") or "shape" not in entry:
+            continue
+        p = path / name
+        arr = read_npy(p)
+        if list(arr.shape) != list(entry["shape"]) or str(arr.dtype) != entry.get("dtype"):
+            raise DatabaseError(
+                f"{p}: {arr.dtype} {list(arr.shape)}, expected {entry.get('dtype')} "
+                f"{list(entry['shape'])} (the manifest's record)"
+            )
+
+
+def _check_version_file(path: Path, mpath: Path, version: int) -> None:
+    """A version file must equal manifest.json (same version) or the hash manifest.json records."""
+    current = path / MANIFEST_NAME
+    if not current.is_file():
+        return
+    man = read_json(current)
+    rel = mpath.relative_to(path).as_posix()
+    want = man.get("version_files", {}).get(rel)
+    if man.get("version") == version:
+        if sha256_file(mpath) != sha256_file(current):
+            raise DatabaseError(f"{mpath}: differs from {current} (the same version)")
+    elif want is not None and sha256_file(mpath) != want:
+        raise DatabaseError(f"{mpath}: sha256 differs from {current}'s {want[:16]}…")
+
+
+def _verify_version_files(path: Path, manifest: dict[str, Any], mpath: Path) -> None:
+    for rel, want in manifest.get("version_files", {}).items():
+        p = resolve_inside(path, rel, mpath, f"version_files[{rel!r}]")
+        if not p.is_file():
+            raise DatabaseError(f"{p}: file missing (the manifest lists it)")
+        if sha256_file(p) != want:
+            raise DatabaseError(f"{p}: sha256 differs from the manifest's {want[:16]}…")
 
 
 @dataclass(frozen=True)
@@ -63,24 +109,74 @@ class Database:
         embedder: Any = None,
         mmap: bool = True,
         threads: int | None = None,
+        manifest_path: Path | None = None,
+        check_values: bool = True,
     ) -> None:
         self.path = path
         self.threads = threads
         self.manifest = manifest
+        self.manifest_path = manifest_path if manifest_path is not None else path / MANIFEST_NAME
         self.manifest_sha256 = manifest_sha256
-        self.version = int(manifest["version"])
-        self._chunk_size = int(manifest["chunk_size"])
-        self.pad_id = int(manifest["pad_id"])
-        self.dim = int(manifest["embedder"]["dim"])
-        self.search_params = dict(manifest["index"].get("search_params", {}))
-        self._store = ChunkStore(
-            [path / "shards" / s for s in manifest["shards"]], self._chunk_size, self.pad_id
-        )
-        self._index = read_index(path / manifest["index"]["file"], mmap=mmap, dim=self.dim)
+        mpath = self.manifest_path
+        try:
+            self.version = int(manifest["version"])
+            self._chunk_size = int(manifest["chunk_size"])
+            self.pad_id = int(manifest["pad_id"])
+            self.dim = int(manifest["embedder"]["dim"])
+            vocab = int(manifest["tokenizer"]["vocab_size"])
+            self.search_params = dict(manifest["index"].get("search_params", {}))
+            shard_names = [str(s) for s in manifest["shards"]]
+            index_name = manifest["index"]["file"]
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise DatabaseError(f"{mpath}: malformed field ({type(e).__name__}: {e})") from None
+        shard_dirs = [
+            resolve_inside(path / "shards", s, mpath, f"shards[{i}]")
+            for i, s in enumerate(shard_names)
+        ]
+        index_path = resolve_inside(path, index_name, mpath, "index.file")
+        self._store = ChunkStore(shard_dirs, self._chunk_size, self.pad_id)
+        self._key_files = []
+        docs = 0
+        for d, a, b in zip(
+            shard_dirs, self._store._starts[:-1], self._store._starts[1:], strict=True
+        ):
+            keys = read_npy(d / "keys.npy")
+            if keys.shape != (b - a, self.dim) or keys.dtype != np.float16:
+                raise DatabaseError(
+                    f"{d / 'keys.npy'}: {keys.dtype} {list(keys.shape)}, expected float16 "
+                    f"[{b - a}, d={self.dim}]"
+                )
+            self._key_files.append(keys)
+        if self._store.num_chunks and self._store.dtype != token_dtype(vocab):
+            raise DatabaseError(
+                f"{shard_dirs[0] / 'tokens.npy'}: dtype {self._store.dtype}, expected "
+                f"{token_dtype(vocab)} (vocab_size {vocab})"
+            )
+        if check_values:
+            for s, d in enumerate(shard_dirs):
+                docs = check_segment(
+                    d,
+                    self._store._tokens[s],
+                    self._store._lengths[s],
+                    self._store._doc_ids[s],
+                    self._store._offsets[s],
+                    pad_id=self.pad_id,
+                    vocab_size=vocab,
+                    first_doc=docs,
+                )
+        counts = manifest.get("counts", {})
+        for what, have in (("chunks", self._store.num_chunks), ("documents", docs)):
+            if what == "documents" and not check_values:
+                continue
+            if what in counts and int(counts[what]) != have:
+                raise DatabaseError(
+                    f"{mpath}: counts.{what} is {counts[what]} but the shards hold {have}"
+                )
+        self._index = read_index(index_path, mmap=mmap, dim=self.dim)
         apply_search_params(self._index, self.search_params)
         if self._index.ntotal != self._store.num_chunks:
             raise DatabaseError(
-                f"{path / manifest['index']['file']}: index holds {self._index.ntotal} keys, "
+                f"{index_path}: index holds {self._index.ntotal} keys, "
                 f"expected {self._store.num_chunks} (one per chunk)"
             )
         self._tokenizer = tokenizer
@@ -103,18 +199,27 @@ class Database:
         embedder: Any = None,
         mmap: bool = True,
         threads: int | None = None,
+        check_values: bool = True,
     ) -> Database:
         """Open the database at ``path`` (its current version, or ``version``).
 
+        Every open checks the manifest (its self-checksum, that every name it gives lies inside
+        ``path``), the size of every file, the header (dtype, shape) of every array against the
+        manifest, the values of the chunk arrays (:func:`~retro_db.chunks.check_segment`: token
+        ids < vocab, lengths, doc ids, offsets) and the index's ``ntotal`` and ``d``.
+
         Args:
             path: the database directory.
-            verify: also recompute the sha256 of every file (sizes are always checked).
+            verify: also recompute the sha256 of every file, version files included (reads
+                every byte once; :meth:`verify` does the same later).
             version: open that version's manifest from ``versions/`` instead of the current one.
             tokenizer: the LM tokenizer to use; must equal the manifest's (else loaded lazily).
             embedder: the query embedder; its id and dim must equal the manifest's (else created
                 lazily from the manifest's spec on the first retrieve).
             mmap: memory-map the index (faiss ``IO_FLAG_MMAP``) and the chunk arrays.
             threads: faiss threads (None: faiss's default).
+            check_values: check the values of the chunk arrays (reads tokens, lengths, doc ids
+                and offsets once, about 1 GB/s); False checks headers and sizes only.
 
         Raises:
             DatabaseError: a missing/truncated/corrupt file, or a mismatching tokenizer/embedder,
@@ -130,7 +235,19 @@ class Database:
         missing = [k for k in _REQUIRED if k not in manifest]
         if missing:
             raise DatabaseError(f"{mpath}: missing fields {missing}")
-        check_files(path, manifest["files"], verify=verify)
+        if "checksum" in manifest and json_checksum(manifest) != manifest["checksum"]:
+            raise DatabaseError(
+                f"{mpath}: contents differ from its checksum {str(manifest['checksum'])[:16]}… "
+                "(the manifest was edited or corrupted)"
+            )
+        if not isinstance(manifest["files"], dict):
+            raise DatabaseError(f"{mpath}: files: expected an object")
+        if version is not None:
+            _check_version_file(path, mpath, int(version))
+        check_files(path, manifest["files"], verify=verify, where=mpath)
+        _check_headers(path, manifest["files"], mpath)
+        if verify:
+            _verify_version_files(path, manifest, mpath)
         set_threads(threads)
         return cls(
             path,
@@ -140,7 +257,19 @@ class Database:
             embedder=embedder,
             mmap=mmap,
             threads=threads,
+            manifest_path=mpath,
+            check_values=check_values,
         )
+
+    def verify(self) -> None:
+        """Recompute the sha256 of every file of this version (and of the version files).
+
+        Raises:
+            DatabaseError: naming the first file whose bytes differ from the manifest's record.
+        """
+        check_files(self.path, self.manifest["files"], verify=True, where=self.manifest_path)
+        _verify_version_files(self.path, self.manifest, self.manifest_path)
+        logger.info("verified %d files of %s", len(self.manifest["files"]), self.id)
 
     # ---- metadata (the Retriever contract) -----------------------------------------------
     @property
@@ -243,11 +372,7 @@ class Database:
         starts = self._store._starts
         seg = np.searchsorted(starts, ids, side="right") - 1
         for s in np.unique(seg):
-            arr = np.load(
-                self.path / "shards" / self.manifest["shards"][s] / "keys.npy",
-                mmap_mode="r",
-                allow_pickle=False,
-            )
+            arr = self._key_files[s]
             sel = seg == s
             out[sel] = arr[ids[sel] - starts[s]]
         return out
@@ -256,13 +381,27 @@ class Database:
         """Database document index of a document id string (-1 if absent)."""
         if self._doc_index is None:
             table: dict[str, int] = {}
-            for s in self.manifest["shards"]:
-                with open(self.path / "shards" / s / "documents.jsonl", encoding="utf-8") as f:
-                    for line in f:
-                        rec = json.loads(line)
-                        table.setdefault(rec["doc_id"], int(rec["index"]))
+            for rec in self.document_records():
+                table.setdefault(rec["doc_id"], int(rec["index"]))
             self._doc_index = table
         return self._doc_index.get(doc_id, -1)
+
+    def document_records(self):  # -> Iterator[dict]
+        """The records of ``documents.jsonl`` of every shard in order (doc_id, index, ...)."""
+        for s in self.manifest["shards"]:
+            p = self.path / "shards" / s / "documents.jsonl"
+            with open(p, encoding="utf-8") as f:
+                for lineno, line in enumerate(f, start=1):
+                    try:
+                        rec = json.loads(line)
+                        if not isinstance(rec.get("doc_id"), str):
+                            raise ValueError("doc_id")
+                        int(rec["index"])
+                    except (ValueError, KeyError, TypeError, AttributeError) as e:
+                        raise DatabaseError(
+                            f"{p}:{lineno}: expected a JSON object with doc_id and index ({e})"
+                        ) from None
+                    yield rec
 
     def embed_chunks(
         self, chunks: np.ndarray, lengths: np.ndarray | None = None, batch_size: int = 64
@@ -382,8 +521,7 @@ class Database:
 
     def key_blocks(self):
         """Stored keys shard by shard: an iterator of float16 memmaps [n_s, d] in chunk-id order."""
-        for s in self.manifest["shards"]:
-            yield np.load(self.path / "shards" / s / "keys.npy", mmap_mode="r", allow_pickle=False)
+        yield from self._key_files
 
     def recall(self, sample: int = 200, k: int = 10, seed: int = 0) -> float:
         """recall@k of the index against exact search, queried with a seeded sample of own keys.

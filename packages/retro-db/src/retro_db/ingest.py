@@ -4,6 +4,11 @@ Every reader is a generator of :class:`Document` that holds one record in memory
 record (invalid UTF-8, invalid JSON, a missing or non-string text field, empty text) is counted in
 an :class:`IngestStats`, logged with a warning naming the file and line, and skipped; with
 ``strict=True`` it raises :class:`IngestError` instead.
+
+Compressed input (``.zst``, ``.gz``) and Parquet files that end before their end-of-stream marker
+(footer) are *truncated*: the documents before the cut are kept and the file is reported
+(``file: truncated after N documents``) as a warning counted in ``IngestStats.truncated``, or as
+an :class:`IngestError` with ``strict=True``. A truncated stream is never taken as end of data.
 """
 
 from __future__ import annotations
@@ -53,6 +58,15 @@ class IngestStats:
     documents: int = 0
     skipped: int = 0
     reasons: dict[str, int] = field(default_factory=dict)
+    truncated: list[str] = field(default_factory=list)
+
+    def cut(self, path: str | os.PathLike[str], documents: int, detail: str, strict: bool) -> None:
+        """Record that ``path`` is truncated after ``documents`` documents; raise if ``strict``."""
+        msg = f"{path}: truncated after {documents} documents ({detail})"
+        if strict:
+            raise IngestError(msg)
+        self.truncated.append(str(path))
+        logger.warning("%s; the rest of the file is lost", msg)
 
     def bad(self, where: str, reason: str, strict: bool) -> None:
         """Record a bad record at ``where`` (``file:line``); raise if ``strict``."""
@@ -68,14 +82,64 @@ def _stats(stats: IngestStats | None) -> IngestStats:
     return stats if stats is not None else IngestStats()
 
 
-def _open_lines(path: Path) -> Iterator[bytes]:
-    """Yield raw lines (bytes) of a plain or zstandard-compressed file, streaming."""
-    if path.name.endswith(".zst"):
-        import zstandard
+class _Truncated(Exception):
+    """Raised by :func:`_open_lines` after the last complete line of a truncated stream."""
 
+
+def _zstd_blocks(raw: io.BufferedIOBase) -> Iterator[bytes]:
+    """Decompressed blocks of a zstandard file (frames in sequence); _Truncated if cut short."""
+    import zstandard
+
+    dctx = zstandard.ZstdDecompressor()
+    dobj, in_frame = dctx.decompressobj(), False
+    while block := raw.read(1 << 20):
+        while block:
+            try:
+                out = dobj.decompress(block)
+            except zstandard.ZstdError as e:
+                raise _Truncated(f"corrupt zstandard data: {e}") from None
+            in_frame = True
+            if out:
+                yield out
+            if dobj.eof:
+                block, dobj, in_frame = dobj.unused_data, dctx.decompressobj(), False
+            else:
+                block = b""
+    if in_frame:
+        raise _Truncated("the zstandard frame has no end")
+
+
+def _open_lines(path: Path) -> Iterator[bytes]:
+    """Yield raw lines (bytes) of a plain, zstandard- or gzip-compressed file, streaming.
+
+    A compressed stream cut short raises :class:`_Truncated` after its last complete line (a
+    partial last line is not yielded).
+    """
+    if path.name.endswith((".zst", ".gz")):
         with open(path, "rb") as raw:
-            reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
-            yield from io.BufferedReader(reader, buffer_size=1 << 20)
+            if path.name.endswith(".zst"):
+                blocks = _zstd_blocks(raw)
+            else:
+                import gzip
+                import zlib
+
+                def _gz() -> Iterator[bytes]:
+                    try:
+                        with gzip.GzipFile(fileobj=raw) as g:
+                            while block := g.read(1 << 20):
+                                yield block
+                    except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+                        raise _Truncated(f"gzip: {e}") from None
+
+                blocks = _gz()
+            rest = b""
+            for block in blocks:
+                lines = (rest + block).split(b"\n")
+                rest = lines.pop()
+                for line in lines:
+                    yield line + b"\n"
+            if rest:
+                yield rest
     else:
         with open(path, "rb") as f:
             yield from f
@@ -113,7 +177,18 @@ def read_jsonl(
     path = Path(path)
     st = _stats(stats)
     meta_fields = tuple(meta_fields)
-    for lineno, raw in enumerate(_open_lines(path), start=1):
+    yielded = 0
+    lines = _open_lines(path)
+    lineno = 0
+    while True:
+        try:
+            raw = next(lines)
+        except StopIteration:
+            return
+        except _Truncated as e:
+            st.cut(path, yielded, str(e), strict)
+            return
+        lineno += 1
         where = f"{path}:{lineno}"
         if not raw.strip():
             continue
@@ -151,6 +226,7 @@ def read_jsonl(
             doc_id = str(value)
         meta = {f.split(".")[-1]: _get_field(record, f) for f in meta_fields}
         st.documents += 1
+        yielded += 1
         yield Document(doc_id, text, meta)
 
 
@@ -220,6 +296,7 @@ def read_wikitext103(
     title: str | None = None
     start = 0
     lines: list[str] = []
+    first = st.documents
 
     def flush() -> Iterator[Document]:
         if title is None:
@@ -230,7 +307,17 @@ def read_wikitext103(
         st.documents += 1
         yield Document(title, text, {"line": start})
 
-    for lineno, raw in enumerate(_open_lines(path), start=1):
+    lines_it = _open_lines(path)
+    lineno = 0
+    while True:
+        try:
+            raw = next(lines_it)
+        except StopIteration:
+            break
+        except _Truncated as e:  # the article cut short is dropped, as a JSONL line would be
+            st.cut(path, st.documents - first, str(e), strict)
+            return
+        lineno += 1
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError as e:
@@ -263,7 +350,15 @@ def read_parquet(
     path = Path(path)
     st = _stats(stats)
     meta_fields = tuple(meta_fields)
-    pf = pq.ParquetFile(path)
+    import pyarrow as pa
+
+    try:
+        pf = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as e:
+        if path.is_file() and path.stat().st_size and _parquet_tail_missing(path):
+            st.cut(path, 0, f"no Parquet footer: {e}", strict)
+            return
+        raise IngestError(f"{path}: not a readable Parquet file ({e})") from None
     names = set(pf.schema_arrow.names)
     if text_field not in names:
         msg = f"column {text_field!r} missing (columns: {sorted(names)})"
@@ -275,7 +370,11 @@ def read_parquet(
     columns = [c for c in {text_field, id_field, *meta_fields} if c is not None and c in names]
     row = 0
     for g in range(pf.num_row_groups):
-        table = pf.read_row_group(g, columns=columns)
+        try:
+            table = pf.read_row_group(g, columns=columns)
+        except (pa.ArrowException, OSError) as e:
+            st.cut(path, row, f"row group {g} unreadable: {e}", strict)
+            return
         data = {c: table.column(c).to_pylist() for c in columns}
         for i in range(table.num_rows):
             row += 1
@@ -298,6 +397,15 @@ def read_parquet(
             yield Document(doc_id, text, meta)
 
 
+def _parquet_tail_missing(path: Path) -> bool:
+    """True when a file starts like Parquet (``PAR1``) but does not end with ``PAR1``."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+        f.seek(max(0, path.stat().st_size - 4))
+        tail = f.read(4)
+    return head == b"PAR1" and tail != b"PAR1"
+
+
 FORMATS = ("auto", "jsonl", "text", "wikitext103", "pile", "parquet")
 
 
@@ -312,7 +420,8 @@ def read_documents(
 ) -> Iterator[Document]:
     """Dispatch on ``format`` (or guess it from the name with ``"auto"``) and stream documents.
 
-    auto: ``*.parquet`` -> parquet; ``*.jsonl.zst`` -> pile; ``*.jsonl``/``*.json`` -> jsonl;
+    auto: ``*.parquet`` -> parquet; ``*.jsonl.zst`` -> pile; ``*.jsonl``/``*.json`` (also
+    ``.gz``) -> jsonl;
     ``wiki.*.raw`` / ``*.raw`` -> wikitext103; a folder or anything else -> text.
     """
     p = Path(path)
@@ -324,7 +433,7 @@ def read_documents(
             format = "parquet"
         elif name.endswith(".jsonl.zst"):
             format = "pile"
-        elif name.endswith((".jsonl", ".json")):
+        elif name.endswith((".jsonl", ".json", ".jsonl.gz", ".json.gz", ".jsonl.zst")):
             format = "jsonl"
         elif name.endswith(".raw") or name.startswith("wiki."):
             format = "wikitext103"

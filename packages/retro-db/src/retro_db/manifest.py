@@ -30,8 +30,10 @@ __all__ = [
     "check_files",
     "file_entry",
     "fsync_dir",
+    "json_checksum",
     "read_json",
     "remove_stale_temp_files",
+    "resolve_inside",
     "sha256_file",
 ]
 
@@ -53,6 +55,39 @@ def sha256_file(path: str | os.PathLike[str], chunk_bytes: int = 1 << 22) -> str
         while block := f.read(chunk_bytes):
             h.update(block)
     return h.hexdigest()
+
+
+def resolve_inside(
+    directory: str | os.PathLike[str], name: str, where: str | os.PathLike[str], field: str
+) -> Path:
+    """``directory / name``, refused unless it resolves (symbolic links followed) inside ``directory``.
+
+    Args:
+        directory: the database or dataset directory the manifest describes.
+        name: the relative name the manifest gives.
+        where: the manifest file (named in the error).
+        field: the manifest field holding ``name`` (named in the error).
+
+    Raises:
+        DatabaseError: an absolute name, ``..`` components or a link that leave ``directory``.
+    """
+    root = Path(directory).resolve()
+    if not isinstance(name, str) or not name or os.path.isabs(name) or "\0" in name:
+        raise DatabaseError(f"{where}: {field} = {name!r}: expected a relative path inside {root}")
+    target = (root / name).resolve()
+    if root not in target.parents:
+        raise DatabaseError(
+            f"{where}: {field} = {name!r} resolves outside {root} (refused: every file a manifest "
+            "names must lie inside its directory)"
+        )
+    return Path(directory) / name
+
+
+def json_checksum(obj: Mapping[str, Any], skip: str = "checksum") -> str:
+    """sha256 of the canonical JSON of ``obj`` without its ``skip`` key (a manifest's self-check)."""
+    body = {k: v for k, v in obj.items() if k != skip}
+    text = json.dumps(body, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def fsync_dir(directory: str | os.PathLike[str]) -> None:
@@ -141,7 +176,10 @@ def file_entry(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def check_files(
-    directory: str | os.PathLike[str], files: Mapping[str, Mapping[str, Any]], verify: bool = False
+    directory: str | os.PathLike[str],
+    files: Mapping[str, Mapping[str, Any]],
+    verify: bool = False,
+    where: str | os.PathLike[str] | None = None,
 ) -> None:
     """Check that every file a manifest names exists with its recorded size (and hash if verify).
 
@@ -149,13 +187,18 @@ def check_files(
         directory: the directory the relative names in ``files`` are under.
         files: ``{relative name: {"sha256": hex, "size": bytes, ...}}``.
         verify: also recompute and compare each sha256 (reads every byte).
+        where: the manifest the entries come from (named in errors; default ``directory``).
 
     Raises:
-        DatabaseError: naming the first file that is missing, truncated or corrupt.
+        DatabaseError: naming the first file that is missing, truncated, corrupt, or named by a
+            path that leaves ``directory``.
     """
     directory = Path(directory)
+    where = where if where is not None else directory / MANIFEST_NAME
     for name, entry in files.items():
-        p = directory / name
+        p = resolve_inside(directory, name, where, f"files[{name!r}]")
+        if not isinstance(entry, Mapping) or not isinstance(entry.get("sha256"), str):
+            raise DatabaseError(f"{where}: files[{name!r}]: expected an object with a sha256")
         if not p.is_file():
             raise DatabaseError(f"{p}: file missing (the manifest lists it)")
         size = p.stat().st_size

@@ -9,7 +9,10 @@ document is in the database (matched by ``doc_id``), else D + a running count (D
 documents), so they never collide with a database document the chunk is not.
 
 Resumable: work is done in shards written to ``out_dir/parts/pNNNNN/`` (a ``done.json`` last); a
-restart skips complete parts. The final arrays are assembled from the parts (temporary name, fsync,
+restart skips complete parts. ``parts/params.json`` records the run's parameters (k, shard_chunks,
+the corpus kind, the database manifest's sha256): a restart with other ones is refused. The run
+holds the writer lock on ``out_dir/.lock`` (a second run on the same output fails at once), and the
+database is verified (sha256 of every file, read once) before anything is computed from it. The final arrays are assembled from the parts (temporary name, fsync,
 rename), ``manifest.json`` is written last, then the parts are removed.
 """
 
@@ -26,7 +29,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from .build import _doc_fingerprint, iter_documents
+from .build import _doc_fingerprint, iter_documents, writer_lock
 from .chunks import chunk_document
 from .database import Database
 from .manifest import (
@@ -259,6 +262,7 @@ def write_neighbours(
     address: str | None = None,
     num_cpus: int | None = None,
     threads: int | None = None,
+    verify: bool = True,
 ) -> dict[str, Any]:
     """Write the training dataset (chunks of ``corpus`` and their k neighbours) to ``out_dir``.
 
@@ -275,6 +279,12 @@ def write_neighbours(
             the workers of a Ray cluster, distributed.py, extra [ray]); the output is the same.
         address, num_cpus: the Ray cluster and its CPUs to use (Ray engine only).
         threads: faiss/embedder threads (when ``db`` is a path); Ray: CPUs per worker (default 1).
+        verify: check the sha256 of every database file first (False: only the cheap checks of
+            every open), so that a corrupted database never becomes a training dataset.
+
+    Raises:
+        DatabaseError: a corrupted database, another run holding ``out_dir``, a finished
+            dataset there, or an interrupted run there with other parameters.
 
     Returns:
         The manifest written (tokens [N, m], neighbours [N, k, r=2m], ...; see API.md).
@@ -289,16 +299,51 @@ def write_neighbours(
         runner = ray_part_runner(Path(out_dir), progress, address, num_cpus, threads)
     if not isinstance(db, Database):
         db = Database.open(db, threads=threads if engine == "local" else None)
+    if verify:
+        db.verify()
     out = Path(out_dir)
     if (out / MANIFEST_NAME).is_file():
         raise DatabaseError(f"{out / MANIFEST_NAME}: a dataset already exists here")
-    out.mkdir(parents=True, exist_ok=True)
-    remove_stale_temp_files(out)
-    parts_dir = out / "parts"
-    # The Ray runner shows its own progress (over finished parts).
-    jobs = part_jobs(db, corpus, parts_dir, shard_chunks, progress and engine == "local")
-    parts = runner(db, jobs, k, batch_size)
-    return finish_dataset(db, out, parts, k)
+    with writer_lock(out, what="neighbours run", remove_when_done=True):
+        if (out / MANIFEST_NAME).is_file():
+            raise DatabaseError(f"{out / MANIFEST_NAME}: a dataset already exists here")
+        remove_stale_temp_files(out)
+        parts_dir = out / "parts"
+        _check_params(db, corpus, parts_dir, k, shard_chunks)
+        # The Ray runner shows its own progress (over finished parts).
+        jobs = part_jobs(db, corpus, parts_dir, shard_chunks, progress and engine == "local")
+        parts = runner(db, jobs, k, batch_size)
+        return finish_dataset(db, out, parts, k)
+
+
+def _check_params(db: Database, corpus: Any, parts_dir: Path, k: int, shard_chunks: int) -> None:
+    """Record the run's parameters in ``parts/params.json``; refuse a resume with other ones."""
+    kind = "database" if corpus is None else "chunks" if isinstance(corpus, dict) else "documents"
+    params = {
+        "k": int(k),
+        "shard_chunks": int(shard_chunks),
+        "corpus": kind,
+        "database": db.id,
+        "database_manifest_sha256": db.manifest_sha256,
+    }
+    path = parts_dir / "params.json"
+    if path.is_file():
+        old = read_json(path)
+        diff = sorted(key for key in params if old.get(key) != params[key])
+        if diff:
+            shown = ", ".join(f"{key} {old.get(key)!r} -> {params[key]!r}" for key in diff)
+            raise DatabaseError(
+                f"{path}: an interrupted run here used other parameters ({shown}); resume with "
+                "the same ones or delete the output folder"
+            )
+        return
+    if parts_dir.is_dir() and any(parts_dir.iterdir()):
+        raise DatabaseError(
+            f"{parts_dir}: parts of an interrupted run without params.json (an older version); "
+            "delete the output folder"
+        )
+    parts_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, params)
 
 
 def _run_parts(db: Database, jobs: Iterator, k: int, batch_size: int) -> list[Path]:
