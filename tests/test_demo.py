@@ -93,3 +93,47 @@ def test_a_second_run_skips_every_stage(
     skipped = [r.getMessage() for r in caplog.records if "up to date" in r.getMessage()]
     assert len(skipped) == len(STAGES)
     assert again["benchmarks"] == first["benchmarks"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The default main job's path: RETRO-fitting the pretrained SmolLM2-135M (tiny scale)
+
+
+@pytest.fixture(scope="module")
+def retrofit_demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    pytest.importorskip("gguf")
+    run = tmp_path_factory.mktemp("demo-retrofit") / "run"
+    return run, run_demo("retrofit-tiny", run, progress=False)
+
+
+@pytest.mark.slow
+def test_retrofit_demo_trains_only_new_weights_and_off_is_the_base(
+    retrofit_demo: tuple[Path, dict],
+) -> None:
+    import torch
+    from retro_core import RetrofittedLM, load_model
+    from retro_eval.demo import base_model_files
+    from transformers import AutoModelForCausalLM
+
+    run, results = retrofit_demo
+    stages = ["corpus", "database", "neighbours", "train_retrofit", "evaluate"]
+    assert list(json.loads((run / "stages.json").read_text())) == stages
+    bench = results["benchmarks"]["wikitext-mini"]
+    assert "baseline" not in bench["models"]  # the frozen base is RETRO[OFF]
+    for model in ("retro_on", "retro_shuffled", "retro_off"):
+        assert math.isfinite(bench["models"][model]["bpb"])
+    train_cfg = json.loads((run / "retro" / "train_config.json").read_text())
+    assert train_cfg["cache_prefix"] and train_cfg["loss_share"] == 0.5
+    assert len(train_cfg["sequences"]) == 8
+    model = load_model(run / "retro")
+    assert isinstance(model, RetrofittedLM)
+    pkg, gguf = base_model_files("smollm2")
+    base = AutoModelForCausalLM.from_pretrained(str(pkg), gguf_file=gguf, dtype=torch.float32)
+    x = torch.tensor([model_tokens(run)])
+    with torch.no_grad():  # RETRO[OFF] is exactly the untouched base model
+        assert torch.equal(model(x), base(x).logits)
+
+
+def model_tokens(run: Path) -> list[int]:
+    """The first 40 tokens of the run's training dataset."""
+    return [int(t) for t in np.load(run / "dataset" / "tokens.npy")[:1].reshape(-1)[:40]]

@@ -226,7 +226,7 @@ def main() -> None:
         model.eval()
         with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=a.bf16):
             return score_documents(
-                model, tok, texts, neighbours=neigh, window=512, stride=256, progress=False
+                model, tok, texts, neighbours=neigh, window=1024, stride=512, progress=False
             )
 
     off = score(None)

@@ -613,3 +613,21 @@ def test_load_model_opens_either_kind_and_a_run_directory(base_dir, tmp_path):
     x, nb, _ = _inputs(7, 12)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x, nb), model.eval()(x, nb), rtol=0, atol=0)
+
+
+def test_train_on_a_subset_of_sequences(tmp_path):
+    from retro_core.train import TrainError
+
+    d = tmp_path / "tiny-llama"
+    _hf_model("llama", n_layers=4).save_pretrained(str(d))
+    _save_tokenizer(d)
+    ds = _dataset(tmp_path / "ds", hf_tokenizer_id(d))
+    model = retrofit(d, cca_layers=(3, 4), chunk_size=M, k=K, enc_layers=1, seed=0)
+    tc = _tc(steps=2, valid_fraction=0.0, eval_batches=0, sequences=(0, 2))
+    train(model, tc, ds, tmp_path / "sub", progress=False)
+    saved = json.loads((tmp_path / "sub" / "train_config.json").read_text())
+    assert saved["sequences"] == [0, 2] and TrainConfig.from_dict(saved) == tc
+    with pytest.raises(TrainError, match="out of range"):
+        train(model, _tc(sequences=(10_000,)), ds, tmp_path / "bad", progress=False)
+    with pytest.raises(TrainError, match="sequences"):
+        _tc(sequences=())

@@ -74,6 +74,7 @@ from .retrofit import (
 __all__ = [
     "MODEL_PRESETS",
     "PrefixCachedDataset",
+    "SequenceSubset",
     "TrainConfig",
     "TrainError",
     "latest_checkpoint",
@@ -137,6 +138,9 @@ class TrainConfig:
     # min(P)) once and keep it in memory (n x d per sequence; bf16 with bf16), so later epochs run the
     # layers from min(P) up only. Single process, num_workers = 0.
     cache_prefix: bool = False
+    # Train on these sequences of the training split only (indices into it; None = all), e.g. the
+    # sequences whose neighbours carry the most retrieval signal (retro-eval's demo picks them).
+    sequences: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         def err(name: str, expected: str) -> TrainError:
@@ -175,6 +179,13 @@ class TrainConfig:
             raise err("valid_fraction", "a float in [0, 1)")
         if not 0.0 < self.loss_share <= 1.0:
             raise err("loss_share", "a float in (0, 1]")
+        if self.sequences is not None:
+            seqs = tuple(self.sequences)
+            if not seqs or any(
+                isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in seqs
+            ):
+                raise err("sequences", "None or a non-empty list of sequence indices >= 0")
+            object.__setattr__(self, "sequences", seqs)
         if self.cache_prefix and self.num_workers:
             raise err("num_workers", "0 with cache_prefix (the cache lives in this process)")
 
@@ -196,6 +207,8 @@ class TrainConfig:
         d = dict(d)
         if "betas" in d:
             d["betas"] = tuple(d["betas"])
+        if d.get("sequences") is not None:
+            d["sequences"] = tuple(d["sequences"])
         return cls(**d)
 
 
@@ -326,6 +339,15 @@ def _sample_positions(
     keep = torch.zeros(n, dtype=torch.bool)
     keep[take] = True
     return {**batch, "loss_mask": batch["loss_mask"] & keep.to(batch["loss_mask"].device)}
+
+
+class SequenceSubset(Subset):
+    """Some sequences of a :class:`RetroDataset`, keeping its metadata (``seq_len``, ``k``...)."""
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ("dataset", "indices"):
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
 
 
 class PrefixCachedDataset(Dataset):
@@ -870,6 +892,13 @@ def _train(
         train_ds, valid_ds = RetroDataset(dataset_dir, tc.seq_chunks, num_neighbours=k_read), None
     if len(train_ds) == 0:
         raise TrainError(f"{dataset_dir}: the training split has no sequences")
+    if tc.sequences is not None:
+        if max(tc.sequences) >= len(train_ds):
+            raise TrainError(
+                f"TrainConfig.sequences: index {max(tc.sequences)} is out of range for the "
+                f"{len(train_ds)} training sequences of {dataset_dir}"
+            )
+        train_ds = SequenceSubset(train_ds, tc.sequences)  # type: ignore[assignment]
     if tc.eval_batches == 0:
         valid_ds = None
     if valid_ds is not None and len(valid_ds) == 0:

