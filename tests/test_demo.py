@@ -111,9 +111,10 @@ def test_retrofit_demo_trains_only_new_weights_and_off_is_the_base(
     retrofit_demo: tuple[Path, dict],
 ) -> None:
     import torch
+    from transformers import AutoModelForCausalLM
+
     from retro_core import RetrofittedLM, load_model
     from retro_eval.demo import base_model_files
-    from transformers import AutoModelForCausalLM
 
     run, results = retrofit_demo
     stages = ["corpus", "database", "neighbours", "train_retrofit", "evaluate"]

@@ -12,7 +12,7 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 PANELS = (("all", "all chunks"), ("(0.0,0.125]", "r(C) <= 12.5%"), ("(0.5,1.0]", "r(C) > 50%"))
 
