@@ -89,6 +89,7 @@ SCALES: dict[str, DemoScale] = {
         lr=5e-3,
         warmup_steps=50,
         bf16=False,  # bf16 autocast is ~2x slower than fp32 for SmolLM2 on this CPU (measured)
+        k_sweep=(1, 2, 4),
         qa_own_database=False,
         loss_share=0.25,
         cache_prefix=True,
