@@ -107,6 +107,7 @@ def retrofit_demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # loads the 135M base twice, builds, trains and scores: minutes on CPU
 def test_retrofit_demo_trains_only_new_weights_and_off_is_the_base(
     retrofit_demo: tuple[Path, dict],
 ) -> None:
