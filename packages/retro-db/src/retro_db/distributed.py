@@ -16,8 +16,9 @@ How the work is split (the driver is the process that calls ``build_database``):
    ``num_cpus=0`` (the encoder actors below hold the CPUs; tokenising is ~1% of the work) and at
    most 2 per actor are in flight.
 2. **Plan shards** on the driver from the counts with the local build's own planner
-   (``ShardWriter.plan``, shards.py): whole documents until a shard holds ``shard_chunks`` chunks. Shard
-   boundaries, document indices and fingerprints are therefore the local build's.
+   (``ShardWriter.plan``, shards.py): whole documents until a shard holds ``shard_chunks``
+   chunks. Shard boundaries, document indices and fingerprints are therefore the local build's.
+   Documents travel to the actors without their text, with its fingerprint instead.
 3. **Write shards** on an ``ActorPool`` of encoder actors, one per ``threads`` CPUs (default 1): each
    actor loads the tokenizer and the embedder once (``setup_build``), then for each shard fetches
    its token ids from the object store, chunks, embeds and writes the shard with the local
@@ -51,8 +52,9 @@ installed (with ``[embed]`` for the MiniLM encoder).
 
 Neighbours (:func:`ray_part_runner`): the parts ``write_neighbours`` computes one after the
 other are computed by actors that open the database once each (memory-mapped) and write each part
-with the ``run_part`` it is handed (neighbours.py); the driver plans the parts (for a document corpus: tokenising it, as
-locally, so the doc-id assignment is the local one), shows progress and concatenates.
+with the ``run_part`` it is handed (neighbours.py); the driver plans the parts (for a document
+corpus: tokenising it, as locally, so the doc-id assignment is the local one), shows progress and
+concatenates.
 """
 
 from __future__ import annotations
@@ -78,7 +80,7 @@ from .embedders import embedder_options, embedder_spec, load_embedder
 from .index import set_threads
 from .ingest import Document
 from .manifest import DatabaseError, read_json
-from .shards import READ_AHEAD, ShardWriter, add_shard_keys, iter_documents
+from .shards import READ_AHEAD, ShardWriter, add_shard_keys, iter_documents, text_fingerprint
 from .tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -306,11 +308,15 @@ class _Worker:
         spans: list[tuple[int, int, int]],
         first_doc: int,
         source_sha: str,
+        text_sha256: list[str],
         *flats: np.ndarray,
     ) -> str:
-        """Chunk, embed and write shard ``shard``; ``spans[i]`` = (flat array, start, stop)."""
+        """Chunk, embed and write shard ``shard``; ``spans[i]`` = (flat array, start, stop).
+
+        ``docs`` come without their text; ``text_sha256`` are their text fingerprints.
+        """
         ids = [flats[b][start:stop] for b, start, stop in spans]
-        return self.writer.write_shard(shard, docs, ids, first_doc, source_sha)
+        return self.writer.write_shard(shard, docs, ids, first_doc, source_sha, text_sha256)
 
     def add_keys(self, index_bytes: np.ndarray, keys_path: str) -> np.ndarray:
         """Add one shard's keys to a copy of the trained index; return it serialised."""
@@ -532,6 +538,7 @@ class _RayShardStage:
                     [(where[s.ref], s.start, s.stop) for s in spans],
                     doc_index,
                     sha,
+                    [text_fingerprint(d.text) for d in docs],  # ... but its fingerprint is
                     *refs,
                 )
                 self.pool.submit(lambda actor, v: actor.write_shard.remote(*v), args)

@@ -252,16 +252,19 @@ class ShardWriter:
         ids: list[Any],
         first_doc: int,
         source_sha: str,
+        text_sha256: list[str] | None = None,
     ) -> str:
         """Chunk, embed and write shard ``shard`` (its files atomically, ``shard.json`` last).
 
         Args:
             shard: the shard number.
-            docs: its documents, in order (only ``doc_id``, ``meta`` and, for the fingerprint in
-                ``documents.jsonl``, ``text`` are read).
+            docs: its documents, in order (only ``doc_id``, ``meta`` and, unless ``text_sha256`` is
+                given, ``text`` are read).
             ids: each document's token ids (a document without tokens is skipped with a warning).
             first_doc: the database index of the shard's first document.
             source_sha: the source fingerprint of ``docs`` (from :meth:`plan`).
+            text_sha256: each document's :func:`text_fingerprint`, for documents sent without
+                their text (the Ray engine); None computes them from ``docs``.
 
         Returns:
             The shard's directory name.
@@ -270,7 +273,9 @@ class ShardWriter:
         d.mkdir(parents=True, exist_ok=True)
         toks, lens, dids, offs, lines = [], [], [], [], []
         doc_index = first_doc
-        for doc, doc_tokens in zip(docs, ids, strict=True):
+        if text_sha256 is None:
+            text_sha256 = [text_fingerprint(doc.text) for doc in docs]
+        for doc, doc_tokens, text_sha in zip(docs, ids, text_sha256, strict=True):
             if not len(doc_tokens):
                 logger.warning("skipping document %r: no tokens", doc.doc_id)
                 continue
@@ -286,7 +291,7 @@ class ShardWriter:
                         "index": doc_index,
                         "chunks": len(t),
                         "tokens": len(doc_tokens),
-                        "sha256": text_fingerprint(doc.text),
+                        "sha256": text_sha,
                         "meta": doc.meta,
                     },
                     ensure_ascii=False,
