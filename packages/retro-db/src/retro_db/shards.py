@@ -245,6 +245,46 @@ class ShardWriter:
         if docs:
             yield docs, ids, h.hexdigest()
 
+    def _chunk(
+        self, docs: list[Document], ids: list[Any], first_doc: int, text_sha256: list[str]
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[str]]:
+        """Chunks of a shard's documents: tokens [n, m], lengths [n], document indices [n],
+        token offsets [n], and one ``documents.jsonl`` line per document with tokens."""
+        toks, lens, dids, offs, lines = [], [], [], [], []
+        doc_index = first_doc
+        for doc, doc_tokens, text_sha in zip(docs, ids, text_sha256, strict=True):
+            if not len(doc_tokens):
+                logger.warning("skipping document %r: no tokens", doc.doc_id)
+                continue
+            t, n = chunk_document(doc_tokens, self.m, self.tokenizer.pad_id, self.dtype)
+            toks.append(t)
+            lens.append(n)
+            dids.append(np.full(len(t), doc_index, dtype=np.int64))
+            offs.append(np.arange(len(t), dtype=np.int64) * self.m)
+            lines.append(
+                json.dumps(
+                    {
+                        "doc_id": doc.doc_id,
+                        "index": doc_index,
+                        "chunks": len(t),
+                        "tokens": len(doc_tokens),
+                        "sha256": text_sha,
+                        "meta": doc.meta,
+                    },
+                    ensure_ascii=False,
+                    sort_keys=True,
+                    default=str,
+                )
+            )
+            doc_index += 1
+        return (
+            np.concatenate(toks) if toks else np.empty((0, self.m), self.dtype),
+            np.concatenate(lens) if lens else np.empty(0, np.int32),
+            np.concatenate(dids) if dids else np.empty(0, np.int64),
+            np.concatenate(offs) if offs else np.empty(0, np.int64),
+            lines,
+        )
+
     def write_shard(
         self,
         shard: int,
@@ -271,37 +311,9 @@ class ShardWriter:
         """
         d = self.shard_dir(shard)
         d.mkdir(parents=True, exist_ok=True)
-        toks, lens, dids, offs, lines = [], [], [], [], []
-        doc_index = first_doc
         if text_sha256 is None:
             text_sha256 = [text_fingerprint(doc.text) for doc in docs]
-        for doc, doc_tokens, text_sha in zip(docs, ids, text_sha256, strict=True):
-            if not len(doc_tokens):
-                logger.warning("skipping document %r: no tokens", doc.doc_id)
-                continue
-            t, n = chunk_document(doc_tokens, self.m, self.tokenizer.pad_id, self.dtype)
-            toks.append(t)
-            lens.append(n)
-            dids.append(np.full(len(t), doc_index, dtype=np.int64))
-            offs.append(np.arange(len(t), dtype=np.int64) * self.m)
-            lines.append(
-                json.dumps(
-                    {
-                        "doc_id": doc.doc_id,
-                        "index": doc_index,
-                        "chunks": len(t),
-                        "tokens": len(doc_tokens),
-                        "sha256": text_sha,
-                        "meta": doc.meta,
-                    },
-                    ensure_ascii=False,
-                    sort_keys=True,
-                    default=str,
-                )
-            )
-            doc_index += 1
-        tokens = np.concatenate(toks) if toks else np.empty((0, self.m), self.dtype)
-        lengths = np.concatenate(lens) if lens else np.empty(0, np.int32)
+        tokens, lengths, doc_ids, offsets, lines = self._chunk(docs, ids, first_doc, text_sha256)
         keys = _embed_chunks(
             self.tokenizer,
             self.embedder,
@@ -312,13 +324,7 @@ class ShardWriter:
             self.dim,
             where=f"{d / 'keys.npy'}",
         )
-        write_chunk_segment(
-            d,
-            tokens,
-            lengths,
-            np.concatenate(dids) if dids else np.empty(0, np.int64),
-            np.concatenate(offs) if offs else np.empty(0, np.int64),
-        )
+        write_chunk_segment(d, tokens, lengths, doc_ids, offsets)
         atomic_save_npy(d / "keys.npy", keys.astype(np.float16))
         atomic_write_bytes(d / "documents.jsonl", "".join(x + "\n" for x in lines).encode("utf-8"))
         info = {
