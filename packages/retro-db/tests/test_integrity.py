@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from retro_db.build import BuildStats, add_documents, build_database, writer_lock
+from retro_db.build import BuildStats, add_documents, build_database
 from retro_db.cli import main
 from retro_db.database import Database
 from retro_db.ingest import Document, IngestError, IngestStats, read_documents
-from retro_db.manifest import DatabaseError, json_checksum
+from retro_db.manifest import DatabaseError, json_checksum, writer_lock
 from retro_db.neighbours import DATASET_FILES, write_neighbours
 
 WORDS = (

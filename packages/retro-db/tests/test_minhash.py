@@ -16,6 +16,7 @@ from retro_db.minhash import (
     dedup_documents,
     exact_jaccard,
     minhash_signatures,
+    murmur3_fmix,
     shingle_hashes,
     to_minhash,
 )
@@ -148,6 +149,62 @@ def gpt2():
     )
     tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
     return lambda text: tok.encode(text).ids
+
+
+def _fmix_reference(x: int, width: int) -> int:
+    """MurmurHash3 fmix32/fmix64 on a Python int (Appleby's smhasher, written out independently)."""
+    mask = (1 << width) - 1
+    if width == 32:
+        s1, m1, s2, m2, s3 = 16, 0x85EBCA6B, 13, 0xC2B2AE35, 16
+    else:
+        s1, m1, s2, m2, s3 = 33, 0xFF51AFD7ED558CCD, 33, 0xC4CEB9FE1A85EC53, 33
+    x ^= x >> s1
+    x = (x * m1) & mask
+    x ^= x >> s2
+    x = (x * m2) & mask
+    return x ^ (x >> s3)
+
+
+@pytest.mark.parametrize("width", [32, 64])
+def test_own_fmix_equals_datasketch_and_reference(width):
+    dtype = np.uint32 if width == 32 else np.uint64
+    rng = np.random.default_rng(width)
+    hv = rng.integers(0, 2**width, 4096, dtype=dtype, endpoint=False)
+    hv[:3] = [0, 1, 2**width - 1]
+    got = murmur3_fmix(hv, width)
+    assert got.dtype == dtype
+    assert [int(x) for x in got[:64]] == [_fmix_reference(int(x), width) for x in hv[:64]]
+    # datasketch's own finaliser (a private name: read here only, to pin ours to it)
+    import datasketch.minhash
+
+    theirs = getattr(datasketch.minhash, "_fmix", None)
+    if theirs is None:
+        pytest.skip("this datasketch has no _fmix (its affine schemes are checked below)")
+    np.testing.assert_array_equal(got, theirs(hv.copy(), width))
+
+
+REAL_TEXT = [
+    "The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, France. It "
+    "is named after the engineer Gustave Eiffel, whose company designed and built the tower from "
+    '1887 to 1889. Locally nicknamed "La dame de fer", it was constructed as the centrepiece of '
+    "the 1889 World's Fair, and to crown the centennial anniversary of the French Revolution.",
+    "Photosynthesis is a system of biological processes by which photosynthetic organisms, such "
+    "as most plants, algae, and cyanobacteria, convert light energy, typically from sunlight, "
+    "into the chemical energy necessary to fuel their metabolism.",
+    "Caf\u00e9 culture in Vienna \u2014 with its marble tables, newspapers on wooden holders "
+    "and a glass of water served with every coffee \u2014 is listed as intangible heritage.",
+    "Short one.",
+]
+
+
+@pytest.mark.parametrize("scheme", ["affine32", "affine64", "legacy"])
+def test_signatures_on_real_text_bit_identical_to_datasketch(gpt2, scheme):
+    docs = [gpt2(t) for t in REAL_TEXT]
+    for ngram in (1, 5, 13):
+        ref = np.stack([datasketch_signature(d, 128, 7, ngram, scheme) for d in docs])
+        for backend in BACKENDS_HERE if scheme == "affine32" else ["numpy"]:
+            sig = minhash_signatures(docs, 128, 7, ngram, scheme=scheme, backend=backend)
+            np.testing.assert_array_equal(sig, ref)
 
 
 @pytest.fixture(scope="module")

@@ -17,12 +17,12 @@ import pytest
 CHILD = textwrap.dedent(
     """
     import json, sys, time
-    import retro_db.build
+    import retro_db.shards
     from retro_db.build import build_database
     from retro_db.ingest import read_jsonl
 
     src, out, delay = sys.argv[1], sys.argv[2], float(sys.argv[3])
-    retro_db.build.READ_AHEAD = 1  # tokenise document by document: shards finish one by one
+    retro_db.shards.READ_AHEAD = 1  # tokenise document by document: shards finish one by one
 
     def slow():
         for d in read_jsonl(src, id_field="title"):
@@ -116,9 +116,9 @@ def _crash_after(docs, n):
 def test_interrupted_add_resumes_to_the_same_version(small_db, wiki_docs, tmp_path, monkeypatch):
     import shutil
 
-    import retro_db.build
+    import retro_db.shards
 
-    monkeypatch.setattr(retro_db.build, "READ_AHEAD", 1)
+    monkeypatch.setattr(retro_db.shards, "READ_AHEAD", 1)
     from retro_db.build import add_documents
     from retro_db.database import Database
 
@@ -136,10 +136,10 @@ def test_interrupted_add_resumes_to_the_same_version(small_db, wiki_docs, tmp_pa
 
 
 def test_resume_with_other_settings_is_refused(wiki_docs, tmp_path, monkeypatch):
-    import retro_db.build
+    import retro_db.shards
     from retro_db.build import build_database
 
-    monkeypatch.setattr(retro_db.build, "READ_AHEAD", 1)
+    monkeypatch.setattr(retro_db.shards, "READ_AHEAD", 1)
     from retro_db.manifest import DatabaseError
 
     out = tmp_path / "db"
@@ -165,8 +165,8 @@ def test_resume_with_other_settings_is_refused(wiki_docs, tmp_path, monkeypatch)
 def test_second_writer_is_refused(small_db, wiki_docs, tmp_path):
     import shutil
 
-    from retro_db.build import add_documents, writer_lock
-    from retro_db.manifest import DatabaseError
+    from retro_db.build import add_documents
+    from retro_db.manifest import DatabaseError, writer_lock
 
     path = tmp_path / "db"
     shutil.copytree(small_db, path)

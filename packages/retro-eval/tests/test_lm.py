@@ -238,6 +238,8 @@ def test_model_args_and_registration():
     assert parse_bool("off") is False and parse_bool("On") is True
     with pytest.raises(ValueError, match="retrieval"):
         parse_bool("maybe")
+    with pytest.raises(ValueError, match="do_sample='maybe'"):
+        parse_bool("maybe", "do_sample")
     with pytest.raises(ValueError, match="checkpoint"):
         RetroLM()
     assert (TASKS_DIR / "retro_wikitext_mini.yaml").exists()
@@ -306,3 +308,10 @@ def test_create_from_arg_obj_with_checkpoint(tmp_path):
     assert math.isfinite(lm.loglikelihood_rolling(reqs)[0])
     with pytest.raises(ValueError, match="tokenizer"):
         RetroLM.create_from_arg_string(f"checkpoint={tmp_path / 'ckpt'}", {"batch_size": 1})
+
+
+def test_bad_do_sample_is_named_in_the_error():
+    lm = RetroLM(model=tiny_model(), tokenizer=ByteTokenizer(), retrieval=False)
+    req = SimpleNamespace(args=("The cat sat", {"max_gen_toks": 4, "do_sample": "maybe"}))
+    with pytest.raises(ValueError, match="^do_sample='maybe'"):
+        lm.generate_until([req])

@@ -11,7 +11,14 @@ import torch
 from retro_core.config import RetroConfig
 from retro_core.model import Retro
 from retro_core.retrieval import RetrieverMismatchError
-from retro_eval.perplexity import plan_windows, score_documents, sweep_k
+from retro_eval.perplexity import (
+    has_retrieval,
+    model_device,
+    model_geometry,
+    plan_windows,
+    score_documents,
+    sweep_k,
+)
 from retro_eval.testing import ByteTokenizer, InMemoryRetriever
 
 torch.set_num_threads(1)
@@ -211,3 +218,14 @@ def test_models_without_logits_to_keep_score_the_same(tok, retriever):
     fast = score_documents(model, tok, TEXTS, **kw)
     full = score_documents(_FullLogitsOnly(model), tok, TEXTS, **kw)
     np.testing.assert_allclose(fast.bits, full.bits, rtol=1e-5, atol=1e-5)
+
+
+def test_model_geometry_and_has_retrieval():
+    from types import SimpleNamespace
+
+    assert model_geometry(tiny_model()) == (N, M, 2 * M, 0)
+    assert model_device(tiny_model()) == torch.device("cpu")
+    assert has_retrieval(tiny_model())
+    assert not has_retrieval(tiny_model(cca=()))  # the decoder-only baseline
+    # A config without cca_layers (a plain LM) does not read neighbours (issue 15).
+    assert not has_retrieval(SimpleNamespace(config=SimpleNamespace(chunk_size=M)))

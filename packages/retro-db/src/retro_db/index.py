@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .manifest import DatabaseError, fsync_dir
+from .manifest import DatabaseError, atomic_file
 
 logger = logging.getLogger(__name__)
 
@@ -112,16 +112,12 @@ def train_index(factory: str, train_keys: np.ndarray, *, metric: str = "l2"):  #
 
 
 def write_index(index, path: str | os.PathLike[str]) -> None:
-    """Write ``index`` to ``path`` atomically (temporary name, fsync, rename)."""
+    """Write ``index`` to ``path`` atomically (``manifest.atomic_file``: temporary name, fsync,
+    rename)."""
     import faiss
 
-    path = Path(path)
-    tmp = path.with_name(f".tmp-{path.name}")
-    faiss.write_index(index, str(tmp))
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+    with atomic_file(path) as tmp:
+        faiss.write_index(index, str(tmp))
 
 
 def read_index(path: str | os.PathLike[str], *, mmap: bool = True, dim: int | None = None):

@@ -1,7 +1,9 @@
-"""Versioned manifests and crash-safe file writes (DESIGN.md 2.3).
+"""Versioned manifests, crash-safe file writes and the writer lock (DESIGN.md 2.3).
 
 Every file is written under a temporary name in the same directory, flushed and fsynced, then
-renamed into place (an atomic replace on POSIX) and the directory is fsynced. A manifest is written
+renamed into place (an atomic replace on POSIX) and the directory is fsynced: :func:`atomic_file`
+does that, and every writer of retro-db (shards, index, manifests, neighbours datasets, dedup
+output) goes through it. One writer at a time holds :func:`writer_lock`. A manifest is written
 last and records the sha256, size (and for ``.npy`` files shape and dtype) of every file it names,
 so a reader that sees a manifest sees complete files. Files named by a manifest are never rewritten:
 a new version writes new file names, so a reader holding an old manifest keeps working.
@@ -9,11 +11,12 @@ a new version writes new file names, so a reader holding an old manifest keeps w
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +27,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "MANIFEST_NAME",
     "DatabaseError",
+    "atomic_file",
     "atomic_save_npy",
     "atomic_write_bytes",
     "atomic_write_json",
@@ -35,6 +39,7 @@ __all__ = [
     "remove_stale_temp_files",
     "resolve_inside",
     "sha256_file",
+    "writer_lock",
 ]
 
 MANIFEST_NAME = "manifest.json"
@@ -103,21 +108,30 @@ def _tmp_path(path: Path) -> Path:
     return path.with_name(f"{TMP_PREFIX}{path.name}")
 
 
-def _commit(tmp: Path, path: Path) -> None:
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """The one crash-safe way retro-db writes a file: yield a temporary path to write to.
+
+    The body writes the whole file at the yielded path (``.tmp-<name>`` in the same directory,
+    which is created if needed), by any means (``open``, ``np.save``, ``faiss.write_index``, a
+    memmap). When the body returns, the file is fsynced, renamed onto ``path`` (an atomic replace
+    on POSIX) and the directory is fsynced. If the body raises, ``path`` is untouched and the
+    temporary file is left for :func:`remove_stale_temp_files` (as after a kill).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_path(path)
+    yield tmp
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
     os.replace(tmp, path)
     fsync_dir(path.parent)
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary name, fsync, rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_path(path)
-    with open(tmp, "wb") as f:
+    """Write ``data`` to ``path`` atomically (:func:`atomic_file`)."""
+    with atomic_file(path) as tmp, open(tmp, "wb") as f:
         f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    _commit(tmp, path)
 
 
 def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
@@ -127,15 +141,42 @@ def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
 
 
 def atomic_save_npy(path: str | os.PathLike[str], array: np.ndarray) -> None:
-    """Save ``array`` as ``.npy`` (no pickle) atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_path(path)
-    with open(tmp, "wb") as f:
+    """Save ``array`` as ``.npy`` (no pickle) atomically (:func:`atomic_file`)."""
+    with atomic_file(path) as tmp, open(tmp, "wb") as f:
         np.save(f, np.ascontiguousarray(array), allow_pickle=False)
-        f.flush()
-        os.fsync(f.fileno())
-    _commit(tmp, path)
+
+
+@contextlib.contextmanager
+def writer_lock(
+    db_dir: Path, what: str = "build or add", remove_when_done: bool = False
+) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``db_dir/.lock`` while writing (one writer at a time).
+
+    The kernel drops the lock when the process dies, SIGKILL included, so a restart after a kill
+    acquires it again. Readers take no lock: they only read files a manifest names.
+
+    Args:
+        db_dir: the directory written (created if needed).
+        what: names the writer in the error of a second one.
+        remove_when_done: delete the lock file when the body finishes without an error (for
+            outputs that are complete then, such as a neighbours dataset).
+    """
+    import fcntl
+
+    db_dir.mkdir(parents=True, exist_ok=True)
+    with open(db_dir / ".lock", "a+b") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise DatabaseError(
+                f"{db_dir / '.lock'}: another {what} is writing here (one writer at a time)"
+            ) from None
+        try:
+            yield
+            if remove_when_done:
+                (db_dir / ".lock").unlink(missing_ok=True)
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 def remove_stale_temp_files(directory: str | os.PathLike[str]) -> int:

@@ -53,6 +53,7 @@ __all__ = [
     "dedup_documents",
     "exact_jaccard",
     "minhash_signatures",
+    "murmur3_fmix",
     "shingle_hashes",
     "to_minhash",
 ]
@@ -62,11 +63,8 @@ _SCHEME_DTYPE = {"affine32": np.uint32, "affine64": np.uint64, "legacy": np.uint
 _MERSENNE_PRIME = np.uint64((1 << 61) - 1)
 _MAX_HASH32 = np.uint64((1 << 32) - 1)
 
-try:  # datasketch's own MurmurHash3 finaliser (private name; the copy below is its fallback)
-    from datasketch.minhash import _fmix as _ds_fmix
-except ImportError:  # pragma: no cover - depends on the datasketch version
-    _ds_fmix = None
-
+# MurmurHash3's finaliser ("fmix32" / "fmix64", Appleby's public-domain smhasher), the constants
+# datasketch's affine schemes pre-mix with: (shift, multiplier, shift, multiplier, shift).
 _FMIX = {
     32: (np.uint32(16), np.uint32(0x85EBCA6B), np.uint32(13), np.uint32(0xC2B2AE35), np.uint32(16)),
     64: (
@@ -79,16 +77,20 @@ _FMIX = {
 }
 
 
-def _fmix(hv: np.ndarray, width: int) -> np.ndarray:
-    """MurmurHash3 finaliser on uint{width} arrays (datasketch's pre-mix of affine schemes)."""
-    if _ds_fmix is not None:
-        return _ds_fmix(hv, width)
-    s1, m1, s2, m2, s3 = _FMIX[width]  # pragma: no cover
-    hv = hv ^ (hv >> s1)  # pragma: no cover
-    hv = hv * m1  # pragma: no cover
-    hv = hv ^ (hv >> s2)  # pragma: no cover
-    hv = hv * m2  # pragma: no cover
-    return hv ^ (hv >> s3)  # pragma: no cover
+def murmur3_fmix(hv: np.ndarray, width: int) -> np.ndarray:
+    """MurmurHash3's finaliser on a uint{width} array [S] (width 32 or 64), element-wise.
+
+    A bijection on [0, 2^width) that avalanches every input bit; datasketch's ``affine32`` and
+    ``affine64`` schemes apply it to each shingle hash before the permutations ``a * h + b``.
+    Multiplication wraps modulo 2^width, as intended. Bit-identical to datasketch's own copy
+    (tested in test_minhash.py).
+    """
+    s1, m1, s2, m2, s3 = _FMIX[width]
+    hv = hv ^ (hv >> s1)
+    hv = hv * m1
+    hv = hv ^ (hv >> s2)
+    hv = hv * m2
+    return hv ^ (hv >> s3)
 
 
 # --------------------------------------------------------------------------------------------
@@ -214,7 +216,7 @@ def _permute_t(hv: np.ndarray, perms: np.ndarray, scheme: str, out: np.ndarray) 
         phv = (a[:, None] * hv.astype(np.uint64)[None, :] + b[:, None]) % _MERSENNE_PRIME
         return np.bitwise_and(phv, _MAX_HASH32, out=out[:, :s])
     width = 32 if scheme == "affine32" else 64
-    mixed = _fmix(hv, width)
+    mixed = murmur3_fmix(hv, width)
     phv = np.multiply(a[:, None], mixed[None, :], out=out[:, :s])
     phv += b[:, None]
     return phv

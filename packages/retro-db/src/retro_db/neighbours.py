@@ -12,8 +12,10 @@ Resumable: work is done in shards written to ``out_dir/parts/pNNNNN/`` (a ``done
 restart skips complete parts. ``parts/params.json`` records the run's parameters (k, shard_chunks,
 the corpus kind, the database manifest's sha256): a restart with other ones is refused. The run
 holds the writer lock on ``out_dir/.lock`` (a second run on the same output fails at once), and the
-database is verified (sha256 of every file, read once) before anything is computed from it. The final arrays are assembled from the parts (temporary name, fsync,
-rename), ``manifest.json`` is written last, then the parts are removed.
+database is verified (sha256 of every file, read once) before anything is computed from it. The
+final arrays are assembled from the parts (``manifest.atomic_file``: temporary name, fsync,
+rename), ``manifest.json`` is written last, then the parts are removed. The Ray engine
+(distributed.py) is handed :func:`run_part`, the work of one part.
 """
 
 from __future__ import annotations
@@ -29,19 +31,21 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from .build import _doc_fingerprint, iter_documents, writer_lock
 from .chunks import chunk_document
 from .database import Database
+from .distributed import check_engine, ray_part_runner
 from .manifest import (
     MANIFEST_NAME,
     DatabaseError,
+    atomic_file,
     atomic_save_npy,
     atomic_write_json,
     file_entry,
-    fsync_dir,
     read_json,
     remove_stale_temp_files,
+    writer_lock,
 )
+from .shards import iter_documents, update_source_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -142,7 +146,7 @@ def _corpus_jobs(
             doc = next(docs, None)
             if doc is None:
                 raise DatabaseError(f"{parts / f'p{p:05d}'}: the corpus now holds fewer documents")
-            _doc_fingerprint(h, doc)
+            update_source_fingerprint(h, doc)
         if h.hexdigest() != info["source_sha256"]:
             raise DatabaseError(
                 f"{parts / f'p{p:05d}' / 'done.json'}: left by a run over another corpus; "
@@ -166,7 +170,7 @@ def _corpus_jobs(
                 break
             consumed += 1
             bar.update(1)
-            _doc_fingerprint(h, doc)
+            update_source_fingerprint(h, doc)
             ids = db.tokenizer.encode(doc.text)
             if not ids:
                 continue
@@ -235,18 +239,14 @@ def run_part(db: Database, d: Path, job: dict[str, Any], k: int, batch_size: int
 def _concat(parts: list[Path], name: str, out: Path) -> None:
     arrays = [np.load(p / name, mmap_mode="r", allow_pickle=False) for p in parts]
     shape = (sum(len(a) for a in arrays), *arrays[0].shape[1:])
-    tmp = out.with_name(f".tmp-{out.name}")
-    mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=arrays[0].dtype, shape=shape)
-    i = 0
-    for a in arrays:
-        mm[i : i + len(a)] = a
-        i += len(a)
-    mm.flush()
-    del mm
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, out)
-    fsync_dir(out.parent)
+    with atomic_file(out) as tmp:
+        mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=arrays[0].dtype, shape=shape)
+        i = 0
+        for a in arrays:
+            mm[i : i + len(a)] = a
+            i += len(a)
+        mm.flush()
+        del mm
 
 
 def write_neighbours(
@@ -289,14 +289,10 @@ def write_neighbours(
     Returns:
         The manifest written (tokens [N, m], neighbours [N, k, r=2m], ...; see API.md).
     """
-    from .distributed import check_engine
-
     check_engine(engine, address, num_cpus, "neighbours")
     runner = _run_parts
     if engine == "ray":
-        from .distributed import ray_part_runner
-
-        runner = ray_part_runner(Path(out_dir), progress, address, num_cpus, threads)
+        runner = ray_part_runner(Path(out_dir), progress, address, num_cpus, threads, run_part)
     if not isinstance(db, Database):
         db = Database.open(db, threads=threads if engine == "local" else None)
     if verify:

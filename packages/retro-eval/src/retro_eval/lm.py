@@ -41,10 +41,10 @@ from tqdm.auto import tqdm
 from retro_core.retrieval import Neighbours
 
 from .perplexity import (
-    _check_retriever_for,
-    _has_retrieval,
-    _model_device,
-    _model_geometry,
+    check_retriever_for,
+    has_retrieval,
+    model_device,
+    model_geometry,
     retrieve_document_neighbours,
     score_token_documents,
     shuffle_document_neighbours,
@@ -56,8 +56,16 @@ logger = logging.getLogger(__name__)
 __all__ = ["RetroLM", "parse_bool", "parse_retrieval"]
 
 
-def parse_bool(value: Any) -> bool:
-    """Parse an lm-eval model-arg boolean (``true/false``, ``on/off``, ``1/0``, ``yes/no``)."""
+def parse_bool(value: Any, name: str = "retrieval") -> bool:
+    """Parse an lm-eval model-arg boolean (``true/false``, ``on/off``, ``1/0``, ``yes/no``).
+
+    Args:
+        value: the argument's value (a bool, or a string as lm-eval passes it).
+        name: the argument's name, for the error message.
+
+    Raises:
+        ValueError: ``"<name>=<value>: expected on/off (true/false)"``.
+    """
     if isinstance(value, bool):
         return value
     s = str(value).strip().lower()
@@ -65,7 +73,7 @@ def parse_bool(value: Any) -> bool:
         return True
     if s in {"0", "false", "off", "no", "n", "none"}:
         return False
-    raise ValueError(f"retrieval={value!r}: expected on/off (true/false)")
+    raise ValueError(f"{name}={value!r}: expected on/off (true/false)")
 
 
 def parse_retrieval(value: Any) -> str:
@@ -237,11 +245,11 @@ class RetroLM(LM):
 
             retriever = Database.open(str(database))
         if self.retrieval and retriever is not None:
-            if not _has_retrieval(self.model):
+            if not has_retrieval(self.model):
                 raise ValueError("RetroLM: the checkpoint has no CCA layers: use retrieval=off")
-            _check_retriever_for(self.model, retriever)
+            check_retriever_for(self.model, retriever)
         self.retriever = retriever if self.retrieval else None
-        if self.retrieval and self.retriever is None and _has_retrieval(self.model):
+        if self.retrieval and self.retriever is None and has_retrieval(self.model):
             if self.retrieval_mode == "shuffled":
                 raise ValueError("RetroLM: retrieval=shuffled needs a database")
             logger.warning("RetroLM: no database given: evaluating RETRO[OFF]")
@@ -252,7 +260,7 @@ class RetroLM(LM):
                 f"RetroLM: tokenizer {have!r} but the checkpoint was trained with {want!r}: "
                 "pass model arg tokenizer=<its directory>"
             )
-        n, m, r, pad = _model_geometry(self.model)
+        n, m, r, pad = model_geometry(self.model)
         self.n, self.m, self.r, self.pad_id = n, m, r, pad
         self.k = _int_or_none(k, "k") or int(self.model.config.num_neighbours)
         self.max_length = _int_or_none(max_length, "max_length") or n
@@ -310,7 +318,7 @@ class RetroLM(LM):
 
     @property
     def device(self) -> torch.device:
-        return _model_device(self.model)
+        return model_device(self.model)
 
     def tok_encode(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text))
@@ -477,7 +485,7 @@ class RetroLM(LM):
             until = [until]
         max_new = int(gen_kwargs.pop("max_gen_toks", self.max_gen_toks))
         temperature = float(gen_kwargs.pop("temperature", 0.0) or 0.0)
-        if not parse_bool(gen_kwargs.pop("do_sample", False)):
+        if not parse_bool(gen_kwargs.pop("do_sample", False), "do_sample"):
             temperature = 0.0
         max_new = max(1, min(max_new, self.n - self.m))
         budget = (self.n - max_new) // self.m * self.m

@@ -50,6 +50,10 @@ __all__ = [
     "DocumentNeighbours",
     "ScoreResult",
     "Window",
+    "check_retriever_for",
+    "has_retrieval",
+    "model_device",
+    "model_geometry",
     "plan_windows",
     "retrieve_document_neighbours",
     "score_documents",
@@ -431,8 +435,17 @@ class ScoreResult:
         }
 
 
-def _model_geometry(model: torch.nn.Module) -> tuple[int, int, int, int]:
-    """(n, m, r, pad_id) of a retro_core model."""
+def model_geometry(model: torch.nn.Module) -> tuple[int, int, int, int]:
+    """The geometry a retrieval LM is scored with: (n, m, r, pad_id).
+
+    Args:
+        model: a retro_core model (``Retro`` or ``RetrofittedLM``): anything with a ``config``
+            holding ``max_seq_len``, ``chunk_size`` and optionally ``neighbour_len`` and ``pad_id``.
+
+    Returns:
+        n (``max_seq_len``, the longest sequence), m (``chunk_size``), r (``neighbour_len``,
+        default 2m: a neighbour chunk plus its continuation) and the pad id (default 0).
+    """
     cfg = model.config
     m = int(cfg.chunk_size)
     r = int(cfg.neighbour_len) if getattr(cfg, "neighbour_len", None) else 2 * m
@@ -443,7 +456,7 @@ def default_window_stride(
     model: torch.nn.Module, window: int | None, stride: int | None
 ) -> tuple[int, int]:
     """Resolve (n, s): n defaults to the model's max_seq_len, s to n/2 rounded down to a multiple of m."""
-    n_max, m, _, _ = _model_geometry(model)
+    n_max, m, _, _ = model_geometry(model)
     n = int(window) if window else n_max
     if n > n_max:
         raise ValueError(f"window={n} is longer than the model's max_seq_len={n_max}")
@@ -460,7 +473,8 @@ def default_window_stride(
     return n, s
 
 
-def _model_device(model: torch.nn.Module) -> torch.device:
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device of ``model``'s first parameter (the CPU for a model without parameters)."""
     try:
         return next(model.parameters()).device
     except StopIteration:
@@ -511,8 +525,8 @@ def score_token_documents(
         ScoreResult with per-chunk bits, bytes, tokens and (RETRO[ON]) neighbours.
     """
     n, s = default_window_stride(model, window, stride)
-    _, m, r, pad_id = _model_geometry(model)
-    device = _model_device(model)
+    _, m, r, pad_id = model_geometry(model)
+    device = model_device(model)
     docs = [list(map(int, d)) for d in token_documents]
     for i, d in enumerate(docs):
         if not d:
@@ -640,20 +654,30 @@ def _prefix_id(tokenizer: Any, model: torch.nn.Module) -> int:
     if eos is None:
         eos = getattr(tokenizer, "eos_token_id", None)
     if eos is None:
-        eos = _model_geometry(model)[3]
+        eos = model_geometry(model)[3]
     return int(eos)
 
 
-def _check_retriever_for(model: torch.nn.Module, retriever: Any) -> None:
+def check_retriever_for(model: torch.nn.Module, retriever: Any) -> None:
+    """Refuse a retriever whose chunk size m or tokenizer differs from ``model``'s.
+
+    Raises:
+        RetrieverMismatchError: (from ``retro_core.retrieval.check_retriever``) naming what differs.
+    """
     cfg = model.config
     check_retriever(
         retriever, chunk_size=int(cfg.chunk_size), tokenizer_id=getattr(cfg, "tokenizer_id", None)
     )
 
 
-def _has_retrieval(model: torch.nn.Module) -> bool:
+def has_retrieval(model: torch.nn.Module) -> bool:
+    """Whether ``model`` reads neighbours: its config names at least one CCA layer.
+
+    False for a decoder-only baseline (``cca_layers=()``) and for a model whose config has no
+    ``cca_layers`` at all (a plain language model).
+    """
     cca = getattr(model.config, "cca_layers", None)
-    return cca is None or len(tuple(cca)) > 0
+    return cca is not None and len(tuple(cca)) > 0
 
 
 def score_documents(
@@ -690,16 +714,16 @@ def score_documents(
         if not d:
             raise ValueError(f"document {i} is empty after tokenisation")
     if retriever is not None and neighbours is None:
-        if not _has_retrieval(model):
+        if not has_retrieval(model):
             raise ValueError("the model has no CCA layers (a decoder-only baseline): no retriever")
-        _check_retriever_for(model, retriever)
+        check_retriever_for(model, retriever)
         kk = int(k) if k else int(model.config.num_neighbours)
         neighbours = retrieve_document_neighbours(
             retriever,
             token_docs,
             chunk_size=int(model.config.chunk_size),
             k=kk,
-            pad_id=_model_geometry(model)[3],
+            pad_id=model_geometry(model)[3],
             progress=progress,
         )
     elif neighbours is not None and k:
@@ -732,7 +756,7 @@ def sweep_k(
     """RETRO[ON] scores for each k in ``ks``, retrieving once with max(ks) neighbours per chunk."""
     if not ks:
         raise ValueError("sweep_k: empty list of k")
-    _check_retriever_for(model, retriever)
+    check_retriever_for(model, retriever)
     token_docs = [tokenizer.encode(t) for t in documents]
     for i, d in enumerate(token_docs):
         if not d:
@@ -742,7 +766,7 @@ def sweep_k(
         token_docs,
         chunk_size=int(model.config.chunk_size),
         k=max(ks),
-        pad_id=_model_geometry(model)[3],
+        pad_id=model_geometry(model)[3],
         progress=progress,
     )
     out = {}

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .perplexity import _check_retriever_for, _has_retrieval, _model_geometry
+from .perplexity import check_retriever_for, has_retrieval, model_geometry
 
 logger = logging.getLogger(__name__)
 
@@ -118,10 +118,10 @@ def answer_questions(
     if not examples:
         raise ValueError("QA benchmark has no questions")
     if retriever is not None:
-        if not _has_retrieval(model):
+        if not has_retrieval(model):
             raise ValueError("the model has no CCA layers (a decoder-only baseline): no retriever")
-        _check_retriever_for(model, retriever)
-    n, m, _, pad_id = _model_geometry(model)
+        check_retriever_for(model, retriever)
+    n, m, _, pad_id = model_geometry(model)
     kk = int(k) if k else int(model.config.num_neighbours)
     max_new = max(1, min(int(max_new_tokens), n - m))
     budget = (n - max_new) // m * m

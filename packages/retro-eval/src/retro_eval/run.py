@@ -64,6 +64,7 @@ import numpy as np
 
 from .perplexity import (
     ScoreResult,
+    check_retriever_for,
     retrieve_document_neighbours,
     score_token_documents,
     shuffle_document_neighbours,
@@ -702,7 +703,6 @@ def _eval_qa(
     tokenizer: Any,
     times: dict,
 ) -> dict[str, Any]:
-    from .perplexity import _check_retriever_for
     from .qa import answer_questions
 
     if not bench.examples:
@@ -724,7 +724,7 @@ def _eval_qa(
                     int(retro.config.chunk_size),
                 )
         qa_db = _open_database(db_path)
-        _check_retriever_for(retro, qa_db)
+        check_retriever_for(retro, qa_db)
     models = {}
     common = dict(max_new_tokens=cfg.max_new_tokens, progress=False)
     if qa_db is not None:
@@ -756,7 +756,6 @@ def run_evaluation(cfg: RunConfig | str | Path) -> dict[str, Any]:
     """
     from retro_core.loading import load_model
 
-    from .perplexity import _check_retriever_for
     from .report import render_report
 
     if not isinstance(cfg, RunConfig):
@@ -795,7 +794,7 @@ def run_evaluation(cfg: RunConfig | str | Path) -> dict[str, Any]:
                 cfg.output.mkdir(parents=True, exist_ok=True)
                 (cfg.output / "dedup.json").write_text(json.dumps(dedup_report, indent=1))
         db = _open_database(spec.path)
-        _check_retriever_for(retro, db)
+        check_retriever_for(retro, db)
     if tokenizer is None:
         if cfg.tokenizer is None and db is not None:
             tokenizer = db.tokenizer

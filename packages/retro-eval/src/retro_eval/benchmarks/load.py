@@ -13,7 +13,7 @@ from ._io import iter_jsonl, strip_compression
 from .pile import pile_documents, read_pile
 from .qa import nq_open_examples, read_nq_open, read_passages, read_squad, squad_flat_examples
 from .types import Benchmark, BenchmarkError, canonical_split
-from .wikitext import WIKITEXT_FILES, _rows_to_lines, read_wikitext, wikitext_documents
+from .wikitext import WIKITEXT_FILES, read_wikitext, rows_to_lines, wikitext_documents
 
 __all__ = ["HUB_BENCHMARKS", "HubSpec", "load_benchmark", "read_qa_dir"]
 
@@ -230,7 +230,7 @@ def _from_hub(
     if spec.kind == "wikitext":
         if "text" not in ds.column_names:
             raise BenchmarkError(f"{name}: {source} has no column 'text' (has {ds.column_names})")
-        docs = wikitext_documents(_rows_to_lines(ds["text"]), detokenize=detokenize, source=source)
+        docs = wikitext_documents(rows_to_lines(ds["text"]), detokenize=detokenize, source=source)
         bench = Benchmark(name, canon, "lm", documents=docs, source=source)
     elif spec.kind == "pile":
         bench = Benchmark(

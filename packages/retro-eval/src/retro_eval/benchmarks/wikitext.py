@@ -25,6 +25,7 @@ __all__ = [
     "WIKITEXT_FILES",
     "is_title_line",
     "read_wikitext",
+    "rows_to_lines",
     "split_articles",
     "wikitext_detokenize",
     "wikitext_documents",
@@ -124,7 +125,9 @@ def wikitext_documents(
     return docs
 
 
-def _rows_to_lines(rows: Iterable[str | None]) -> Iterable[str]:
+def rows_to_lines(rows: Iterable[str | None]) -> Iterable[str]:
+    """Wikitext rows as exported by ``datasets`` (one line each, blank lines as ``""`` or None)
+    -> the lines of the raw file, each ending in ``\\n`` (a blank line as ``" \\n"``)."""
     for row in rows:
         if not row:  # the datasets export stores blank lines as ""
             yield " \n"
@@ -187,7 +190,7 @@ def read_wikitext(
     lines: list[str] = []
     for f in files:
         if strip_compression(f.name).endswith(".parquet"):
-            lines.extend(_rows_to_lines(_parquet_rows(f)))
+            lines.extend(rows_to_lines(_parquet_rows(f)))
         else:
             with open_text(f) as fh:
                 lines.extend(fh)
