@@ -25,13 +25,14 @@ from retro_db.manifest import DatabaseError
 
 @pytest.fixture(scope="module")
 def keys(load_records):
-    """Keys of ~3000 real text windows (Moby Dick + Wikipedia), hashing embedder d=48."""
+    """Keys of 3000 real text windows of 30 words (Moby Dick + Wikipedia), hashing embedder d=48."""
     set_threads(1)
-    recs = load_records("books/moby_dick.jsonl", 40, max_chars=20000)
-    recs += load_records("wikipedia/gensim_enwiki_sample.jsonl", 30, max_chars=20000)
+    recs = load_records("moby_dick", 40, max_chars=8000)
+    recs += load_records("wikipedia", 48, max_chars=8000)
     words = " ".join(r["text"] for r in recs).split()
-    windows = [" ".join(words[i : i + 40]) for i in range(0, len(words) - 40, 40)][:3000]
-    return HashingEmbedder(48).embed_texts(windows)
+    windows = [" ".join(words[i : i + 30]) for i in range(0, len(words) - 30, 30)]
+    assert len(windows) >= 3000, len(windows)
+    return HashingEmbedder(48).embed_texts(windows[:3000])
 
 
 def test_default_factory_by_size():
