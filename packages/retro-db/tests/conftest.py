@@ -16,7 +16,7 @@ import pytest
 # Small real texts committed beside the tests (see data/README.md: sources and licences).
 DATA = _Path(__file__).resolve().parent / "data"
 #: fixture name -> (records in the file, characters each text was cut to); see data/cut.py
-FIXTURES = {"wikipedia": (48, 8000), "moby_dick": (40, 8000)}
+FIXTURES = {"wikipedia": (48, 10000), "moby_dick": (40, 10000)}
 
 
 def real_records(name: str, n: int, max_chars: int = 1500) -> list[dict]:

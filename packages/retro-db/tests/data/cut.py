@@ -16,8 +16,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 #: fixture name -> (source file under --data, records, max characters of each text)
 FIXTURES = {
-    "wikipedia": ("wikipedia/gensim_enwiki_sample.jsonl", 48, 8000),
-    "moby_dick": ("books/moby_dick.jsonl", 40, 8000),
+    "wikipedia": ("wikipedia/gensim_enwiki_sample.jsonl", 48, 10000),
+    "moby_dick": ("books/moby_dick.jsonl", 40, 10000),
 }
 
 
