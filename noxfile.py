@@ -70,8 +70,11 @@ def retro_core(session: nox.Session) -> None:
 
 @nox.session
 def retro_db(session: nox.Session) -> None:
-    """retro-db with its [embed] and [ray] extras, and its own tests (Ray on a local 2-CPU cluster)."""
-    install(session, f"{DB}[embed,fast,ray,test]", "sentence-transformers")
+    """retro-db with its [embed] and [ray] extras, and its own tests (Ray on a local 2-CPU cluster).
+
+    sentence-transformers and datasets are references the tests compare against.
+    """
+    install(session, f"{DB}[embed,fast,ray,test]", "sentence-transformers", "datasets")
     pytest(session, "packages/retro-db/tests")
 
 
