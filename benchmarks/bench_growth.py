@@ -231,11 +231,11 @@ def main() -> int:
     figures["estimated_minilm_build_chunks_per_s"] = round(1 / (1 / pipe + 1 / enc_rate), 1)
     thr = r4["chunks_per_s"] / r1["chunks_per_s"]
     mem = r4["build_peak_rss_mb"] / r1["build_peak_rss_mb"]
-    inc = (r4["build_peak_rss_mb"] - r4["baseline_rss_mb"]) / (
-        r1["build_peak_rss_mb"] - r1["baseline_rss_mb"]
-    )
+    above1 = r1["build_peak_rss_mb"] - r1["baseline_rss_mb"]
+    # a small 1x (--quick on the shipped packs) may never rise above the baseline: no ratio then
+    inc = (r4["build_peak_rss_mb"] - r4["baseline_rss_mb"]) / above1 if above1 > 0 else None
     index_mb = {s: r["index_bytes_per_chunk"] * r["chunks"] / 2**20 for s, r in runs.items()}
-    figures["4x/1x peak RSS above baseline"] = round(inc, 3)
+    figures["4x/1x peak RSS above baseline"] = round(inc, 3) if inc is not None else None
     figures["4x/1x peak RSS minus the in-RAM index"] = round(
         (r4["build_peak_rss_mb"] - index_mb[4]) / (r1["build_peak_rss_mb"] - index_mb[1]), 3
     )
@@ -271,7 +271,12 @@ def main() -> int:
         f"{figures['estimated_minilm_build_chunks_per_s']} chunks/s, encoder-bound.",
         f"The Flat index holds every float32 key in RAM while it is built and written "
         f"({index_mb[1]:.0f} MB at 1x, {index_mb[4]:.0f} MB at 4x); peak RSS above the baseline "
-        f"grows {inc:.2f}x from 1x to 4x (faiss grows the Flat vector by reallocation, so the "
+        + (
+            f"grows {inc:.2f}x from 1x to 4x"
+            if inc is not None
+            else "is 0 at 1x (too little text to measure its growth)"
+        )
+        + " (faiss grows the Flat vector by reallocation, so the "
         "transient peak is up to ~2-3x the index).",
     ]
     result = {"name": "growth", "figures": figures, "ratios": ratios, "notes": notes}
