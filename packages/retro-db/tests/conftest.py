@@ -7,22 +7,37 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
 # ---- shared fixtures of the database tests (db-A) --------------------------------------------
+import gzip as _gzip
 import json as _json
 from pathlib import Path as _Path
 
 import pytest
 
-# ../shared/data beside the clone (CI checks ../shared out next to the repository).
-DATA = _Path(__file__).resolve().parents[3].parent / "shared" / "data"
+# Small real texts committed beside the tests (see data/README.md: sources and licences).
+DATA = _Path(__file__).resolve().parent / "data"
+#: fixture name -> (records in the file, characters each text was cut to); see data/cut.py
+FIXTURES = {"wikipedia": (48, 10000), "moby_dick": (40, 10000)}
 
 
-def real_records(rel: str, n: int, max_chars: int = 1500) -> list[dict]:
-    """The first n records of a JSONL file under shared/data, texts cut to max_chars."""
-    path = DATA / rel
+def real_records(name: str, n: int, max_chars: int = 1500) -> list[dict]:
+    """The first n records of the fixture ``data/<name>.jsonl.gz``, texts cut to max_chars.
+
+    Asking for more records or characters than the fixture holds is an error (cut a bigger fixture
+    with data/cut.py), and so is a missing file: the tests never skip for lack of data.
+    """
+    if name not in FIXTURES:
+        raise ValueError(f"unknown fixture {name!r}: expected one of {sorted(FIXTURES)}")
+    records, chars = FIXTURES[name]
+    if n > records or max_chars > chars:
+        raise ValueError(
+            f"{name}: asked {n} records of {max_chars} characters; the fixture holds "
+            f"{records} of at most {chars}"
+        )
+    path = DATA / f"{name}.jsonl.gz"
     if not path.is_file():
-        pytest.skip(f"{path} not found (shared/data must sit beside the clone)")
+        pytest.fail(f"test data {path} is missing (it is committed with the tests)")
     out = []
-    with open(path, encoding="utf-8") as f:
+    with _gzip.open(path, "rt", encoding="utf-8") as f:
         for line in f:
             rec = _json.loads(line)
             if isinstance(rec.get("text"), str):
@@ -40,7 +55,7 @@ def wiki_docs():
 
     return [
         Document(r["title"], r["text"], {"pageid": r["pageid"]})
-        for r in real_records("wikipedia/gensim_enwiki_sample.jsonl", 14)
+        for r in real_records("wikipedia", 14)
     ]
 
 
@@ -64,5 +79,5 @@ def small_db(tmp_path_factory, wiki_docs):
 
 @pytest.fixture(scope="session")
 def load_records():
-    """The ``real_records(rel, n, max_chars)`` helper as a fixture (test modules can't import conftest)."""
+    """The ``real_records(name, n, max_chars)`` helper as a fixture (test modules can't import conftest)."""
     return real_records

@@ -42,14 +42,6 @@ def test_metadata(db, wiki_docs):
     assert db.document_index("no such title") == -1
 
 
-def test_satisfies_retro_core_retriever(db):
-    retrieval = pytest.importorskip("retro_core.retrieval")
-    assert isinstance(db, retrieval.Retriever)
-    retrieval.check_retriever(db, chunk_size=16, tokenizer_id=load_tokenizer().id)
-    nb = db.retrieve(db.chunk_tokens([0, 1])[0], 2)
-    retrieval.Neighbours(nb.tokens, nb.lengths, nb.chunk_ids, nb.distances, nb.pad_id)
-
-
 def test_retrieve_equals_brute_force(db):
     ids = np.arange(0, db.num_chunks, 7)
     tokens, lengths = db.chunk_tokens(ids)

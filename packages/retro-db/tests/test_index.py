@@ -25,12 +25,14 @@ from retro_db.manifest import DatabaseError
 
 @pytest.fixture(scope="module")
 def keys(load_records):
-    """Keys of ~3000 real text windows (Moby Dick + Wikipedia), hashing embedder d=48."""
+    """Keys of ~2750 real text windows of 40 words (Moby Dick + Wikipedia), hashing embedder d=48
+    (at least 39 x 64 for the IVF64 training below)."""
     set_threads(1)
-    recs = load_records("books/moby_dick.jsonl", 40, max_chars=20000)
-    recs += load_records("wikipedia/gensim_enwiki_sample.jsonl", 30, max_chars=20000)
+    recs = load_records("moby_dick", 40, max_chars=10000)
+    recs += load_records("wikipedia", 48, max_chars=10000)
     words = " ".join(r["text"] for r in recs).split()
-    windows = [" ".join(words[i : i + 40]) for i in range(0, len(words) - 40, 40)][:3000]
+    windows = [" ".join(words[i : i + 40]) for i in range(0, len(words) - 40, 40)]
+    assert len(windows) >= 39 * 64, len(windows)
     return HashingEmbedder(48).embed_texts(windows)
 
 

@@ -1,4 +1,4 @@
-"""Streaming readers on packs made from real text (shared/data), and their bad-record handling."""
+"""Streaming readers on packs made from real text (tests/data), and their bad-record handling."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from retro_db.ingest import (
 
 @pytest.fixture(scope="module")
 def articles(load_records):
-    return load_records("wikipedia/gensim_enwiki_sample.jsonl", 5, max_chars=800)
+    return load_records("wikipedia", 5, max_chars=800)
 
 
 def _write_jsonl(path, records):

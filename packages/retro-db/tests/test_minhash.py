@@ -28,9 +28,6 @@ try:
 except ImportError:  # the [fast] extra is not installed: only the numpy backend
     BACKENDS_HERE = ["numpy"]
 
-DATA = Path("/work/shared/data")
-WIKI = DATA / "wikipedia" / "gensim_enwiki_sample.jsonl"
-
 
 def datasketch_signature(tokens, num_perm=128, seed=1, ngram=13, scheme="affine32"):
     m = MinHash(num_perm=num_perm, seed=seed, scheme=scheme)
@@ -208,18 +205,13 @@ def test_signatures_on_real_text_bit_identical_to_datasketch(gpt2, scheme):
 
 
 @pytest.fixture(scope="module")
-def articles():
-    if not WIKI.exists():
-        pytest.skip(f"{WIKI} not present")
-    out = []
-    with WIKI.open(encoding="utf-8") as f:
-        for line in f:
-            text = json.loads(line)["text"]
-            if 2000 < len(text) < 20000:
-                out.append(text[:6000])
-            if len(out) == 24:
-                break
-    return out
+def articles(load_records):
+    """24 real Wikipedia articles of more than 2000 characters, cut to 6000."""
+    out = [
+        r["text"] for r in load_records("wikipedia", 48, max_chars=6000) if len(r["text"]) > 2000
+    ]
+    assert len(out) >= 24, len(out)
+    return out[:24]
 
 
 def change_words(text, every):

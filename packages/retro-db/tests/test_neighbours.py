@@ -80,15 +80,6 @@ def test_self_dataset_format_exactly(db, tmp_path):
     )
 
 
-def test_retro_core_reads_it(db, tmp_path):
-    data = pytest.importorskip("retro_core.data")
-    pytest.importorskip("torch")
-    out = tmp_path / "ds"
-    write_neighbours(db, None, out, k=2, progress=False)
-    ds = data.RetroDataset(out, seq_chunks=4, verify=True)
-    assert len(ds) > 0
-
-
 def test_corpus_mode_excludes_same_named_database_document(db, wiki_docs, tmp_path):
     out = tmp_path / "ds"
     corpus = wiki_docs[8:14]  # 8, 9 are in the database; 10..13 are not

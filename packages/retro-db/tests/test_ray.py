@@ -46,7 +46,7 @@ def cluster():
 
 @pytest.fixture(scope="module")
 def docs(load_records):
-    recs = load_records("wikipedia/gensim_enwiki_sample.jsonl", 48)
+    recs = load_records("wikipedia", 48)
     out = [Document(r["title"], r["text"], {"pageid": r["pageid"]}) for r in recs[:40]]
     out.insert(7, Document("empty", "", {}))  # no tokens: skipped, takes no document index
     return out, [Document(r["title"], r["text"], {}) for r in recs[40:]]

@@ -19,8 +19,8 @@ TRICKY = [
 
 @pytest.fixture(scope="module")
 def texts(load_records):
-    recs = load_records("wikipedia/gensim_enwiki_sample.jsonl", 20, max_chars=3000)
-    recs += load_records("books/moby_dick.jsonl", 5, max_chars=3000)
+    recs = load_records("wikipedia", 20, max_chars=3000)
+    recs += load_records("moby_dick", 5, max_chars=3000)
     return [r["text"] for r in recs] + TRICKY
 
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Rebuild the mini benchmark packs of retro-eval from the project's shared real text.
 
-Reads ``<data>/`` (default: ``../shared/data`` next to the repository, see its SOURCES.md) and writes
+Reads ``--data DIR`` (required: the project's raw real-text folder, ~20 MB, described by its
+SOURCES.md; it is not part of the repository) and writes
 ``packages/retro-eval/src/retro_eval/packs/{wikitext-mini,pile-mini,squad-open-mini}``. The output is
 deterministic: same inputs -> byte-identical files (sorted hashes pick the splits, gzip/zstd headers carry
 no time stamps, the DM Mathematics generator is seeded).
@@ -12,7 +13,8 @@ Mathematics subset; without it that subset is left out and the script says so).
 
 Usage::
 
-    python packages/retro-eval/scripts/build_packs.py [--data /work/shared/data] [--out DIR] [--check]
+    python packages/retro-eval/scripts/build_packs.py --data DIR [--out DIR] [--check]
+    nox -s packs_check -- --data DIR      # the same --check in a venv with the [packs] extra
 
 ``--check`` rebuilds into a temporary directory and fails if any file differs from the committed one.
 """
@@ -39,7 +41,6 @@ import zstandard
 logger = logging.getLogger("build_packs")
 
 REPO = Path(__file__).resolve().parents[3]
-DEFAULT_DATA = REPO.parent / "shared" / "data"
 DEFAULT_OUT = REPO / "packages" / "retro-eval" / "src" / "retro_eval" / "packs"
 
 # Size knobs (characters of source text); the packs must stay a few MB in git.
@@ -447,7 +448,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="the shared data directory")
+    parser.add_argument(
+        "--data", type=Path, required=True, help="the raw real-text folder (with its SOURCES.md)"
+    )
     parser.add_argument(
         "--out", type=Path, default=DEFAULT_OUT, help="the packs directory to write"
     )
@@ -462,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     if not (args.data / "SOURCES.md").is_file():
-        parser.error(f"{args.data}: not the shared data directory (no SOURCES.md)")
+        parser.error(f"{args.data}: not the raw real-text folder (no SOURCES.md)")
     if args.check:
         with tempfile.TemporaryDirectory() as tmp:
             build_all(args.data, Path(tmp))

@@ -285,26 +285,3 @@ def test_unknown_names_and_offline_hub(tmp_path):
     with pytest.raises(BenchmarkError, match=r"^wikitext-103: cannot load split 'test'") as err:
         load_benchmark("wikitext-103", "test", cache_dir=tmp_path)
     assert "\n" not in str(err.value)
-
-
-@pytest.mark.slow
-def test_build_packs_rebuilds_the_committed_packs_byte_for_byte():
-    """scripts/build_packs.py --check: the committed packs equal a rebuild from shared/data."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    pytest.importorskip("sacremoses")
-    pytest.importorskip("mathematics_dataset")
-    script = Path(__file__).resolve().parents[1] / "scripts" / "build_packs.py"
-    data = Path(__file__).resolve().parents[4] / "shared" / "data"
-    if not (data / "SOURCES.md").is_file():
-        pytest.skip(f"no shared data at {data}")
-    proc = subprocess.run(
-        [sys.executable, str(script), "--check", "--data", str(data)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert "byte-identical" in proc.stdout

@@ -113,7 +113,19 @@ def test_em_f1_come_from_squad_metrics():
     assert em == 1.0 and f1 == 1.0
     em, f1 = qa._em_f1("tower in paris", ["eiffel tower"])
     assert em == 0.0 and 0 < f1 < 1
-    assert metrics is not None
+    # the same numbers as retro_eval.metrics (SQuAD v1.1's official scoring), case by case
+    cases = [
+        ("The  Eiffel tower!", ["eiffel tower", "paris"]),
+        ("tower in paris", ["eiffel tower"]),
+        ("an apple a day", ["the apple", "a pear"]),
+        ("", ["something"]),
+    ]
+    for pred, golds in cases:
+        assert qa._em_f1(pred, golds) == (
+            float(metrics.exact_match(pred, golds)),
+            float(metrics.f1(pred, golds)),
+        ), pred
+    assert qa._em_f1("tower in paris", ["eiffel tower"])[1] == pytest.approx(0.4)
 
 
 def test_empty_and_mismatched_inputs():

@@ -275,4 +275,6 @@ def test_run_errors_are_one_line(setup, capsys):
     _jsonl(empty / "test.jsonl", [])
     assert main(["run", "--config", str(_config(root, benchmarks=["empty"], output="o5"))]) == 2
     assert "empty" in capsys.readouterr().err
-    assert np is not None
+    # a failed run leaves no results behind (outputs resolve under root, as in the end-to-end test)
+    for out in ("o1", "o2", "o3", "o4", "o5"):
+        assert not (root / out / "results.json").exists(), out
