@@ -65,11 +65,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     d.add_argument(
         "--scale",
-        choices=["retrofit", "retrofit-tiny", "tiny", "small", "full"],
-        default="retrofit",
-        help="retrofit (default): RETRO-fit the pretrained SmolLM2-135M, at most ~30 min on 2 CPU "
-        "cores; retrofit-tiny: the same in a few minutes; from scratch: tiny (a minute or two), "
-        "small (~20 min), full (all text, hours)",
+        choices=["small", "tiny", "full", "retrofit", "retrofit-tiny"],
+        default="small",
+        help="from scratch: small (default, ~20 min on 2 CPU cores), tiny (a minute or two), full "
+        "(all text, hours); retrofit: RETRO-fit the pretrained SmolLM2-135M (frozen), "
+        "retrofit-tiny: the same in a few minutes",
     )
     d.add_argument(
         "--run-dir", default="runs/demo", help="stage outputs and report (default %(default)s)"
