@@ -45,6 +45,26 @@ def main() -> None:
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(a.out, dpi=110)
+    for run in a.runs:  # the markdown table of each run, to stdout
+        print(table(run))
+
+
+def table(run: Path) -> str:
+    """Markdown rows: tokens, steps, then ON / shuffled / OFF bpb for each panel."""
+
+    def f(x: float | None) -> str:
+        return "n/a" if x is None else f"{x:.4f}"
+
+    recs = [json.loads(x) for x in (run / "curve.jsonl").read_text().splitlines() if x]
+    cols = [f"{t}: {m}" for _, t in PANELS for m in ("ON", "shuffled", "OFF")]
+    head = "| tokens | steps | " + " | ".join(cols) + " |"
+    lines = [f"{run.name}", "", head, "|" + " --- |" * (2 + 3 * len(PANELS))]
+    for r in recs:
+        cells = [f"{r['tokens']:,}", str(r["step"])]
+        for key, _ in PANELS:
+            cells += [f(r["on"][key]["bpb"]), f(r["shuffled"][key]["bpb"]), f(r["off"][key]["bpb"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

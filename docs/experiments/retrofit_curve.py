@@ -151,6 +151,12 @@ def main() -> None:
         help="share of the positions that read neighbours (t >= m-1) whose logits "
         "are computed in a step (random each step; the |V|-way read-out dominates)",
     )
+    ap.add_argument("--enc-input-norm", action="store_true", help="RetroConfig.enc_input_norm")
+    ap.add_argument(
+        "--zero-enc-cross",
+        action="store_true",
+        help="start the encoder's cross-attention to the decoder chunk at zero output",
+    )
     ap.add_argument("--bf16", action="store_true")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
@@ -206,9 +212,14 @@ def main() -> None:
         chunk_size=a.chunk_size,
         enc_layers=2,
         enc_d_model=a.enc_d_model,
+        enc_input_norm=a.enc_input_norm,
         pad_id=tok.pad_id,
         seed=a.seed,
     )
+    if a.zero_enc_cross:  # the encoder then starts from the neighbours' content alone
+        with torch.no_grad():
+            for blk in model.encoder.blocks:
+                blk.cross_attn.out_proj.weight.zero_()
     model.check_retriever(db)
 
     # evaluation set: wikitext-mini test, neighbours retrieved once; shuffled control; r(C) bins

@@ -630,3 +630,22 @@ def test_train_on_a_subset_of_sequences(tmp_path):
         train(model, _tc(sequences=(10_000,)), ds, tmp_path / "bad", progress=False)
     with pytest.raises(TrainError, match="sequences"):
         _tc(sequences=())
+
+
+def test_encoder_input_norm_gives_the_neighbours_unit_scale(tmp_path):
+    """enc_input_norm: the encoder's input has RMS 1 however small the frozen embeddings are."""
+    d = tmp_path / "tiny-llama"
+    _hf_model("llama").save_pretrained(str(d))
+    plain = retrofit(d, chunk_size=M, k=K, enc_layers=1, enc_d_model=16, seed=0)
+    assert not any("in_norm" in n for n in plain.new_state_dict())  # old checkpoints still load
+    model = retrofit(d, chunk_size=M, k=K, enc_layers=1, enc_d_model=16, enc_input_norm=True)
+    assert model.config.enc_input_norm and "encoder.in_norm.weight" in model.new_state_dict()
+    with torch.no_grad():  # SmolLM2's embedding scale: the projected input has RMS ~0.015
+        model.tok_emb.weight.normal_(0.0, 0.136, generator=torch.Generator().manual_seed(0))
+    seen = []
+    model.encoder.in_norm.register_forward_hook(lambda _m, _a, out: seen.append(out))
+    x, nb, _ = _inputs(2, 3 * M)
+    with torch.no_grad():
+        model(x, nb)
+    rms = seen[0].pow(2).mean(-1).sqrt()
+    torch.testing.assert_close(rms, torch.ones_like(rms), rtol=0.02, atol=0.02)

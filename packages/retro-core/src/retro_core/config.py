@@ -53,6 +53,10 @@ class RetroConfig:
     enc_d_model: int | None = None  # d', encoder width; None -> d
     enc_n_heads: int | None = None  # attention heads of the encoder; None -> n_heads
     enc_d_ff: int | None = None  # hidden width of the encoder FFW; None -> 4 d'
+    # RMS-normalise the encoder's input (the neighbours' token embeddings after the d -> d'
+    # projection). A retro-fitted base's frozen embeddings are small (SmolLM2: RMS 0.14) next to
+    # what the encoder's cross-attention to the decoder adds, which drowns the neighbours' content.
+    enc_input_norm: bool = False
     cca_layers: tuple[int, ...] | None = (
         None  # P, 1-indexed CCA layers; None -> default rule; () = baseline
     )

@@ -222,6 +222,7 @@ class Encoder(nn.Module):
         self.in_proj = (
             nn.Linear(cfg.d_model, de, bias=False) if de != cfg.d_model else nn.Identity()
         )
+        self.in_norm = nn.RMSNorm(de, eps=cfg.norm_eps) if cfg.enc_input_norm else nn.Identity()
         self.ctx_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.blocks = nn.ModuleList(EncoderBlock(cfg) for _ in range(cfg.enc_layers))
         self.norm_f = nn.RMSNorm(de, eps=cfg.norm_eps)
@@ -241,7 +242,7 @@ class Encoder(nn.Module):
         """
         B, U, k, r, d = emb.shape
         m = h_chunks.shape[2]
-        x = self.in_proj(emb).reshape(B * U * k, r, -1)  # (B·U·k, r, d')
+        x = self.in_norm(self.in_proj(emb)).reshape(B * U * k, r, -1)  # (B·U·k, r, d')
         ctx = self.ctx_norm(h_chunks).reshape(B * U, m, d)  # (B·U, m, d)
         km = mask.reshape(B * U * k, r)  # (B·U·k, r)
         km = km | ~km.any(-1, keepdim=True)  # an empty row attends to all of itself: finite, unused

@@ -512,6 +512,7 @@ def retrofit(
     enc_layers: int = 2,
     enc_d_model: int | None = None,
     enc_n_heads: int | None = None,
+    enc_input_norm: bool = False,
     dropout: float = 0.0,
     pad_id: int | None = None,
     tokenizer_id: str | None = None,
@@ -532,6 +533,7 @@ def retrofit(
         neighbour_len: r, tokens per neighbour; None -> 2m.
         enc_layers, enc_d_model, enc_n_heads: the new encoder (width d' defaults to the base's d;
             heads default to the base's, or to d' / head size when d' differs from d).
+        enc_input_norm: RMS-normalise the encoder's input (``RetroConfig.enc_input_norm``).
         dropout: dropout of the new modules.
         pad_id: id padding neighbours; None -> the base config's pad, else eos, else 0.
         tokenizer_id: id of the tokenizer the database must have; None -> computed from
@@ -600,6 +602,7 @@ def retrofit(
             enc_layers=enc_layers,
             enc_d_model=enc_d_model,
             enc_n_heads=enc_n_heads,
+            enc_input_norm=enc_input_norm,
             cca_layers=None if cca_layers is None else tuple(cca_layers),
             dropout=dropout,
             max_seq_len=int(getattr(hc, "max_position_embeddings", None) or 2048),
