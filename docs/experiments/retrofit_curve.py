@@ -157,6 +157,12 @@ def main() -> None:
         action="store_true",
         help="start the encoder's cross-attention to the decoder chunk at zero output",
     )
+    ap.add_argument(
+        "--qk-lr-mult",
+        type=float,
+        default=1.0,
+        help="learning rate multiplier of CCA's query and key projections",
+    )
     ap.add_argument("--bf16", action="store_true")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
@@ -280,7 +286,14 @@ def main() -> None:
     (out / "setup.json").write_text(json.dumps(setup, indent=1))
 
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=a.lr, weight_decay=0.0, betas=(0.9, 0.95))
+    qk = [
+        p
+        for name, p in model.named_parameters()
+        if p.requires_grad and (".cca.attn.q_proj." in name or ".cca.attn.k_proj." in name)
+    ]
+    rest = [p for p in params if all(p is not q for q in qk)]
+    groups = [{"params": rest, "mult": 1.0}, {"params": qk, "mult": a.qk_lr_mult}]
+    opt = torch.optim.AdamW(groups, lr=a.lr, weight_decay=0.0, betas=(0.9, 0.95))
     prefix: dict[int, torch.Tensor] = {}
     steps = math.ceil(a.tokens / (a.batch_size * n))
     evals, e = set(), a.eval_first
@@ -307,7 +320,7 @@ def main() -> None:
                 prefix[i] = h.to(torch.bfloat16)
         h = torch.stack([prefix[int(i)] for i in idx]).float()
         for g in opt.param_groups:
-            g["lr"] = a.lr * min(1.0, step / a.warmup)
+            g["lr"] = a.lr * g["mult"] * min(1.0, step / a.warmup)
         # positions t < m-1 attend no neighbours: no gradient reaches the new weights from them
         cand = torch.arange(a.chunk_size - 1, n)
         keep = cand[torch.randperm(len(cand))[: max(1, int(a.loss_share * len(cand)))]].sort()[0]
