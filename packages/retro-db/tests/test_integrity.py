@@ -1,6 +1,6 @@
 """Fault injection (issue 16): corrupted, tampered or repeated input is refused, never used silently.
 
-Synthetic documents only (no shared/data): a 2-version database of m=8 chunks, hashing keys d=16.
+Synthetic documents only (no data files): a 2-version database of m=8 chunks, hashing keys d=16.
 """
 
 from __future__ import annotations
