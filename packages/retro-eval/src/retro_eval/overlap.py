@@ -335,6 +335,17 @@ def bucket_bpb(
     return rows
 
 
+def _per_chunk(**arrays: tuple[Any, Any]) -> list[np.ndarray]:
+    """The named per-chunk arrays (value, dtype) as 1-D numpy arrays of one common length C."""
+    out = [np.asarray(v, dtype=dt) for v, dt in arrays.values()]
+    if any(a.ndim != 1 for a in out) or len({len(a) for a in out}) > 1:
+        raise ValueError(
+            f"{', '.join(arrays)} must be 1-D with one entry per chunk, got shapes "
+            f"{', '.join(str(list(a.shape)) for a in out)}"
+        )
+    return out
+
+
 def _check_edges(edges: Sequence[float]) -> np.ndarray:
     e = np.asarray(edges, dtype=np.float64)
     if e.ndim != 1 or len(e) < 2 or not np.all(np.diff(e) > 0) or e[0] < 0 or e[-1] > 1:
@@ -398,14 +409,11 @@ def bin_totals(
     Raises:
         ValueError: arrays of different lengths or not 1-D, or a bin index >= B.
     """
-    bits = np.asarray(chunk_nll_bits, dtype=np.float64)
-    nbytes = np.asarray(chunk_bytes, dtype=np.int64)
-    b = np.asarray(bins, dtype=np.int64)
-    if bits.ndim != 1 or nbytes.ndim != 1 or b.ndim != 1 or not len(bits) == len(nbytes) == len(b):
-        raise ValueError(
-            "chunk_nll_bits, chunk_bytes and bins must be 1-D with one entry per chunk, got shapes "
-            f"{list(bits.shape)}, {list(nbytes.shape)}, {list(b.shape)}"
-        )
+    bits, nbytes, b = _per_chunk(
+        chunk_nll_bits=(chunk_nll_bits, np.float64),
+        chunk_bytes=(chunk_bytes, np.int64),
+        bins=(bins, np.int64),
+    )
     if len(b) and b.max() >= num_bins:
         raise ValueError(f"bin index {int(b.max())} out of range for {num_bins} bins")
     sel = b >= 0
@@ -447,14 +455,11 @@ def bootstrap_bpb_difference(
     Raises:
         ValueError: arrays of different lengths or not 1-D, samples < 1, level outside (0, 1).
     """
-    a = np.asarray(bits_a, dtype=np.float64)
-    b = np.asarray(bits_b, dtype=np.float64)
-    nb = np.asarray(chunk_bytes, dtype=np.float64)
-    if a.ndim != 1 or b.ndim != 1 or nb.ndim != 1 or not len(a) == len(b) == len(nb):
-        raise ValueError(
-            "bits_a, bits_b and chunk_bytes must be 1-D with one entry per chunk, got shapes "
-            f"{list(a.shape)}, {list(b.shape)}, {list(nb.shape)}"
-        )
+    a, b, nb = _per_chunk(
+        bits_a=(bits_a, np.float64),
+        bits_b=(bits_b, np.float64),
+        chunk_bytes=(chunk_bytes, np.float64),
+    )
     if int(samples) < 1:
         raise ValueError(f"samples must be >= 1, got {samples}")
     if not 0.0 < float(level) < 1.0:
