@@ -17,6 +17,8 @@ from retro_core.data import (
     RetroDataset,
     chunk_documents,
     document_split,
+    manifest_checksum,
+    verify_dataset,
     write_dataset,
 )
 
@@ -344,9 +346,41 @@ def test_writer_refuses_neighbour_from_own_document(tmp_path):
 
 
 def _edit_manifest(d: Path, edit) -> None:
+    """Edit the manifest and refresh its checksum (the field checks must refuse, not the checksum)."""
     m = json.loads((d / "manifest.json").read_text())
     edit(m)
+    m["checksum"] = manifest_checksum(m)
     (d / "manifest.json").write_text(json.dumps(m))
+
+
+def test_manifest_checksum_refuses_edits_and_old_datasets_load_with_a_warning(tmp_path, caplog):
+    d = _write(tmp_path / "ds")
+    m = json.loads((d / "manifest.json").read_text())
+    body = {k: v for k, v in m.items() if k != "checksum"}
+    canonical = json.dumps(body, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    assert m["checksum"] == hashlib.sha256(canonical.encode()).hexdigest()
+    m["tokenizer_id"] = "toy-tol"  # a field no other check can see
+    (d / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(DatasetFormatError) as e:
+        RetroDataset(d, 2)
+    assert "manifest.json: contents differ from its field 'checksum'" in str(e.value)
+    assert "\n" not in str(e.value)
+    m.pop("checksum")  # a dataset written before manifests carried a checksum
+    (d / "manifest.json").write_text(json.dumps(m))
+    assert RetroDataset(d, 2).tokenizer_id == "toy-tol"
+    assert "no 'checksum' field" in caplog.text
+
+
+def test_verify_dataset_reads_every_file_once_and_names_the_changed_one(tmp_path):
+    d = _write(tmp_path / "ds")
+    assert verify_dataset(d)["counts"]["chunks"] == 4
+    raw = bytearray((d / "neighbour_distances.npy").read_bytes())
+    raw[-1] ^= 0x01  # a float's low bit: no value rule can see it
+    (d / "neighbour_distances.npy").write_bytes(bytes(raw))
+    RetroDataset(d, 2)  # the cheap checks pass
+    with pytest.raises(DatasetFormatError) as e:
+        verify_dataset(d)
+    assert "neighbour_distances.npy: sha256" in str(e.value) and "\n" not in str(e.value)
 
 
 @pytest.mark.parametrize(

@@ -429,3 +429,28 @@ def test_cli_trains_and_resumes(dataset_dir, tmp_path, capsys):
         == 2
     )
     assert "retro-train: error:" in capsys.readouterr().err
+
+
+def test_cli_verifies_the_dataset_sha256_unless_no_verify(dataset_dir, tmp_path, capsys):
+    """A changed in-vocabulary token passes every cheap check; retro-train's sha256 finds it."""
+    import shutil
+
+    from retro_core.cli import main
+
+    d = tmp_path / "ds"
+    shutil.copytree(dataset_dir, d)
+    a = np.load(d / "tokens.npy", mmap_mode="r+")
+    a[0, 0] = 1 + int(a[0, 0]) % 30  # still a real, in-vocabulary token
+    a.flush()
+    del a
+    RetroDataset(d, 4)  # opens: only the sha256 can tell
+    args = ["--data", str(d), "--preset", "tiny", "--steps", "1", "--seq-chunks", "4"]
+    args += ["--batch-size", "2", "--eval-every", "0", "--valid-fraction", "0.2", "--no-progress"]
+    capsys.readouterr()
+    assert main([*args, "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("retro-train: error: ") and err.count("\n") == 1, err
+    assert f"{d / 'tokens.npy'}: sha256" in err
+    assert latest_checkpoint(tmp_path / "run") is None
+    assert main([*args, "--out", str(tmp_path / "run2"), "--no-verify"]) == 0
+    assert json.loads(capsys.readouterr().out)["step"] == 1

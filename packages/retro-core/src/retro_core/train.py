@@ -61,7 +61,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import load_checkpoint, read_checkpoint_config, save_checkpoint
 from .config import RetroConfig
-from .data import RetroDataset
+from .data import RetroDataset, verify_dataset
 from .model import Retro
 from .retrofit import (
     RetrofittedLM,
@@ -769,6 +769,7 @@ def train(
     stop_after: int | None = None,
     progress: bool = True,
     dist_backend: str | None = None,
+    verify: bool = True,
 ) -> dict[str, Any]:
     """Train a RETRO model (or its baseline) on a dataset directory; checkpoint and resume.
 
@@ -795,6 +796,10 @@ def train(
         progress: show a tqdm progress bar (rank 0 only).
         dist_backend: torch.distributed backend when this call initialises the process group
             (default: nccl for a CUDA device, gloo otherwise).
+        verify: before training, stream every file of ``dataset_dir`` (and ``valid_dir``) once
+            and compare its sha256 with the dataset's manifest
+            (:func:`retro_core.data.verify_dataset`), so that a corrupted dataset never yields a
+            model. False skips it (the cheap checks of every open still run).
 
     Returns:
         Final metrics: step, loss (last step), val_loss (the latest validation, NaN without one),
@@ -816,6 +821,7 @@ def train(
             progress=progress,
             device=device,
             dist_=dist_,
+            verify=verify,
         )
     finally:
         if dist_ is not None and dist_.created:
@@ -834,6 +840,7 @@ def _train(
     progress: bool,
     device: torch.device,
     dist_: _Dist | None,
+    verify: bool = True,
 ) -> dict[str, Any]:
     """The body of :func:`train` (``dist_`` None: a single process, exactly as before DDP)."""
     rank, world = (0, 1) if dist_ is None else (dist_.rank, dist_.world_size)
@@ -866,7 +873,14 @@ def _train(
         logger.info("the model has no CCA layers: training the decoder-only baseline")
     k = tc.num_neighbours if tc.num_neighbours is not None else cfg.num_neighbours
 
-    # Data: peek at the dataset's metadata to resolve k, then open the splits.
+    # Data: verify the bytes (each file read once), peek at the metadata to resolve k, then open
+    # the splits. Every rank verifies (a rank that skipped would wait forever for one that failed).
+    if verify:
+        for d in (dataset_dir, valid_dir):
+            if d is not None:
+                verify_dataset(d, progress=progress and is_main)
+    else:
+        logger.warning("%s: sha256 verification skipped (--no-verify)", dataset_dir)
     meta = RetroDataset(dataset_dir, tc.seq_chunks)
     if retrieval and tc.num_neighbours is None:
         k = min(k, meta.k)
