@@ -434,6 +434,28 @@ def test_reader_refuses_truncated_array(tmp_path):
         RetroDataset(d, 2)
 
 
+def test_every_header_byte_flip_is_a_one_line_error_naming_the_file(tmp_path):
+    """Each byte of the .npy header of tokens.npy flipped in turn (numpy's parser then raises
+    ValueError, SyntaxError or tokenize.TokenError): the open or the sha256 check names the file."""
+    d = _write(tmp_path / "ds")
+    p = d / "tokens.npy"
+    raw = p.read_bytes()
+    header = 10 + int.from_bytes(raw[8:10], "little")  # magic, version, length, dict
+    for offset in range(header):
+        flipped = bytearray(raw)
+        flipped[offset] ^= 1 << (offset % 8)
+        p.write_bytes(bytes(flipped))
+        try:
+            RetroDataset(d, 2)
+            verify_dataset(d)
+        except DatasetFormatError as e:
+            assert str(p) in str(e) and "\n" not in str(e), (offset, str(e))
+        else:
+            raise AssertionError(f"a flip at header byte {offset} went unnoticed")
+    p.write_bytes(raw)
+    verify_dataset(d)
+
+
 def test_reader_refuses_array_of_other_shape(tmp_path):
     d = _write(tmp_path / "ds")
     np.save(d / "lengths.npy", np.array([2, 2, 1], dtype=np.int32))

@@ -146,6 +146,27 @@ def test_random_byte_flips_are_all_detected(db):
     assert at_open + at_verify == flips
 
 
+def test_keys_header_flips_name_the_file(db, capsys):
+    """Each byte of a keys.npy header flipped in turn: refused in one line naming the file (the
+    issue saw numpy's bare `Cannot parse header`), by open or verify and by the CLI."""
+    p = db / "shards" / "s00001" / "keys.npy"
+    raw = p.read_bytes()
+    header = 10 + int.from_bytes(raw[8:10], "little")
+    for offset in range(header):
+        flipped = bytearray(raw)
+        flipped[offset] ^= 1 << (offset % 8)
+        p.write_bytes(bytes(flipped))
+        err = _open_checked(db, None, verify=False) or _open_checked(db, None, verify=True)
+        assert err is not None and "s00001/keys.npy" in err, (offset, err)
+    flipped = bytearray(raw)
+    flipped[raw.index(b"{") + 1] ^= 0x5A  # the dict's first quote: `Cannot parse header`
+    p.write_bytes(bytes(flipped))
+    capsys.readouterr()
+    assert main(["info", str(db)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{p}: not a readable .npy file" in err, err
+
+
 def _mm(db: Path, shard: str, name: str) -> np.ndarray:
     return np.load(db / "shards" / shard / name, mmap_mode="r+", allow_pickle=False)
 

@@ -643,8 +643,12 @@ def _load_array(directory: Path, name: str, entry: Mapping[str, Any], verify: bo
         _check_sha256(path, entry)
     try:
         arr = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError, EOFError) as e:
-        raise DatasetFormatError(f"{path}: unreadable or truncated .npy file ({e})") from None
+    except Exception as e:  # numpy's header parser raises ValueError, SyntaxError, TokenError...
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DatasetFormatError(
+            f"{path}: unreadable or truncated .npy file, expected the header and data "
+            f"{MANIFEST} describes ({first})"
+        ) from None
     if list(arr.shape) != list(entry["shape"]):
         raise DatasetFormatError(
             f"{path}: shape {list(arr.shape)} does not match {MANIFEST} ({entry['shape']})"
