@@ -292,6 +292,45 @@ def test_second_neighbours_writer_exits_2_and_leaves_nothing(db, tmp_path, capsy
         assert sorted(p.name for p in out.iterdir()) == [".lock"]
 
 
+# ---- disk full -------------------------------------------------------------------------------
+FSIZE_CHILD = """
+import resource, signal, sys
+from retro_db.cli import main
+limit = int(sys.argv[1])
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_disk_full_names_the_file_and_the_bytes_and_leaves_no_temp_file(tmp_path):
+    """A build whose writes hit a file size limit (RLIMIT_FSIZE, as a full disk would): exit 2,
+    one line naming the file, the bytes written of those needed; no temporary file left; the same
+    command without the limit then completes and verifies."""
+    import subprocess
+    import sys
+
+    src = tmp_path / "docs.jsonl"
+    src.write_bytes(_jsonl(40))
+    out = tmp_path / "db"
+    args = ["build", str(src), "--out", str(out), "--embedder", "hash:64", "--chunk-size", "8"]
+    args += ["--shard-chunks", "200", "--index-factory", "Flat", "--no-progress"]
+    limit = 20000  # tokens.npy of a shard: 200 x 8 x 2 + 128 bytes; keys.npy: 200 x 64 x 2 + 128
+    p = subprocess.run(
+        [sys.executable, "-c", FSIZE_CHILD, str(limit), *args], capture_output=True, text=True
+    )
+    assert p.returncode == 2, p.stderr
+    keys = out / "shards" / "s00000" / "keys.npy"
+    assert p.stderr.count("\n") == 1, p.stderr
+    # numpy reports the refused write as "N requested and M written"
+    assert f"{keys}: write failed after {limit} of {200 * 64 * 2 + 128} bytes: " in p.stderr
+    assert "requested and" in p.stderr and "bytes free there" in p.stderr
+    assert not [q for q in out.rglob(".tmp-*")], "a temporary file was left behind"
+    assert (out / "shards" / "s00000" / "tokens.npy").is_file()  # written before: kept
+    assert main(args) == 0
+    assert Database.open(out, verify=True).num_documents == 40
+
+
 # ---- truncated input -------------------------------------------------------------------------
 def _jsonl(n: int) -> bytes:
     return b"".join(json.dumps({"text": d.text}).encode() + b"\n" for d in _docs(n, 5))

@@ -117,7 +117,11 @@ def write_index(index, path: str | os.PathLike[str]) -> None:
     import faiss
 
     with atomic_file(path) as tmp:
-        faiss.write_index(index, str(tmp))
+        try:
+            faiss.write_index(index, str(tmp))
+        except RuntimeError as e:  # faiss reports a failed write (disk full) as RuntimeError
+            lines = [x for x in str(e).splitlines() if x.strip()] or ["faiss write failed"]
+            raise OSError(lines[-1].strip()) from None
 
 
 def read_index(path: str | os.PathLike[str], *, mmap: bool = True, dim: int | None = None):
