@@ -53,6 +53,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -684,6 +685,24 @@ def _load_training_state(directory: Path, optimizer: torch.optim.Optimizer) -> d
     return state
 
 
+def _write_error(final: Path, tmp: Path, e: Exception) -> TrainError:
+    """One line for a checkpoint that could not be written: the file, the bytes, the space left.
+
+    The partial checkpoint (``tmp``) is removed; the previous one and ``latest.json`` stay.
+    """
+    written = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file()) if tmp.is_dir() else 0
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        free = f"{shutil.disk_usage(final.parent).free} bytes free there"
+    except OSError:
+        free = "free space unknown"
+    reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return TrainError(
+        f"{final}: writing the checkpoint failed after {written} bytes ({reason}); {free} "
+        "(the partial checkpoint is removed, the previous one kept)"
+    )
+
+
 def _save_checkpoint(
     out_dir: Path,
     model: Retro,
@@ -699,9 +718,12 @@ def _save_checkpoint(
     if tmp.exists():
         shutil.rmtree(tmp)
     save = save_retrofitted if isinstance(model, RetrofittedLM) else save_checkpoint
-    save(model, tmp, extra={"step": scalars["step"], "train_config": scalars["train_config"]})
-    _save_training_state(tmp, optimizer, scalars)
     final = ckpts / name
+    try:
+        save(model, tmp, extra={"step": scalars["step"], "train_config": scalars["train_config"]})
+        _save_training_state(tmp, optimizer, scalars)
+    except (OSError, SafetensorError) as e:  # disk full, file size limit, read-only
+        raise _write_error(final, tmp, e) from None
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
