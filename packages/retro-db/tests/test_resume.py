@@ -173,7 +173,7 @@ def _case(op: str, tmp: Path, small_db: Path, load_records):
         )
     src = _write_jsonl(tmp / "docs.jsonl", load_records("moby_dick", 24))
     cli = ["neighbours", str(small_db), "--out", str(out), "--corpus", str(src), "-k", "2"]
-    cli += ["--shard-chunks", "20", "--no-progress"]
+    cli += ["--shard-chunks", "20", "--no-verify", "--no-progress"]  # straight to the lock
     return src, out, ref, (small_db,), cli
 
 
@@ -197,16 +197,22 @@ def test_random_sigkills_resume_identical_and_a_second_writer_exits_2(
 
     rng = np.random.default_rng(SEEDS[op])
     ready = tmp_path / "ready"
-    for _ in range(KILLS):
+    done = out / PROGRESS[op]
+    for i in range(KILLS):
         ready.unlink(missing_ok=True)
-        # the run sleeps n_docs * DELAY after `ready`: a kill within 0.8 of that lands mid-run
-        after = float(rng.uniform(0.0, 0.8 * n_docs * DELAY))
-        _kill_when(_run(script, src, out, DELAY, ready, *extra, op=op), ready.exists, after=after)
+        # After `ready` the run still sleeps DELAY per document; after `done` (its first shard or
+        # part) at least 18 documents remain: kills within these bounds land mid-run. The last
+        # kill waits for `done`, so that the final run resumes real work whatever the load.
+        if i < KILLS - 1:
+            when, after = ready.exists, float(rng.uniform(0.0, 0.8 * n_docs * DELAY))
+        else:
+            when, after = (lambda: ready.exists() and done.is_file()), float(rng.uniform(0, 0.5))
+        _kill_when(_run(script, src, out, DELAY, ready, *extra, op=op), when, after=after)
         if op == "add":
             assert Database.open(out).version == 1  # the old version stays the readable one
         else:
             assert not (out / "manifest.json").exists()
-    assert (out / PROGRESS[op]).is_file()  # the kills left work done that the next run reuses
+    assert done.is_file()
 
     ready.unlink()
     p = _run(script, src, out, 0.1, ready, *extra, op=op)
