@@ -21,7 +21,9 @@ threads is not deterministic in faiss, use threads=1 for that guarantee).
 
 ``add_documents`` appends shards after the current version's, adds their keys to a copy of the
 current index (no retraining, no re-embedding of old chunks), and writes version v+1 under new file
-names. Old files stay, so a reader holding version v keeps working.
+names. Old files stay, so a reader holding version v keeps working, until ``collect_garbage``
+(``retro-db gc``) deletes the files of versions no reader can still open (its docstring says how
+that is decided).
 
 The shard machinery (document iteration, fingerprints, the resumable shard writer, adding keys) is
 shards.py, shared with the Ray engine (distributed.py), which is handed the per-shard work and
@@ -55,6 +57,7 @@ from .index import (
 )
 from .ingest import Document
 from .manifest import (
+    GC_RECORD,
     MANIFEST_NAME,
     DatabaseError,
     atomic_write_json,
@@ -73,8 +76,10 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "SCHEMA_VERSION",
     "BuildStats",
+    "GcResult",
     "add_documents",
     "build_database",
+    "collect_garbage",
 ]
 
 SCHEMA_VERSION = 1
@@ -102,10 +107,12 @@ class BuildStats:
     Attributes:
         already_present: documents whose text the database already held (``add`` re-runs).
         duplicates: documents whose text appeared earlier in the same run.
+        received: documents the sources yielded (before either check).
     """
 
     already_present: int = 0
     duplicates: int = 0
+    received: int = 0
 
 
 def _unique_documents(
@@ -113,6 +120,7 @@ def _unique_documents(
 ) -> Iterator[Document]:
     """``docs`` without those whose text is in ``present`` (the database) or was seen earlier."""
     for doc in docs:
+        stats.received += 1
         fp = text_fingerprint(doc.text)
         if fp in present:
             stats.already_present += 1
@@ -163,6 +171,33 @@ def _write_version(
     return manifest
 
 
+#: what a database folder without a manifest may hold: an interrupted build's files
+_BUILD_ENTRIES = {"shards", "index", "versions", ".lock"}
+
+
+def _check_build_folder(db_dir: Path) -> None:
+    """Refuse to build into an existing folder holding anything but an interrupted build's files."""
+    if db_dir.exists() and not db_dir.is_dir():
+        raise DatabaseError(
+            f"{db_dir}: exists and is not a folder (expected a new database folder)"
+        )
+    if not db_dir.is_dir():
+        return
+    foreign = sorted(
+        p.name
+        for p in db_dir.iterdir()
+        if p.name not in _BUILD_ENTRIES and not p.name.startswith(".tmp-")
+    )
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (
+            f", ... ({len(foreign)} in all)" if len(foreign) > 5 else ""
+        )
+        raise DatabaseError(
+            f"{db_dir}: not empty and not a database (holds {shown}); build into a new or empty "
+            "folder"
+        )
+
+
 def build_database(
     sources: Any,
     out_dir: str | os.PathLike[str],
@@ -190,7 +225,8 @@ def build_database(
 
     Args:
         sources: Documents, paths (read with ``read_documents``) or iterables of either.
-        out_dir: the database directory (created; must not hold a finished database).
+        out_dir: the database directory: new, empty, or an interrupted build of the same
+            arguments (anything else in it is refused).
         tokenizer: an LMTokenizer, a tokenizer directory, or None for GPT-2 BPE.
         embedder: an embedder object, a spec (``"hash:64"``, an encoder directory) or None for
             all-MiniLM-L6-v2 (needs the [embed] extra).
@@ -216,8 +252,10 @@ def build_database(
     db_dir = Path(out_dir)
     if (db_dir / MANIFEST_NAME).exists():
         raise DatabaseError(
-            f"{db_dir / MANIFEST_NAME}: a database already exists here; use add_documents to grow it"
+            f"{db_dir / MANIFEST_NAME}: a database already exists here; grow it with "
+            "`retro-db add` (Python: add_documents)"
         )
+    _check_build_folder(db_dir)
     with contextlib.ExitStack() as stack:
         stage = None
         if engine == "ray":  # connect first: a bad address leaves nothing on disk
@@ -414,10 +452,15 @@ def _add(
             db_dir,
             unknown,
         )
+    received = stats.received
     docs = _unique_documents(iter_documents(sources), set(), present, stats)
     new = writer.run(docs, len(man["shards"]), old.num_documents)
     if not new:
-        logger.info("add_documents: nothing to add")
+        if stats.received == received:
+            raise DatabaseError(
+                f"{db_dir}: the sources held no documents with text (nothing added)"
+            )
+        logger.info("retro-db add: nothing new to add")
         return old
     index_name = man["index"]["file"]
     check_files(db_dir, {index_name: man["files"][index_name]}, verify=True)
@@ -431,3 +474,107 @@ def _add(
     _write_version(db_dir, base, list(man["shards"]) + new, index_file, version)
     logger.info("added %d shards to %s: version %d", len(new), db_dir, version)
     return Database.open(db_dir, tokenizer=old.tokenizer, embedder=emb, threads=threads)
+
+
+@dataclass
+class GcResult:
+    """What :func:`collect_garbage` deleted (or would delete with ``dry_run``).
+
+    Attributes:
+        removed: the deleted files, relative to the database directory.
+        bytes_freed: their total size.
+        versions_removed: versions whose files are now gone (no longer openable).
+        versions_kept: versions still openable.
+    """
+
+    removed: list[str]
+    bytes_freed: int
+    versions_removed: list[int]
+    versions_kept: list[int]
+
+
+def collect_garbage(
+    db_dir: str | os.PathLike[str],
+    *,
+    grace: float = 3600.0,
+    keep: int = 1,
+    dry_run: bool = False,
+    now: float | None = None,
+) -> GcResult:
+    """Delete the files of old versions that no reader can still open (``retro-db gc``).
+
+    Which versions stay openable:
+
+    * the current version (``manifest.json``) and the ``keep - 1`` versions before it;
+    * every version superseded less than ``grace`` seconds ago. A version v is superseded when
+      version v+1 is written; the time is the modification time of ``versions/v{v+1}.json``.
+      Readers take no lock: a process that read ``manifest.json`` just before an ``add`` opens
+      that version's files a moment later, and ``grace`` covers that window (and any reader
+      that opens an older version by number within it).
+
+    A process that has already opened a version keeps working after its files are deleted (the
+    index and the arrays are memory-mapped or read at open; on POSIX an unlinked file stays
+    readable while mapped). Files shared with a kept version (all shards: versions only append
+    shards) are never deleted, so in practice gc deletes old versions' index files, plus index
+    files no version names (left by an ``add`` killed before its manifest). Version manifests
+    (``versions/v*.json``, small) stay, so the chain of version checksums still verifies; the
+    removed versions are recorded in ``gc.json`` and ``Database.open(version=v)`` refuses them
+    with a one-line error. gc holds the writer lock: it never runs beside a build or add.
+
+    Args:
+        db_dir: the database directory.
+        grace: seconds a superseded version stays openable.
+        keep: newest versions kept whatever their age (>= 1: the current one).
+        dry_run: only report what would be deleted.
+        now: the current time (seconds since the epoch; default ``time.time()``).
+    """
+    import time
+
+    if keep < 1:
+        raise ValueError(f"keep = {keep}: expected >= 1 (the current version is always kept)")
+    if not grace >= 0:
+        raise ValueError(f"grace = {grace}: expected seconds >= 0")
+    db_dir = Path(db_dir)
+    now = time.time() if now is None else now
+    with writer_lock(db_dir, "build, add or gc") if not dry_run else contextlib.nullcontext():
+        current = Database.open(db_dir, check_values=False)
+        version = current.version
+        record_path = db_dir / GC_RECORD
+        record = read_json(record_path) if record_path.is_file() else {"removed_versions": {}}
+        gone = {int(v) for v in record.get("removed_versions", {})}
+        manifests: dict[int, dict[str, Any]] = {version: current.manifest}
+        for v in range(1, version):
+            p = db_dir / "versions" / f"v{v:05d}.json"
+            if v not in gone and p.is_file():
+                manifests[v] = read_json(p)
+        kept = set(range(max(1, version - keep + 1), version + 1))
+        for v in manifests:
+            nxt = db_dir / "versions" / f"v{v + 1:05d}.json"
+            superseded = nxt.stat().st_mtime if nxt.is_file() else now
+            if now - superseded < grace:
+                kept.add(v)
+        kept &= set(manifests)
+        drop = sorted(set(manifests) - kept)
+        keep_files = {name for v in kept for name in manifests[v]["files"]}
+        named = {name for m in manifests.values() for name in m["files"]}
+        candidates = {name for v in drop for name in manifests[v]["files"]} - keep_files
+        index_dir = db_dir / "index"
+        if index_dir.is_dir():  # index files of no version (an add killed before its manifest)
+            candidates |= {
+                f"index/{p.name}"
+                for p in index_dir.iterdir()
+                if p.is_file() and f"index/{p.name}" not in named and not p.name.startswith(".")
+            }
+        removed = sorted(n for n in candidates if (db_dir / n).is_file())
+        freed = sum((db_dir / n).stat().st_size for n in removed)
+        if not dry_run:
+            if drop:  # recorded first: a reader asking for a removed version gets a clear error
+                stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now))
+                removed_versions = dict(record.get("removed_versions", {}))
+                for v in drop:
+                    removed_versions[str(v)] = {"at": stamp}
+                atomic_write_json(record_path, {"removed_versions": removed_versions})
+            for n in removed:
+                (db_dir / n).unlink()
+                logger.info("gc: deleted %s", db_dir / n)
+    return GcResult(removed, freed, drop, sorted(kept))

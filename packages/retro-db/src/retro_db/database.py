@@ -21,6 +21,7 @@ from .chunks import ChunkStore, check_segment, read_npy, token_dtype
 from .embedders import load_embedder
 from .index import apply_search_params, exact_search_blocks, read_index, set_threads
 from .manifest import (
+    GC_RECORD,
     MANIFEST_NAME,
     DatabaseError,
     check_files,
@@ -229,6 +230,13 @@ class Database:
         mpath = (
             path / MANIFEST_NAME if version is None else path / "versions" / f"v{version:05d}.json"
         )
+        if version is not None and (path / GC_RECORD).is_file():
+            removed = read_json(path / GC_RECORD).get("removed_versions", {})
+            if str(int(version)) in removed:
+                raise DatabaseError(
+                    f"{path / GC_RECORD}: version {version} was removed by `retro-db gc` at "
+                    f"{removed[str(int(version))].get('at')} (open the current version)"
+                )
         manifest = read_json(mpath)
         if manifest.get("format") != "retro-db":
             raise DatabaseError(f"{mpath}: format {manifest.get('format')!r}, expected 'retro-db'")
