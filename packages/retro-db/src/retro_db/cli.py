@@ -508,6 +508,7 @@ def _quiet_progress(quiet: bool):
         if tf_logging.is_progress_bar_enabled():
             tf_logging.disable_progress_bar()
             undo.append(tf_logging.enable_progress_bar)
+    before = {m for m in ("huggingface_hub", "transformers") if m in sys.modules}
     try:
         yield
     finally:
@@ -516,6 +517,15 @@ def _quiet_progress(quiet: bool):
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+        if saved["HF_HUB_DISABLE_PROGRESS_BARS"] is None:  # imported quiet here: make it loud again
+            if "huggingface_hub" in sys.modules and "huggingface_hub" not in before:
+                from huggingface_hub import utils as hub_utils
+
+                undo.append(hub_utils.enable_progress_bars)
+            if "transformers" in sys.modules and "transformers" not in before:
+                from transformers.utils import logging as tf_logging
+
+                undo.append(tf_logging.enable_progress_bar)
         for f in undo:
             f()
 
