@@ -536,6 +536,7 @@ def collect_garbage(
         raise ValueError(f"grace = {grace}: expected seconds >= 0")
     db_dir = Path(db_dir)
     now = time.time() if now is None else now
+    read_json(db_dir / MANIFEST_NAME)  # a one-line error before any lock file is made
     with writer_lock(db_dir, "build, add or gc") if not dry_run else contextlib.nullcontext():
         current = Database.open(db_dir, check_values=False)
         version = current.version
