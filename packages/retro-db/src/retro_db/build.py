@@ -9,7 +9,8 @@ Layout of a database directory::
         documents.jsonl       one line per document: doc_id, index, chunks, tokens, meta
         shard.json            written last: counts, sha256 of the shard's files, source fingerprint
     index/v00001.faiss        the faiss index of that version (keys of all shards, ids = chunk ids)
-    .lock                     flock held by the one writer (build or add) at a time
+    .lock                     flock held by the one writer (build, add or gc) at a time
+    gc.json                   versions whose files `retro-db gc` deleted (collect_garbage)
 
 A build streams the sources into shards of about ``shard_chunks`` chunks (whole documents only):
 tokenise, chunk, embed, write the shard's files, then its ``shard.json``. A complete shard is never
