@@ -502,12 +502,12 @@ def _quiet_progress(quiet: bool):
         if not hub_utils.are_progress_bars_disabled():
             hub_utils.disable_progress_bars()
             undo.append(hub_utils.enable_progress_bars)
-    if "transformers" in sys.modules:
-        from transformers.utils import logging as tf_logging
+    if "transformers" in sys.modules:  # then torch is loaded too: importing embed is cheap
+        with contextlib.suppress(ImportError):  # transformers without torch: no encoder to load
+            from .embed import set_progress_bars
 
-        if tf_logging.is_progress_bar_enabled():
-            tf_logging.disable_progress_bar()
-            undo.append(tf_logging.enable_progress_bar)
+            if set_progress_bars(False):
+                undo.append(lambda: set_progress_bars(True))
     before = {m for m in ("huggingface_hub", "transformers") if m in sys.modules}
     try:
         yield
@@ -523,9 +523,9 @@ def _quiet_progress(quiet: bool):
 
                 undo.append(hub_utils.enable_progress_bars)
             if "transformers" in sys.modules and "transformers" not in before:
-                from transformers.utils import logging as tf_logging
+                from .embed import set_progress_bars
 
-                undo.append(tf_logging.enable_progress_bar)
+                undo.append(lambda: set_progress_bars(True))
         for f in undo:
             f()
 
