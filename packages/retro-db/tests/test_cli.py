@@ -272,7 +272,7 @@ def test_existing_database_error_names_the_cli_command(cli_db, corpus, capsys):
     assert "`retro-db add`" in err
 
 
-def _grow(db, corpus, wiki_docs, tmp_path, n):
+def _grow(db, wiki_docs, tmp_path, n):
     """n adds of one new article each (versions 2..n+1)."""
     for i in range(n):
         p = tmp_path / f"more{i}.jsonl"
@@ -280,10 +280,45 @@ def _grow(db, corpus, wiki_docs, tmp_path, n):
         assert main(["add", str(db), str(p), "--no-progress"]) == 0
 
 
-def test_gc_deletes_old_versions_no_reader_can_open(cli_db, corpus, wiki_docs, tmp_path, capsys):
+def test_add_to_a_flat_index_stores_only_the_growth(cli_db, wiki_docs, tmp_path):
+    from retro_db.index import exact_search_blocks
+
     db = tmp_path / "db"
     shutil.copytree(cli_db, db)
-    _grow(db, corpus, wiki_docs, tmp_path, 3)
+    base = (db / "index" / "v00001.faiss").stat().st_size
+    _grow(db, wiki_docs, tmp_path, 3)
+    d = Database.open(db, verify=True)
+    assert d.version == 4 and d.num_documents == 13
+    assert d.manifest["index"]["file"] == "index/v00001.faiss"
+    assert d.manifest["index"]["parts"] == [f"index/v{v:05d}.faiss" for v in (2, 3, 4)]
+    sizes = [(db / "index" / f"v{v:05d}.faiss").stat().st_size for v in (2, 3, 4)]
+    assert max(sizes) < base / 3  # each part holds one article's keys, not a copy of the index
+    assert (db / "index" / "v00001.faiss").stat().st_size == base  # never rewritten
+    # searching the parts together == exact search over every stored key (ids = chunk ids)
+    queries = d.keys(np.arange(0, d.num_chunks, 7))
+    got_d, got_i = d.search_keys(queries, 5)
+    want_d, want_i = exact_search_blocks(d.key_blocks(), queries, 5)
+    assert np.array_equal(got_i, want_i) and np.allclose(got_d, want_d)
+    assert d.recall(sample=50, k=5) == 1.0
+    # every earlier version still opens with its own parts
+    assert Database.open(db, version=2, verify=True).num_chunks < d.num_chunks
+
+
+def test_gc_deletes_old_versions_no_reader_can_open(wiki_docs, tmp_path, capsys):
+    from retro_db.build import build_database
+
+    db = tmp_path / "db"
+    # an IVF index needs training: add grows a copy of it, which gc can then delete
+    build_database(
+        wiki_docs[:10],
+        db,
+        embedder="hash:32",
+        chunk_size=16,
+        index_factory="IVF2,Flat",
+        threads=1,
+        progress=False,
+    )
+    _grow(db, wiki_docs, tmp_path, 3)
     v1 = Database.open(db, version=1)  # a reader holding version 1
     q = v1.keys(np.arange(3))
     before = v1.search_keys(q, 2)
@@ -314,6 +349,18 @@ def test_gc_deletes_old_versions_no_reader_can_open(cli_db, corpus, wiki_docs, t
 
     with pytest.raises(DatabaseError, match="version 1 was removed by `retro-db gc`"):
         Database.open(db, version=1)
+
+
+def test_gc_keeps_versions_whose_files_later_versions_share(cli_db, wiki_docs, tmp_path, capsys):
+    db = tmp_path / "db"
+    shutil.copytree(cli_db, db)
+    _grow(db, wiki_docs, tmp_path, 2)  # Flat: every version's index files are in version 3's
+    capsys.readouterr()
+    assert main(["gc", str(db), "--grace", "0"]) == 0
+    assert (
+        "freed 0 bytes (0 files of versions none); kept versions 1, 2, 3" in capsys.readouterr().out
+    )
+    assert Database.open(db, version=1, verify=True).num_documents == 10
 
 
 def test_gc_removes_an_index_no_version_names(cli_db, tmp_path, capsys):

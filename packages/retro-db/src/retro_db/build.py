@@ -48,8 +48,10 @@ from .database import Database
 from .distributed import check_engine, ray_shard_stage
 from .embedders import Embedder, embedder_options, embedder_spec, load_embedder
 from .index import (
+    appendable_index,
     apply_search_params,
     default_factory,
+    new_index,
     read_index,
     set_threads,
     train_index,
@@ -136,8 +138,20 @@ def _unique_documents(
 
 
 def _write_version(
-    db_dir: Path, base: dict[str, Any], shards: list[str], index_file: str, version: int
+    db_dir: Path,
+    base: dict[str, Any],
+    shards: list[str],
+    index_files: list[str],
+    version: int,
+    carried: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """Write version ``version``'s manifest (versions/ and manifest.json, in that order).
+
+    ``index_files``: the index file, then the parts added to it since (an ``add`` that stored
+    only its growth); ``carried``: file entries of an earlier manifest reused as they are (the
+    files were verified then and are never rewritten).
+    """
+    carried = carried or {}
     files: dict[str, Any] = {}
     chunks = documents = 0
     for s in shards:
@@ -147,7 +161,8 @@ def _write_version(
         for name, entry in info["files"].items():
             files[f"shards/{s}/{name}"] = entry
         files[f"shards/{s}/shard.json"] = file_entry(db_dir / "shards" / s / "shard.json")
-    files[index_file] = file_entry(db_dir / index_file)
+    for name in index_files:
+        files[name] = carried[name] if name in carried else file_entry(db_dir / name)
     manifest = dict(base)
     manifest.update(
         {
@@ -159,7 +174,10 @@ def _write_version(
             "files": files,
         }
     )
-    manifest["index"] = dict(manifest["index"], file=index_file)
+    manifest["index"] = dict(manifest["index"], file=index_files[0])
+    manifest["index"].pop("parts", None)
+    if len(index_files) > 1:
+        manifest["index"]["parts"] = list(index_files[1:])
     manifest["version_files"] = {
         f"versions/v{v:05d}.json": file_entry(db_dir / "versions" / f"v{v:05d}.json")["sha256"]
         for v in range(1, version)
@@ -341,7 +359,7 @@ def _build(
         "embedder": dict(embedder_entry, key_dtype="float16"),
         "index": {"factory": index_factory, "search_params": params, "metric": "l2"},
     }
-    _write_version(db_dir, base, shards, index_file, 1)
+    _write_version(db_dir, base, shards, [index_file], 1)
     logger.info("built %s: %d chunks, index %s", db_dir, n, index_factory)
     return tok, emb
 
@@ -463,16 +481,27 @@ def _add(
             )
         logger.info("retro-db add: nothing new to add")
         return old
-    index_name = man["index"]["file"]
-    check_files(db_dir, {index_name: man["files"][index_name]}, verify=True)
-    index = read_index(db_dir / index_name, mmap=False, dim=old.dim)
-    apply_search_params(index, man["index"]["search_params"])
-    index = add_shard_keys(index, db_dir, new, progress=False)
     version = int(man["version"]) + 1
     index_file = f"index/v{version:05d}.faiss"
-    write_index(index, db_dir / index_file)
+    factory = man["index"]["factory"]
+    if appendable_index(factory, old.dim):
+        # the growth alone: a fresh index of the same factory holding only the new keys, searched
+        # beside the earlier files (Database.open); nothing of the old index is copied
+        index = add_shard_keys(new_index(factory, old.dim), db_dir, new, progress=False)
+        write_index(index, db_dir / index_file)
+        index_files = [man["index"]["file"], *man["index"].get("parts", []), index_file]
+    else:  # trained indexes (IVF): the new keys go into a verified copy of the whole index
+        index_name = man["index"]["file"]
+        check_files(db_dir, {index_name: man["files"][index_name]}, verify=True)
+        index = read_index(db_dir / index_name, mmap=False, dim=old.dim)
+        apply_search_params(index, man["index"]["search_params"])
+        index = add_shard_keys(index, db_dir, new, progress=False)
+        write_index(index, db_dir / index_file)
+        index_files = [index_file]
     base = {k: v for k, v in man.items() if k not in ("files", "shards", "counts", "version")}
-    _write_version(db_dir, base, list(man["shards"]) + new, index_file, version)
+    _write_version(
+        db_dir, base, list(man["shards"]) + new, index_files, version, carried=man["files"]
+    )
     logger.info("added %d shards to %s: version %d", len(new), db_dir, version)
     return Database.open(db_dir, tokenizer=old.tokenizer, embedder=emb, threads=threads)
 
@@ -568,6 +597,9 @@ def collect_garbage(
                 if p.is_file() and f"index/{p.name}" not in named and not p.name.startswith(".")
             }
         removed = sorted(n for n in candidates if (db_dir / n).is_file())
+        # a dropped version whose every file a kept version still names stays openable
+        drop = [v for v in drop if set(manifests[v]["files"]) - keep_files]
+        kept = set(manifests) - set(drop)
         freed = sum((db_dir / n).stat().st_size for n in removed)
         if not dry_run:
             if drop:  # recorded first: a reader asking for a removed version gets a clear error

@@ -487,45 +487,39 @@ _COMMANDS = {
 
 @contextlib.contextmanager
 def _quiet_progress(quiet: bool):
-    """With ``quiet``, silence the progress bars of Hugging Face libraries (``Loading weights``)."""
+    """With ``quiet``, silence every progress bar, Hugging Face's (``Loading weights``) included.
+
+    Our own bars take ``progress=False`` (no ``TQDM_DISABLE``: tqdm reads it once, at import);
+    huggingface_hub's switch also governs transformers'
+    bars when transformers is imported later, and transformers' own switch is flipped when it is
+    already imported. Everything is switched back afterwards (in-process callers, tests).
+    """
     if not quiet:
         yield
         return
-    import os
-
-    saved = {k: os.environ.get(k) for k in ("HF_HUB_DISABLE_PROGRESS_BARS", "TQDM_DISABLE")}
-    os.environ.update({"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TQDM_DISABLE": "1"})
     undo = []
-    if "huggingface_hub" in sys.modules:
+    try:
         from huggingface_hub import utils as hub_utils
-
-        if not hub_utils.are_progress_bars_disabled():
-            hub_utils.disable_progress_bars()
-            undo.append(hub_utils.enable_progress_bars)
-    if "transformers" in sys.modules:  # then torch is loaded too: importing embed is cheap
+    except ImportError:  # not installed: neither is transformers
+        hub_utils = None
+    if hub_utils is not None and not hub_utils.are_progress_bars_disabled():
+        hub_utils.disable_progress_bars()
+        undo.append(hub_utils.enable_progress_bars)
+    had_transformers = "transformers" in sys.modules
+    if had_transformers:  # then torch is loaded too: importing embed is cheap
         with contextlib.suppress(ImportError):  # transformers without torch: no encoder to load
             from .embed import set_progress_bars
 
             if set_progress_bars(False):
                 undo.append(lambda: set_progress_bars(True))
-    before = {m for m in ("huggingface_hub", "transformers") if m in sys.modules}
     try:
         yield
     finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        if saved["HF_HUB_DISABLE_PROGRESS_BARS"] is None:  # imported quiet here: make it loud again
-            if "huggingface_hub" in sys.modules and "huggingface_hub" not in before:
-                from huggingface_hub import utils as hub_utils
+        if undo and not had_transformers and "transformers" in sys.modules:
+            # imported while quiet: it took the hub's switch as its own; switch it back too
+            from .embed import set_progress_bars
 
-                undo.append(hub_utils.enable_progress_bars)
-            if "transformers" in sys.modules and "transformers" not in before:
-                from .embed import set_progress_bars
-
-                undo.append(lambda: set_progress_bars(True))
+            undo.append(lambda: set_progress_bars(True))
         for f in undo:
             f()
 
