@@ -20,9 +20,11 @@ then trains the index on a seeded sample, adds every key and writes the manifest
 byte-identical to an uninterrupted build (for Flat and IVF indexes; HNSW construction with several
 threads is not deterministic in faiss, use threads=1 for that guarantee).
 
-``add_documents`` appends shards after the current version's, adds their keys to a copy of the
-current index (no retraining, no re-embedding of old chunks), and writes version v+1 under new file
-names. Old files stay, so a reader holding version v keeps working, until ``collect_garbage``
+``add_documents`` appends shards after the current version's and writes version v+1 under new
+file names: for an index that needs no training (Flat, HNSW) a new part holding only the new keys
+(listed in the manifest's ``index.parts``, searched beside the earlier files), for a trained one
+(IVF) a copy of the current index with the new keys added (no retraining, no re-embedding of old
+chunks). Old files stay, so a reader holding version v keeps working, until ``collect_garbage``
 (``retro-db gc``) deletes the files of versions no reader can still open (its docstring says how
 that is decided).
 
@@ -401,12 +403,14 @@ def add_documents(
     Idempotent: a document whose text the database already holds (:func:`text_fingerprint`) is
     skipped and counted in ``stats.already_present``, so re-running an ``add`` (the recovery after
     a kill) adds nothing twice; a document repeating an earlier one of the same run is skipped
-    and counted in ``stats.duplicates``. The index file that is copied is verified (sha256).
+    and counted in ``stats.duplicates``. An index file that is copied (IVF) is verified (sha256).
 
     The tokenizer and embedder are the database's own (the embedder is re-created from the
     manifest's spec unless one is passed; its id and dimension must match the manifest's). New
-    chunks get ids after the existing ones, new keys are added to a copy of the index (no
-    retraining), and ``manifest.json`` moves to version v+1; the files of version v are untouched.
+    chunks get ids after the existing ones; their keys go into a new index part (an index that
+    needs no training: Flat, HNSW) or a copy of the index (IVF; no retraining), and
+    ``manifest.json`` moves to version v+1; the files of version v are untouched. Sources with
+    no document at all are an error (as for a build); documents all already present are not.
 
     Returns:
         The new version, opened.
