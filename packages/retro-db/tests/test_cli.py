@@ -235,7 +235,8 @@ def test_add_of_an_empty_file_exits_2_like_build(cli_db, tmp_path, capsys):
     empty.write_bytes(b"")
     err = _error(["add", str(db), str(empty), "--no-progress"], capsys)
     assert "no documents with text" in err and "0 documents read from 1 files" in err
-    err = _error(["build", str(empty), "--out", str(tmp_path / "x"), "--no-progress"], capsys)
+    argv = ["build", str(empty), "--out", str(tmp_path / "x"), "--embedder", "hash:8"]
+    err = _error([*argv, "--no-progress"], capsys)
     assert "no documents with text" in err
     assert Database.open(db).version == 1
 

@@ -107,7 +107,7 @@ def test_folder_reads_every_supported_format_and_accounts_for_the_rest(tmp_path,
 def test_folder_build_accounts_for_every_document(tmp_path, texts, capsys):
     d, counts = _corpus_folder(tmp_path, texts)
     out = tmp_path / "db"
-    assert main(["-v", "build", str(d), "--out", str(out), *BUILD]) == 0
+    assert main(["build", str(d), "--out", str(out), "-v", *BUILD]) == 0
     printed = capsys.readouterr().out
     n = sum(counts.values())
     assert f"read: {n} documents read from 10 files, 3 files skipped" in printed

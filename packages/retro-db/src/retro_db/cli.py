@@ -237,6 +237,14 @@ def _parser() -> argparse.ArgumentParser:
         "--keep", type=_int(1), default=1, help="newest versions kept whatever their age"
     )
     p.add_argument("--dry-run", action="store_true", help="list what would be deleted")
+    for p in {id(x): x for x in sub.choices.values()}.values():  # -v after the command works too
+        p.add_argument(
+            "-v",
+            "--verbose",
+            action="store_true",
+            default=argparse.SUPPRESS,
+            help="log at INFO level and list every file read",
+        )
     return ap
 
 
