@@ -26,6 +26,7 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "GC_RECORD",
     "MANIFEST_NAME",
     "DatabaseError",
     "atomic_file",
@@ -45,6 +46,8 @@ __all__ = [
 ]
 
 MANIFEST_NAME = "manifest.json"
+#: versions whose files ``retro-db gc`` deleted (build.collect_garbage); never named by a manifest
+GC_RECORD = "gc.json"
 TMP_PREFIX = ".tmp-"
 
 
