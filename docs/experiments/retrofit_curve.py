@@ -128,6 +128,20 @@ def sequence_signal(ds, m: int) -> np.ndarray:
     return score
 
 
+class TokenShift(torch.nn.Module):
+    """in_proj(e_i) + shift_proj(e_{i-1}) over the neighbour axis r of emb (B, U, k, r, d)."""
+
+    def __init__(self, in_proj: torch.nn.Linear):
+        super().__init__()
+        self.in_proj = in_proj
+        self.shift_proj = torch.nn.Linear(in_proj.in_features, in_proj.out_features, bias=False)
+        torch.nn.init.normal_(self.shift_proj.weight, 0.0, 0.02)
+
+    def forward(self, emb: torch.Tensor) -> torch.Tensor:
+        prev = torch.nn.functional.pad(emb, (0, 0, 1, 0))[..., :-1, :]
+        return self.in_proj(emb) + self.shift_proj(prev)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, required=True)
@@ -163,6 +177,20 @@ def main() -> None:
         default=1.0,
         help="learning rate multiplier of CCA's query and key projections",
     )
+    ap.add_argument(
+        "--token-shift",
+        action="store_true",
+        help="encoder input adds a projection of each neighbour token's predecessor (smeared keys)",
+    )
+    ap.add_argument(
+        "--cca-out-std", type=float, default=0.0, help="init std of CCA's output projection"
+    )
+    ap.add_argument(
+        "--freeze-enc-cross",
+        action="store_true",
+        help="the encoder's cross-attention to the retrieving chunk stays at zero (no adapter path)",
+    )
+    ap.add_argument("--probe-every", type=int, default=50, help="steps between held-out probes")
     ap.add_argument("--bf16", action="store_true")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
@@ -222,10 +250,17 @@ def main() -> None:
         pad_id=tok.pad_id,
         seed=a.seed,
     )
-    if a.zero_enc_cross:  # the encoder then starts from the neighbours' content alone
+    if a.zero_enc_cross or a.freeze_enc_cross:  # the encoder starts from the neighbours alone
         with torch.no_grad():
             for blk in model.encoder.blocks:
                 blk.cross_attn.out_proj.weight.zero_()
+                blk.cross_attn.out_proj.weight.requires_grad_(not a.freeze_enc_cross)
+    if a.cca_out_std:
+        with torch.no_grad():
+            for layer in model.cca_layers.values():
+                layer.cca.attn.out_proj.weight.normal_(0.0, a.cca_out_std)
+    if a.token_shift:
+        model.encoder.in_proj = TokenShift(model.encoder.in_proj)
     model.check_retriever(db)
 
     # evaluation set: wikitext-mini test, neighbours retrieved once; shuffled control; r(C) bins
@@ -272,6 +307,9 @@ def main() -> None:
         rest = np.setdiff1d(pool, top)
         pool = np.concatenate([top, rng.choice(rest, a.pool - n_copy, replace=False)])
     n = a.seq_chunks * a.chunk_size
+    if sig is None:
+        sig = sequence_signal(ds, a.chunk_size)
+    held = np.setdiff1d(np.argsort(-sig, kind="stable")[: a.pool + 200], pool)[:16]
     setup = {
         **vars(a),
         "out": str(a.out),
@@ -285,6 +323,32 @@ def main() -> None:
     }
     (out / "setup.json").write_text(json.dumps(setup, indent=1))
 
+    hb = [ds[int(i)] for i in held]
+    hb = {key: torch.stack([it[key] for it in hb]) for key in hb[0]}
+    h_held = model.frozen_prefix(hb["tokens"])
+    roll = torch.roll(torch.arange(len(held)), 1)
+
+    def probe() -> tuple[float, float]:
+        """Held-out copyable sequences: mean loss (nats) with their own / another's neighbours."""
+        model.eval()
+        res = []
+        with torch.no_grad():
+            for sel in (torch.arange(len(held)), roll):
+                lg = model(
+                    hb["tokens"],
+                    hb["neighbours"][sel],
+                    hb["neighbour_lengths"][sel],
+                    prefix=h_held,
+                    logits_to_keep=torch.arange(a.chunk_size, n),
+                )
+                lp = torch.nn.functional.cross_entropy(
+                    lg.flatten(0, 1), hb["targets"][:, a.chunk_size :].flatten(), reduction="none"
+                )
+                mk = hb["loss_mask"][:, a.chunk_size :].flatten().float()
+                res.append(float((lp * mk).sum() / mk.sum()))
+        return res[0], res[1]
+
+    log.info("PROBE step 0: own %.4f other %.4f", *probe())
     params = [p for p in model.parameters() if p.requires_grad]
     qk = [
         p
@@ -349,6 +413,11 @@ def main() -> None:
                 t_train / step,
                 len(prefix),
             )
+        if step % a.probe_every == 0:
+            own, other = probe()
+            log.info("PROBE step %d: own %.4f other %.4f diff %.4f", step, own, other, other - own)
+            curve.write(json.dumps({"step": step, "probe_own": own, "probe_other": other}) + "\n")
+            curve.flush()
         if step in evals:
             te = time.time()
             on, sh = score(nbs), score(nbs_shuf)

@@ -57,6 +57,13 @@ class RetroConfig:
     # projection). A retro-fitted base's frozen embeddings are small (SmolLM2: RMS 0.14) next to
     # what the encoder's cross-attention to the decoder adds, which drowns the neighbours' content.
     enc_input_norm: bool = False
+    # RETRO-fitting only (``retro_core.retrofit``): each CCA after layer p starts as a trainable
+    # copy of the base's own self-attention of layer p + 1, and the neighbours are encoded by the
+    # frozen base itself (its layers 1..p, the hidden states a neighbour would have in context),
+    # so the base's induction heads read the neighbours from the first step.
+    cca_from_base: bool = False
+    # With cca_from_base: per CCA layer, the heads whose output gate starts open (others start 0).
+    cca_heads: tuple[tuple[int, ...], ...] | None = None
     cca_layers: tuple[int, ...] | None = (
         None  # P, 1-indexed CCA layers; None -> default rule; () = baseline
     )
@@ -121,6 +128,20 @@ class RetroConfig:
             raise err("enc_d_model", "enc_d_model / enc_n_heads even", self.enc_d_model)
         if self.neighbour_len < self.chunk_size:
             raise err("neighbour_len", f">= chunk_size={self.chunk_size}", self.neighbour_len)
+        if self.cca_heads is not None:
+            heads = tuple(tuple(h) for h in self.cca_heads)
+            set_(self, "cca_heads", heads)
+            n_cca = len(self.cca_layers)
+            if len(heads) != n_cca or not all(
+                isinstance(i, int) and not isinstance(i, bool) and 0 <= i < self.n_heads
+                for hs in heads
+                for i in hs
+            ):
+                raise err(
+                    "cca_heads",
+                    f"{n_cca} tuples (one per CCA layer) of head numbers in 0..{self.n_heads - 1}",
+                    self.cca_heads,
+                )
         cca = self.cca_layers
         if not isinstance(cca, tuple) or not all(
             isinstance(p, int) and not isinstance(p, bool) for p in cca
@@ -162,6 +183,8 @@ class RetroConfig:
         """A JSON-safe dict of every field (tuples become lists)."""
         d = asdict(self)
         d["cca_layers"] = list(self.cca_layers)
+        if self.cca_heads is not None:
+            d["cca_heads"] = [list(h) for h in self.cca_heads]
         return d
 
     @classmethod

@@ -287,6 +287,16 @@ class ChunkedCrossAttention(nn.Module):
         keys, values = self.attn.kv(enc.reshape(B * U, k * r, de), rope(pos_k))  # (B·U, h, k·r, hs)
         return keys.view(B, U, *keys.shape[1:]), values.view(B, U, *values.shape[1:])
 
+    def attend(
+        self, q: Tensor, pos_q: Tensor, kv: tuple[Tensor, Tensor], km: Tensor, rope: Rotary
+    ) -> Tensor:
+        """Attention of G groups of queries over their chunk's neighbours.
+
+        q (G, Tq, d) at offsets pos_q (Tq,) from the start of the attended chunk; kv the keys and
+        values (G, h, k·r, hs); km bool (G, k·r), True on real neighbour tokens. Returns (G, Tq, d).
+        """
+        return self.attn(q, None, rope(pos_q), None, mask=km[:, None, None, :], kv=kv)[0]
+
     def forward(
         self, x: Tensor, start: int, enc_mask: Tensor, kv: tuple[Tensor, Tensor], rope: Rotary
     ) -> Tensor:
@@ -328,9 +338,7 @@ class ChunkedCrossAttention(nn.Module):
             xs = F.pad(xs, (0, 0, front, nU * m - front - xs.shape[1]))  # (B, nU·m, d)
             q = xs.reshape(B * nU, m, d)  # (B·nU, m, d): the m tokens attending chunk u
             pos_q = torch.arange(m - 1, 2 * m - 1, device=x.device)  # offsets from chunk u's start
-        y, _ = self.attn(
-            q, None, rope(pos_q), None, mask=km[:, None, None, :], kv=(keys, values)
-        )  # (B·nU, m or T', d)
+        y = self.attend(q, pos_q, (keys, values), km, rope)  # (B·nU, m or T', d)
         y = torch.where(has[:, None, None], y, torch.zeros((), dtype=y.dtype, device=y.device))
         if nU > 1:
             y = y.reshape(B, nU * m, d)[:, front : front + T - skip]  # (B, T', d)

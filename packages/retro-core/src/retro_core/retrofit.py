@@ -54,6 +54,7 @@ from torch import Tensor, nn
 
 from .checkpoint import check_integrity, integrity_record, read_versioned_config
 from .config import RetroConfig
+from .induction import BaseAttentionCCA, induction_heads, induction_scores
 from .model import ChunkedCrossAttention, Encoder, KVCache, Retro, Rotary, keep_positions
 from .retrieval import check_retriever
 
@@ -243,6 +244,7 @@ class _Call:
     cache: RetrofitCache | None
     enc: Tensor | None = None
     enc_mask: Tensor | None = None
+    base_enc: dict[int, Tensor] | None = None  # cca_from_base: p -> (B, U, k, r, d)
 
 
 class RetrofitCCA(nn.Module):
@@ -290,18 +292,40 @@ class RetrofittedLM(nn.Module):
                 f"RetroConfig (n_layers={config.n_layers}, d_model={config.d_model}) does not fit "
                 f"the base model ({len(layers)} layers, hidden_size={base.config.hidden_size})"
             )
-        self.cca_layers = nn.ModuleDict({str(p): RetrofitCCA(config) for p in config.cca_layers})
-        self.encoder = Encoder(config)
         hs = config.d_model // config.n_heads
         self.rope = Rotary(hs, config.rope_base, max(config.neighbour_len, 2 * config.chunk_size))
-        self.cca_layers.apply(Retro._init_weights)
-        self.encoder.apply(Retro._init_weights)
-        with torch.no_grad():  # CCA starts as the identity: logits equal the base model's
-            for layer in self.cca_layers.values():
-                layer.cca.attn.out_proj.weight.zero_()
         p0 = next(base.parameters())
+        self.encoder: Encoder | None = None
+        if config.cca_from_base:  # CCA = copies of the base's attention; the base encodes
+            self._check_prefix_support()
+            # a plain list: the base's rotary table is not a submodule of the new weights
+            self._rotary = [_layer_owner(base)[0].rotary_emb]
+            if max(config.cca_layers) >= config.n_layers:
+                raise RetrofitError(
+                    f"cca_from_base: CCA after layer p copies layer p + 1; the base has "
+                    f"{config.n_layers} layers, got cca_layers={list(config.cca_layers)}"
+                )
+            heads = config.cca_heads or tuple(
+                tuple(range(config.n_heads)) for _ in config.cca_layers
+            )
+            self.cca_layers = nn.ModuleDict(
+                {
+                    str(p): BaseAttentionCCA(layers[p], config.chunk_size, hh, config.n_heads)
+                    for p, hh in zip(config.cca_layers, heads, strict=False)
+                }
+            )
+        else:
+            self.cca_layers = nn.ModuleDict(
+                {str(p): RetrofitCCA(config) for p in config.cca_layers}
+            )
+            self.encoder = Encoder(config)
+            self.cca_layers.apply(Retro._init_weights)
+            self.encoder.apply(Retro._init_weights)
+            with torch.no_grad():  # CCA starts as the identity: logits equal the base model's
+                for layer in self.cca_layers.values():
+                    layer.cca.attn.out_proj.weight.zero_()
+            self.encoder.to(device=p0.device, dtype=p0.dtype)
         self.cca_layers.to(device=p0.device, dtype=p0.dtype)
-        self.encoder.to(device=p0.device, dtype=p0.dtype)
         self.rope.to(device=p0.device)
         self._call: _Call | None = None
         # transformers >= 5.x names the KV cache argument `cache` (`past_key_values` before).
@@ -344,7 +368,7 @@ class RetrofittedLM(nn.Module):
             "total": total,
             "base": total - trainable,
             "share": trainable / total,
-            "encoder": sum(p.numel() for p in self.encoder.parameters()),
+            "encoder": sum(p.numel() for p in self.encoder.parameters()) if self.encoder else 0,
             "cca": sum(p.numel() for p in self.cca_layers.parameters()),
             "cca_layers": list(self.config.cca_layers),
         }
@@ -412,6 +436,95 @@ class RetrofittedLM(nn.Module):
             hook.remove()
         return seen[-1]
 
+    # -- the base as the neighbour encoder (config.cca_from_base) ---------------------------------
+
+    def _base_rope(self, pos: Tensor) -> tuple[Tensor, Tensor]:
+        """The base's own rotary table at positions pos (T,): cos, sin (T, hs)."""
+        cos, sin = self._rotary[0](self.tok_emb.weight, pos[None])
+        return cos[0], sin[0]
+
+    @torch.no_grad()
+    def encode_neighbours(
+        self, neighbours: Tensor, lengths: Tensor | None = None
+    ) -> tuple[dict[int, Tensor], Tensor]:
+        """The frozen base's hidden states of each neighbour leaving every layer p in P.
+
+        Only with ``config.cca_from_base``: each neighbour (r tokens) runs through the base's
+        layers 1 .. max(P) on its own, from position 0. They depend on no trainable weight, so a
+        training loop can compute them once per sequence and pass them as ``forward(encoded=)``.
+
+        Args:
+            neighbours: int (B, U, k, r); lengths: int (B, U, k) real tokens (None: all real).
+
+        Returns:
+            ({p: (B, U, k, r, d)}, mask bool (B, U, k, r), True on real tokens).
+        """
+        if not self.config.cca_from_base:
+            raise RetrofitError("encode_neighbours: only for a model built with cca_from_base")
+        B, U, k, r = neighbours.shape
+        if lengths is None:
+            real = torch.ones(neighbours.shape, dtype=torch.bool, device=neighbours.device)
+        else:
+            real = torch.arange(r, device=neighbours.device) < lengths[..., None]
+        P = self.config.cca_layers
+        owner, _, layers = _layer_owner(self.base)
+        seen: dict[int, Tensor] = {}
+
+        def keep(p: int, _m: nn.Module, _a: Any, out: Any) -> None:
+            seen[p] = out[0] if isinstance(out, tuple) else out
+
+        hooks = [layers[p - 1].register_forward_hook(partial(keep, p)) for p in P]
+        saved, self._call = self._call, None  # the CCA hooks stay idle in this inner run
+        try:
+            with _only_layers(self.base, 0, max(P)):
+                owner(input_ids=neighbours.reshape(B * U * k, r), use_cache=False)
+        finally:
+            self._call = saved
+            for hook in hooks:
+                hook.remove()
+        return {p: seen[p].reshape(B, U, k, r, -1) for p in P}, real
+
+    def _base_encoding(
+        self,
+        end: int,
+        neighbours: Tensor | None,
+        lengths: Tensor | None,
+        cache: RetrofitCache | None,
+        encoded: tuple[dict[int, Tensor], Tensor] | None,
+    ) -> tuple[dict[int, Tensor] | None, Tensor | None]:
+        """({p: (B, U, k, r, d)}, mask (B, U, k, r)) of the U = end // m completed chunks."""
+        U = end // self.config.chunk_size
+        P = self.config.cca_layers
+        if encoded is not None:
+            if cache is not None or neighbours is None:
+                raise ValueError("encoded: needs neighbours and no cache")
+            dtype = self.tok_emb.weight.dtype
+            return {p: e[:, :U].to(dtype) for p, e in encoded[0].items()}, encoded[1][:, :U]
+        if cache is None:
+            if neighbours is None or U == 0:
+                return None, None
+            return self.encode_neighbours(
+                neighbours[:, :U], None if lengths is None else lengths[:, :U]
+            )
+        done = cache.num_encoded
+        if neighbours is not None and U > done:
+            new, mask = self.encode_neighbours(
+                neighbours[:, done:U], None if lengths is None else lengths[:, done:U]
+            )
+            stacked = torch.cat([new[p] for p in P], dim=-1)  # (B, U_new, k, r, |P|·d)
+            cache.enc = stacked if cache.enc is None else torch.cat((cache.enc, stacked), 1)
+            cache.enc_mask = (
+                mask if cache.enc_mask is None else torch.cat((cache.enc_mask, mask), 1)
+            )
+        if cache.enc is None:
+            return None, None
+        enc, mask = cache.enc, cache.enc_mask
+        if enc.shape[1] < U:  # chunks completed without neighbours attend nothing
+            missing = U - enc.shape[1]
+            enc = torch.cat((enc, enc.new_zeros(enc.shape[0], missing, *enc.shape[2:])), dim=1)
+            mask = torch.cat((mask, mask.new_zeros(mask.shape[0], missing, *mask.shape[2:])), 1)
+        return dict(zip(P, enc.split(self.config.d_model, dim=-1), strict=True)), mask
+
     # -- forward ---------------------------------------------------------------------------------
 
     def forward(
@@ -423,6 +536,7 @@ class RetrofittedLM(nn.Module):
         cache: RetrofitCache | None = None,
         logits_to_keep: int | Tensor = 0,
         prefix: Tensor | None = None,
+        encoded: tuple[dict[int, Tensor], Tensor] | None = None,
     ) -> Tensor:
         """Next-token logits of the retro-fitted model (same contract as ``Retro.forward``).
 
@@ -438,6 +552,8 @@ class RetrofittedLM(nn.Module):
                 positions (passed to the base model when it accepts ``logits_to_keep``).
             prefix: (B, T, d) the :meth:`frozen_prefix` of ``tokens`` (no cache): only the layers
                 from min(P) up run.
+            encoded: with ``config.cca_from_base``, the :meth:`encode_neighbours` of
+                ``neighbours`` (no cache), computed once and reused (they depend on no new weight).
 
         Returns:
             logits (B, T, |V|).
@@ -456,7 +572,12 @@ class RetrofittedLM(nn.Module):
                 )
             inputs = {"inputs_embeds": prefix.to(self.tok_emb.weight.dtype)}
             only = _only_layers(self.base, self.prefix_depth, self.config.n_layers)
-        self._call = _Call(start, neighbours, neighbour_lengths, cache)
+        call = _Call(start, neighbours, neighbour_lengths, cache)
+        if self.config.cca_from_base:
+            call.base_enc, call.enc_mask = self._base_encoding(
+                end, neighbours, neighbour_lengths, cache, encoded
+            )
+        self._call = call
         past = None if cache is None else cache.past_key_values
         kwargs: dict[str, Any] = {self._cache_kwarg: past}
         if self._keeps_logits:
@@ -479,6 +600,13 @@ class RetrofittedLM(nn.Module):
         if call is None:  # the base model called on its own: untouched
             return None
         h = output[0] if isinstance(output, tuple) else output  # (B, T, d)
+        if self.config.cca_from_base:
+            if call.base_enc is None:
+                return None
+            cca = self.cca_layers[str(p)]
+            kv = cca.kv(call.base_enc[p], self._base_rope)  # (B, U, h, k·r, hs) each
+            h = h + cca(h, call.start, call.enc_mask, kv, self._base_rope)
+            return (h, *output[1:]) if isinstance(output, tuple) else h
         if p == self.config.cond_layer and (call.neighbours is not None or call.cache is not None):
             # E <- ENCODER(RET(C_u), H) for the chunks completed in this call (cached after)
             call.enc, call.enc_mask = self._encode(
@@ -513,6 +641,8 @@ def retrofit(
     enc_d_model: int | None = None,
     enc_n_heads: int | None = None,
     enc_input_norm: bool = False,
+    cca_from_base: bool = False,
+    induction_threshold: float = 0.4,
     dropout: float = 0.0,
     pad_id: int | None = None,
     tokenizer_id: str | None = None,
@@ -534,6 +664,13 @@ def retrofit(
         enc_layers, enc_d_model, enc_n_heads: the new encoder (width d' defaults to the base's d;
             heads default to the base's, or to d' / head size when d' differs from d).
         enc_input_norm: RMS-normalise the encoder's input (``RetroConfig.enc_input_norm``).
+        cca_from_base: each CCA starts as a copy of the base's self-attention in the layer above
+            it and reads the neighbours as the frozen base encodes them (``RetroConfig.
+            cca_from_base``; Llama family). With ``cca_layers=None``, P is chosen from the base's
+            induction heads (:func:`~retro_core.induction.induction_scores`): CCA after layer L-1
+            for the (at most 4) layers L with a head scoring at least ``induction_threshold``;
+            those heads' gates start open, the others' at 0.
+        induction_threshold: see ``cca_from_base``.
         dropout: dropout of the new modules.
         pad_id: id padding neighbours; None -> the base config's pad, else eos, else 0.
         tokenizer_id: id of the tokenizer the database must have; None -> computed from
@@ -590,6 +727,43 @@ def retrofit(
     if enc_n_heads is None and enc_d_model is not None and enc_d_model != hc.hidden_size:
         # a narrower/wider encoder keeps the base's head size: d' / (d / h) heads
         enc_n_heads = max(1, enc_d_model // (hc.hidden_size // hc.num_attention_heads))
+    cca_heads = None
+    if cca_from_base:
+        if _layer_owner(hf_model)[1] != "layers":
+            raise RetrofitError(
+                f"cca_from_base: {type(hf_model).__name__} is not a Llama-family model (its "
+                f"rotary attention is what the CCA copies)"
+            )
+        scores = induction_scores(hf_model)  # (L, h)
+        if cca_layers is None:
+            chosen = induction_heads(scores, threshold=induction_threshold)
+            if not chosen:
+                raise RetrofitError(
+                    f"retrofit: no head of the base has an induction score >= "
+                    f"{induction_threshold} (best {float(scores.max()):.2f}); pass cca_layers="
+                )
+            cca_layers = tuple(layer - 1 for layer in chosen)
+            cca_heads = tuple(chosen.values())
+        elif not all(0 < p < len(scores) for p in cca_layers):
+            raise RetrofitError(
+                f"cca_from_base: CCA after layer p copies layer p + 1; the base has "
+                f"{len(scores)} layers, got cca_layers={list(cca_layers)}"
+            )
+        else:
+            cca_heads = tuple(
+                tuple(int(h) for h in torch.nonzero(scores[p] >= induction_threshold).flatten())
+                for p in cca_layers
+            )
+        logger.info(
+            "cca_from_base: CCA after layers %s copies the heads %s of the layers above "
+            "(induction scores %s)",
+            list(cca_layers),
+            [list(h) for h in cca_heads],
+            [
+                [round(float(scores[p][h]), 2) for h in hh]
+                for p, hh in zip(cca_layers, cca_heads, strict=False)
+            ],
+        )
     try:
         config = RetroConfig(
             vocab_size=int(hc.vocab_size),
@@ -603,6 +777,8 @@ def retrofit(
             enc_d_model=enc_d_model,
             enc_n_heads=enc_n_heads,
             enc_input_norm=enc_input_norm,
+            cca_from_base=cca_from_base,
+            cca_heads=cca_heads,
             cca_layers=None if cca_layers is None else tuple(cca_layers),
             dropout=dropout,
             max_seq_len=int(getattr(hc, "max_position_embeddings", None) or 2048),

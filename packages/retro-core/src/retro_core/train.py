@@ -356,7 +356,10 @@ class PrefixCachedDataset(Dataset):
 
     Items are those of ``dataset`` plus ``prefix`` (n, d) in ``dtype``: the retro-fitted model's
     :meth:`~retro_core.retrofit.RetrofittedLM.frozen_prefix` of the item's tokens, computed on
-    first access and kept in memory (n x d x 2 bytes per sequence in bfloat16).
+    first access and kept in memory (n x d x 2 bytes per sequence in bfloat16). A model built with
+    ``cca_from_base`` also gets its neighbours' encodings (they depend on no trainable weight
+    either): ``encoded.<p>`` (l, k, r, d) per CCA layer p and ``encoded_mask`` (l, k, r), from
+    :meth:`~retro_core.retrofit.RetrofittedLM.encode_neighbours` (l·k·r·d·|P| values a sequence).
     """
 
     def __init__(
@@ -364,12 +367,13 @@ class PrefixCachedDataset(Dataset):
     ) -> None:
         self.dataset, self.model, self.dtype = dataset, model, dtype
         self.cache: dict[int, torch.Tensor] = {}
+        self.encoded: dict[int, dict[str, torch.Tensor]] = {}
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
 
     def __getattr__(self, name: str) -> Any:  # the dataset's metadata (seq_len, k, ...)
-        if name in ("dataset", "model", "cache", "dtype"):
+        if name in ("dataset", "model", "cache", "dtype", "encoded"):
             raise AttributeError(name)
         return getattr(self.dataset, name)
 
@@ -382,6 +386,17 @@ class PrefixCachedDataset(Dataset):
             h = h.to("cpu", self.dtype)
             self.cache[int(index)] = h
         item["prefix"] = h
+        if self.model.config.cca_from_base:
+            enc = self.encoded.get(int(index))
+            if enc is None:
+                device = next(self.model.parameters()).device
+                got, mask = self.model.encode_neighbours(
+                    item["neighbours"][None].to(device), item["neighbour_lengths"][None].to(device)
+                )
+                enc = {f"encoded.{p}": e[0].to("cpu", self.dtype) for p, e in got.items()}
+                enc["encoded_mask"] = mask[0].cpu()
+                self.encoded[int(index)] = enc
+            item.update(enc)
         return item
 
 
@@ -428,6 +443,13 @@ def _loss_sum(
         targets = targets[:, keep]
     if "prefix" in batch:
         kwargs["prefix"] = batch["prefix"][:, :T]
+    if "encoded_mask" in batch and neighbours is not None:  # cca_from_base: cached encodings
+        enc = {
+            int(key.split(".", 1)[1]): v[:, :u]
+            for key, v in batch.items()
+            if key.startswith("encoded.")
+        }
+        kwargs["encoded"] = (enc, batch["encoded_mask"][:, :u])
     device_type = tokens.device.type
     with torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=bf16):
         logits = (model if runner is None else runner)(tokens, neighbours, lengths, **kwargs)
