@@ -68,11 +68,11 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     from retro_core.data import RetroDataset
-    from retro_core.retrofit import retrofit
+    from retro_core.retrofit import retrofit, save_retrofitted
     from retro_db.database import Database
     from retro_db.tokenizer import load_tokenizer
     from retro_eval.benchmarks import load_benchmark
-    from retro_eval.overlap import chunk_overlap_ratios
+    from retro_eval.overlap import bootstrap_bpb_difference, chunk_overlap_ratios
     from retro_eval.perplexity import retrieve_document_neighbours, score_documents
 
     out = a.out
@@ -125,8 +125,18 @@ def main() -> None:
         chunk_size=a.chunk_size,
     )
     off_bins = bins_of(off, ratios)
+    bin_masks = {
+        "all": np.ones(len(ratios), dtype=bool),
+        "(0.0,0.125]": ratios <= 0.125,
+        "(0.125,0.5]": (ratios > 0.125) & (ratios <= 0.5),
+        "(0.5,1.0]": ratios > 0.5,
+    }
     log.info("RETRO[OFF] %s", off_bins)
     curve = (out / "curve.jsonl").open("a")
+    (out / "eval.json").write_text(
+        json.dumps({"ratios": ratios.tolist(), "off_bits": off.bits.tolist(),
+                    "bytes": off.bytes.tolist()})
+    )  # fmt: skip
 
     def evaluate(step: int, train_s: float, loss: float | None) -> None:
         te = time.time()
@@ -140,6 +150,17 @@ def main() -> None:
             "on": bins_of(on, ratios),
             "shuffled": bins_of(sh, ratios),
             "eval_s": round(time.time() - te, 1),
+            # ON - OFF and shuffled - OFF per bin: (estimate, low, high) of a paired bootstrap
+            "ci95": {
+                name: {
+                    b: bootstrap_bpb_difference(
+                        res.bits[sel], off.bits[sel], off.bytes[sel], samples=2000, seed=0
+                    ).tolist()
+                    for b, sel in bin_masks.items()
+                }
+                for name, res in (("on-off", on), ("shuffled-off", sh))
+            },
+            "bits": {"on": on.bits.tolist(), "shuffled": sh.bits.tolist()},
             "gates": {p: c.gate.tolist() for p, c in model.cca_layers.items()},
             "sinks": {p: c.sink.tolist() for p, c in model.cca_layers.items()},
         }
@@ -147,11 +168,12 @@ def main() -> None:
         curve.flush()
         log.info(
             "EVAL step %d: ON %.4f shuffled %.4f OFF %.4f | >50%%: ON %.4f shuffled %.4f OFF %.4f"
-            " | <=12.5%%: ON %.4f shuffled %.4f OFF %.4f",
+            " | <=12.5%%: ON %.4f shuffled %.4f OFF %.4f | ON-OFF <=12.5%% CI %s",
             step,
             *(rec[w]["all"]["bpb"] for w in ("on", "shuffled", "off")),
             *(rec[w]["(0.5,1.0]"]["bpb"] for w in ("on", "shuffled", "off")),
             *(rec[w]["(0.0,0.125]"]["bpb"] for w in ("on", "shuffled", "off")),
+            [round(x, 4) for x in rec["ci95"]["on-off"]["(0.0,0.125]"]],
         )
 
     if not a.skip_step0:
@@ -247,6 +269,7 @@ def main() -> None:
                 t_train / step,
                 len(cache),
             )
+    save_retrofitted(model, out / "model", extra={"steps": a.steps})  # the new weights only
     evaluate(a.steps, t_train, float(np.mean(losses[-20:])) if losses else None)
     if math.isfinite(t_train):
         log.info("done: %d steps in %.0f s", a.steps, t_train)

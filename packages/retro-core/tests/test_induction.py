@@ -282,3 +282,49 @@ def test_train_with_cached_prefix_and_encodings_equals_plain_training(tmp_path):
     assert any(not torch.equal(runs["plain"][k], start[k]) for k in start)  # it trained
     for key in runs["plain"]:
         torch.testing.assert_close(runs["plain"][key], runs["cached"][key], rtol=1e-4, atol=1e-5)
+
+
+def test_gates_sinks_and_null_keys_get_their_own_faster_optimizer_group(base_dir):
+    from retro_core.induction import GATE_LR_SCALE
+    from retro_core.train import _param_groups
+
+    model = _model(base_dir)
+    groups = _param_groups(model, weight_decay=0.1)
+    fast = [g for g in groups if g["lr_scale"] == GATE_LR_SCALE]
+    assert len(fast) == 1 and fast[0]["weight_decay"] == 0.0
+    want = {
+        id(p)
+        for n, p in model.named_parameters()
+        if n.rsplit(".", 1)[-1] in ("gate", "sink", "null_key")
+    }
+    assert {id(p) for p in fast[0]["params"]} == want and len(want) == 3 * len(P)
+    frozen = retrofit(base_dir, cca_layers=P, chunk_size=M, cca_from_base=True, train_copies=False)
+    names = {n.rsplit(".", 1)[-1] for n, p in frozen.named_parameters() if p.requires_grad}
+    assert names == {"gate", "sink", "null_key"}
+
+
+def test_negatives_swap_every_neighbour_field_together():
+    from retro_core.train import TrainConfig, _swap_neighbours
+
+    B = 8
+    ids = torch.arange(B)
+    batch = {
+        "tokens": ids[:, None].expand(B, 5).clone(),
+        "loss_mask": torch.ones(B, 5, dtype=torch.bool),
+        "neighbours": ids[:, None, None, None].expand(B, 2, K, R).clone(),
+        "neighbour_lengths": 10 * ids[:, None, None].expand(B, 2, K).clone(),
+        "encoded.3": ids.float()[:, None].expand(B, 4).clone(),
+        "encoded_mask": (ids[:, None] % 2 == 0).expand(B, 3).clone(),
+    }
+    out = _swap_neighbours(batch, 0.5, seed=3)
+    src = out["neighbours"][:, 0, 0, 0]
+    assert ((src == ids) | (src == (ids + 1) % B)).all()
+    assert 0 < int((src != ids).sum()) < B  # some swapped, some kept (this seed)
+    assert torch.equal(out["neighbour_lengths"][:, 0, 0], 10 * src)
+    assert torch.equal(out["encoded.3"][:, 0], src.float())
+    assert torch.equal(out["encoded_mask"][:, 0], src % 2 == 0)
+    assert torch.equal(out["tokens"], batch["tokens"])  # the sequences themselves stay
+    same = _swap_neighbours(batch, 0.0, seed=3)
+    assert all(torch.equal(same[key], batch[key]) for key in batch)
+    with pytest.raises(ValueError, match="negative_share"):
+        TrainConfig(negative_share=1.0)

@@ -36,7 +36,11 @@ from torch import Tensor, nn
 
 from .model import ChunkedCrossAttention
 
-__all__ = ["BaseAttentionCCA", "induction_heads", "induction_scores", "rotate"]
+__all__ = ["GATE_LR_SCALE", "BaseAttentionCCA", "induction_heads", "induction_scores", "rotate"]
+
+# Learning-rate multiplier of the gates, sinks and null keys against the copied projections in
+# retro_core.train (measured: lr 1e-4 for the copies, 1e-2 for these; learning-curve.md).
+GATE_LR_SCALE = 100.0
 
 RopeFn = Callable[[Tensor], tuple[Tensor, Tensor]]  # positions (T,) -> cos, sin (T, hs)
 
@@ -126,6 +130,8 @@ class BaseAttentionCCA(ChunkedCrossAttention):
         self.null_key = nn.Parameter(
             torch.zeros(n_heads, self.head_dim, device=p0.device, dtype=p0.dtype)
         )  # (h, hs)
+        for p in (self.gate, self.sink, self.null_key):  # a few numbers each: a faster rate
+            p.lr_scale = GATE_LR_SCALE  # read by retro_core.train (its own optimizer group)
 
     def _split(self, x: Tensor, n: int) -> Tensor:
         G, T, _ = x.shape

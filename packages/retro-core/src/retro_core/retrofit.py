@@ -643,6 +643,7 @@ def retrofit(
     enc_input_norm: bool = False,
     cca_from_base: bool = False,
     induction_threshold: float = 0.4,
+    train_copies: bool = True,
     dropout: float = 0.0,
     pad_id: int | None = None,
     tokenizer_id: str | None = None,
@@ -671,6 +672,8 @@ def retrofit(
             for the (at most 4) layers L with a head scoring at least ``induction_threshold``;
             those heads' gates start open, the others' at 0.
         induction_threshold: see ``cca_from_base``.
+        train_copies: with ``cca_from_base``, whether the copied norm and projections train
+            (False: only the per-head gates, sinks and null keys do).
         dropout: dropout of the new modules.
         pad_id: id padding neighbours; None -> the base config's pad, else eos, else 0.
         tokenizer_id: id of the tokenizer the database must have; None -> computed from
@@ -793,16 +796,20 @@ def retrofit(
     if seed is not None:
         torch.manual_seed(seed)
     model = RetrofittedLM(hf_model, config, base_ref)
+    if cca_from_base and not train_copies:
+        for name, p in model.cca_layers.named_parameters():
+            p.requires_grad_(name.endswith((".gate", ".sink", ".null_key")))
     s = model.trainable_parameters()
     logger.info(
-        "retro-fitted %s (%d layers, d=%d): CCA after layers %s, %d-layer encoder (d'=%d); "
+        "retro-fitted %s (%d layers, d=%d): CCA after layers %s, encoder: %s; "
         "trainable %d of %d parameters (%.2f%%)",
         getattr(hc, "model_type", type(hf_model).__name__),
         config.n_layers,
         config.d_model,
         list(config.cca_layers),
-        config.enc_layers,
-        config.enc_d_model,
+        "the frozen base (cca_from_base)"
+        if cca_from_base
+        else f"{config.enc_layers} layers, d'={config.enc_d_model}",
         s["trainable"],
         s["total"],
         100 * s["share"],

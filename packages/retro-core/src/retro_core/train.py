@@ -142,6 +142,10 @@ class TrainConfig:
     # Train on these sequences of the training split only (indices into it; None = all), e.g. the
     # sequences whose neighbours carry the most retrieval signal (retro-eval's demo picks them).
     sequences: tuple[int, ...] | None = None
+    # Share of the training sequences (drawn per step, seeded) that read the neighbours of another
+    # sequence of the batch instead of their own: negatives, so that CCA learns to read nothing
+    # when nothing matches (RETRO-fitting from the base's induction heads; learning-curve.md).
+    negative_share: float = 0.0
 
     def __post_init__(self) -> None:
         def err(name: str, expected: str) -> TrainError:
@@ -180,6 +184,8 @@ class TrainConfig:
             raise err("valid_fraction", "a float in [0, 1)")
         if not 0.0 < self.loss_share <= 1.0:
             raise err("loss_share", "a float in (0, 1]")
+        if not 0.0 <= self.negative_share < 1.0:
+            raise err("negative_share", "a float in [0, 1)")
         if self.sequences is not None:
             seqs = tuple(self.sequences)
             if not seqs or any(
@@ -309,19 +315,29 @@ class _BatchSampler:
 
 
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: decay on matrices; none on norms, biases (ndim < 2) and embeddings."""
+    """AdamW groups: decay on matrices; none on norms, biases (ndim < 2) and embeddings.
+
+    A parameter with an ``lr_scale`` attribute (e.g. the per-head gates and sinks of
+    :class:`~retro_core.induction.BaseAttentionCCA`) goes to its own group, without decay, whose
+    learning rate is the schedule's times that scale.
+    """
     embedding_params = {
         id(p) for mod in model.modules() if isinstance(mod, nn.Embedding) for p in mod.parameters()
     }
     decay, no_decay, seen = [], [], set()
+    scaled: dict[float, list[nn.Parameter]] = {}
     for p in model.parameters():
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))
+        if getattr(p, "lr_scale", None) is not None:
+            scaled.setdefault(float(p.lr_scale), []).append(p)
+            continue
         (no_decay if p.ndim < 2 or id(p) in embedding_params else decay).append(p)
     return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+        {"params": decay, "weight_decay": weight_decay, "lr_scale": 1.0},
+        {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0},
+        *({"params": ps, "weight_decay": 0.0, "lr_scale": sc} for sc, ps in sorted(scaled.items())),
     ]
 
 
@@ -340,6 +356,28 @@ def _sample_positions(
     keep = torch.zeros(n, dtype=torch.bool)
     keep[take] = True
     return {**batch, "loss_mask": batch["loss_mask"] & keep.to(batch["loss_mask"].device)}
+
+
+_NEIGHBOUR_KEYS = ("neighbours", "neighbour_lengths", "encoded_mask")
+
+
+def _swap_neighbours(batch: dict[str, torch.Tensor], share: float, seed: int) -> dict[str, Any]:
+    """A seeded random ``share`` of the B sequences read the next sequence's neighbours (negatives).
+
+    Everything that describes neighbours moves together (tokens, lengths, cached encodings).
+    Batches of one sequence are returned unchanged.
+    """
+    B = batch["tokens"].shape[0]
+    if B < 2:
+        return batch
+    g = torch.Generator().manual_seed(seed % 2**63)
+    swap = torch.rand(B, generator=g) < share  # (B,)
+    src = torch.where(swap, (torch.arange(B) + 1) % B, torch.arange(B))
+    out = dict(batch)
+    for key, v in batch.items():
+        if key in _NEIGHBOUR_KEYS or key.startswith("encoded."):
+            out[key] = v[src.to(v.device)]
+    return out
 
 
 class SequenceSubset(Subset):
@@ -1124,13 +1162,18 @@ def _train(
                     )
                     for i, b in enumerate(micro)
                 ]
+            if tc.negative_share > 0.0:
+                micro = [
+                    _swap_neighbours(b, tc.negative_share, tc.seed * 999_983 + step * 137 + i)
+                    for i, b in enumerate(micro)
+                ]
             samples_seen += tc.batch_size * tc.grad_accum  # global: every rank's share together
             step_tokens = sum(int(b["loss_mask"].sum()) for b in micro)
             if ddp is not None:  # the loss is the mean over the real tokens of ALL ranks
                 step_tokens = int(_all_reduce([step_tokens], torch.int64, device)[0])
             lr = lr_at(step, tc)
             for g in optimizer.param_groups:
-                g["lr"] = lr
+                g["lr"] = lr * g.get("lr_scale", 1.0)
             optimizer.zero_grad(set_to_none=True)
             loss_total = 0.0
             if ddp is None:
