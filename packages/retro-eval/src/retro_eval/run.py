@@ -91,6 +91,8 @@ class BenchmarkSpec:
     max_chars: int | None = None
     max_questions: int | None = None
     database: Path | None = None
+    text_field: str = "text"
+    subset_field: str | None = None
 
 
 @dataclass
@@ -215,14 +217,23 @@ def parse_run_config(data: Any, base_dir: str | Path = ".", source: str = "run.y
             raise RunConfigError(f"{where}: expected a name/path string or a mapping with 'name'")
         extra = sorted(
             set(b)
-            - {"name", "path", "split", "max_documents", "max_chars", "max_questions", "database"}
-        )
+            - {
+                "name", "path", "split", "max_documents", "max_chars", "max_questions", "database",
+                "text_field", "subset_field",
+            }
+        )  # fmt: skip
         if extra:
             raise RunConfigError(f"{where}: unknown field(s) {', '.join(extra)}")
         label = str(b.get("name") or b["path"])
         name = str(_path(base, b["path"], where)) if b.get("path") else b["name"]
         if not b.get("path") and not Path(name).is_absolute() and (base / name).exists():
             name = str(base / name)  # a path relative to the config file
+        fields = {}
+        for key in ("text_field", "subset_field"):
+            v = b.get(key)
+            if v is not None and (not isinstance(v, str) or not v.strip()):
+                raise RunConfigError(f"{where}: '{key}' must be a field name (dotted), got {v!r}")
+            fields[key] = v
         specs.append(
             BenchmarkSpec(
                 name=name,
@@ -232,6 +243,8 @@ def parse_run_config(data: Any, base_dir: str | Path = ".", source: str = "run.y
                 max_chars=_opt_int(b, "max_chars", where),
                 max_questions=_opt_int(b, "max_questions", where),
                 database=_path(base, b["database"], where) if b.get("database") else None,
+                text_field=fields["text_field"] or "text",
+                subset_field=fields["subset_field"],
             )
         )
     db = None
@@ -346,7 +359,9 @@ class _Timer:
 def _load_bench(spec: BenchmarkSpec) -> Any:
     from .benchmarks import load_benchmark
 
-    bench = load_benchmark(spec.name, spec.split)
+    bench = load_benchmark(
+        spec.name, spec.split, text_field=spec.text_field, subset_field=spec.subset_field
+    )
     bench.name = spec.label or spec.name
     if spec.max_documents and bench.kind == "lm":
         bench.documents = bench.documents[: spec.max_documents]
@@ -682,7 +697,7 @@ def _eval_lm(
             out["bins"][measure] = _bins(values, scores, cfg)
     subsets: dict[str, list[int]] = {}
     for i, d in enumerate(docs):
-        s = (d.meta or {}).get("pile_set_name")
+        s = (d.meta or {}).get("subset", (d.meta or {}).get("pile_set_name"))
         if s:
             subsets.setdefault(str(s), []).append(i)
     if subsets:
