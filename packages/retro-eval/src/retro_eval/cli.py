@@ -55,6 +55,19 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     r = sub.add_parser("run", help="evaluate as a run.yaml says")
     r.add_argument("--config", required=True, help="run.yaml")
+    r.add_argument(
+        "--max-documents",
+        type=int,
+        default=None,
+        metavar="N",
+        help="score only the first N documents (questions) of each benchmark (a quick run; "
+        "overrides run.yaml's max_documents / max_questions)",
+    )
+    r.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="neither read nor write the per-document cache in the output directory",
+    )
     rep = sub.add_parser("report", help="render report.md and plots from results.json")
     rep.add_argument("results", help="results.json")
     rep.add_argument("--out", default=None, help="output directory (default: beside results.json)")
@@ -93,9 +106,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         if args.command == "run":
-            from .run import run_evaluation
+            from .run import load_run_config, run_evaluation
 
-            results = run_evaluation(args.config)
+            if args.max_documents is not None and args.max_documents < 1:
+                raise ValueError(
+                    f"--max-documents: expected an integer >= 1, got {args.max_documents}"
+                )
+            cfg = load_run_config(args.config)
+            if args.max_documents is not None:
+                for b in cfg.benchmarks:
+                    b.max_documents = b.max_questions = args.max_documents
+            if args.no_cache:
+                cfg.cache = False
+            results = run_evaluation(cfg)
             out = results["config"]["output"]
             n = len(results["benchmarks"])
             print(

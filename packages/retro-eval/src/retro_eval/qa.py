@@ -7,6 +7,12 @@ shift). Generation is ``retro_core.generate.generate`` (greedy, KV-cached, retri
 chunk completes). Answers are scored with SQuAD's normalisation (``retro_eval.metrics``): exact match
 and token F1, maximised over the gold answers. The closed-book row is the same model with no
 retriever (RETRO[OFF]).
+
+Retrieval recall (:func:`answer_hit_ranks`, :func:`recall_at`): for each question, the chunk that
+ends its aligned prompt (the query whose neighbours condition the answer) retrieves its top 10
+neighbours (chunk + continuation, as the model reads them); a question is a hit at k when a gold
+answer, normalised as exact match normalises it (lower case, no punctuation, no articles, single
+spaces), appears as whole words in the normalised text of one of its first k neighbours.
 """
 
 from __future__ import annotations
@@ -23,7 +29,19 @@ from .perplexity import check_retriever_for, has_retrieval, model_geometry
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_TEMPLATE", "QAResult", "align_prompt", "answer_questions", "format_prompt"]
+__all__ = [
+    "DEFAULT_TEMPLATE",
+    "RECALL_KS",
+    "QAResult",
+    "align_prompt",
+    "answer_hit_ranks",
+    "answer_questions",
+    "format_prompt",
+    "recall_at",
+]
+
+#: top-k cut-offs of the retrieval recall reported beside EM / F1.
+RECALL_KS = (1, 2, 10)
 
 DEFAULT_TEMPLATE = "question: {question}\nanswer:"
 
@@ -146,4 +164,65 @@ def answer_questions(
     logger.info(
         "QA (%s): %s", "RETRO[ON]" if retriever is not None else "closed book", out.summary()
     )
+    return out
+
+
+def answer_hit_ranks(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    examples: Sequence[Any],
+    retriever: Any,
+    *,
+    depth: int = max(RECALL_KS),
+    template: str = DEFAULT_TEMPLATE,
+    max_new_tokens: int = 24,
+) -> list[int]:
+    """Rank (0-based) of the first retrieved neighbour holding a gold answer, per question; -1 when
+    none of the first ``depth`` does.
+
+    The query is the last chunk of the prompt :func:`answer_questions` gives the model (same
+    template, alignment and length budget), so the neighbours are those its answer is conditioned
+    on (``depth`` of them instead of k). Answers and neighbour text are compared after
+    ``metrics.normalize_answer``, as whole words.
+    """
+    from .metrics import normalize_answer
+
+    check_retriever_for(model, retriever)
+    n, m, _, pad_id = model_geometry(model)
+    max_new = max(1, min(int(max_new_tokens), n - m))
+    budget = (n - max_new) // m * m
+    queries = []
+    for ex in examples:
+        prompt = align_prompt(
+            tokenizer.encode(format_prompt(ex.question, template)), m, pad_id, budget
+        )
+        queries.append(prompt[-m:])  # the query generate() sends for the answer's chunk
+    if not queries:
+        return []
+    import numpy as np
+
+    nb = retriever.retrieve(np.asarray(queries, dtype=np.int64), int(depth))
+    toks, lens = np.asarray(nb.tokens), np.asarray(nb.lengths)
+    ranks = []
+    for i, ex in enumerate(examples):
+        golds = [g for g in (normalize_answer(a) for a in ex.answers) if g]
+        rank = -1
+        for j in range(min(int(depth), toks.shape[1])):
+            text = " " + normalize_answer(tokenizer.decode(toks[i, j, : lens[i, j]].tolist())) + " "
+            if any(f" {g} " in text for g in golds):
+                rank = j
+                break
+        ranks.append(rank)
+    return ranks
+
+
+def recall_at(ranks: Sequence[int], ks: Sequence[int] = RECALL_KS) -> dict[str, Any]:
+    """Retrieval recall from :func:`answer_hit_ranks`: ``{"top1": %, "top2": %, "top10": %,
+    "questions": n}`` (percent of questions with a hit among the first k neighbours)."""
+    n = len(ranks)
+    out: dict[str, Any] = {
+        f"top{k}": (100.0 * sum(1 for r in ranks if 0 <= r < k) / n if n else float("nan"))
+        for k in ks
+    }
+    out["questions"] = n
     return out
