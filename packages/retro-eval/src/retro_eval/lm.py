@@ -186,7 +186,8 @@ class RetroLM(LM):
     """A retro_core RETRO model (or decoder-only baseline) with an optional retro_db database.
 
     Args:
-        checkpoint: checkpoint directory of either kind (``retro_core.loading.load_model``), or None when
+        checkpoint: a training run directory (its latest checkpoint, logged), a checkpoint directory
+            or a retro-fitted checkpoint (``retro_core.loading.load_model``), or None when
             ``model`` is given.
         database: database directory (``retro_db.Database.open``), or None when ``retriever`` is
             given or for RETRO[OFF].
@@ -228,9 +229,9 @@ class RetroLM(LM):
                 raise ValueError(
                     "RetroLM: model arg 'checkpoint' (a checkpoint directory) is required"
                 )
-            from retro_core.loading import load_model
+            from .checkpoints import load_eval_model
 
-            model = load_model(str(checkpoint))
+            model = load_eval_model(str(checkpoint))
         if device and str(device).startswith("cuda") and not torch.cuda.is_available():
             logger.warning("RetroLM: device=%s but CUDA is not available: using the CPU", device)
             device = "cpu"
