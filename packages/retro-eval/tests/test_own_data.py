@@ -243,6 +243,11 @@ def test_lm_eval_model_and_generate_take_a_run_directory(world, capsys) -> None:
     assert out == prompt + db.tokenizer.decode(new)
     assert main(["generate", str(world["root"] / "nope"), "--prompt", "x"]) == 2
     assert "no such checkpoint" in capsys.readouterr().err
+    nope = f"checkpoint={world['root'] / 'nope'}"
+    assert main(["lm-eval", "--model", "retro", "--model_args", nope, "--tasks",
+                 "retro_wikitext_mini", "--limit", "1"]) == 2  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("retro-eval: error: ") and "no such checkpoint" in err[-1]
 
 
 # -------------------------------------------------------------- retro-eval run on own data

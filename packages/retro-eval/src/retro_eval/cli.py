@@ -155,7 +155,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "lm-eval":
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-        return _lm_eval(argv[1:])
+        try:
+            return _lm_eval(argv[1:])
+        except (ValueError, FileNotFoundError, NotADirectoryError) as e:
+            # a bad model argument (checkpoint, database, k, retrieval): one line, exit 2
+            msg = " ".join(str(e).split()) or type(e).__name__
+            print(f"retro-eval: error: {msg}", file=sys.stderr)
+            return 2
     args = _parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
