@@ -420,3 +420,34 @@ def test_bad_own_benchmark_is_exit_2(world, tmp_path, capsys) -> None:
     err = capsys.readouterr().err.strip()
     assert "\n" not in err
     assert "bad.jsonl:1: field 'paragraphs'" in err and "has: paragraphs, title" in err
+
+
+def test_result_cache_refuses_corrupted_entries(tmp_path: Path) -> None:
+    from retro_eval.cache import ResultCache, cache_key
+
+    rc = ResultCache(tmp_path / "cache")
+    a, b = cache_key("a"), cache_key("b")
+    rc.put_json(a, {"em": [1.0, 0.0], "predictions": ["x", "y"]})
+    rc.put_json(b, {"em": [0.0], "predictions": ["z"]})
+    assert rc.get_json(a) == {"em": [1.0, 0.0], "predictions": ["x", "y"]}
+    path_a = next((tmp_path / "cache").glob(f"*/{a}.json"))
+    path_b = next((tmp_path / "cache").glob(f"*/{b}.json"))
+    entry = json.loads(path_a.read_text())
+    entry["value"]["em"][1] = 1.0  # a changed number: the checksum no longer matches
+    path_a.write_text(json.dumps(entry))
+    assert rc.get_json(a) is None and not path_a.exists()
+    path_b.write_text(path_b.read_text()[:-5])  # truncated
+    assert rc.get_json(b) is None
+    rc.put_arrays(a, {"bits": np.arange(3.0)})
+    npz = next((tmp_path / "cache").glob(f"*/{a}.npz"))
+    other = tmp_path / "cache" / b[:2] / f"{b}.npz"  # where b's entry lives
+    other.parent.mkdir(exist_ok=True)
+    other.write_bytes(npz.read_bytes())  # an entry under another entry's name
+    assert rc.get_arrays(b) is None and not other.exists()
+    np.testing.assert_array_equal(rc.get_arrays(a)["bits"], np.arange(3.0))
+    npz.write_bytes(b"PK\x03\x04 not a zip")
+    assert rc.get_arrays(a) is None
+    assert rc.corrupted == 4
+    with pytest.raises(TypeError, match="no pickled objects"):
+        rc.put_arrays(a, {"x": np.array([{"a": 1}], dtype=object)})
+    assert ResultCache(None).get_arrays(a) is None  # disabled: stores and finds nothing
