@@ -20,6 +20,10 @@ measured separately on a sample of the same chunks; the end-to-end MiniLM build 
 estimated as 1 / (1/pipeline + 1/encoder) (the encoder dominates by ~2 orders of magnitude).
 
 Ratios: build chunks/s at 4x / 1x (target ~1: flat) and peak RSS 4x / 1x (target ~1: streaming).
+At 1x, after the append, the child also times the sha256 verification of the database (what
+``retro-db neighbours`` runs) and of a k=2 training dataset written from it (what ``retro-train``
+runs); both are set against the MiniLM embedding rate measured in the same run (issue 16: the
+verification must stay well under the embedding cost).
 
 Usage: python benchmarks/bench_growth.py [--quick] [--out PATH] [--shard-chunks N] [--data DIR]
 """
@@ -123,8 +127,34 @@ def child(args: argparse.Namespace) -> int:
     res["append_s"] = time.perf_counter() - t0
     res["append_chunks"] = db.num_chunks - n
     res["append_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if args.verify_cost:
+        res.update(verify_cost(db, db_dir))
     print("RESULT " + json.dumps(res), flush=True)
     return 0
+
+
+def verify_cost(db, db_dir: Path) -> dict:
+    """Seconds of the sha256 verification (issue 16) that ``retro-db neighbours`` runs on the
+    database and ``retro-train`` on the training dataset, each file streamed once (warm page cache:
+    the files were just written). Measured after the append, so the memory figures are untouched.
+    """
+    import shutil
+
+    from retro_core.data import verify_dataset
+    from retro_db.database import Database
+    from retro_db.neighbours import write_neighbours
+
+    t0 = time.perf_counter()
+    Database.open(db_dir, verify=True)
+    res = {"verify_db_s": time.perf_counter() - t0, "verify_db_bytes": dir_bytes(db_dir)}
+    ds = db_dir.with_name(db_dir.name + "-dataset")
+    write_neighbours(db, None, ds, k=2, threads=1, progress=False, verify=False)
+    t0 = time.perf_counter()
+    verify_dataset(ds)
+    res["verify_dataset_s"] = time.perf_counter() - t0
+    res["verify_dataset_bytes"] = dir_bytes(ds)
+    shutil.rmtree(ds)
+    return res
 
 
 def minilm_rate(texts: list[str], threads: int) -> tuple[float, str]:
@@ -148,6 +178,7 @@ def main() -> int:
     ap.add_argument("--corpus", help=argparse.SUPPRESS)
     ap.add_argument("--append", help=argparse.SUPPRESS)
     ap.add_argument("--db", help=argparse.SUPPRESS)
+    ap.add_argument("--verify-cost", action="store_true", help=argparse.SUPPRESS)
     _corpus.add_argument(ap)
     args = ap.parse_args()
     if args.child:
@@ -175,6 +206,7 @@ def main() -> int:
                 str(tmp / f"db{size}"),
                 "--shard-chunks",
                 str(args.shard_chunks),
+                *(["--verify-cost"] if size == 1 else []),  # sha256 verification vs embedding
             ]
             env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
             out = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -229,6 +261,16 @@ def main() -> int:
     figures["index"] = r4["index"]
     figures[f"minilm_{precision}_chunks_per_s_2threads"] = round(enc_rate, 1)
     figures["estimated_minilm_build_chunks_per_s"] = round(1 / (1 / pipe + 1 / enc_rate), 1)
+    # Verification (issue 16) against the embedding it protects, side by side in this run.
+    n1 = r1["chunks"] + r1["append_chunks"]  # the 1x database after its append
+    verify_db_rate = n1 / r1["verify_db_s"]
+    verify_ds_rate = n1 / r1["verify_dataset_s"]
+    figures["1x verify database s (sha256 of every file)"] = round(r1["verify_db_s"], 3)
+    figures["1x verify database MB"] = round(r1["verify_db_bytes"] / 2**20, 1)
+    figures["1x verify database chunks/s"] = round(verify_db_rate, 1)
+    figures["1x verify dataset s (retro-train)"] = round(r1["verify_dataset_s"], 3)
+    figures["1x verify dataset MB"] = round(r1["verify_dataset_bytes"] / 2**20, 1)
+    figures["1x verify dataset chunks/s"] = round(verify_ds_rate, 1)
     thr = r4["chunks_per_s"] / r1["chunks_per_s"]
     mem = r4["build_peak_rss_mb"] / r1["build_peak_rss_mb"]
     above1 = r1["build_peak_rss_mb"] - r1["baseline_rss_mb"]
@@ -260,6 +302,19 @@ def main() -> int:
             "target": ">= 0.5 (an append costs about its own size, no rebuild)",
             "met": r4["append_chunks_per_s"] / r4["chunks_per_s"] >= 0.5,
         },
+        {
+            "what": f"sha256 verification of the database / MiniLM embedding ({precision}), chunks/s",
+            "ratio": round(verify_db_rate / enc_rate, 1),
+            "target": ">= 10 (verification well under the embedding cost)",
+            "met": verify_db_rate / enc_rate >= 10,
+        },
+        {
+            "what": f"sha256 verification of the training dataset / MiniLM embedding ({precision}), "
+            "chunks/s",
+            "ratio": round(verify_ds_rate / enc_rate, 1),
+            "target": ">= 10 (verification well under the embedding cost)",
+            "met": verify_ds_rate / enc_rate >= 10,
+        },
     ]
     notes = [
         f"{'QUICK: ' if args.quick else ''}1x = {r1['chunks']} chunks ({r1['chars']} chars of "
@@ -278,6 +333,14 @@ def main() -> int:
         )
         + " (faiss grows the Flat vector by reallocation, so the "
         "transient peak is up to ~2-3x the index).",
+        f"Verification (issue 16): the sha256 of every file of the 1x database after its append "
+        f"({n1} chunks, {r1['verify_db_bytes'] / 2**20:.1f} MB with hash:384 keys) takes "
+        f"{r1['verify_db_s']:.2f} s ({verify_db_rate:.0f} chunks/s), of its k=2 training dataset "
+        f"({r1['verify_dataset_bytes'] / 2**20:.1f} MB) {r1['verify_dataset_s']:.2f} s "
+        f"({verify_ds_rate:.0f} chunks/s), against {enc_rate:.0f} chunks/s to embed them with "
+        f"MiniLM: {verify_db_rate / enc_rate:.0f}x and {verify_ds_rate / enc_rate:.0f}x faster. "
+        "Files read from the page cache (just written); from a cold disk, verification reads at "
+        "disk speed, once per neighbours / training run.",
     ]
     result = {"name": "growth", "figures": figures, "ratios": ratios, "notes": notes}
     args.out.parent.mkdir(parents=True, exist_ok=True)

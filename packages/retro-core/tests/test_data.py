@@ -17,6 +17,8 @@ from retro_core.data import (
     RetroDataset,
     chunk_documents,
     document_split,
+    manifest_checksum,
+    verify_dataset,
     write_dataset,
 )
 
@@ -344,9 +346,41 @@ def test_writer_refuses_neighbour_from_own_document(tmp_path):
 
 
 def _edit_manifest(d: Path, edit) -> None:
+    """Edit the manifest and refresh its checksum (the field checks must refuse, not the checksum)."""
     m = json.loads((d / "manifest.json").read_text())
     edit(m)
+    m["checksum"] = manifest_checksum(m)
     (d / "manifest.json").write_text(json.dumps(m))
+
+
+def test_manifest_checksum_refuses_edits_and_old_datasets_load_with_a_warning(tmp_path, caplog):
+    d = _write(tmp_path / "ds")
+    m = json.loads((d / "manifest.json").read_text())
+    body = {k: v for k, v in m.items() if k != "checksum"}
+    canonical = json.dumps(body, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    assert m["checksum"] == hashlib.sha256(canonical.encode()).hexdigest()
+    m["tokenizer_id"] = "toy-tol"  # a field no other check can see
+    (d / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(DatasetFormatError) as e:
+        RetroDataset(d, 2)
+    assert "manifest.json: contents differ from its field 'checksum'" in str(e.value)
+    assert "\n" not in str(e.value)
+    m.pop("checksum")  # a dataset written before manifests carried a checksum
+    (d / "manifest.json").write_text(json.dumps(m))
+    assert RetroDataset(d, 2).tokenizer_id == "toy-tol"
+    assert "no 'checksum' field" in caplog.text
+
+
+def test_verify_dataset_reads_every_file_once_and_names_the_changed_one(tmp_path):
+    d = _write(tmp_path / "ds")
+    assert verify_dataset(d)["counts"]["chunks"] == 4
+    raw = bytearray((d / "neighbour_distances.npy").read_bytes())
+    raw[-1] ^= 0x01  # a float's low bit: no value rule can see it
+    (d / "neighbour_distances.npy").write_bytes(bytes(raw))
+    RetroDataset(d, 2)  # the cheap checks pass
+    with pytest.raises(DatasetFormatError) as e:
+        verify_dataset(d)
+    assert "neighbour_distances.npy: sha256" in str(e.value) and "\n" not in str(e.value)
 
 
 @pytest.mark.parametrize(
@@ -398,6 +432,28 @@ def test_reader_refuses_truncated_array(tmp_path):
     (d / "neighbours.npy").write_bytes(raw[: len(raw) - 10])
     with pytest.raises(DatasetFormatError, match=r"neighbours.npy: unreadable or truncated"):
         RetroDataset(d, 2)
+
+
+def test_every_header_byte_flip_is_a_one_line_error_naming_the_file(tmp_path):
+    """Each byte of the .npy header of tokens.npy flipped in turn (numpy's parser then raises
+    ValueError, SyntaxError or tokenize.TokenError): the open or the sha256 check names the file."""
+    d = _write(tmp_path / "ds")
+    p = d / "tokens.npy"
+    raw = p.read_bytes()
+    header = 10 + int.from_bytes(raw[8:10], "little")  # magic, version, length, dict
+    for offset in range(header):
+        flipped = bytearray(raw)
+        flipped[offset] ^= 1 << (offset % 8)
+        p.write_bytes(bytes(flipped))
+        try:
+            RetroDataset(d, 2)
+            verify_dataset(d)
+        except DatasetFormatError as e:
+            assert str(p) in str(e) and "\n" not in str(e), (offset, str(e))
+        else:
+            raise AssertionError(f"a flip at header byte {offset} went unnoticed")
+    p.write_bytes(raw)
+    verify_dataset(d)
 
 
 def test_reader_refuses_array_of_other_shape(tmp_path):

@@ -429,3 +429,55 @@ def test_cli_trains_and_resumes(dataset_dir, tmp_path, capsys):
         == 2
     )
     assert "retro-train: error:" in capsys.readouterr().err
+
+
+def test_cli_verifies_the_dataset_sha256_unless_no_verify(dataset_dir, tmp_path, capsys):
+    """A changed in-vocabulary token passes every cheap check; retro-train's sha256 finds it."""
+    import shutil
+
+    from retro_core.cli import main
+
+    d = tmp_path / "ds"
+    shutil.copytree(dataset_dir, d)
+    a = np.load(d / "tokens.npy", mmap_mode="r+")
+    a[0, 0] = 1 + int(a[0, 0]) % 30  # still a real, in-vocabulary token
+    a.flush()
+    del a
+    RetroDataset(d, 4)  # opens: only the sha256 can tell
+    args = ["--data", str(d), "--preset", "tiny", "--steps", "1", "--seq-chunks", "4"]
+    args += ["--batch-size", "2", "--eval-every", "0", "--valid-fraction", "0.2", "--no-progress"]
+    capsys.readouterr()
+    assert main([*args, "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("retro-train: error: ") and err.count("\n") == 1, err
+    assert f"{d / 'tokens.npy'}: sha256" in err
+    assert latest_checkpoint(tmp_path / "run") is None
+    assert main([*args, "--out", str(tmp_path / "run2"), "--no-verify"]) == 0
+    assert json.loads(capsys.readouterr().out)["step"] == 1
+
+
+def test_disk_full_at_a_checkpoint_names_it_and_leaves_no_partial_one(dataset_dir, tmp_path):
+    """retro-train under a file size limit (RLIMIT_FSIZE, as a full disk): the checkpoint write
+    fails with exit 2 and one line naming the checkpoint and the bytes; nothing partial is left."""
+    import subprocess
+    import sys
+
+    child = (
+        "import resource, signal, sys\n"
+        "from retro_core.cli import main\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (50000, 50000))\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    out = tmp_path / "run"
+    args = ["--data", str(dataset_dir), "--out", str(out), "--preset", "tiny", "--steps", "1"]
+    args += ["--seq-chunks", "4", "--batch-size", "2", "--eval-every", "0", "--no-progress"]
+    args += ["--threads", "1"]
+    p = subprocess.run([sys.executable, "-c", child, *args], capture_output=True, text=True)
+    assert p.returncode == 2, p.stderr
+    err = [line for line in p.stderr.splitlines() if "retro-train: error" in line]
+    assert len(err) == 1, p.stderr
+    ckpt = out / "checkpoints" / "step_00000001"
+    assert f"{ckpt}: writing the checkpoint failed after " in err[0], err[0]
+    assert "File too large" in err[0] and "bytes free there" in err[0]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == []

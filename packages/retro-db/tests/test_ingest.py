@@ -60,12 +60,14 @@ def test_bad_records_are_counted_skipped_and_named(tmp_path, articles, caplog):
     stats = IngestStats()
     with caplog.at_level(logging.WARNING, logger="retro_db.ingest"):
         docs = list(read_jsonl(p, stats=stats))
-    assert [d.text for d in docs] == [articles[0]["text"], articles[1]["text"]]
-    assert stats.documents == 2 and stats.skipped == 4
+    # the invalid byte is replaced and counted; the document stays
+    assert [d.text for d in docs] == [articles[0]["text"], "caf\ufffd", articles[1]["text"]]
+    assert stats.documents == 3 and stats.skipped == 3
+    assert stats.replaced == {f"{p}:2": 1}
     text = caplog.text
     for line, what in [
-        (2, "invalid UTF-8"),
-        (3, "missing field"),
+        (2, "invalid UTF-8 sequences replaced"),
+        (3, "missing field 'text' (the record has: other)"),
         (4, "empty text"),
         (5, "invalid JSON"),
     ]:
@@ -87,12 +89,14 @@ def test_text_file_and_folder(tmp_path, articles):
     (folder / "sub" / "a.txt").write_text(articles[0]["text"], encoding="utf-8")
     (folder / "empty.txt").write_text("\n", encoding="utf-8")
     (folder / "bad.txt").write_bytes(b"line one\nline \xfe two\n")
+    (folder / ".hidden.txt").write_text("not read", encoding="utf-8")
     (folder / "skip.md").write_text("not read", encoding="utf-8")
     stats = IngestStats()
     docs = list(read_text(folder, stats=stats))
-    assert [d.doc_id for d in docs] == ["b.txt", "sub/a.txt"]
-    assert docs[1].text == articles[0]["text"]
-    assert stats.skipped == 2
+    assert [d.doc_id for d in docs] == ["b.txt", "bad.txt", "sub/a.txt"]
+    assert docs[2].text == articles[0]["text"]
+    assert docs[1].text == "line one\nline \ufffd two\n"  # one bad byte: the document stays
+    assert stats.skipped == 1 and stats.replaced == {str(folder / "bad.txt"): 1}
     with pytest.raises(IngestError, match=r"bad\.txt:2: invalid UTF-8"):
         list(read_text(folder, strict=True))
     single = list(read_text(folder / "b.txt"))

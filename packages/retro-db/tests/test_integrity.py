@@ -118,15 +118,15 @@ def _open_checked(path: Path, version: int | None, verify: bool) -> str | None:
 
 
 def test_random_byte_flips_are_all_detected(db):
-    """Seeded random flips over every file of the database: each is refused by open or verify."""
+    """Seeded random flips, 3 in every file of the database: each is refused by open or verify."""
     rng = np.random.default_rng(16)
     files = _files(db)
     pristine = {p: p.read_bytes() for p in files}
     current = json.loads((db / "manifest.json").read_text())["files"]
-    flips = 60
+    flips = 3 * len(files)
     at_open = at_verify = 0
-    for _ in range(flips):
-        p = files[int(rng.integers(len(files)))]
+    for i in range(flips):
+        p = files[i // 3]
         p.write_bytes(pristine[p])
         offset = int(rng.integers(p.stat().st_size))
         _flip(p, offset)
@@ -142,8 +142,32 @@ def test_random_byte_flips_are_all_detected(db):
         at_open += cheap is not None
         at_verify += cheap is None
         p.write_bytes(pristine[p])
-    print(f"byte flips: {flips} of {flips} detected ({at_open} at open, {at_verify} by verify)")
+    print(
+        f"byte flips: {flips} of {flips} in {len(files)} files detected ({at_open} at open, "
+        f"{at_verify} by verify)"
+    )
     assert at_open + at_verify == flips
+
+
+def test_keys_header_flips_name_the_file(db, capsys):
+    """Each byte of a keys.npy header flipped in turn: refused in one line naming the file (the
+    issue saw numpy's bare `Cannot parse header`), by open or verify and by the CLI."""
+    p = db / "shards" / "s00001" / "keys.npy"
+    raw = p.read_bytes()
+    header = 10 + int.from_bytes(raw[8:10], "little")
+    for offset in range(header):
+        flipped = bytearray(raw)
+        flipped[offset] ^= 1 << (offset % 8)
+        p.write_bytes(bytes(flipped))
+        err = _open_checked(db, None, verify=False) or _open_checked(db, None, verify=True)
+        assert err is not None and "s00001/keys.npy" in err, (offset, err)
+    flipped = bytearray(raw)
+    flipped[raw.index(b"{") + 1] ^= 0x5A  # the dict's first quote: `Cannot parse header`
+    p.write_bytes(bytes(flipped))
+    capsys.readouterr()
+    assert main(["info", str(db)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{p}: not a readable .npy file" in err, err
 
 
 def _mm(db: Path, shard: str, name: str) -> np.ndarray:
@@ -269,6 +293,45 @@ def test_second_neighbours_writer_exits_2_and_leaves_nothing(db, tmp_path, capsy
         err = capsys.readouterr().err
         assert ".lock: another neighbours run is writing here" in err
         assert sorted(p.name for p in out.iterdir()) == [".lock"]
+
+
+# ---- disk full -------------------------------------------------------------------------------
+FSIZE_CHILD = """
+import resource, signal, sys
+from retro_db.cli import main
+limit = int(sys.argv[1])
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_disk_full_names_the_file_and_the_bytes_and_leaves_no_temp_file(tmp_path):
+    """A build whose writes hit a file size limit (RLIMIT_FSIZE, as a full disk would): exit 2,
+    one line naming the file, the bytes written of those needed; no temporary file left; the same
+    command without the limit then completes and verifies."""
+    import subprocess
+    import sys
+
+    src = tmp_path / "docs.jsonl"
+    src.write_bytes(_jsonl(40))
+    out = tmp_path / "db"
+    args = ["build", str(src), "--out", str(out), "--embedder", "hash:64", "--chunk-size", "8"]
+    args += ["--shard-chunks", "200", "--index-factory", "Flat", "--no-progress"]
+    limit = 20000  # tokens.npy of a shard: 200 x 8 x 2 + 128 bytes; keys.npy: 200 x 64 x 2 + 128
+    p = subprocess.run(
+        [sys.executable, "-c", FSIZE_CHILD, str(limit), *args], capture_output=True, text=True
+    )
+    assert p.returncode == 2, p.stderr
+    keys = out / "shards" / "s00000" / "keys.npy"
+    assert p.stderr.count("\n") == 1, p.stderr
+    # numpy reports the refused write as "N requested and M written"
+    assert f"{keys}: write failed after {limit} of {200 * 64 * 2 + 128} bytes: " in p.stderr
+    assert "requested and" in p.stderr and "bytes free there" in p.stderr
+    assert not [q for q in out.rglob(".tmp-*")], "a temporary file was left behind"
+    assert (out / "shards" / "s00000" / "tokens.npy").is_file()  # written before: kept
+    assert main(args) == 0
+    assert Database.open(out, verify=True).num_documents == 40
 
 
 # ---- truncated input -------------------------------------------------------------------------

@@ -29,7 +29,9 @@ def test_self_dataset_format_exactly(db, tmp_path):
     man = json.loads((out / "manifest.json").read_text())
     n, m = db.num_chunks, db.chunk_size
     assert {
-        k: man[k] for k in man if k not in ("files", "source_db", "counts", "tokenizer_id")
+        k: man[k]
+        for k in man
+        if k not in ("files", "source_db", "counts", "tokenizer_id", "checksum")
     } == {
         "format": "retro-dataset",
         "version": 1,
@@ -40,6 +42,13 @@ def test_self_dataset_format_exactly(db, tmp_path):
         "pad_id": 50256,
     }
     assert man["tokenizer_id"] == load_tokenizer().id
+    body = json.dumps(
+        {k: v for k, v in man.items() if k != "checksum"},
+        sort_keys=True,
+        ensure_ascii=False,
+        separators=(",", ":"),
+    )
+    assert man["checksum"] == hashlib.sha256(body.encode()).hexdigest()
     assert man["counts"] == {"chunks": n, "documents": db.num_documents}
     assert man["source_db"] == {
         "id": db.id,

@@ -1,10 +1,18 @@
-"""A build killed with SIGKILL and restarted finishes byte-identical to an uninterrupted build."""
+"""Crash safety (issue 16's fault-injection suite, with test_integrity.py): a build, add or
+neighbours run killed with SIGKILL, at fixed points and at seeded random moments, and restarted
+finishes byte-identical to an uninterrupted run; a second concurrent writer of each kind exits 2 and
+leaves nothing behind.
+
+The children run ``CHILD`` below: the hashing embedder, small real texts of tests/data, and a
+per-document delay that stretches the run so that the parent can kill it mid-way.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,25 +20,37 @@ import textwrap
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 CHILD = textwrap.dedent(
     """
-    import json, sys, time
+    import sys, time
+    from pathlib import Path
     import retro_db.shards
-    from retro_db.build import build_database
+    from retro_db.build import add_documents, build_database
     from retro_db.ingest import read_jsonl
+    from retro_db.neighbours import write_neighbours
 
-    src, out, delay = sys.argv[1], sys.argv[2], float(sys.argv[3])
+    op, src, out, delay = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
+    ready = Path(sys.argv[5]) if len(sys.argv) > 5 else None
     retro_db.shards.READ_AHEAD = 1  # tokenise document by document: shards finish one by one
 
     def slow():
         for d in read_jsonl(src, id_field="title"):
-            time.sleep(delay)  # stretch the build so that the parent can kill it mid-way
+            if ready is not None and not ready.exists():
+                ready.write_text("working")  # inside the run: the writer lock is held
+            time.sleep(delay)  # stretch the run so that the parent can kill it mid-way
             yield d
 
-    build_database(slow(), out, embedder="hash:32", chunk_size=16, shard_chunks=40,
-                   index_factory="IVF4,Flat", threads=1, progress=False)
+    if op == "build":
+        build_database(slow(), out, embedder="hash:32", chunk_size=16, shard_chunks=40,
+                       index_factory="IVF4,Flat", threads=1, progress=False)
+    elif op == "add":
+        add_documents(out, slow(), shard_chunks=40, threads=1, progress=False)
+    else:  # neighbours: argv[6] is the database
+        write_neighbours(sys.argv[6], slow(), out, k=2, shard_chunks=20, threads=1,
+                         progress=False)
     """
 )
 
@@ -43,17 +63,20 @@ def _hashes(root: Path) -> dict[str, str]:
     }
 
 
-def _run(script: Path, src: Path, out: Path, delay: float) -> subprocess.Popen:
+def _run(
+    script: Path, src: Path, out: Path, delay: float, *extra: Path, op: str = "build"
+) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     return subprocess.Popen(
-        [sys.executable, str(script), str(src), str(out), str(delay)],
+        [sys.executable, str(script), op, str(src), str(out), str(delay), *map(str, extra)],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
 
 
-def _kill_when(proc: subprocess.Popen, ready, timeout: float = 60.0) -> None:
+def _kill_when(proc: subprocess.Popen, ready, timeout: float = 60.0, after: float = 0.0) -> None:
+    """SIGKILL ``proc`` ``after`` seconds after ``ready()`` holds; it must still be running."""
     t0 = time.monotonic()
     while not ready():
         if proc.poll() is not None:
@@ -64,9 +87,10 @@ def _kill_when(proc: subprocess.Popen, ready, timeout: float = 60.0) -> None:
             proc.kill()
             raise AssertionError("kill point never reached")
         time.sleep(0.005)
+    time.sleep(after)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
-    assert proc.returncode == -signal.SIGKILL
+    assert proc.returncode == -signal.SIGKILL, f"the child ended before the kill: {proc.returncode}"
 
 
 @pytest.mark.slow
@@ -104,6 +128,108 @@ def test_sigkill_and_resume_is_identical(tmp_path, wiki_docs):
     diff = [name for name in want if got[name] != want[name]]
     assert not diff, f"files differ after resume: {diff}"
     assert json.loads((out / "manifest.json").read_text())["counts"]["shards"] >= 6
+
+
+# ---- random SIGKILLs of build, add and neighbours; a concurrent second writer -----------------
+DELAY = 0.05  # seconds per document in the killed runs
+KILLS = 3  # random kills of each kind
+SEEDS = {"build": 161, "add": 162, "neighbours": 163}
+
+
+def _write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text(
+        "".join(json.dumps({"title": r["title"], "text": r["text"]}) + "\n" for r in records),
+        encoding="utf-8",
+    )
+    return path
+
+
+#: a file that exists once a killed run got somewhere (the restart then really resumes)
+PROGRESS = {
+    "build": "shards/s00000/shard.json",
+    "add": "shards/s00003/shard.json",  # small_db has 3 shards
+    "neighbours": "parts/p00000/done.json",
+}
+
+
+def _case(op: str, tmp: Path, small_db: Path, load_records):
+    """(source, killed output, reference output, extra child args, second writer's CLI args)."""
+    out, ref = tmp / "out", tmp / "ref"
+    if op == "build":
+        src = _write_jsonl(tmp / "docs.jsonl", load_records("wikipedia", 30))
+        cli = ["build", str(src), "--out", str(out), "--embedder", "hash:32", "--chunk-size"]
+        cli += ["16", "--shard-chunks", "40", "--index-factory", "IVF4,Flat", "--no-progress"]
+        return src, out, ref, (), cli
+    if op == "add":
+        src = _write_jsonl(tmp / "docs.jsonl", load_records("wikipedia", 34)[14:])
+        shutil.copytree(small_db, out)
+        shutil.copytree(small_db, ref)
+        return (
+            src,
+            out,
+            ref,
+            (),
+            ["add", str(out), str(src), "--shard-chunks", "40", "--no-progress"],
+        )
+    src = _write_jsonl(tmp / "docs.jsonl", load_records("moby_dick", 24))
+    cli = ["neighbours", str(small_db), "--out", str(out), "--corpus", str(src), "-k", "2"]
+    cli += ["--shard-chunks", "20", "--no-verify", "--no-progress"]  # straight to the lock
+    return src, out, ref, (small_db,), cli
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("op", ["build", "add", "neighbours"])
+def test_random_sigkills_resume_identical_and_a_second_writer_exits_2(
+    op, tmp_path, small_db, load_records, capsys
+):
+    """KILLS SIGKILLs at seeded random moments of a run, then a run to the end during which a
+    second writer (the CLI) tries the same output: it exits 2 with one line naming the lock, and
+    the result is byte-identical to an uninterrupted run (so the second writer left nothing)."""
+    from retro_db.cli import main
+    from retro_db.database import Database
+
+    src, out, ref, extra, cli = _case(op, tmp_path, small_db, load_records)
+    n_docs = len(src.read_text().splitlines())
+    script = tmp_path / "child.py"
+    script.write_text(CHILD, encoding="utf-8")
+    p = _run(script, src, ref, 0.0, tmp_path / "ready-ref", *extra, op=op)
+    assert p.wait(timeout=120) == 0, p.stderr.read().decode()
+
+    rng = np.random.default_rng(SEEDS[op])
+    ready = tmp_path / "ready"
+    done = out / PROGRESS[op]
+    for i in range(KILLS):
+        ready.unlink(missing_ok=True)
+        # After `ready` the run still sleeps DELAY per document; after `done` (its first shard or
+        # part) at least 18 documents remain: kills within these bounds land mid-run. The last
+        # kill waits for `done`, so that the final run resumes real work whatever the load.
+        if i < KILLS - 1:
+            when, after = ready.exists, float(rng.uniform(0.0, 0.8 * n_docs * DELAY))
+        else:
+            when, after = (lambda: ready.exists() and done.is_file()), float(rng.uniform(0, 0.5))
+        _kill_when(_run(script, src, out, DELAY, ready, *extra, op=op), when, after=after)
+        if op == "add":
+            assert Database.open(out).version == 1  # the old version stays the readable one
+        else:
+            assert not (out / "manifest.json").exists()
+    assert done.is_file()
+
+    ready.unlink()
+    p = _run(script, src, out, 0.1, ready, *extra, op=op)
+    t0 = time.monotonic()
+    while not ready.exists():
+        assert p.poll() is None, p.stderr.read().decode()
+        assert time.monotonic() - t0 < 60
+        time.sleep(0.005)
+    capsys.readouterr()
+    assert main(cli) == 2  # the child holds the writer lock for at least n_docs * 0.1 s more
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{out / '.lock'}: another" in err, err
+    assert p.wait(timeout=120) == 0, p.stderr.read().decode()
+
+    got, want = _hashes(out), _hashes(ref)
+    assert sorted(got) == sorted(want)  # same files: no temporaries, nothing of the second writer
+    assert [name for name in want if got[name] != want[name]] == []
 
 
 def _crash_after(docs, n):

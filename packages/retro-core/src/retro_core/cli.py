@@ -176,6 +176,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="torch.distributed backend under torchrun (default: nccl on CUDA, gloo on CPU)",
     )
+    p.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="skip the sha256 verification of --data and --valid-data before training (each file "
+        "is read once; the cheap checks of every open, token ids in the vocabulary, still run)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
@@ -328,6 +334,7 @@ def main(argv: list[str] | None = None) -> int:
             stop_after=args.stop_after,
             progress=not args.no_progress,
             dist_backend=args.dist_backend,
+            verify=not args.no_verify,
         )
     except (DatasetFormatError, TrainError, CheckpointError, ValueError) as e:
         where = f" (rank {rank})" if world > 1 else ""

@@ -3,7 +3,8 @@
 A dataset is a directory of ``.npy`` arrays (never pickled) and a ``manifest.json`` written last::
 
     manifest.json           format name + version, m, k, r, tokenizer id, vocab size, pad id,
-                            source database id + manifest hash, counts, sha256/shape/dtype of every file
+                            source database id + manifest hash, counts, sha256/shape/dtype of every file,
+                            ``checksum``: sha256 of the rest (:func:`manifest_checksum`)
     tokens.npy              uint16 (vocab <= 65536) or int32 [N, m]   chunk tokens, padded with pad_id
     lengths.npy             int32 [N]          real tokens per chunk (m except a document's last chunk)
     doc_ids.npy             int64 [N]          document of each chunk; a document's chunks are consecutive
@@ -16,6 +17,10 @@ retro_db writes this format without importing retro_core; :func:`write_dataset` 
 writer (used by tests and small tools). :class:`RetroDataset` reads it with ``np.load(mmap_mode="r")``
 and serves training sequences: up to l consecutive chunks of ONE document (sequences never cross
 documents and tile each document without overlap), padded at the end.
+
+Integrity (issue 16): every open checks the manifest's self-checksum, each file's header (shape,
+dtype) and every token id against the vocabulary; :func:`verify_dataset` (run by ``retro-train``
+unless ``--no-verify``) streams every file once and compares its sha256 with the manifest.
 
 Symbols: N chunks, D documents, m chunk size, k neighbours, r = 2m neighbour tokens,
 l chunks per sequence, n = l * m tokens per sequence.
@@ -36,6 +41,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+from tqdm.auto import tqdm
 
 __all__ = [
     "DATASET_FORMAT",
@@ -44,6 +50,8 @@ __all__ = [
     "RetroDataset",
     "chunk_documents",
     "document_split",
+    "manifest_checksum",
+    "verify_dataset",
     "write_dataset",
 ]
 
@@ -303,6 +311,17 @@ def _sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def manifest_checksum(manifest: Mapping[str, Any]) -> str:
+    """sha256 of the canonical JSON of a dataset manifest without its ``checksum`` field.
+
+    The canonical form is ``json.dumps(sort_keys=True, ensure_ascii=False, separators=(",", ":"))``
+    in UTF-8, the same as retro-db's ``manifest.json_checksum``, so both writers agree.
+    """
+    body = {k: v for k, v in manifest.items() if k != "checksum"}
+    text = json.dumps(body, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
 def _atomic_write(directory: Path, name: str, write: Any) -> Path:
     """Write ``directory/name`` via a temporary file in the same directory: write, fsync, rename."""
     final = directory / name
@@ -456,6 +475,7 @@ def write_dataset(
         "counts": {"chunks": int(n_chunks), "documents": n_docs},
         "files": files,
     }
+    manifest["checksum"] = manifest_checksum(manifest)
     text = json.dumps(manifest, indent=2, sort_keys=False) + "\n"
     _atomic_write(out, MANIFEST, lambda f: f.write(text.encode("utf-8")))
     _fsync_dir(out)
@@ -494,6 +514,17 @@ def _read_manifest(directory: Path) -> dict[str, Any]:
         raise DatasetFormatError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(manifest, dict):
         raise DatasetFormatError(f"{path}: expected a JSON object, got {type(manifest).__name__}")
+    if "checksum" not in manifest:
+        logger.warning(
+            "%s: no 'checksum' field (a dataset written before manifests were self-checked): "
+            "its fields are not protected against edits",
+            path,
+        )
+    elif manifest["checksum"] != manifest_checksum(manifest):
+        raise DatasetFormatError(
+            f"{path}: contents differ from its field 'checksum' "
+            f"{str(manifest['checksum'])[:16]}... (edited or corrupted)"
+        )
     fmt = _field(manifest, path, "format", str)
     if fmt != DATASET_FORMAT:
         raise DatasetFormatError(f"{path}: field 'format' is {fmt!r}, expected {DATASET_FORMAT!r}")
@@ -551,20 +582,73 @@ def _read_manifest(directory: Path) -> dict[str, Any]:
     return manifest
 
 
+def _check_sha256(path: Path, entry: Mapping[str, Any], bar: Any = None) -> None:
+    """Stream ``path`` once; raise DatasetFormatError unless its sha256 is the manifest's."""
+    if not path.is_file():
+        raise DatasetFormatError(f"{path}: missing (listed in {MANIFEST})")
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(_HASH_BLOCK):
+            h.update(block)
+            if bar is not None:
+                bar.update(len(block))
+    digest = h.hexdigest()
+    if digest != entry["sha256"]:
+        raise DatasetFormatError(
+            f"{path}: sha256 {digest[:16]}... does not match {MANIFEST} ({entry['sha256'][:16]}...): "
+            "the file changed or is corrupted"
+        )
+
+
+def verify_dataset(directory: str | os.PathLike[str], *, progress: bool = False) -> dict[str, Any]:
+    """Check the sha256 of every file of a dataset against its manifest (each file read once).
+
+    The cheap checks of every open (manifest self-checksum, headers, token ids in the vocabulary)
+    cannot see a changed in-vocabulary token or neighbour; this can. ``retro-train`` runs it before
+    training (``--no-verify`` skips it).
+
+    Args:
+        directory: the dataset directory.
+        progress: show a tqdm bar over the bytes read.
+
+    Returns:
+        The dataset's manifest.
+
+    Raises:
+        DatasetFormatError: a bad manifest, a missing file or a sha256 that differs (the message
+            names the file).
+    """
+    directory = Path(directory)
+    manifest = _read_manifest(directory)
+    names = [name for name in _FILES if name in manifest["files"]]
+    total = sum((directory / n).stat().st_size for n in names if (directory / n).is_file())
+    with tqdm(
+        total=total,
+        unit="B",
+        unit_scale=True,
+        desc=f"verify {directory.name}",
+        disable=not progress,
+    ) as bar:
+        for name in names:
+            _check_sha256(directory / name, manifest["files"][name], bar)
+    logger.info("verified the sha256 of %d files of %s (%d bytes)", len(names), directory, total)
+    return manifest
+
+
 def _load_array(directory: Path, name: str, entry: Mapping[str, Any], verify: bool) -> np.ndarray:
     path = directory / name
     if not path.is_file():
         raise DatasetFormatError(f"{path}: missing (listed in {MANIFEST})")
     if verify:
-        digest = _sha256_file(path)
-        if digest != entry["sha256"]:
-            raise DatasetFormatError(
-                f"{path}: sha256 {digest[:16]}... does not match {MANIFEST} ({entry['sha256'][:16]}...)"
-            )
+        _check_sha256(path, entry)
     try:
         arr = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError, EOFError) as e:
-        raise DatasetFormatError(f"{path}: unreadable or truncated .npy file ({e})") from None
+    except Exception as e:  # numpy's header parser raises ValueError, SyntaxError, TokenError...
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DatasetFormatError(
+            f"{path}: unreadable or truncated .npy file, expected the header and data "
+            f"{MANIFEST} describes ({first})"
+        ) from None
     if list(arr.shape) != list(entry["shape"]):
         raise DatasetFormatError(
             f"{path}: shape {list(arr.shape)} does not match {MANIFEST} ({entry['shape']})"

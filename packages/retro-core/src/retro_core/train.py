@@ -53,6 +53,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -61,7 +62,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import load_checkpoint, read_checkpoint_config, save_checkpoint
 from .config import RetroConfig
-from .data import RetroDataset
+from .data import RetroDataset, verify_dataset
 from .model import Retro
 from .retrofit import (
     RetrofittedLM,
@@ -684,6 +685,24 @@ def _load_training_state(directory: Path, optimizer: torch.optim.Optimizer) -> d
     return state
 
 
+def _write_error(final: Path, tmp: Path, e: Exception) -> TrainError:
+    """One line for a checkpoint that could not be written: the file, the bytes, the space left.
+
+    The partial checkpoint (``tmp``) is removed; the previous one and ``latest.json`` stay.
+    """
+    written = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file()) if tmp.is_dir() else 0
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        free = f"{shutil.disk_usage(final.parent).free} bytes free there"
+    except OSError:
+        free = "free space unknown"
+    reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return TrainError(
+        f"{final}: writing the checkpoint failed after {written} bytes ({reason}); {free} "
+        "(the partial checkpoint is removed, the previous one kept)"
+    )
+
+
 def _save_checkpoint(
     out_dir: Path,
     model: Retro,
@@ -699,9 +718,12 @@ def _save_checkpoint(
     if tmp.exists():
         shutil.rmtree(tmp)
     save = save_retrofitted if isinstance(model, RetrofittedLM) else save_checkpoint
-    save(model, tmp, extra={"step": scalars["step"], "train_config": scalars["train_config"]})
-    _save_training_state(tmp, optimizer, scalars)
     final = ckpts / name
+    try:
+        save(model, tmp, extra={"step": scalars["step"], "train_config": scalars["train_config"]})
+        _save_training_state(tmp, optimizer, scalars)
+    except (OSError, SafetensorError) as e:  # disk full, file size limit, read-only
+        raise _write_error(final, tmp, e) from None
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -769,6 +791,7 @@ def train(
     stop_after: int | None = None,
     progress: bool = True,
     dist_backend: str | None = None,
+    verify: bool = True,
 ) -> dict[str, Any]:
     """Train a RETRO model (or its baseline) on a dataset directory; checkpoint and resume.
 
@@ -795,6 +818,10 @@ def train(
         progress: show a tqdm progress bar (rank 0 only).
         dist_backend: torch.distributed backend when this call initialises the process group
             (default: nccl for a CUDA device, gloo otherwise).
+        verify: before training, stream every file of ``dataset_dir`` (and ``valid_dir``) once
+            and compare its sha256 with the dataset's manifest
+            (:func:`retro_core.data.verify_dataset`), so that a corrupted dataset never yields a
+            model. False skips it (the cheap checks of every open still run).
 
     Returns:
         Final metrics: step, loss (last step), val_loss (the latest validation, NaN without one),
@@ -816,6 +843,7 @@ def train(
             progress=progress,
             device=device,
             dist_=dist_,
+            verify=verify,
         )
     finally:
         if dist_ is not None and dist_.created:
@@ -834,6 +862,7 @@ def _train(
     progress: bool,
     device: torch.device,
     dist_: _Dist | None,
+    verify: bool = True,
 ) -> dict[str, Any]:
     """The body of :func:`train` (``dist_`` None: a single process, exactly as before DDP)."""
     rank, world = (0, 1) if dist_ is None else (dist_.rank, dist_.world_size)
@@ -866,7 +895,14 @@ def _train(
         logger.info("the model has no CCA layers: training the decoder-only baseline")
     k = tc.num_neighbours if tc.num_neighbours is not None else cfg.num_neighbours
 
-    # Data: peek at the dataset's metadata to resolve k, then open the splits.
+    # Data: verify the bytes (each file read once), peek at the metadata to resolve k, then open
+    # the splits. Every rank verifies (a rank that skipped would wait forever for one that failed).
+    if verify:
+        for d in (dataset_dir, valid_dir):
+            if d is not None:
+                verify_dataset(d, progress=progress and is_main)
+    else:
+        logger.warning("%s: sha256 verification skipped (--no-verify)", dataset_dir)
     meta = RetroDataset(dataset_dir, tc.seq_chunks)
     if retrieval and tc.num_neighbours is None:
         k = min(k, meta.k)

@@ -30,6 +30,7 @@ _LAZY = {
     "IngestError": "retro_db.ingest",
     "IngestStats": "retro_db.ingest",
     "read_documents": "retro_db.ingest",
+    "read_sources": "retro_db.ingest",
     "LMTokenizer": "retro_db.tokenizer",
     "load_tokenizer": "retro_db.tokenizer",
     "ChunkStore": "retro_db.chunks",
@@ -40,6 +41,8 @@ _LAZY = {
     "RetrievedNeighbours": "retro_db.database",
     "build_database": "retro_db.build",
     "add_documents": "retro_db.build",
+    "collect_garbage": "retro_db.build",
+    "GcResult": "retro_db.build",
     "write_neighbours": "retro_db.neighbours",
 }
 __all__ += list(_LAZY)

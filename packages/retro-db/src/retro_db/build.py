@@ -9,7 +9,8 @@ Layout of a database directory::
         documents.jsonl       one line per document: doc_id, index, chunks, tokens, meta
         shard.json            written last: counts, sha256 of the shard's files, source fingerprint
     index/v00001.faiss        the faiss index of that version (keys of all shards, ids = chunk ids)
-    .lock                     flock held by the one writer (build or add) at a time
+    .lock                     flock held by the one writer (build, add or gc) at a time
+    gc.json                   versions whose files `retro-db gc` deleted (collect_garbage)
 
 A build streams the sources into shards of about ``shard_chunks`` chunks (whole documents only):
 tokenise, chunk, embed, write the shard's files, then its ``shard.json``. A complete shard is never
@@ -19,9 +20,13 @@ then trains the index on a seeded sample, adds every key and writes the manifest
 byte-identical to an uninterrupted build (for Flat and IVF indexes; HNSW construction with several
 threads is not deterministic in faiss, use threads=1 for that guarantee).
 
-``add_documents`` appends shards after the current version's, adds their keys to a copy of the
-current index (no retraining, no re-embedding of old chunks), and writes version v+1 under new file
-names. Old files stay, so a reader holding version v keeps working.
+``add_documents`` appends shards after the current version's and writes version v+1 under new
+file names: for an index that needs no training (Flat, HNSW) a new part holding only the new keys
+(listed in the manifest's ``index.parts``, searched beside the earlier files), for a trained one
+(IVF) a copy of the current index with the new keys added (no retraining, no re-embedding of old
+chunks). Old files stay, so a reader holding version v keeps working, until ``collect_garbage``
+(``retro-db gc``) deletes the files of versions no reader can still open (its docstring says how
+that is decided).
 
 The shard machinery (document iteration, fingerprints, the resumable shard writer, adding keys) is
 shards.py, shared with the Ray engine (distributed.py), which is handed the per-shard work and
@@ -45,8 +50,10 @@ from .database import Database
 from .distributed import check_engine, ray_shard_stage
 from .embedders import Embedder, embedder_options, embedder_spec, load_embedder
 from .index import (
+    appendable_index,
     apply_search_params,
     default_factory,
+    new_index,
     read_index,
     set_threads,
     train_index,
@@ -55,6 +62,7 @@ from .index import (
 )
 from .ingest import Document
 from .manifest import (
+    GC_RECORD,
     MANIFEST_NAME,
     DatabaseError,
     atomic_write_json,
@@ -73,8 +81,10 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "SCHEMA_VERSION",
     "BuildStats",
+    "GcResult",
     "add_documents",
     "build_database",
+    "collect_garbage",
 ]
 
 SCHEMA_VERSION = 1
@@ -102,10 +112,12 @@ class BuildStats:
     Attributes:
         already_present: documents whose text the database already held (``add`` re-runs).
         duplicates: documents whose text appeared earlier in the same run.
+        received: documents the sources yielded (before either check).
     """
 
     already_present: int = 0
     duplicates: int = 0
+    received: int = 0
 
 
 def _unique_documents(
@@ -113,6 +125,7 @@ def _unique_documents(
 ) -> Iterator[Document]:
     """``docs`` without those whose text is in ``present`` (the database) or was seen earlier."""
     for doc in docs:
+        stats.received += 1
         fp = text_fingerprint(doc.text)
         if fp in present:
             stats.already_present += 1
@@ -127,8 +140,20 @@ def _unique_documents(
 
 
 def _write_version(
-    db_dir: Path, base: dict[str, Any], shards: list[str], index_file: str, version: int
+    db_dir: Path,
+    base: dict[str, Any],
+    shards: list[str],
+    index_files: list[str],
+    version: int,
+    carried: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """Write version ``version``'s manifest (versions/ and manifest.json, in that order).
+
+    ``index_files``: the index file, then the parts added to it since (an ``add`` that stored
+    only its growth); ``carried``: file entries of an earlier manifest reused as they are (the
+    files were verified then and are never rewritten).
+    """
+    carried = carried or {}
     files: dict[str, Any] = {}
     chunks = documents = 0
     for s in shards:
@@ -138,7 +163,8 @@ def _write_version(
         for name, entry in info["files"].items():
             files[f"shards/{s}/{name}"] = entry
         files[f"shards/{s}/shard.json"] = file_entry(db_dir / "shards" / s / "shard.json")
-    files[index_file] = file_entry(db_dir / index_file)
+    for name in index_files:
+        files[name] = carried[name] if name in carried else file_entry(db_dir / name)
     manifest = dict(base)
     manifest.update(
         {
@@ -150,7 +176,10 @@ def _write_version(
             "files": files,
         }
     )
-    manifest["index"] = dict(manifest["index"], file=index_file)
+    manifest["index"] = dict(manifest["index"], file=index_files[0])
+    manifest["index"].pop("parts", None)
+    if len(index_files) > 1:
+        manifest["index"]["parts"] = list(index_files[1:])
     manifest["version_files"] = {
         f"versions/v{v:05d}.json": file_entry(db_dir / "versions" / f"v{v:05d}.json")["sha256"]
         for v in range(1, version)
@@ -161,6 +190,33 @@ def _write_version(
     atomic_write_json(db_dir / "versions" / f"v{version:05d}.json", manifest)
     atomic_write_json(db_dir / MANIFEST_NAME, manifest)
     return manifest
+
+
+#: what a database folder without a manifest may hold: an interrupted build's files
+_BUILD_ENTRIES = {"shards", "index", "versions", ".lock"}
+
+
+def _check_build_folder(db_dir: Path) -> None:
+    """Refuse to build into an existing folder holding anything but an interrupted build's files."""
+    if db_dir.exists() and not db_dir.is_dir():
+        raise DatabaseError(
+            f"{db_dir}: exists and is not a folder (expected a new database folder)"
+        )
+    if not db_dir.is_dir():
+        return
+    foreign = sorted(
+        p.name
+        for p in db_dir.iterdir()
+        if p.name not in _BUILD_ENTRIES and not p.name.startswith(".tmp-")
+    )
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (
+            f", ... ({len(foreign)} in all)" if len(foreign) > 5 else ""
+        )
+        raise DatabaseError(
+            f"{db_dir}: not empty and not a database (holds {shown}); build into a new or empty "
+            "folder"
+        )
 
 
 def build_database(
@@ -190,7 +246,8 @@ def build_database(
 
     Args:
         sources: Documents, paths (read with ``read_documents``) or iterables of either.
-        out_dir: the database directory (created; must not hold a finished database).
+        out_dir: the database directory: new, empty, or an interrupted build of the same
+            arguments (anything else in it is refused).
         tokenizer: an LMTokenizer, a tokenizer directory, or None for GPT-2 BPE.
         embedder: an embedder object, a spec (``"hash:64"``, an encoder directory) or None for
             all-MiniLM-L6-v2 (needs the [embed] extra).
@@ -216,8 +273,10 @@ def build_database(
     db_dir = Path(out_dir)
     if (db_dir / MANIFEST_NAME).exists():
         raise DatabaseError(
-            f"{db_dir / MANIFEST_NAME}: a database already exists here; use add_documents to grow it"
+            f"{db_dir / MANIFEST_NAME}: a database already exists here; grow it with "
+            "`retro-db add` (Python: add_documents)"
         )
+    _check_build_folder(db_dir)
     with contextlib.ExitStack() as stack:
         stage = None
         if engine == "ray":  # connect first: a bad address leaves nothing on disk
@@ -302,7 +361,7 @@ def _build(
         "embedder": dict(embedder_entry, key_dtype="float16"),
         "index": {"factory": index_factory, "search_params": params, "metric": "l2"},
     }
-    _write_version(db_dir, base, shards, index_file, 1)
+    _write_version(db_dir, base, shards, [index_file], 1)
     logger.info("built %s: %d chunks, index %s", db_dir, n, index_factory)
     return tok, emb
 
@@ -344,12 +403,14 @@ def add_documents(
     Idempotent: a document whose text the database already holds (:func:`text_fingerprint`) is
     skipped and counted in ``stats.already_present``, so re-running an ``add`` (the recovery after
     a kill) adds nothing twice; a document repeating an earlier one of the same run is skipped
-    and counted in ``stats.duplicates``. The index file that is copied is verified (sha256).
+    and counted in ``stats.duplicates``. An index file that is copied (IVF) is verified (sha256).
 
     The tokenizer and embedder are the database's own (the embedder is re-created from the
     manifest's spec unless one is passed; its id and dimension must match the manifest's). New
-    chunks get ids after the existing ones, new keys are added to a copy of the index (no
-    retraining), and ``manifest.json`` moves to version v+1; the files of version v are untouched.
+    chunks get ids after the existing ones; their keys go into a new index part (an index that
+    needs no training: Flat, HNSW) or a copy of the index (IVF; no retraining), and
+    ``manifest.json`` moves to version v+1; the files of version v are untouched. Sources with
+    no document at all are an error (as for a build); documents all already present are not.
 
     Returns:
         The new version, opened.
@@ -414,20 +475,144 @@ def _add(
             db_dir,
             unknown,
         )
+    received = stats.received
     docs = _unique_documents(iter_documents(sources), set(), present, stats)
     new = writer.run(docs, len(man["shards"]), old.num_documents)
     if not new:
-        logger.info("add_documents: nothing to add")
+        if stats.received == received:
+            raise DatabaseError(
+                f"{db_dir}: the sources held no documents with text (nothing added)"
+            )
+        logger.info("retro-db add: nothing new to add")
         return old
-    index_name = man["index"]["file"]
-    check_files(db_dir, {index_name: man["files"][index_name]}, verify=True)
-    index = read_index(db_dir / index_name, mmap=False, dim=old.dim)
-    apply_search_params(index, man["index"]["search_params"])
-    index = add_shard_keys(index, db_dir, new, progress=False)
     version = int(man["version"]) + 1
     index_file = f"index/v{version:05d}.faiss"
-    write_index(index, db_dir / index_file)
+    factory = man["index"]["factory"]
+    if appendable_index(factory, old.dim):
+        # the growth alone: a fresh index of the same factory holding only the new keys, searched
+        # beside the earlier files (Database.open); nothing of the old index is copied
+        index = add_shard_keys(new_index(factory, old.dim), db_dir, new, progress=False)
+        write_index(index, db_dir / index_file)
+        index_files = [man["index"]["file"], *man["index"].get("parts", []), index_file]
+    else:  # trained indexes (IVF): the new keys go into a verified copy of the whole index
+        index_name = man["index"]["file"]
+        check_files(db_dir, {index_name: man["files"][index_name]}, verify=True)
+        index = read_index(db_dir / index_name, mmap=False, dim=old.dim)
+        apply_search_params(index, man["index"]["search_params"])
+        index = add_shard_keys(index, db_dir, new, progress=False)
+        write_index(index, db_dir / index_file)
+        index_files = [index_file]
     base = {k: v for k, v in man.items() if k not in ("files", "shards", "counts", "version")}
-    _write_version(db_dir, base, list(man["shards"]) + new, index_file, version)
+    _write_version(
+        db_dir, base, list(man["shards"]) + new, index_files, version, carried=man["files"]
+    )
     logger.info("added %d shards to %s: version %d", len(new), db_dir, version)
     return Database.open(db_dir, tokenizer=old.tokenizer, embedder=emb, threads=threads)
+
+
+@dataclass
+class GcResult:
+    """What :func:`collect_garbage` deleted (or would delete with ``dry_run``).
+
+    Attributes:
+        removed: the deleted files, relative to the database directory.
+        bytes_freed: their total size.
+        versions_removed: versions whose files are now gone (no longer openable).
+        versions_kept: versions still openable.
+    """
+
+    removed: list[str]
+    bytes_freed: int
+    versions_removed: list[int]
+    versions_kept: list[int]
+
+
+def collect_garbage(
+    db_dir: str | os.PathLike[str],
+    *,
+    grace: float = 3600.0,
+    keep: int = 1,
+    dry_run: bool = False,
+    now: float | None = None,
+) -> GcResult:
+    """Delete the files of old versions that no reader can still open (``retro-db gc``).
+
+    Which versions stay openable:
+
+    * the current version (``manifest.json``) and the ``keep - 1`` versions before it;
+    * every version superseded less than ``grace`` seconds ago. A version v is superseded when
+      version v+1 is written; the time is the modification time of ``versions/v{v+1}.json``.
+      Readers take no lock: a process that read ``manifest.json`` just before an ``add`` opens
+      that version's files a moment later, and ``grace`` covers that window (and any reader
+      that opens an older version by number within it).
+
+    A process that has already opened a version keeps working after its files are deleted (the
+    index and the arrays are memory-mapped or read at open; on POSIX an unlinked file stays
+    readable while mapped). Files shared with a kept version (all shards: versions only append
+    shards) are never deleted, so in practice gc deletes old versions' index files, plus index
+    files no version names (left by an ``add`` killed before its manifest). Version manifests
+    (``versions/v*.json``, small) stay, so the chain of version checksums still verifies; the
+    removed versions are recorded in ``gc.json`` and ``Database.open(version=v)`` refuses them
+    with a one-line error. gc holds the writer lock: it never runs beside a build or add.
+
+    Args:
+        db_dir: the database directory.
+        grace: seconds a superseded version stays openable.
+        keep: newest versions kept whatever their age (>= 1: the current one).
+        dry_run: only report what would be deleted.
+        now: the current time (seconds since the epoch; default ``time.time()``).
+    """
+    import time
+
+    if keep < 1:
+        raise ValueError(f"keep = {keep}: expected >= 1 (the current version is always kept)")
+    if not grace >= 0:
+        raise ValueError(f"grace = {grace}: expected seconds >= 0")
+    db_dir = Path(db_dir)
+    now = time.time() if now is None else now
+    read_json(db_dir / MANIFEST_NAME)  # a one-line error before any lock file is made
+    with writer_lock(db_dir, "build, add or gc") if not dry_run else contextlib.nullcontext():
+        current = Database.open(db_dir, check_values=False)
+        version = current.version
+        record_path = db_dir / GC_RECORD
+        record = read_json(record_path) if record_path.is_file() else {"removed_versions": {}}
+        gone = {int(v) for v in record.get("removed_versions", {})}
+        manifests: dict[int, dict[str, Any]] = {version: current.manifest}
+        for v in range(1, version):
+            p = db_dir / "versions" / f"v{v:05d}.json"
+            if v not in gone and p.is_file():
+                manifests[v] = read_json(p)
+        kept = set(range(max(1, version - keep + 1), version + 1))
+        for v in manifests:
+            nxt = db_dir / "versions" / f"v{v + 1:05d}.json"
+            superseded = nxt.stat().st_mtime if nxt.is_file() else now
+            if now - superseded < grace:
+                kept.add(v)
+        kept &= set(manifests)
+        drop = sorted(set(manifests) - kept)
+        keep_files = {name for v in kept for name in manifests[v]["files"]}
+        named = {name for m in manifests.values() for name in m["files"]}
+        candidates = {name for v in drop for name in manifests[v]["files"]} - keep_files
+        index_dir = db_dir / "index"
+        if index_dir.is_dir():  # index files of no version (an add killed before its manifest)
+            candidates |= {
+                f"index/{p.name}"
+                for p in index_dir.iterdir()
+                if p.is_file() and f"index/{p.name}" not in named and not p.name.startswith(".")
+            }
+        removed = sorted(n for n in candidates if (db_dir / n).is_file())
+        # a dropped version whose every file a kept version still names stays openable
+        drop = [v for v in drop if set(manifests[v]["files"]) - keep_files]
+        kept = set(manifests) - set(drop)
+        freed = sum((db_dir / n).stat().st_size for n in removed)
+        if not dry_run:
+            if drop:  # recorded first: a reader asking for a removed version gets a clear error
+                stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now))
+                removed_versions = dict(record.get("removed_versions", {}))
+                for v in drop:
+                    removed_versions[str(v)] = {"at": stamp}
+                atomic_write_json(record_path, {"removed_versions": removed_versions})
+            for n in removed:
+                (db_dir / n).unlink()
+                logger.info("gc: deleted %s", db_dir / n)
+    return GcResult(removed, freed, drop, sorted(kept))

@@ -7,15 +7,72 @@ error becomes one line on stderr (``retro-db: error: ...``) and exit code 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 
 __all__ = ["main"]
+
+
+class _UsageError(Exception):
+    """A bad command line (argparse's error), reported in one line by :func:`main`."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``retro-db <command>: error: ...`` (no usage block)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise _UsageError(f"{message} (see {self.prog} --help)")
+
+
+def _int(low: int):
+    """argparse type: an integer >= ``low``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
+def _fraction(text: str) -> float:
+    """argparse type: a number in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    """argparse type: a number of seconds >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number of seconds >= 0, got {text}")
+    return value
+
+
+def _add_progress_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress bars (including the encoder's 'Loading weights')",
+    )
 
 
 def _add_source_args(p: argparse.ArgumentParser) -> None:
@@ -25,21 +82,30 @@ def _add_source_args(p: argparse.ArgumentParser) -> None:
         choices=["auto", "jsonl", "text", "wikitext103", "pile", "parquet"],
         help="source format (auto: from the file name)",
     )
-    p.add_argument("--text-field", default="text", help="JSONL/Parquet field holding the text")
-    p.add_argument("--id-field", default=None, help="JSONL/Parquet field holding a document id")
-    p.add_argument("--strict", action="store_true", help="a bad record is an error, not a warning")
+    p.add_argument(
+        "--text-field",
+        default="text",
+        help="JSON/Parquet field holding the text: a string or a list of strings (joined with a "
+        "blank line); dots reach into objects (a.b)",
+    )
+    p.add_argument("--id-field", default=None, help="JSON/Parquet field holding a document id")
+    p.add_argument(
+        "--strict",
+        action="store_true",
+        help="a bad record, invalid UTF-8 or a truncated file is an error, not a warning",
+    )
 
 
 def _add_build_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--batch-size", type=int, default=64, help="embedding batch size")
+    p.add_argument("--batch-size", type=_int(1), default=64, help="embedding batch size")
     p.add_argument(
         "--threads",
-        type=int,
+        type=_int(1),
         default=None,
         help="faiss/embedder threads (--engine ray: per worker)",
     )
-    p.add_argument("--shard-chunks", type=int, default=None, help="chunks per resumable shard")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--shard-chunks", type=_int(1), default=None, help="chunks per resumable shard")
+    _add_progress_arg(p)
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -53,13 +119,18 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
         "--address", default=None, help="Ray cluster address (default: start a local one)"
     )
     p.add_argument(
-        "--num-cpus", type=int, default=None, help="Ray: CPUs to start with, or to use of a cluster"
+        "--num-cpus",
+        type=_int(1),
+        default=None,
+        help="Ray: CPUs to start with, or to use of a cluster",
     )
 
 
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="retro-db", description=__doc__.splitlines()[0])
-    ap.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    ap = _Parser(prog="retro-db", description=__doc__.splitlines()[0])
+    ap.add_argument(
+        "-v", "--verbose", action="store_true", help="log at INFO level and list every file read"
+    )
     sub = ap.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("build", help="build a database from documents (resumable)")
@@ -72,12 +143,12 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="encoder directory, 'minilm' (default all-MiniLM-L6-v2) or 'hash:D' (no model)",
     )
-    p.add_argument("--chunk-size", type=int, default=64, help="m, tokens per chunk")
+    p.add_argument("--chunk-size", type=_int(1), default=64, help="m, tokens per chunk")
     p.add_argument(
         "--index-factory", default=None, help="faiss index_factory string (default by size)"
     )
-    p.add_argument("--nprobe", type=int, default=None, help="IVF search parameter")
-    p.add_argument("--ef-search", type=int, default=None, help="HNSW search parameter")
+    p.add_argument("--nprobe", type=_int(1), default=None, help="IVF search parameter")
+    p.add_argument("--ef-search", type=_int(1), default=None, help="HNSW search parameter")
     _add_build_args(p)
     _add_engine_args(p)
 
@@ -90,15 +161,17 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="counts, sizes on disk, and index recall@k vs exact search")
     p.add_argument("db", help="database directory")
     p.add_argument("--verify", action="store_true", help="check the sha256 of every file")
-    p.add_argument("--sample", type=int, default=200, help="chunks sampled for recall")
-    p.add_argument("-k", type=int, default=10, help="k of recall@k")
+    p.add_argument("--sample", type=_int(1), default=200, help="chunks sampled for recall")
+    p.add_argument("-k", type=_int(1), default=10, help="k of recall@k")
     p.add_argument("--json", action="store_true", help="print JSON")
+    _add_progress_arg(p)
 
     p = sub.add_parser("query", help="print the nearest chunks of a text")
     p.add_argument("db", help="database directory")
     p.add_argument("text", help="query text (its first m tokens are the query chunk)")
-    p.add_argument("-k", type=int, default=5, help="neighbours")
+    p.add_argument("-k", type=_int(1), default=5, help="neighbours")
     p.add_argument("--json", action="store_true", help="print JSON")
+    _add_progress_arg(p)
 
     p = sub.add_parser("neighbours", help="write the training dataset (chunks + k neighbours)")
     p.add_argument("db", help="database directory")
@@ -107,30 +180,71 @@ def _parser() -> argparse.ArgumentParser:
         "--corpus", nargs="*", default=None, help="training documents (default: the database's own)"
     )
     _add_source_args(p)
-    p.add_argument("-k", type=int, default=2, help="neighbours per chunk")
+    p.add_argument("-k", type=_int(1), default=2, help="neighbours per chunk")
     p.add_argument(
         "--no-verify",
         action="store_true",
         help="skip the sha256 check of the database's files (only the cheap checks of every open)",
     )
-    p.add_argument("--shard-chunks", type=int, default=16384, help="chunks per resumable part")
-    p.add_argument("--batch-size", type=int, default=64, help="embedding batch size")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--shard-chunks", type=_int(1), default=16384, help="chunks per resumable part")
+    p.add_argument("--batch-size", type=_int(1), default=64, help="embedding batch size")
+    _add_progress_arg(p)
     _add_engine_args(p)
     p.add_argument(
-        "--threads", type=int, default=None, help="faiss/embedder threads (Ray: per worker, 1)"
+        "--threads", type=_int(1), default=None, help="faiss/embedder threads (Ray: per worker, 1)"
     )
 
     p = sub.add_parser("dedup", help="remove training documents near-duplicating evaluation ones")
-    p.add_argument("--train", nargs="+", required=True, help="training documents")
+    p.add_argument("train", nargs="*", help="training documents (files or folders)")
+    p.add_argument(
+        "--train",
+        dest="train_opt",
+        nargs="+",
+        default=[],
+        help="training documents (as positional)",
+    )
     p.add_argument("--eval", nargs="+", required=True, help="evaluation documents")
-    p.add_argument("--report", required=True, help="JSON report of what was removed and why")
-    p.add_argument("--kept-out", default=None, help="write kept training documents (JSONL)")
+    p.add_argument(
+        "--out",
+        "--kept-out",
+        dest="kept_out",
+        default=None,
+        help="write the kept training documents here (JSONL; JSON records as they were read)",
+    )
+    p.add_argument(
+        "--report", default=None, help="JSON report of what was removed and why (default: none)"
+    )
     _add_source_args(p)
     p.add_argument("--tokenizer", default=None, help="HF tokenizer directory (default GPT-2 BPE)")
-    p.add_argument("--threshold", type=float, default=0.8, help="Jaccard threshold")
-    p.add_argument("--ngram", type=int, default=13, help="shingle size in tokens")
-    p.add_argument("--num-perm", type=int, default=128, help="MinHash permutations")
+    p.add_argument("--threshold", type=_fraction, default=0.8, help="Jaccard threshold")
+    p.add_argument("--ngram", type=_int(1), default=13, help="shingle size in tokens")
+    p.add_argument("--num-perm", type=_int(1), default=128, help="MinHash permutations")
+    _add_progress_arg(p)
+
+    p = sub.add_parser(
+        "gc",
+        aliases=["prune"],
+        help="delete the files of old versions no reader can still open (see --grace)",
+    )
+    p.add_argument("db", help="database directory")
+    p.add_argument(
+        "--grace",
+        type=_seconds,
+        default=3600.0,
+        help="seconds a superseded version stays openable (default 3600)",
+    )
+    p.add_argument(
+        "--keep", type=_int(1), default=1, help="newest versions kept whatever their age"
+    )
+    p.add_argument("--dry-run", action="store_true", help="list what would be deleted")
+    for p in {id(x): x for x in sub.choices.values()}.values():  # -v after the command works too
+        p.add_argument(
+            "-v",
+            "--verbose",
+            action="store_true",
+            default=argparse.SUPPRESS,
+            help="log at INFO level and list every file read",
+        )
     return ap
 
 
@@ -143,24 +257,34 @@ def _reader_kwargs(args: argparse.Namespace) -> dict:
     }
 
 
-def _docs(paths: Sequence[str], args: argparse.Namespace, stats=None):
+def _docs(paths: Sequence[str], args: argparse.Namespace, stats=None, keep_records: bool = False):
     """Check the paths now (before any model loads), then stream their documents."""
-    from .ingest import read_documents
+    from .ingest import read_sources
 
-    for p in paths:
-        if not Path(p).exists():
-            raise FileNotFoundError(f"{p}: no such file or folder")
+    return read_sources(paths, stats=stats, keep_records=keep_records, **_reader_kwargs(args))
 
-    def stream():
-        for p in paths:
-            yield from read_documents(p, stats=stats, **_reader_kwargs(args))
 
-    return stream()
+def _print_read(stats, args: argparse.Namespace, what: str = "read") -> None:
+    """The summary of what the reader read and skipped (every file with -v)."""
+    if args.verbose:
+        for line in stats.details():
+            print(f"  {line}")
+    print(f"{what}: {stats.summary()}")
+
+
+def _no_documents(err: Exception, stats) -> Exception:
+    """``err`` (no documents with text) with the reader's summary, so the cause is on the line."""
+    from .manifest import DatabaseError
+
+    if stats.documents == 0:
+        return DatabaseError(f"{str(err).splitlines()[0]} ({stats.summary()})")
+    return err
 
 
 def _cmd_build(args: argparse.Namespace) -> None:
     from .build import BuildStats, build_database
     from .ingest import IngestStats
+    from .manifest import DatabaseError
 
     stats = IngestStats()
     bstats = BuildStats()
@@ -169,41 +293,50 @@ def _cmd_build(args: argparse.Namespace) -> None:
         params["nprobe"] = args.nprobe
     if args.ef_search is not None:
         params["efSearch"] = args.ef_search
-    db = build_database(
-        _docs(args.sources, args, stats),
-        args.out,
-        tokenizer=args.tokenizer,
-        embedder=args.embedder,
-        chunk_size=args.chunk_size,
-        index_factory=args.index_factory,
-        search_params=params or None,
-        batch_size=args.batch_size,
-        shard_chunks=args.shard_chunks or 65536,
-        threads=args.threads,
-        progress=not args.no_progress,
-        engine=args.engine,
-        address=args.address,
-        num_cpus=args.num_cpus,
-        stats=bstats,
-    )
+    try:
+        db = build_database(
+            _docs(args.sources, args, stats),
+            args.out,
+            tokenizer=args.tokenizer,
+            embedder=args.embedder,
+            chunk_size=args.chunk_size,
+            index_factory=args.index_factory,
+            search_params=params or None,
+            batch_size=args.batch_size,
+            shard_chunks=args.shard_chunks or 65536,
+            threads=args.threads,
+            progress=not args.no_progress,
+            engine=args.engine,
+            address=args.address,
+            num_cpus=args.num_cpus,
+            stats=bstats,
+        )
+    except DatabaseError as e:
+        raise _no_documents(e, stats) from None
+    _print_read(stats, args)
     print(f"built {db}: {_report(stats, bstats)}")
 
 
 def _cmd_add(args: argparse.Namespace) -> None:
     from .build import BuildStats, add_documents
     from .ingest import IngestStats
+    from .manifest import DatabaseError
 
     stats = IngestStats()
     bstats = BuildStats()
-    db = add_documents(
-        args.db,
-        _docs(args.sources, args, stats),
-        batch_size=args.batch_size,
-        shard_chunks=args.shard_chunks,
-        threads=args.threads,
-        progress=not args.no_progress,
-        stats=bstats,
-    )
+    try:
+        db = add_documents(
+            args.db,
+            _docs(args.sources, args, stats),
+            batch_size=args.batch_size,
+            shard_chunks=args.shard_chunks,
+            threads=args.threads,
+            progress=not args.no_progress,
+            stats=bstats,
+        )
+    except DatabaseError as e:
+        raise _no_documents(e, stats) from None
+    _print_read(stats, args)
     print(f"now {db}: {_report(stats, bstats)}")
 
 
@@ -263,9 +396,11 @@ def _cmd_query(args: argparse.Namespace) -> None:
 
 
 def _cmd_neighbours(args: argparse.Namespace) -> None:
+    from .ingest import IngestStats
     from .neighbours import write_neighbours
 
-    corpus = _docs(args.corpus, args) if args.corpus else None
+    stats = IngestStats()
+    corpus = _docs(args.corpus, args, stats) if args.corpus else None
     manifest = write_neighbours(
         args.db,
         corpus,
@@ -280,39 +415,69 @@ def _cmd_neighbours(args: argparse.Namespace) -> None:
         threads=args.threads,
         verify=not args.no_verify,
     )
+    if args.corpus:
+        _print_read(stats, args, "corpus")
     print(f"wrote {manifest['counts']['chunks']} chunks with k={args.k} neighbours to {args.out}")
 
 
 def _cmd_dedup(args: argparse.Namespace) -> None:
+    from .ingest import IngestStats
     from .manifest import atomic_write_bytes, atomic_write_json
     from .minhash import dedup_documents
     from .tokenizer import load_tokenizer
 
+    train = list(args.train) + list(args.train_opt)
+    if not train:
+        raise ValueError("retro-db dedup: expected training documents (TRAIN ... or --train)")
+    if not args.kept_out and not args.report:
+        raise ValueError("retro-db dedup: expected --out KEPT.jsonl and/or --report REPORT.json")
+    ev_stats, tr_stats = IngestStats(), IngestStats()
+    eval_docs = _docs(args.eval, args, ev_stats)
+    train_docs = _docs(train, args, tr_stats)  # checks the paths before the tokenizer loads
     tok = load_tokenizer(args.tokenizer)
-    eval_ids = [tok.encode(d.text) for d in _docs(args.eval, args)]
+    eval_ids = [tok.encode(d.text) for d in eval_docs]
     report = dedup_documents(
-        (tok.encode(d.text) for d in _docs(args.train, args)),
+        (tok.encode(d.text) for d in train_docs),
         eval_ids,
         threshold=args.threshold,
         num_perm=args.num_perm,
         ngram=args.ngram,
+        progress=not args.no_progress,
     )
-    atomic_write_json(args.report, report.to_dict())
+    if args.report:
+        atomic_write_json(args.report, report.to_dict())
     if args.kept_out:
         kept = set(int(i) for i in report.kept)
-        lines = [
-            json.dumps(
-                {"doc_id": d.doc_id, "text": d.text, "meta": d.meta},
-                ensure_ascii=False,
-                default=str,
-            )
-            for i, d in enumerate(_docs(args.train, args))
-            if i in kept
-        ]
+        lines = []
+        for i, d in enumerate(_docs(train, args, keep_records=True)):
+            if i not in kept:
+                continue
+            # a JSON record or Parquet row is written back as it was read (the user's own id and
+            # fields); a text file becomes {"id", "text"}
+            rec = d.record if d.record is not None else {"id": d.doc_id, "text": d.text, **d.meta}
+            lines.append(json.dumps(rec, ensure_ascii=False, default=str))
         atomic_write_bytes(args.kept_out, "".join(x + "\n" for x in lines).encode("utf-8"))
+    _print_read(tr_stats, args, "train")
+    _print_read(ev_stats, args, "eval")
+    where = ", ".join(x for x in (args.kept_out, args.report) if x)
     print(
         f"dedup: {len(report.removed)} of {report.num_train} training documents removed "
-        f"(Jaccard >= {args.threshold} with one of {report.num_eval}); report {args.report}"
+        f"(Jaccard >= {args.threshold} with one of {report.num_eval}); wrote {where}"
+    )
+
+
+def _cmd_gc(args: argparse.Namespace) -> None:
+    from .build import collect_garbage
+
+    result = collect_garbage(args.db, grace=args.grace, keep=args.keep, dry_run=args.dry_run)
+    if args.verbose or args.dry_run:
+        for name in result.removed:
+            print(f"  {'would delete' if args.dry_run else 'deleted'} {name}")
+    verb = "would free" if args.dry_run else "freed"
+    print(
+        f"gc {args.db}: {verb} {result.bytes_freed} bytes ({len(result.removed)} files of versions "
+        f"{', '.join(map(str, result.versions_removed)) or 'none'}); kept versions "
+        f"{', '.join(map(str, result.versions_kept))}"
     )
 
 
@@ -323,20 +488,75 @@ _COMMANDS = {
     "query": _cmd_query,
     "neighbours": _cmd_neighbours,
     "dedup": _cmd_dedup,
+    "gc": _cmd_gc,
+    "prune": _cmd_gc,
 }
 
 
+@contextlib.contextmanager
+def _quiet_progress(quiet: bool):
+    """With ``quiet``, silence every progress bar, Hugging Face's (``Loading weights``) included.
+
+    Our own bars take ``progress=False`` (no ``TQDM_DISABLE``: tqdm reads it once, at import);
+    huggingface_hub's switch also governs transformers'
+    bars when transformers is imported later, and transformers' own switch is flipped when it is
+    already imported. Everything is switched back afterwards (in-process callers, tests).
+    """
+    if not quiet:
+        yield
+        return
+    undo = []
+    try:
+        from huggingface_hub import utils as hub_utils
+    except ImportError:  # not installed: neither is transformers
+        hub_utils = None
+    if hub_utils is not None and not hub_utils.are_progress_bars_disabled():
+        hub_utils.disable_progress_bars()
+        undo.append(hub_utils.enable_progress_bars)
+    had_transformers = "transformers" in sys.modules
+    if had_transformers:  # then torch is loaded too: importing embed is cheap
+        with contextlib.suppress(ImportError):  # transformers without torch: no encoder to load
+            from .embed import set_progress_bars
+
+            if set_progress_bars(False):
+                undo.append(lambda: set_progress_bars(True))
+    try:
+        yield
+    finally:
+        if undo and not had_transformers and "transformers" in sys.modules:
+            # imported while quiet: it took the hub's switch as its own; switch it back too
+            from .embed import set_progress_bars
+
+            undo.append(lambda: set_progress_bars(True))
+        for f in undo:
+            f()
+
+
+def _one_line(text: str) -> str:
+    """The first line of a message, printable whatever bytes the user typed."""
+    line = text.splitlines()[0] if text.strip() else ""
+    return line.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``retro-db``; returns the exit code (0 ok, 2 error)."""
-    args = _parser().parse_args(argv)
+    """Entry point of ``retro-db``; returns the exit code (0 ok, 2 error).
+
+    Every error, a bad command line included, is one line on stderr and exit code 2.
+    """
+    try:
+        args = _parser().parse_args(argv)
+    except _UsageError as e:
+        print(f"retro-db: error: {_one_line(str(e))}", file=sys.stderr)
+        return 2
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
     try:
-        _COMMANDS[args.command](args)
+        with _quiet_progress(getattr(args, "no_progress", False)):
+            _COMMANDS[args.command](args)
     except (ValueError, OSError, KeyError, ImportError, RuntimeError) as e:  # DatabaseError too
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        msg = _one_line(str(e)) or type(e).__name__
         print(f"retro-db: error: {msg}", file=sys.stderr)
         return 2
     return 0

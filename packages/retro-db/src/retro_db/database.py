@@ -19,8 +19,15 @@ import numpy as np
 
 from .chunks import ChunkStore, check_segment, read_npy, token_dtype
 from .embedders import load_embedder
-from .index import apply_search_params, exact_search_blocks, read_index, set_threads
+from .index import (
+    apply_search_params,
+    combine_indexes,
+    exact_search_blocks,
+    read_index,
+    set_threads,
+)
 from .manifest import (
+    GC_RECORD,
     MANIFEST_NAME,
     DatabaseError,
     check_files,
@@ -127,6 +134,7 @@ class Database:
             self.search_params = dict(manifest["index"].get("search_params", {}))
             shard_names = [str(s) for s in manifest["shards"]]
             index_name = manifest["index"]["file"]
+            part_names = [str(x) for x in manifest["index"].get("parts", [])]
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise DatabaseError(f"{mpath}: malformed field ({type(e).__name__}: {e})") from None
         shard_dirs = [
@@ -134,6 +142,9 @@ class Database:
             for i, s in enumerate(shard_names)
         ]
         index_path = resolve_inside(path, index_name, mpath, "index.file")
+        part_paths = [
+            resolve_inside(path, x, mpath, f"index.parts[{i}]") for i, x in enumerate(part_names)
+        ]
         self._store = ChunkStore(shard_dirs, self._chunk_size, self.pad_id)
         self._key_files = []
         docs = 0
@@ -172,8 +183,11 @@ class Database:
                 raise DatabaseError(
                     f"{mpath}: counts.{what} is {counts[what]} but the shards hold {have}"
                 )
-        self._index = read_index(index_path, mmap=mmap, dim=self.dim)
-        apply_search_params(self._index, self.search_params)
+        parts = [read_index(p, mmap=mmap, dim=self.dim) for p in [index_path, *part_paths]]
+        for part in parts:
+            apply_search_params(part, self.search_params)
+        # an index grown by `add` without a copy: the first file, then each add's new keys
+        self._index = combine_indexes(parts)
         if self._index.ntotal != self._store.num_chunks:
             raise DatabaseError(
                 f"{index_path}: index holds {self._index.ntotal} keys, "
@@ -229,6 +243,13 @@ class Database:
         mpath = (
             path / MANIFEST_NAME if version is None else path / "versions" / f"v{version:05d}.json"
         )
+        if version is not None and (path / GC_RECORD).is_file():
+            removed = read_json(path / GC_RECORD).get("removed_versions", {})
+            if str(int(version)) in removed:
+                raise DatabaseError(
+                    f"{path / GC_RECORD}: version {version} was removed by `retro-db gc` at "
+                    f"{removed[str(int(version))].get('at')} (open the current version)"
+                )
         manifest = read_json(mpath)
         if manifest.get("format") != "retro-db":
             raise DatabaseError(f"{mpath}: format {manifest.get('format')!r}, expected 'retro-db'")

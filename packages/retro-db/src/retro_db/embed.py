@@ -55,6 +55,7 @@ __all__ = [
     "default_model_dir",
     "embed_chunks",
     "resolve_precision",
+    "set_progress_bars",
 ]
 
 DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2"
@@ -66,6 +67,18 @@ class Detokenizer(Protocol):
     """The part of retro_db's ``LMTokenizer`` that :func:`embed_chunks` needs."""
 
     def decode_batch(self, ids: Sequence[Sequence[int]]) -> list[str]: ...
+
+
+def set_progress_bars(enabled: bool) -> bool:
+    """Turn transformers' progress bars (its "Loading weights") on or off; return the old state."""
+    from transformers.utils import logging as tf_logging
+
+    was = tf_logging.is_progress_bar_enabled()
+    if enabled:
+        tf_logging.enable_progress_bar()
+    else:
+        tf_logging.disable_progress_bar()
+    return was
 
 
 def default_model_dir() -> str:

@@ -41,10 +41,13 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "FLAT_THRESHOLD",
     "HNSW_THRESHOLD",
+    "appendable_index",
     "apply_search_params",
+    "combine_indexes",
     "default_factory",
     "exact_search",
     "exact_search_blocks",
+    "new_index",
     "read_index",
     "recall_at_k",
     "set_threads",
@@ -88,6 +91,38 @@ def training_size(factory: str, n: int) -> int:
     return min(n, max(64 * nlist, 65536))
 
 
+def new_index(factory: str, d: int, metric: str = "l2"):  # -> faiss.Index
+    """An empty index from ``factory`` for keys of dimension ``d`` (untrained)."""
+    import faiss
+
+    return faiss.index_factory(
+        d, factory, faiss.METRIC_L2 if metric == "l2" else faiss.METRIC_INNER_PRODUCT
+    )
+
+
+def appendable_index(factory: str, d: int) -> bool:
+    """True when ``factory`` needs no training (Flat, HNSW over Flat): an ``add`` can then store
+    its new keys as a separate part (:func:`combine_indexes`) instead of a copy of the whole index.
+    A trained index (IVF, PQ) is grown in a copy, so that the new keys share its training."""
+    return bool(new_index(factory, d).is_trained)
+
+
+def combine_indexes(parts: list):  # -> faiss.Index
+    """One index searching ``parts`` (each numbered from 0) as if their keys were added in order.
+
+    ``faiss.IndexShards`` with successive ids: part i's ids are offset by the sizes of the parts
+    before it, and the k best of all parts are returned (ties keep the earlier part first).
+    """
+    import faiss
+
+    if len(parts) == 1:
+        return parts[0]
+    combined = faiss.IndexShards(parts[0].d, False, True)
+    for p in parts:
+        combined.add_shard(p)  # the Python wrapper keeps a reference to each part
+    return combined
+
+
 def apply_search_params(index, params: dict[str, int | float]) -> None:
     """Set search parameters such as ``nprobe`` or ``efSearch`` on ``index``."""
     import faiss
@@ -117,7 +152,11 @@ def write_index(index, path: str | os.PathLike[str]) -> None:
     import faiss
 
     with atomic_file(path) as tmp:
-        faiss.write_index(index, str(tmp))
+        try:
+            faiss.write_index(index, str(tmp))
+        except RuntimeError as e:  # faiss reports a failed write (disk full) as RuntimeError
+            lines = [x for x in str(e).splitlines() if x.strip()] or ["faiss write failed"]
+            raise OSError(lines[-1].strip()) from None
 
 
 def read_index(path: str | os.PathLike[str], *, mmap: bool = True, dim: int | None = None):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import logging
 import os
@@ -25,6 +26,7 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "GC_RECORD",
     "MANIFEST_NAME",
     "DatabaseError",
     "atomic_file",
@@ -39,10 +41,13 @@ __all__ = [
     "remove_stale_temp_files",
     "resolve_inside",
     "sha256_file",
+    "write_error",
     "writer_lock",
 ]
 
 MANIFEST_NAME = "manifest.json"
+#: versions whose files ``retro-db gc`` deleted (build.collect_garbage); never named by a manifest
+GC_RECORD = "gc.json"
 TMP_PREFIX = ".tmp-"
 
 
@@ -109,23 +114,51 @@ def _tmp_path(path: Path) -> Path:
 
 
 @contextlib.contextmanager
-def atomic_file(path: str | os.PathLike[str]) -> Iterator[Path]:
+def atomic_file(path: str | os.PathLike[str], size: int | None = None) -> Iterator[Path]:
     """The one crash-safe way retro-db writes a file: yield a temporary path to write to.
 
     The body writes the whole file at the yielded path (``.tmp-<name>`` in the same directory,
     which is created if needed), by any means (``open``, ``np.save``, ``faiss.write_index``, a
     memmap). When the body returns, the file is fsynced, renamed onto ``path`` (an atomic replace
-    on POSIX) and the directory is fsynced. If the body raises, ``path`` is untouched and the
-    temporary file is left for :func:`remove_stale_temp_files` (as after a kill).
+    on POSIX) and the directory is fsynced. If the body raises, ``path`` is untouched. A failed
+    write (an OSError: disk full, file size limit, read-only) removes the temporary file and raises
+    a one-line :class:`DatabaseError` naming ``path``, the bytes written and the bytes free; any
+    other exception leaves it for :func:`remove_stale_temp_files` (as after a kill). ``size``, the
+    bytes the file will have when known, goes into that error.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_path(path)
-    yield tmp
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise write_error(path, tmp, e, size) from None
     os.replace(tmp, path)
     fsync_dir(path.parent)
+
+
+def write_error(path: Path, tmp: Path, e: OSError, size: int | None = None) -> DatabaseError:
+    """The one-line error of a failed write of ``path`` (via ``tmp``, which is removed).
+
+    Names the file, the bytes written (of ``size`` when known), the reason and the bytes free.
+    """
+    import shutil
+
+    written = tmp.stat().st_size if tmp.is_file() else 0
+    tmp.unlink(missing_ok=True)
+    try:
+        free = f"{shutil.disk_usage(path.parent).free} bytes free there"
+    except OSError:
+        free = "free space unknown"
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    reason = e.strerror or text  # "No space left on device", numpy's "N requested and M written"
+    return DatabaseError(
+        f"{path}: write failed after {written}{'' if size is None else f' of {size}'} bytes: "
+        f"{reason}; {free} "
+        "(nothing was replaced; the partial file is removed)"
+    )
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
@@ -142,8 +175,11 @@ def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
 
 def atomic_save_npy(path: str | os.PathLike[str], array: np.ndarray) -> None:
     """Save ``array`` as ``.npy`` (no pickle) atomically (:func:`atomic_file`)."""
-    with atomic_file(path) as tmp, open(tmp, "wb") as f:
-        np.save(f, np.ascontiguousarray(array), allow_pickle=False)
+    array = np.ascontiguousarray(array)
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, np.lib.format.header_data_from_array_1_0(array))
+    with atomic_file(path, size=header.tell() + array.nbytes) as tmp, open(tmp, "wb") as f:
+        np.save(f, array, allow_pickle=False)
 
 
 @contextlib.contextmanager

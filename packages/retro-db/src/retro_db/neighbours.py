@@ -41,6 +41,7 @@ from .manifest import (
     atomic_save_npy,
     atomic_write_json,
     file_entry,
+    json_checksum,
     read_json,
     remove_stale_temp_files,
     writer_lock,
@@ -373,6 +374,7 @@ def finish_dataset(db: Database, out: Path, parts: list[Path], k: int) -> dict[s
         "counts": {"chunks": int(len(doc_ids)), "documents": n_docs},
         "files": {name: file_entry(out / name) for name in DATASET_FILES},
     }
+    manifest["checksum"] = json_checksum(manifest)  # retro_core.data checks it at every open
     atomic_write_json(out / MANIFEST_NAME, manifest)
     shutil.rmtree(out / "parts", ignore_errors=True)
     logger.info("wrote %d chunks with k=%d neighbours to %s", len(doc_ids), k, out)

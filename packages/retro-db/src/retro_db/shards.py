@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from .chunks import CHUNK_FILES, chunk_document, token_dtype, write_chunk_segment
+from .chunks import CHUNK_FILES, chunk_document, read_npy, token_dtype, write_chunk_segment
 from .embedders import Embedder
 from .ingest import Document, read_documents
 from .manifest import (
@@ -343,7 +343,7 @@ class ShardWriter:
 def shard_keys(db_dir: Path, shards: list[str]) -> Iterator[np.ndarray]:
     """The stored keys of each shard in order: float16 memmaps [n_s, d]."""
     for s in shards:
-        yield np.load(db_dir / "shards" / s / "keys.npy", mmap_mode="r", allow_pickle=False)
+        yield read_npy(db_dir / "shards" / s / "keys.npy")  # a corrupt header names the file
 
 
 def add_shard_keys(index: Any, db_dir: Path, shards: list[str], progress: bool) -> Any:
