@@ -5,11 +5,14 @@ untagged, is shell (tag other blocks: ``python``, ``yaml``, ``text``). Each comm
 continuations joined, trailing comments dropped) either runs, verbatim except for the visible
 SCALE rewrites below, in a fresh sandbox folder holding every input the READMEs name, or is listed
 in NOT_RUN with the reason. The commands of one block run in order in one sandbox (a block's later
-lines use what its earlier lines wrote). A command added to a README is run from then on, so a
+lines use what its earlier lines wrote), except those listed in SEPARATE (alternatives to an
+earlier line, e.g. another build into the same folder), which run alone in a fresh sandbox. A command added to a README is run from then on, so a
 documented command cannot silently go wrong; one that cannot run here must be listed, with why.
 
 Sandbox inputs (made from data committed in the repository): ``corpus.jsonl``, ``more.jsonl``,
 ``train.jsonl``, ``test.jsonl`` (``{"id", "text"}`` records of the pile-mini pack),
+``articles.jsonl`` (``{"title", "paragraphs": [...]}``), ``my_folder/`` (a .txt, a .md in a
+subfolder and a .jsonl),
 ``wiki.train.raw`` (the start of wikitext-mini's train split), ``pile/00.jsonl.zst`` (Pile
 records), ``runs/dataset`` (a training dataset written by ``retro_db.write_neighbours``), ``DB`` (a
 database, GPT-2 BPE, m = 64, hashing encoder), ``CKPT`` (a run directory written by
@@ -52,10 +55,18 @@ NOT_RUN: list[tuple[str, str]] = [
         r"^retro-eval demo\b",
         "the ~20-minute main job (nox -s demo); tests/test_demo.py runs it tiny",
     ),
+]
+
+#: Commands run alone, each in a fresh sandbox of its own rather than after the block's earlier
+#: commands (regular expression, reason): alternatives that would collide with an earlier line.
+SEPARATE: list[tuple[str, str]] = [
     (
-        r"^retro-db dedup train\.jsonl --eval test\.jsonl --out kept\.jsonl",
-        "a usage error in retro-db's CLI today (issue 19); its fix is retro-db's part of the issue: "
-        "remove this entry when it lands",
+        r"^retro-db build my_folder/ --out db\b",
+        "an alternative to the block's first build, into the same `db` (which then exists)",
+    ),
+    (
+        r"^retro-db build articles\.jsonl .*--out db\b",
+        "an alternative to the block's first build, into the same `db` (which then exists)",
     ),
 ]
 
@@ -146,6 +157,10 @@ def not_run_reason(cmd: str) -> str | None:
     return None
 
 
+def separate(cmd: str) -> bool:
+    return any(re.search(pattern, cmd) for pattern, _ in SEPARATE)
+
+
 def scaled(cmd: str) -> str:
     for pattern, repl, _ in SCALE:
         cmd = re.sub(pattern, repl, cmd)
@@ -177,10 +192,10 @@ def test_the_extractor_reads_blocks_as_a_shell_would(tmp_path: Path) -> None:
 def test_every_readme_command_is_run_or_marked() -> None:
     cmds = all_commands()
     assert len(cmds) >= 20, "the extractor found too few commands"
-    for pattern, reason in NOT_RUN:
+    for pattern, reason in NOT_RUN + SEPARATE:
         assert reason.strip(), pattern
         assert any(re.search(pattern, c.text) for c in cmds), (
-            f"NOT_RUN entry {pattern!r} matches no README command any more: remove it"
+            f"NOT_RUN / SEPARATE entry {pattern!r} matches no README command any more: remove it"
         )
     run = [c for c in cmds if not_run_reason(c.text) is None]
     assert len(run) >= 10, [c.text for c in run]
@@ -215,6 +230,15 @@ def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Path:
     _jsonl(base / "more.jsonl", rows[6:8])
     _jsonl(base / "train.jsonl", rows[:4])
     _jsonl(base / "test.jsonl", [rows[0], rows[9]])
+    _jsonl(
+        base / "articles.jsonl",
+        [{"title": r["id"], "paragraphs": r["text"].split("\n\n")} for r in rows[2:5]],
+    )
+    folder = base / "my_folder"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "a.txt").write_text(rows[5]["text"], encoding="utf-8")
+    (folder / "sub" / "b.md").write_text(rows[6]["text"], encoding="utf-8")
+    _jsonl(folder / "c.jsonl", rows[7:9])
     with gzip.open(pack_path("wikitext-mini") / "wiki.train.raw.gz", "rt", encoding="utf-8") as f:
         raw = f.read(6000)
     (base / "wiki.train.raw").write_text(raw[: raw.rindex("\n") + 1], encoding="utf-8")
@@ -277,13 +301,17 @@ def test_readme_block_runs(block: str, sandbox: Path, tmp_path: Path) -> None:
         "TOKENIZERS_PARALLELISM": "false",
         "OMP_NUM_THREADS": "1",
     }
-    for c in BLOCKS[block]:
+    for n, c in enumerate(BLOCKS[block]):
         if not_run_reason(c.text) is not None:
             continue
+        cwd = work
+        if separate(c.text):
+            cwd = tmp_path / f"alone-{n}"
+            shutil.copytree(sandbox, cwd, symlinks=True)
         cmd = scaled(c.text)
         proc = subprocess.run(
             ["bash", "-c", cmd],
-            cwd=work,
+            cwd=cwd,
             env=env,
             capture_output=True,
             text=True,
