@@ -28,6 +28,7 @@ import os
 import re
 import shutil
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -309,6 +310,7 @@ def test_readme_block_runs(block: str, sandbox: Path, tmp_path: Path) -> None:
             cwd = tmp_path / f"alone-{n}"
             shutil.copytree(sandbox, cwd, symlinks=True)
         cmd = scaled(c.text)
+        t0 = time.perf_counter()
         proc = subprocess.run(
             ["bash", "-c", cmd],
             cwd=cwd,
@@ -321,3 +323,4 @@ def test_readme_block_runs(block: str, sandbox: Path, tmp_path: Path) -> None:
             f"{c.file}:{c.line}: `{c.text}` (run as `{cmd}`) exited {proc.returncode}:\n"
             f"{(proc.stdout + proc.stderr)[-3000:]}"
         )
+        print(f"{time.perf_counter() - t0:7.1f} s  {cmd}")  # shown by pytest -rP
