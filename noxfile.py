@@ -104,7 +104,8 @@ def retro_eval(session: nox.Session) -> None:
 
 @nox.session
 def integration(session: nox.Session) -> None:
-    """Cross-package tests in tests/, with all three packages installed."""
+    """Cross-package tests in tests/, with all three packages installed; among them every shell
+    command of the READMEs, run at tiny scale (tests/test_readme_commands.py, ~2 min on 2 cores)."""
     install(session, f"{CORE}[hf,test]", f"{DB}[embed,fast,test]", f"{EVAL}[test]")
     install_smollm2(session)  # the default demo's path (tests/test_demo.py, retrofit-tiny)
     pytest(session, "tests")

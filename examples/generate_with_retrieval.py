@@ -1,7 +1,10 @@
 """Generate text with a trained RETRO checkpoint that retrieves from a database at every chunk.
 
-    python examples/generate_with_retrieval.py runs/demo/retro/checkpoints/step_00000300 \
-        runs/demo/db --prompt "The history of the city" --max-new-tokens 128
+    python examples/generate_with_retrieval.py runs/demo/retro runs/demo/db \
+        --prompt "The history of the city" --max-new-tokens 128
+
+The model is a training run directory (its latest checkpoint), a checkpoint directory or a
+retro-fitted checkpoint (``retro_core.load_model``); ``retro-eval generate`` is the same as a command.
 
 Greedy by default; ``--temperature``/``--top-p`` sample. Each time a chunk of m tokens completes,
 its k nearest database chunks (and their continuations) are retrieved and encoded once; the
@@ -14,7 +17,7 @@ import argparse
 
 import torch
 
-from retro_core.checkpoint import load_checkpoint
+from retro_core import load_model
 from retro_core.generate import generate
 from retro_db import Database
 
@@ -31,7 +34,7 @@ def main() -> None:
     ap.add_argument("--off", action="store_true", help="no retrieval (RETRO[OFF])")
     args = ap.parse_args()
 
-    model = load_checkpoint(args.checkpoint)
+    model = load_model(args.checkpoint)
     db = Database.open(args.database)  # refused by generate() if its m or tokenizer differ
     prompt = db.tokenizer.encode(args.prompt)
     budget = model.config.max_seq_len - len(prompt)

@@ -177,7 +177,10 @@ def test_pile_release_layout_plain_jsonl_and_subset_filter(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "x"}\n')
     with pytest.raises(BenchmarkError, match=r"bad\.jsonl:1: expected 'meta'"):
-        load_benchmark(str(bad))
+        read_pile(bad)
+    # load_benchmark reads a {"text"} JSONL without Pile meta as the user's own text.
+    own = load_benchmark(str(bad))
+    assert own.kind == "lm" and [d.text for d in own.documents] == ["x"]
 
 
 def test_pile_datasets_path_reads_same_schema(tmp_path):

@@ -30,8 +30,9 @@ def tiny_model() -> Retro:
     return Retro(cfg).eval()
 
 
-def hand_greedy(model, prompt, retriever, k, max_new, eos):
-    """Reference decoding: full recomputation each step, retrieval for every complete chunk."""
+def hand_greedy(model, prompt, retriever, k, max_new, eos, padding=0):
+    """Reference decoding: full recomputation each step, retrieval for every complete chunk; the
+    first chunk's query is its real tokens (the ``padding`` left-pad tokens moved to its end)."""
     seq = list(prompt)
     new = []
     with torch.no_grad():
@@ -39,9 +40,9 @@ def hand_greedy(model, prompt, retriever, k, max_new, eos):
             kwargs = {}
             full = len(seq) // M
             if retriever is not None and full:
-                nb = retriever.retrieve(
-                    np.array([seq[u * M : (u + 1) * M] for u in range(full)]), k
-                )
+                rows = [seq[u * M : (u + 1) * M] for u in range(full)]
+                rows[0] = rows[0][padding:] + [0] * padding
+                nb = retriever.retrieve(np.array(rows), k)
                 kwargs = dict(
                     neighbours=torch.from_numpy(nb.tokens)[None],
                     neighbour_lengths=torch.from_numpy(nb.lengths)[None],
@@ -76,9 +77,11 @@ def test_answers_equal_hand_greedy_loop(closed_book, monkeypatch):
     budget = (N - max_new) // M * M
     refs = []
     for q in questions:
-        prompt = align_prompt(tok.encode(DEFAULT_TEMPLATE.format(question=q)), M, 0, budget)
+        ids = tok.encode(DEFAULT_TEMPLATE.format(question=q))
+        prompt = align_prompt(ids, M, 0, budget)
         assert len(prompt) % M == 0
-        new = hand_greedy(model, prompt, retriever, 2, max_new, tok.eos_id)
+        pad = max(0, len(prompt) - len(ids))  # 0 when the prompt was cut to the budget
+        new = hand_greedy(model, prompt, retriever, 2, max_new, tok.eos_id, pad)
         if tok.eos_id in new:
             new = new[: new.index(tok.eos_id)]
         refs.append(tok.decode(new).split("\n", 1)[0].strip())
@@ -103,6 +106,36 @@ def test_answers_equal_hand_greedy_loop(closed_book, monkeypatch):
     assert s["questions"] == 2 and s["retrieval"] is (not closed_book)
     assert s["exact_match"] == pytest.approx(100.0 * sum(res.em) / 2)
     assert s["f1"] == pytest.approx(50.0)
+
+
+def test_padded_prompt_chunk_is_queried_by_its_real_tokens():
+    """The retriever never sees the left padding of a prompt as query text (measured: embedding it
+    retrieved near-random passages), and sees every other chunk unchanged."""
+    tok = ByteTokenizer()
+    model = tiny_model()
+    base = InMemoryRetriever([tok.encode(t) for t in DB], chunk_size=M)
+    seen = []
+
+    class Spy:
+        chunk_size, tokenizer_id, pad_id = M, ByteTokenizer.id, 0
+
+        def retrieve(self, chunks, k):
+            seen.extend(np.asarray(chunks).tolist())
+            return base.retrieve(chunks, k)
+
+    q = "Nile?"
+    ids = tok.encode(DEFAULT_TEMPLATE.format(question=q))
+    prompt = align_prompt(ids, M, 0, (N - 2 * M) // M * M)
+    pad = len(prompt) - len(ids)
+    assert 0 < pad < M
+    answer_questions(
+        model, tok, [SimpleNamespace(id="a", question=q, answers=["Nile"])], retriever=Spy(),
+        k=2, max_new_tokens=2 * M, progress=False,
+    )  # fmt: skip
+    chunks = [prompt[u * M : (u + 1) * M] for u in range(len(prompt) // M)]
+    assert seen[0] == chunks[0][pad:] + [0] * pad  # the padded chunk: real tokens first
+    assert seen[1 : len(chunks)] == chunks[1:]  # the other prompt chunks, as they are
+    assert chunks[0] not in seen  # the padded chunk itself is never a query
 
 
 def test_em_f1_come_from_squad_metrics():

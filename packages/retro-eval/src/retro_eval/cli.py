@@ -4,6 +4,11 @@
   report.md and PNG plots to the config's output directory.
 - ``retro-eval report results.json [--out DIR]``: render report.md and the plots again.
 - ``retro-eval demo [--scale tiny|small|full]``: the main job end to end (:mod:`retro_eval.demo`).
+- ``retro-eval generate MODEL --database DB --prompt TEXT``: continue a prompt with retrieval.
+
+MODEL arguments (``run``'s ``retro`` / ``baseline``, the lm-eval model's ``checkpoint=``,
+``generate``) take a training run directory (its latest checkpoint, logged), a checkpoint directory
+or a retro-fitted checkpoint.
 - ``retro-eval lm-eval ARGS...``: lm-eval's own command line with the ``retro`` model registered and
   the retro-eval task directory on ``--include_path``, e.g.
   ``retro-eval lm-eval --model retro --model_args checkpoint=ckpt,database=db,k=2 --tasks retro_wikitext_mini``.
@@ -49,16 +54,81 @@ def _lm_eval(argv: Sequence[str]) -> int:
     return 0
 
 
+def _generate(args: argparse.Namespace) -> str:
+    import torch
+
+    from retro_core.generate import generate
+
+    from .checkpoints import load_eval_model
+
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens: expected an integer >= 1, got {args.max_new_tokens}")
+    model = load_eval_model(args.model)
+    db = None
+    if args.database:
+        from retro_db.database import Database
+
+        db = Database.open(args.database)
+    if args.tokenizer or db is None:
+        from retro_db.tokenizer import load_tokenizer
+
+        tok = load_tokenizer(args.tokenizer)
+    else:
+        tok = db.tokenizer
+    prompt = tok.encode(args.prompt)
+    if not prompt:
+        raise ValueError("--prompt: empty after tokenisation")
+    budget = int(model.config.max_seq_len) - len(prompt)
+    if budget < 1:
+        raise ValueError(
+            f"--prompt: {len(prompt)} tokens leave no room within max_seq_len="
+            f"{model.config.max_seq_len}"
+        )
+    new = generate(
+        model,
+        prompt,
+        db,
+        max_new_tokens=min(args.max_new_tokens, budget),
+        temperature=args.temperature,
+        eos_id=getattr(tok, "eos_id", None),
+        generator=torch.Generator().manual_seed(args.seed),
+    )
+    return args.prompt + tok.decode(new)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="retro-eval", description=__doc__.split("\n\n")[0])
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     r = sub.add_parser("run", help="evaluate as a run.yaml says")
     r.add_argument("--config", required=True, help="run.yaml")
+    r.add_argument(
+        "--max-documents",
+        type=int,
+        default=None,
+        metavar="N",
+        help="score only the first N documents (questions) of each benchmark (a quick run; "
+        "overrides run.yaml's max_documents / max_questions)",
+    )
+    r.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="neither read nor write the per-document cache in the output directory",
+    )
     rep = sub.add_parser("report", help="render report.md and plots from results.json")
     rep.add_argument("results", help="results.json")
     rep.add_argument("--out", default=None, help="output directory (default: beside results.json)")
     sub.add_parser("lm-eval", help="lm-eval's command line with the 'retro' model registered")
+    g = sub.add_parser("generate", help="continue a prompt, retrieving from a database")
+    g.add_argument("model", help="training run directory, checkpoint or retro-fitted checkpoint")
+    g.add_argument("--database", default=None, help="retro_db database (none: RETRO[OFF])")
+    g.add_argument(
+        "--tokenizer", default=None, help="tokenizer (default: the database's, else GPT-2)"
+    )
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--seed", type=int, default=0)
     d = sub.add_parser(
         "demo",
         help="the main job: build a database, RETRO-fit (or train) a model, evaluate, report",
@@ -85,7 +155,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "lm-eval":
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-        return _lm_eval(argv[1:])
+        try:
+            return _lm_eval(argv[1:])
+        except (ValueError, FileNotFoundError, NotADirectoryError) as e:
+            # a bad model argument (checkpoint, database, k, retrieval): one line, exit 2
+            msg = " ".join(str(e).split()) or type(e).__name__
+            print(f"retro-eval: error: {msg}", file=sys.stderr)
+            return 2
     args = _parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
@@ -93,14 +169,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         if args.command == "run":
-            from .run import run_evaluation
+            from .run import load_run_config, run_evaluation
 
-            results = run_evaluation(args.config)
+            if args.max_documents is not None and args.max_documents < 1:
+                raise ValueError(
+                    f"--max-documents: expected an integer >= 1, got {args.max_documents}"
+                )
+            cfg = load_run_config(args.config)
+            if args.max_documents is not None:
+                for b in cfg.benchmarks:
+                    b.max_documents = b.max_questions = args.max_documents
+            if args.no_cache:
+                cfg.cache = False
+            results = run_evaluation(cfg)
             out = results["config"]["output"]
             n = len(results["benchmarks"])
             print(
                 f"retro-eval: wrote results.json, report.md and plots for {n} benchmark(s) to {out}"
             )
+        elif args.command == "generate":
+            print(_generate(args))
         elif args.command == "demo":
             from .demo import run_demo, summary_table
 

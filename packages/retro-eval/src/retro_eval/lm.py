@@ -186,7 +186,8 @@ class RetroLM(LM):
     """A retro_core RETRO model (or decoder-only baseline) with an optional retro_db database.
 
     Args:
-        checkpoint: checkpoint directory of either kind (``retro_core.loading.load_model``), or None when
+        checkpoint: a training run directory (its latest checkpoint, logged), a checkpoint directory
+            or a retro-fitted checkpoint (``retro_core.loading.load_model``), or None when
             ``model`` is given.
         database: database directory (``retro_db.Database.open``), or None when ``retriever`` is
             given or for RETRO[OFF].
@@ -228,9 +229,9 @@ class RetroLM(LM):
                 raise ValueError(
                     "RetroLM: model arg 'checkpoint' (a checkpoint directory) is required"
                 )
-            from retro_core.loading import load_model
+            from .checkpoints import load_eval_model
 
-            model = load_model(str(checkpoint))
+            model = load_eval_model(str(checkpoint))
         if device and str(device).startswith("cuda") and not torch.cuda.is_available():
             logger.warning("RetroLM: device=%s but CUDA is not available: using the CPU", device)
             device = "cpu"
@@ -268,8 +269,14 @@ class RetroLM(LM):
         self.batch_size = _int_or_none(batch_size, "batch_size") or 1
         self.progress = progress
         self._nb_cache: dict[tuple[int, ...], tuple[np.ndarray, np.ndarray]] = {}
+        # Generation queries a left-padded prompt chunk with its real tokens (qa.PromptQueries).
+        self._queries = None
+        if self.retriever is not None:
+            from .qa import PromptQueries
+
+            self._queries = PromptQueries(self.retriever, m, pad)
         self._shuffled = (
-            _ShuffledNeighbours(self.retriever, self.k, self.shuffle_seed)
+            _ShuffledNeighbours(self._queries, self.k, self.shuffle_seed)
             if self.retrieval_mode == "shuffled" and self.retriever is not None
             else None
         )
@@ -489,7 +496,10 @@ class RetroLM(LM):
             temperature = 0.0
         max_new = max(1, min(max_new, self.n - self.m))
         budget = (self.n - max_new) // self.m * self.m
-        prompt = align_prompt(self.tok_encode(context), self.m, self.pad_id, budget)
+        ids = self.tok_encode(context)
+        prompt = align_prompt(ids, self.m, self.pad_id, budget)
+        if self._queries is not None:
+            self._queries.register(prompt, len(prompt) - min(len(ids), len(prompt)))
         return prompt, list(until), max_new, temperature
 
     def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
@@ -501,7 +511,7 @@ class RetroLM(LM):
         from retro_core.generate import generate
 
         parsed = [self._gen_request(req) for req in requests]
-        retriever = self.retriever
+        retriever = self._queries  # None for RETRO[OFF]
         if self._shuffled is not None:
             m = self.m
             self._shuffled.prepare(

@@ -7,6 +7,16 @@ shift). Generation is ``retro_core.generate.generate`` (greedy, KV-cached, retri
 chunk completes). Answers are scored with SQuAD's normalisation (``retro_eval.metrics``): exact match
 and token F1, maximised over the gold answers. The closed-book row is the same model with no
 retriever (RETRO[OFF]).
+
+The query of a left-padded chunk is its real tokens only (:class:`PromptQueries`): embedding the
+padding as well retrieved near-random passages (measured on squad-open-mini, 200 questions,
+all-MiniLM-L6-v2: answer in the top 10 for 7.0 % of questions with the padding, 97.5 % without).
+
+Retrieval recall (:func:`answer_hit_ranks`, :func:`recall_at`): for each question, the chunk that
+ends its aligned prompt (the query whose neighbours condition the answer) retrieves its top 10
+neighbours (chunk + continuation, as the model reads them); a question is a hit at k when a gold
+answer, normalised as exact match normalises it (lower case, no punctuation, no articles, single
+spaces), appears as whole words in the normalised text of one of its first k neighbours.
 """
 
 from __future__ import annotations
@@ -23,7 +33,20 @@ from .perplexity import check_retriever_for, has_retrieval, model_geometry
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_TEMPLATE", "QAResult", "align_prompt", "answer_questions", "format_prompt"]
+__all__ = [
+    "DEFAULT_TEMPLATE",
+    "RECALL_KS",
+    "PromptQueries",
+    "QAResult",
+    "align_prompt",
+    "answer_hit_ranks",
+    "answer_questions",
+    "format_prompt",
+    "recall_at",
+]
+
+#: top-k cut-offs of the retrieval recall reported beside EM / F1.
+RECALL_KS = (1, 2, 10)
 
 DEFAULT_TEMPLATE = "question: {question}\nanswer:"
 
@@ -48,6 +71,62 @@ def align_prompt(
         keep = max(m, int(max_len) // m * m)
         ids = ids[-keep:]
     return [int(pad_id)] * (-len(ids) % m) + ids
+
+
+class PromptQueries:
+    """A retriever that queries with a left-padded prompt chunk's real tokens only.
+
+    :func:`align_prompt` left-pads a prompt so that it ends a chunk; sent as it is, its first
+    chunk's query would embed the padding too (a retro_db database drops only *trailing* padding)
+    and retrieve for "<pad> <pad> ... question". Each prompt registered with :meth:`register` has its
+    padded first chunk replaced, in queries only, by its real tokens followed by the retriever's
+    padding; every other query (generated chunks, documents) passes through unchanged. The model
+    still reads the neighbours at the same chunk.
+    """
+
+    def __init__(self, retriever: Any, chunk_size: int, pad_id: int) -> None:
+        self.base = retriever
+        self.m = int(chunk_size)
+        self.model_pad = int(pad_id)
+        self.query_pad = int(getattr(retriever, "pad_id", pad_id))
+        self._queries: dict[tuple[int, ...], list[int]] = {}
+
+    @property
+    def chunk_size(self) -> int:
+        return int(self.base.chunk_size)
+
+    @property
+    def tokenizer_id(self) -> str:
+        return str(self.base.tokenizer_id)
+
+    @property
+    def pad_id(self) -> int:
+        return self.query_pad
+
+    def register(self, prompt: Sequence[int], padding: int) -> None:
+        """A prompt from :func:`align_prompt` whose first ``padding`` tokens are padding."""
+        if padding <= 0:
+            return
+        first = [int(t) for t in prompt[: self.m]]
+        real = first[padding:]
+        self._queries[tuple(first)] = real + [self.query_pad] * (self.m - len(real))
+
+    def query(self, chunks: Any) -> Any:
+        """The query rows sent to the base retriever (registered padded chunks replaced)."""
+        import numpy as np
+
+        rows = np.array(chunks, dtype=np.int64, copy=True)
+        for i, row in enumerate(rows):
+            real = self._queries.get(tuple(int(t) for t in row))
+            if real is not None:
+                rows[i] = real
+        return rows
+
+    def retrieve(self, chunks: Any, k: int, exclude_doc_ids: Any = None) -> Any:
+        """``base.retrieve`` of :meth:`query` rows."""
+        if exclude_doc_ids is None:
+            return self.base.retrieve(self.query(chunks), k)
+        return self.base.retrieve(self.query(chunks), k, exclude_doc_ids)
 
 
 def format_prompt(question: str, template: str = DEFAULT_TEMPLATE) -> str:
@@ -127,12 +206,14 @@ def answer_questions(
     budget = (n - max_new) // m * m
     eos = getattr(tokenizer, "eos_id", None)
     out = QAResult(retrieval=retriever is not None, k=kk if retriever is not None else None)
+    queries = PromptQueries(retriever, m, pad_id) if retriever is not None else None
     model.eval()
     for ex in tqdm(examples, desc="qa", disable=not progress, unit="q"):
-        prompt = align_prompt(
-            tokenizer.encode(format_prompt(ex.question, template)), m, pad_id, budget
-        )
-        new = generate(model, prompt, retriever, max_new, k=kk, eos_id=eos)
+        ids = tokenizer.encode(format_prompt(ex.question, template))
+        prompt = align_prompt(ids, m, pad_id, budget)
+        if queries is not None:
+            queries.register(prompt, len(prompt) - min(len(ids), len(prompt)))
+        new = generate(model, prompt, queries, max_new, k=kk, eos_id=eos)
         if eos is not None and eos in new:
             new = new[: new.index(eos)]
         text = tokenizer.decode(new).split("\n", 1)[0].strip()
@@ -146,4 +227,66 @@ def answer_questions(
     logger.info(
         "QA (%s): %s", "RETRO[ON]" if retriever is not None else "closed book", out.summary()
     )
+    return out
+
+
+def answer_hit_ranks(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    examples: Sequence[Any],
+    retriever: Any,
+    *,
+    depth: int = max(RECALL_KS),
+    template: str = DEFAULT_TEMPLATE,
+    max_new_tokens: int = 24,
+) -> list[int]:
+    """Rank (0-based) of the first retrieved neighbour holding a gold answer, per question; -1 when
+    none of the first ``depth`` does.
+
+    The query is the last chunk of the prompt :func:`answer_questions` gives the model (same
+    template, alignment and length budget), so the neighbours are those its answer is conditioned
+    on (``depth`` of them instead of k). Answers and neighbour text are compared after
+    ``metrics.normalize_answer``, as whole words.
+    """
+    from .metrics import normalize_answer
+
+    check_retriever_for(model, retriever)
+    n, m, _, pad_id = model_geometry(model)
+    max_new = max(1, min(int(max_new_tokens), n - m))
+    budget = (n - max_new) // m * m
+    adapter = PromptQueries(retriever, m, pad_id)
+    queries = []
+    for ex in examples:
+        ids = tokenizer.encode(format_prompt(ex.question, template))
+        prompt = align_prompt(ids, m, pad_id, budget)
+        adapter.register(prompt, len(prompt) - min(len(ids), len(prompt)))
+        queries.append(prompt[-m:])  # the chunk whose neighbours condition the answer
+    if not queries:
+        return []
+    import numpy as np
+
+    nb = adapter.retrieve(np.asarray(queries, dtype=np.int64), int(depth))
+    toks, lens = np.asarray(nb.tokens), np.asarray(nb.lengths)
+    ranks = []
+    for i, ex in enumerate(examples):
+        golds = [g for g in (normalize_answer(a) for a in ex.answers) if g]
+        rank = -1
+        for j in range(min(int(depth), toks.shape[1])):
+            text = " " + normalize_answer(tokenizer.decode(toks[i, j, : lens[i, j]].tolist())) + " "
+            if any(f" {g} " in text for g in golds):
+                rank = j
+                break
+        ranks.append(rank)
+    return ranks
+
+
+def recall_at(ranks: Sequence[int], ks: Sequence[int] = RECALL_KS) -> dict[str, Any]:
+    """Retrieval recall from :func:`answer_hit_ranks`: ``{"top1": %, "top2": %, "top10": %,
+    "questions": n}`` (percent of questions with a hit among the first k neighbours)."""
+    n = len(ranks)
+    out: dict[str, Any] = {
+        f"top{k}": (100.0 * sum(1 for r in ranks if 0 <= r < k) / n if n else float("nan"))
+        for k in ks
+    }
+    out["questions"] = n
     return out

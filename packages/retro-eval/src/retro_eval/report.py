@@ -21,7 +21,10 @@ results.json (version 1)::
                   "k_sweep": [{"k": 1, "bpb": ..}, ...],
                   "subsets": {"<pile_set_name>": {"retro_on": bpb, ...}, ...}},
        "<qa name>": {"kind": "qa", "split": "validation", "questions": Q,
-                     "models": {"retro_on": {"exact_match": .., "f1": ..}, "retro_off": {...}}}}}
+                     "models": {"retro_on": {"exact_match": .., "f1": ..}, "retro_off": {...}},
+                     "retrieval_recall": {"<database>": {"top1": %, "top2": %, "top10": %,
+                                                          "questions": Q, "database": path}}}},
+     "cache": {"hits": n, "misses": n, "corrupted": n}}   # retro_eval.cache entries of this run
 
 A bucket with no chunks has ``"chunks": 0`` and null bpb: the report prints "empty".
 
@@ -290,6 +293,19 @@ def render_report(results: dict[str, Any] | str | Path, out_dir: str | Path) -> 
                 for m in _models_in(models)
             ]
             lines += _table(["model", "exact match (%)", "F1 (%)"], rows) + [""]
+            recall = bench.get("retrieval_recall") or {}
+            if recall:
+                lines += [
+                    "Retrieval recall: share of questions with a gold answer (normalised as exact "
+                    "match normalises it) in the top-k neighbours retrieved for the chunk that ends "
+                    "the question.",
+                    "",
+                ]
+                rows = [
+                    [f"`{db}`", *(_fmt(r.get(f"top{k}"), 1) for k in (1, 2, 10))]
+                    for db, r in recall.items()
+                ]
+                lines += _table(["database", "top-1 (%)", "top-2 (%)", "top-10 (%)"], rows) + [""]
             continue
         lines.append(
             f"{bench.get('documents', '?')} documents, {bench.get('chunks', '?')} chunks, "

@@ -42,7 +42,21 @@ run.yaml (paths relative to the YAML file)::
     overlap: [rc, minhash]       # leakage measures for bpb(alpha)
     batch_size: 4
     max_new_tokens: 24           # QA answer length
-    output: runs/eval            # results.json, report.md, PNGs
+    output: runs/eval            # results.json, report.md, PNGs, cache/
+    cache: true                  # per-document results cached in <output>/cache (resumable)
+    cache_group: 8               # documents (questions) per cache entry; 1 = one per document
+
+``retro`` and ``baseline`` each take a training run directory (its latest checkpoint is used and
+logged), a checkpoint directory or a retro-fitted checkpoint. A benchmark may be a user's own text
+(``{"text"}`` JSONL, ``.txt`` / ``.md`` files or a folder of them; ``text_field: body`` and
+``subset_field: source`` name the fields, dotted paths allowed) or a flat QA JSONL whose answers are
+NQ-open's ``answer`` list or SQuAD's ``answers`` (a list, or ``{"text": [...]}``).
+
+Resuming (:mod:`retro_eval.cache`): documents are scored in fixed groups of ``cache_group``
+consecutive documents and each group's per-document results are stored under ``<output>/cache``,
+keyed by the model's checksum, the database's manifest, the settings and the group's own input.
+A second run (or a run killed halfway and started again) reuses every stored group and computes the
+rest, with identical numbers; progress bars show documents done and the time left.
 
 :func:`run_evaluation` writes ``results.json`` (schema in :mod:`retro_eval.report`), ``report.md`` and
 the plots, and returns the results dict.
@@ -91,6 +105,8 @@ class BenchmarkSpec:
     max_chars: int | None = None
     max_questions: int | None = None
     database: Path | None = None
+    text_field: str = "text"
+    subset_field: str | None = None
 
 
 @dataclass
@@ -125,6 +141,8 @@ class RunConfig:
     shuffled: bool = True
     seed: int = 0
     bootstrap_samples: int = 1000
+    cache: bool = True
+    cache_group: int = 8
     source: str = "run.yaml"
 
     def to_dict(self) -> dict[str, Any]:
@@ -147,13 +165,15 @@ class RunConfig:
             "shuffled": self.shuffled,
             "seed": self.seed,
             "bootstrap_samples": self.bootstrap_samples,
+            "cache": self.cache,
+            "cache_group": self.cache_group,
         }
 
 
 _TOP_KEYS = {
     "retro", "baseline", "tokenizer", "database", "benchmarks", "k", "k_sweep", "overlap_k",
     "window", "stride", "alphas", "overlap", "batch_size", "max_new_tokens", "output", "checkpoints",
-    "shuffled", "seed", "bootstrap_samples",
+    "shuffled", "seed", "bootstrap_samples", "cache", "cache_group",
 }  # fmt: skip
 
 
@@ -215,14 +235,23 @@ def parse_run_config(data: Any, base_dir: str | Path = ".", source: str = "run.y
             raise RunConfigError(f"{where}: expected a name/path string or a mapping with 'name'")
         extra = sorted(
             set(b)
-            - {"name", "path", "split", "max_documents", "max_chars", "max_questions", "database"}
-        )
+            - {
+                "name", "path", "split", "max_documents", "max_chars", "max_questions", "database",
+                "text_field", "subset_field",
+            }
+        )  # fmt: skip
         if extra:
             raise RunConfigError(f"{where}: unknown field(s) {', '.join(extra)}")
         label = str(b.get("name") or b["path"])
         name = str(_path(base, b["path"], where)) if b.get("path") else b["name"]
         if not b.get("path") and not Path(name).is_absolute() and (base / name).exists():
             name = str(base / name)  # a path relative to the config file
+        fields = {}
+        for key in ("text_field", "subset_field"):
+            v = b.get(key)
+            if v is not None and (not isinstance(v, str) or not v.strip()):
+                raise RunConfigError(f"{where}: '{key}' must be a field name (dotted), got {v!r}")
+            fields[key] = v
         specs.append(
             BenchmarkSpec(
                 name=name,
@@ -232,6 +261,8 @@ def parse_run_config(data: Any, base_dir: str | Path = ".", source: str = "run.y
                 max_chars=_opt_int(b, "max_chars", where),
                 max_questions=_opt_int(b, "max_questions", where),
                 database=_path(base, b["database"], where) if b.get("database") else None,
+                text_field=fields["text_field"] or "text",
+                subset_field=fields["subset_field"],
             )
         )
     db = None
@@ -286,6 +317,9 @@ def parse_run_config(data: Any, base_dir: str | Path = ".", source: str = "run.y
     seed = data.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise RunConfigError(f"{source}: 'seed' must be an integer >= 0, got {seed!r}")
+    cache = data.get("cache", True)
+    if not isinstance(cache, bool):
+        raise RunConfigError(f"{source}: 'cache' must be true or false, got {cache!r}")
     out = data.get("output")
     if not out:
         raise RunConfigError(f"{source}: 'output' (the output directory) is required")
@@ -309,6 +343,8 @@ def parse_run_config(data: Any, base_dir: str | Path = ".", source: str = "run.y
         shuffled=shuffled,
         seed=seed,
         bootstrap_samples=_opt_int(data, "bootstrap_samples", source) or 1000,
+        cache=cache,
+        cache_group=_opt_int(data, "cache_group", source) or 8,
         source=source,
     )
 
@@ -346,7 +382,9 @@ class _Timer:
 def _load_bench(spec: BenchmarkSpec) -> Any:
     from .benchmarks import load_benchmark
 
-    bench = load_benchmark(spec.name, spec.split)
+    bench = load_benchmark(
+        spec.name, spec.split, text_field=spec.text_field, subset_field=spec.subset_field
+    )
     bench.name = spec.label or spec.name
     if spec.max_documents and bench.kind == "lm":
         bench.documents = bench.documents[: spec.max_documents]
@@ -549,16 +587,193 @@ def _summary(res: ScoreResult, words: int | None) -> dict[str, Any]:
     return out
 
 
+class _Models:
+    """The loaded models, their checksums (cache keys) and the run's result cache."""
+
+    def __init__(self, retro: Any, baseline: Any, cache: Any) -> None:
+        from .cache import model_checksum
+
+        self.retro, self.baseline, self.cache = retro, baseline, cache
+        self.retro_sum = model_checksum(retro) if cache.directory is not None else ""
+        self.baseline_sum = (
+            model_checksum(baseline) if baseline is not None and cache.directory is not None else ""
+        )
+
+
+def _groups(n: int, size: int) -> list[range]:
+    """Fixed groups of consecutive items (the cache's unit): [0, size), [size, 2 size), ..."""
+    return [range(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+def _retrieve_cached(
+    db: Any,
+    token_docs: list[list[int]],
+    groups: list[range],
+    group_sums: list[str],
+    *,
+    m: int,
+    k: int,
+    pad: int,
+    cache: Any,
+    label: str,
+) -> list[Any]:
+    """retrieve_document_neighbours per group, each group's neighbours cached (when the database
+    has a manifest to key them by)."""
+    from tqdm.auto import tqdm
+
+    from .cache import cache_key, retriever_checksum
+    from .perplexity import DocumentNeighbours
+
+    db_sum = retriever_checksum(db)
+    out: list[Any] = [None] * len(token_docs)
+    todo = []
+    for gi, g in enumerate(groups):
+        key = cache_key("retrieve", db_sum, m, k, pad, group_sums[gi]) if db_sum else None
+        data = cache.get_arrays(key) if key else None
+        counts = [math.ceil(len(token_docs[i]) / m) for i in g]
+        if data is not None and (
+            data["tokens"].shape[:2] != (sum(counts), k) or list(data["counts"]) != counts
+        ):
+            data = None
+        if data is None:
+            todo.append((gi, key))
+            continue
+        off = 0
+        for i, c in zip(g, counts, strict=True):
+            out[i] = DocumentNeighbours(
+                data["tokens"][off : off + c],
+                data["lengths"][off : off + c],
+                data["chunk_ids"][off : off + c],
+            )
+            off += c
+    done = len(token_docs) - sum(len(groups[gi]) for gi, _ in todo)
+    with tqdm(total=len(token_docs), initial=done, desc=label, unit="doc") as bar:
+        for gi, key in todo:
+            g = groups[gi]
+            nbs = retrieve_document_neighbours(
+                db, [token_docs[i] for i in g], chunk_size=m, k=k, pad_id=pad, progress=False
+            )
+            for i, nb in zip(g, nbs, strict=True):
+                out[i] = nb
+            if key is not None:
+                cache.put_arrays(
+                    key,
+                    {
+                        "tokens": np.concatenate([nb.tokens for nb in nbs]),
+                        "lengths": np.concatenate([nb.lengths for nb in nbs]),
+                        "chunk_ids": np.concatenate([nb.chunk_ids for nb in nbs]),
+                        "counts": np.array([nb.tokens.shape[0] for nb in nbs], dtype=np.int64),
+                    },
+                )
+            bar.update(len(g))
+    return out
+
+
+_SCORE_ARRAYS = ("bits", "bytes", "tokens", "doc_index", "chunk_index", "chunk_tokens")
+
+
+def _score_cached(
+    model: Any,
+    model_sum: str,
+    token_docs: list[list[int]],
+    groups: list[range],
+    group_sums: list[str],
+    neighbours: Sequence[Any] | None,
+    common: dict[str, Any],
+    settings: dict[str, Any],
+    cache: Any,
+    label: str,
+) -> ScoreResult:
+    """score_token_documents group by group (each group's per-document results cached), merged
+    into one ScoreResult over all documents. A group is always scored alone, so a cached group and
+    a computed one give the same numbers."""
+    from tqdm.auto import tqdm
+
+    from .cache import arrays_checksum, cache_key
+    from .perplexity import model_geometry
+
+    m = int(model_geometry(model)[1])
+    parts: list[dict[str, np.ndarray] | None] = [None] * len(groups)
+    keys = []
+    for gi, g in enumerate(groups):
+        nb_sum = None
+        if neighbours is not None:
+            nb_sum = arrays_checksum(
+                [a for i in g for a in (neighbours[i].tokens, neighbours[i].lengths)]
+            )
+        key = cache_key("score", model_sum, settings, group_sums[gi], nb_sum)
+        keys.append(key)
+        data = cache.get_arrays(key) if model_sum else None
+        want = sum(math.ceil(len(token_docs[i]) / m) for i in g)
+        if data is not None and all(n in data for n in _SCORE_ARRAYS):
+            if all(len(data[n]) == want for n in _SCORE_ARRAYS):
+                parts[gi] = data
+    todo = [gi for gi in range(len(groups)) if parts[gi] is None]
+    done = len(token_docs) - sum(len(groups[gi]) for gi in todo)
+    geometry = None
+    with tqdm(total=len(token_docs), initial=done, desc=label, unit="doc") as bar:
+        for gi in todo:
+            g = groups[gi]
+            res = score_token_documents(
+                model,
+                [token_docs[i] for i in g],
+                neighbours=None if neighbours is None else [neighbours[i] for i in g],
+                keep_neighbours=False,
+                progress=False,
+                **common,
+            )
+            geometry = (res.window, res.stride, res.pad_id)
+            data = {n: getattr(res, n) for n in _SCORE_ARRAYS}
+            if model_sum:
+                cache.put_arrays(keys[gi], data)
+            parts[gi] = data
+            bar.update(len(g))
+    if geometry is None:
+        from .perplexity import default_window_stride
+
+        n, st = default_window_stride(model, common.get("window"), common.get("stride"))
+        geometry = (n, st, int(model_geometry(model)[3]))
+    merged = {
+        n: np.concatenate(
+            [
+                (p[n] + g.start) if n == "doc_index" else p[n]
+                for p, g in zip(parts, groups, strict=True)
+                if p is not None
+            ]
+        )
+        for n in _SCORE_ARRAYS
+    }
+    k = None
+    if neighbours is not None and neighbours:
+        k = int(neighbours[0].tokens.shape[1])
+    return ScoreResult(
+        chunk_size=m,
+        doc_index=merged["doc_index"].astype(np.int64),
+        chunk_index=merged["chunk_index"].astype(np.int64),
+        bits=merged["bits"].astype(np.float64),
+        bytes=merged["bytes"].astype(np.int64),
+        tokens=merged["tokens"].astype(np.int64),
+        chunk_tokens=merged["chunk_tokens"].astype(np.int64),
+        k=k,
+        window=int(geometry[0]),
+        stride=int(geometry[1]),
+        pad_id=int(geometry[2]),
+        num_documents=len(token_docs),
+    )
+
+
 def _eval_lm(
     bench: Any,
     cfg: RunConfig,
-    retro: Any,
-    baseline: Any,
+    models: _Models,
     db: Any,
     tokenizer: Any,
     times: dict,
     cache: dict[str, Any],
 ) -> dict[str, Any]:
+    from .cache import tokens_checksum
+
+    retro, baseline, rc = models.retro, models.baseline, models.cache
     docs = bench.documents
     texts = [d.text for d in docs]
     token_docs = [tokenizer.encode(t) for t in texts]
@@ -585,27 +800,42 @@ def _eval_lm(
         stride=cfg.stride,
         batch_size=cfg.batch_size,
     )
+    groups = _groups(len(token_docs), cfg.cache_group)
+    group_sums = [tokens_checksum([token_docs[i] for i in g]) for g in groups]
+    settings = {
+        "window": cfg.window,
+        "stride": cfg.stride,
+        "batch_size": cfg.batch_size,
+        "prefix": prefix,
+        "tokenizer": str(getattr(tokenizer, "id", type(tokenizer).__name__)),
+    }
+    name = bench.name
+
+    def score(model: Any, model_sum: str, neighbours: Any, label: str) -> ScoreResult:
+        return _score_cached(
+            model, model_sum, token_docs, groups, group_sums, neighbours, common, settings, rc,
+            f"{name}: {label}",
+        )  # fmt: skip
+
     scores: dict[str, ScoreResult] = {}
     sweep: list[dict[str, Any]] = []
-    name = bench.name
     if db is not None:
         kmax = max([k, *cfg.k_sweep, cfg.overlap_k if "rc" in cfg.overlap else 1])
         with _Timer(times, f"{name}: retrieval"):
-            full = retrieve_document_neighbours(db, token_docs, chunk_size=m, k=kmax, pad_id=pad)
+            full = _retrieve_cached(
+                db, token_docs, groups, group_sums, m=m, k=kmax, pad=pad, cache=rc,
+                label=f"{name}: retrieval",
+            )  # fmt: skip
         with _Timer(times, f"{name}: RETRO[ON]"):
-            scores["retro_on"] = score_token_documents(
-                retro, token_docs, neighbours=[nb.first(k) for nb in full], **common
+            scores["retro_on"] = score(
+                retro, models.retro_sum, [nb.first(k) for nb in full], "RETRO[ON]"
             )
             for kk in cfg.k_sweep:
                 r = (
                     scores["retro_on"]
                     if kk == k
-                    else score_token_documents(
-                        retro,
-                        token_docs,
-                        neighbours=[nb.first(kk) for nb in full],
-                        keep_neighbours=False,
-                        **common,
+                    else score(
+                        retro, models.retro_sum, [nb.first(kk) for nb in full], f"RETRO[ON] k={kk}"
                     )
                 )
                 sweep.append({"k": kk, "bpb": r.bpb()})
@@ -620,30 +850,29 @@ def _eval_lm(
                 )
             else:
                 with _Timer(times, f"{name}: RETRO[shuffled]"):
-                    scores["retro_shuffled"] = score_token_documents(
+                    scores["retro_shuffled"] = score(
                         retro,
-                        token_docs,
-                        neighbours=shuffle_document_neighbours(
-                            [nb.first(k) for nb in full], seed=cfg.seed
-                        ),
-                        keep_neighbours=False,
-                        **common,
+                        models.retro_sum,
+                        shuffle_document_neighbours([nb.first(k) for nb in full], seed=cfg.seed),
+                        "RETRO[shuffled]",
                     )
                 src = shuffled_slots(doc, seed=cfg.seed)
                 shuffle_info = {
                     "seed": cfg.seed,
                     "same_document_chunks": int((doc[src] == doc).sum()),
                 }
+        on = [nb.first(k) for nb in full]
         full_res = dataclasses.replace(
             scores["retro_on"],
             neighbour_tokens=np.concatenate([nb.tokens for nb in full]),
             neighbour_lengths=np.concatenate([nb.lengths for nb in full]),
+            neighbour_ids=np.concatenate([nb.chunk_ids for nb in on]),
         )
     with _Timer(times, f"{name}: RETRO[OFF]"):
-        scores["retro_off"] = score_token_documents(retro, token_docs, **common)
+        scores["retro_off"] = score(retro, models.retro_sum, None, "RETRO[OFF]")
     if baseline is not None:
         with _Timer(times, f"{name}: baseline"):
-            scores["baseline"] = score_token_documents(baseline, token_docs, **common)
+            scores["baseline"] = score(baseline, models.baseline_sum, None, "baseline")
     any_res = next(iter(scores.values()))
     out: dict[str, Any] = {
         "kind": "lm",
@@ -682,7 +911,7 @@ def _eval_lm(
             out["bins"][measure] = _bins(values, scores, cfg)
     subsets: dict[str, list[int]] = {}
     for i, d in enumerate(docs):
-        s = (d.meta or {}).get("pile_set_name")
+        s = (d.meta or {}).get("subset", (d.meta or {}).get("pile_set_name"))
         if s:
             subsets.setdefault(str(s), []).append(i)
     if subsets:
@@ -693,18 +922,104 @@ def _eval_lm(
     return out
 
 
+def _answer_cached(
+    model: Any,
+    model_sum: str,
+    tokenizer: Any,
+    examples: list[Any],
+    groups: list[range],
+    retriever: Any,
+    cfg: RunConfig,
+    cache: Any,
+    label: str,
+) -> dict[str, Any]:
+    """answer_questions group by group, each group's predictions and scores cached (JSON)."""
+    from tqdm.auto import tqdm
+
+    from .cache import cache_key, retriever_checksum
+    from .qa import QAResult, answer_questions
+
+    db_sum = retriever_checksum(retriever) if retriever is not None else "closed-book"
+    use = bool(model_sum) and db_sum is not None
+    k = cfg.k if retriever is not None else None
+    parts: list[Any] = [None] * len(groups)
+    keys = []
+    for gi, g in enumerate(groups):
+        qs = [[examples[i].question, list(examples[i].answers)] for i in g]
+        key = cache_key("qa", model_sum, db_sum, k, cfg.max_new_tokens, qs)
+        keys.append(key)
+        got = cache.get_json(key) if use else None
+        if isinstance(got, dict) and all(len(got.get(f, [])) == len(g) for f in ("em", "f1")):
+            parts[gi] = got
+    todo = [gi for gi in range(len(groups)) if parts[gi] is None]
+    done = len(examples) - sum(len(groups[gi]) for gi in todo)
+    with tqdm(total=len(examples), initial=done, desc=label, unit="q") as bar:
+        for gi in todo:
+            g = groups[gi]
+            res = answer_questions(
+                model,
+                tokenizer,
+                [examples[i] for i in g],
+                retriever=retriever,
+                k=k,
+                max_new_tokens=cfg.max_new_tokens,
+                progress=False,
+            )
+            parts[gi] = {"predictions": res.predictions, "em": res.em, "f1": res.f1, "k": res.k}
+            if use:
+                cache.put_json(keys[gi], parts[gi])
+            bar.update(len(g))
+    out = QAResult(retrieval=retriever is not None)
+    for p, g in zip(parts, groups, strict=True):
+        out.em.extend(float(x) for x in p["em"])
+        out.f1.extend(float(x) for x in p["f1"])
+        out.predictions.extend(p.get("predictions", []))
+        out.ids.extend(str(examples[i].id) for i in g)
+        out.k = p.get("k")
+    return out.summary()
+
+
+def _recall_cached(
+    model: Any,
+    model_sum: str,
+    tokenizer: Any,
+    examples: list[Any],
+    groups: list[range],
+    retriever: Any,
+    cfg: RunConfig,
+    cache: Any,
+) -> dict[str, Any]:
+    """Retrieval recall at 1/2/10 (``qa.answer_hit_ranks``), each group's ranks cached."""
+    from .cache import cache_key, retriever_checksum
+    from .qa import answer_hit_ranks, recall_at
+
+    db_sum = retriever_checksum(retriever)
+    ranks: list[int] = []
+    for g in groups:
+        exs = [examples[i] for i in g]
+        qs = [[e.question, list(e.answers)] for e in exs]
+        key = cache_key("recall", model_sum, db_sum, cfg.max_new_tokens, qs)
+        got = cache.get_json(key) if db_sum and model_sum else None
+        if not (isinstance(got, list) and len(got) == len(g)):
+            got = answer_hit_ranks(
+                model, tokenizer, exs, retriever, max_new_tokens=cfg.max_new_tokens
+            )
+            if db_sum and model_sum:
+                cache.put_json(key, got)
+        ranks.extend(int(r) for r in got)
+    return recall_at(ranks)
+
+
 def _eval_qa(
     bench: Any,
     spec: BenchmarkSpec,
     cfg: RunConfig,
-    retro: Any,
-    baseline: Any,
+    models: _Models,
     db: Any,
     tokenizer: Any,
     times: dict,
 ) -> dict[str, Any]:
-    from .qa import answer_questions
-
+    retro, baseline, rc = models.retro, models.baseline, models.cache
     if not bench.examples:
         raise RunConfigError(f"benchmark {bench.name}: empty (no questions)")
     qa_db = db
@@ -725,27 +1040,50 @@ def _eval_qa(
                 )
         qa_db = _open_database(db_path)
         check_retriever_for(retro, qa_db)
-    models = {}
-    common = dict(max_new_tokens=cfg.max_new_tokens, progress=False)
+    examples = list(bench.examples)
+    groups = _groups(len(examples), cfg.cache_group)
+    out_models = {}
+    name = bench.name
     if qa_db is not None:
-        with _Timer(times, f"{bench.name}: RETRO[ON]"):
-            models["retro_on"] = answer_questions(
-                retro, tokenizer, bench.examples, retriever=qa_db, k=cfg.k, **common
-            ).summary()
-    with _Timer(times, f"{bench.name}: RETRO[OFF]"):
-        models["retro_off"] = answer_questions(retro, tokenizer, bench.examples, **common).summary()
+        with _Timer(times, f"{name}: RETRO[ON]"):
+            out_models["retro_on"] = _answer_cached(
+                retro, models.retro_sum, tokenizer, examples, groups, qa_db, cfg, rc,
+                f"{name}: RETRO[ON]",
+            )  # fmt: skip
+    with _Timer(times, f"{name}: RETRO[OFF]"):
+        out_models["retro_off"] = _answer_cached(
+            retro, models.retro_sum, tokenizer, examples, groups, None, cfg, rc,
+            f"{name}: RETRO[OFF]",
+        )  # fmt: skip
     if baseline is not None:
-        with _Timer(times, f"{bench.name}: baseline"):
-            models["baseline"] = answer_questions(
-                baseline, tokenizer, bench.examples, **common
-            ).summary()
-    return {
+        with _Timer(times, f"{name}: baseline"):
+            out_models["baseline"] = _answer_cached(
+                baseline, models.baseline_sum, tokenizer, examples, groups, None, cfg, rc,
+                f"{name}: baseline",
+            )  # fmt: skip
+    # Retrieval recall for every retriever the run has: the QA database and the run's database.
+    recall: dict[str, Any] = {}
+    retrievers = []
+    if qa_db is not None:
+        retrievers.append((str(db_path) if db_path is not None else str(cfg.database.path), qa_db))
+    if db is not None and qa_db is not db:
+        retrievers.append((str(cfg.database.path), db))
+    for where, r in retrievers:
+        with _Timer(times, f"{name}: retrieval recall"):
+            recall[Path(where).name] = {
+                **_recall_cached(retro, models.retro_sum, tokenizer, examples, groups, r, cfg, rc),
+                "database": where,
+            }
+    out: dict[str, Any] = {
         "kind": "qa",
         "split": bench.split,
         "source": bench.source,
-        "questions": len(bench.examples),
-        "models": models,
+        "questions": len(examples),
+        "models": out_models,
     }
+    if recall:
+        out["retrieval_recall"] = recall
+    return out
 
 
 def run_evaluation(cfg: RunConfig | str | Path) -> dict[str, Any]:
@@ -754,16 +1092,16 @@ def run_evaluation(cfg: RunConfig | str | Path) -> dict[str, Any]:
     Raises:
         RunConfigError, BenchmarkError, RetrieverMismatchError, CheckpointError: one-line errors.
     """
-    from retro_core.loading import load_model
-
+    from .cache import ResultCache
+    from .checkpoints import load_eval_model, resolve_checkpoint
     from .report import render_report
 
     if not isinstance(cfg, RunConfig):
         cfg = load_run_config(cfg)
     times: dict[str, float] = {}
     with _Timer(times, "load models"):
-        retro = load_model(cfg.retro).eval()
-        baseline = load_model(cfg.baseline).eval() if cfg.baseline else None
+        retro = load_eval_model(cfg.retro)
+        baseline = load_eval_model(cfg.baseline) if cfg.baseline else None
     if baseline is not None and baseline.config.chunk_size != retro.config.chunk_size:
         logger.info("baseline chunk size differs from RETRO's: chunk tables use each model's own m")
     with _Timer(times, "load benchmarks"):
@@ -803,9 +1141,16 @@ def run_evaluation(cfg: RunConfig | str | Path) -> dict[str, Any]:
 
             tokenizer = load_tokenizer(cfg.tokenizer)
 
+    rc = ResultCache(cfg.output / "cache" if cfg.cache else None)
+    with _Timer(times, "model checksums"):
+        models = _Models(retro, baseline, rc)
+    config = cfg.to_dict()
+    config["retro_checkpoint"] = str(resolve_checkpoint(cfg.retro))
+    if cfg.baseline:
+        config["baseline_checkpoint"] = str(resolve_checkpoint(cfg.baseline))
     results: dict[str, Any] = {
         "version": 1,
-        "config": cfg.to_dict(),
+        "config": config,
         "benchmarks": {},
         "stage_times": times,
     }
@@ -818,12 +1163,21 @@ def run_evaluation(cfg: RunConfig | str | Path) -> dict[str, Any]:
         with _Timer(times, key):
             if bench.kind == "qa":
                 results["benchmarks"][key] = _eval_qa(
-                    bench, spec, cfg, retro, baseline, db, tokenizer, times
+                    bench, spec, cfg, models, db, tokenizer, times
                 )
             else:
                 results["benchmarks"][key] = _eval_lm(
-                    bench, cfg, retro, baseline, db, tokenizer, times, cache
+                    bench, cfg, models, db, tokenizer, times, cache
                 )
+    results["cache"] = rc.summary()
+    if cfg.cache:
+        logger.info(
+            "cache %s: %d entries reused, %d computed, %d corrupted ones recomputed",
+            cfg.output / "cache",
+            rc.hits,
+            rc.misses,
+            rc.corrupted,
+        )
     cfg.output.mkdir(parents=True, exist_ok=True)
     results = _clean(results)
     (cfg.output / "results.json").write_text(json.dumps(results, indent=1, allow_nan=False))

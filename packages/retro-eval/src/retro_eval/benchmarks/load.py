@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from ._io import iter_jsonl, strip_compression
-from .pile import pile_documents, read_pile
+from .pile import PILE_SPLIT_NAMES, pile_documents, pile_split_files, read_pile
 from .qa import nq_open_examples, read_nq_open, read_passages, read_squad, squad_flat_examples
+from .text import read_text_documents, text_files
 from .types import Benchmark, BenchmarkError, canonical_split
 from .wikitext import WIKITEXT_FILES, read_wikitext, rows_to_lines, wikitext_documents
 
@@ -117,8 +118,13 @@ def read_qa_dir(path: str | Path, split: str = "validation") -> tuple[list, list
     return examples, corpus, str(chosen)
 
 
+def _is_pile_record(rec: Mapping[str, Any]) -> bool:
+    meta = rec.get("meta")
+    return isinstance(meta, Mapping) and isinstance(meta.get("pile_set_name"), str)
+
+
 def _detect(path: Path) -> str:
-    """Reader kind of a local path: wikitext, pile, nq_open, squad or qa (a QA directory)."""
+    """Reader kind of a local path: wikitext, pile, text, nq_open, squad or qa (a QA directory)."""
     if path.is_dir():
         names = [p.name for p in path.iterdir()]
         if any(
@@ -129,34 +135,66 @@ def _detect(path: Path) -> str:
             return "qa"
         if any(re.match(r"^(train|val|valid|validation|test)(\.jsonl|\.json|$)", n) for n in names):
             return "pile"
-        raise BenchmarkError(f"{path}: cannot tell which benchmark this directory holds")
+        if text_files(path)[0]:
+            return "text"
+        raise BenchmarkError(
+            f"{path}: cannot tell which benchmark this directory holds (no Wikitext, Pile or QA "
+            "layout, and no .jsonl / .txt / .md evaluation text)"
+        )
     name = strip_compression(path.name)
     if name.endswith((".raw", ".parquet", ".tokens")):
         return "wikitext"
     if name.endswith(".json"):
         return "squad"
+    if name.endswith((".txt", ".md")):
+        return "text"
     if name.endswith(".jsonl"):
         for _, rec in iter_jsonl(path):
             if "question" in rec:
                 return "nq_open"
-            if "text" in rec:
+            if _is_pile_record(rec):
                 return "pile"
-            raise BenchmarkError(
-                f"{path}: JSONL records are neither NQ-open (question) nor Pile (text, meta)"
-            )
+            return "text"
         raise BenchmarkError(f"{path}: empty benchmark (no record)")
     raise BenchmarkError(
-        f"{path}: unknown benchmark file type (expected .raw, .parquet, .jsonl[.zst], .json)"
+        f"{path}: unknown benchmark file type (expected .raw, .parquet, .jsonl[.zst], .json, "
+        ".txt, .md)"
     )
 
 
-def _from_local(name: str, path: Path, split: str | None, detokenize: bool) -> Benchmark:
+def _from_local(
+    name: str,
+    path: Path,
+    split: str | None,
+    detokenize: bool,
+    text_field: str = "text",
+    subset_field: str | None = None,
+) -> Benchmark:
     kind = _detect(path)
-    canon = canonical_split(split or _DEFAULT_SPLIT[kind])
+    own = text_field != "text" or subset_field is not None
+    if own and kind == "pile" and path.is_file():
+        kind = "text"  # the user named the fields: read the records as their own text
+    canon = canonical_split(split or _DEFAULT_SPLIT.get(kind, "test"))
     if kind == "wikitext":
         docs = read_wikitext(path, canon, detokenize=detokenize)
         return Benchmark(name, canon, "lm", documents=docs, source=str(path))
+    if kind == "text":
+        docs = read_text_documents(path, text_field=text_field, subset_field=subset_field)
+        return Benchmark(name, canon, "lm", documents=docs, source=str(path))
     if kind == "pile":
+        files = pile_split_files(path, canon) if path.is_dir() else [path]
+        if path.is_dir() and not files:
+            names = " or ".join(f"{s}.jsonl[.zst]" for s in PILE_SPLIT_NAMES[canon])
+            raise BenchmarkError(f"{path}: no split {canon!r} (expected {names})")
+        first = next((rec for _, rec in iter_jsonl(files[0])), {})
+        if own or not _is_pile_record(first):
+            # A train/val/test folder of the user's own {"text"} records.
+            docs = [
+                d
+                for f in files
+                for d in read_text_documents(f, text_field=text_field, subset_field=subset_field)
+            ]
+            return Benchmark(name, canon, "lm", documents=docs, source=str(path))
         return Benchmark(name, canon, "lm", documents=read_pile(path, canon), source=str(path))
     if kind == "qa":
         examples, corpus, src = read_qa_dir(path, canon)
@@ -254,12 +292,15 @@ def load_benchmark(
     data_files: str | Sequence[str] | Mapping[str, Any] | None = None,
     detokenize: bool = True,
     cache_dir: str | Path | None = None,
+    text_field: str = "text",
+    subset_field: str | None = None,
 ) -> Benchmark:
     """Load a benchmark split by pack name, local path or usual hub name.
 
     Resolution order: a shipped pack (``wikitext-mini``, ``pile-mini``, ``squad-open-mini``); an existing
     local file or directory in the native format (Wikitext raw/Parquet, Pile JSONL[.zst], NQ-open JSONL,
-    SQuAD v1.1 JSON); a usual hub name (``wikitext-103`` / ``wikitext/wikitext-103-raw-v1``,
+    SQuAD v1.1 JSON) or a user's own text (``{"text"}`` JSONL, plain ``.txt`` / ``.md``, a folder of
+    them) or flat QA JSONL (``answer`` as NQ-open or ``answers`` as SQuAD); a usual hub name (``wikitext-103`` / ``wikitext/wikitext-103-raw-v1``,
     ``wikitext-2``, ``nq_open``, ``squad``, ``pile``) through ``datasets.load_dataset``. With
     ``data_files`` the hub name picks the schema and the files (same schema, Parquet or JSON) are read
     by ``datasets`` instead of the hub.
@@ -271,6 +312,9 @@ def load_benchmark(
         data_files: local files for a hub name (a dict split -> files, or files for the one split).
         detokenize: Wikitext only: score detokenised articles (as lm-eval does).
         cache_dir: ``datasets`` cache directory for the hub / data_files path (default: its own).
+        text_field, subset_field: a user's own evaluation text (``{"text"}`` JSONL, ``.txt`` /
+            ``.md`` files or a folder of them; :func:`~retro_eval.benchmarks.text.read_text_documents`):
+            the field holding the text and the optional field grouping documents in the report.
 
     Returns:
         A :class:`Benchmark` with ``documents`` (LM) or ``examples`` (+ ``corpus``) (QA).
@@ -285,7 +329,7 @@ def load_benchmark(
     if key in PACKS and data_files is None:
         bench = _from_local(key, pack_path(key), split, detokenize)
     elif data_files is None and Path(key).exists():
-        bench = _from_local(key, Path(key), split, detokenize)
+        bench = _from_local(key, Path(key), split, detokenize, text_field, subset_field)
     elif key in HUB_BENCHMARKS:
         bench = _from_hub(key, HUB_BENCHMARKS[key], split, data_files, detokenize, cache_dir)
     else:

@@ -15,7 +15,13 @@ from typing import Any
 from ._io import iter_jsonl
 from .types import BenchmarkError, Document, canonical_split
 
-__all__ = ["PILE_SPLIT_NAMES", "group_by_subset", "pile_documents", "read_pile"]
+__all__ = [
+    "PILE_SPLIT_NAMES",
+    "group_by_subset",
+    "pile_documents",
+    "pile_split_files",
+    "read_pile",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +53,8 @@ def pile_documents(records: Iterable[Mapping[str, Any]], *, prefix: str = "") ->
     ]
 
 
-def _split_files(directory: Path, split: str) -> list[Path]:
+def pile_split_files(directory: Path, split: str) -> list[Path]:
+    """The files of one canonical split in the Pile release layout (empty when none)."""
     for stem in PILE_SPLIT_NAMES[split]:
         for ext in _EXTS:
             if (directory / f"{stem}{ext}").is_file():
@@ -86,7 +93,7 @@ def read_pile(
     path = Path(path)
     if path.is_dir():
         canon = canonical_split(split or "test")
-        files = _split_files(path, canon)
+        files = pile_split_files(path, canon)
         if not files:
             names = " or ".join(f"{s}.jsonl[.zst]" for s in PILE_SPLIT_NAMES[canon])
             raise BenchmarkError(f"{path}: no Pile split {canon!r} (expected {names})")

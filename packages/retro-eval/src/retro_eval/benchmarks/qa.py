@@ -32,32 +32,57 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
-def _answers(value: Any, where: str) -> list[str]:
+_ANSWER_FORMS = (
+    "'answer' (NQ-open: a list of strings) or 'answers' (SQuAD: a list of strings, a list of "
+    "{'text': ...}, or {'text': [...]})"
+)
+
+
+def _answers(rec: Mapping[str, Any], where: str) -> list[str]:
+    """Gold answers of a flat QA record, NQ-open (``answer``) or SQuAD (``answers``) form."""
+    key = "answer" if "answer" in rec else "answers"
+    value = rec.get(key)
     if isinstance(value, str):
         value = [value]
+    elif isinstance(value, Mapping):  # SQuAD / datasets: {"text": [...], "answer_start": [...]}
+        value = value.get("text")
+        value = [value] if isinstance(value, str) else value
+    if isinstance(value, list):  # SQuAD's official list of {"text", "answer_start"}
+        value = [v.get("text") if isinstance(v, Mapping) else v for v in value]
     if not isinstance(value, list) or not value or not all(isinstance(a, str) for a in value):
-        raise BenchmarkError(f"{where}: expected 'answer' to be a non-empty list of strings")
-    return list(value)
+        if key not in rec:
+            has = ", ".join(sorted(rec)) or "no fields"
+            raise BenchmarkError(f"{where}: expected {_ANSWER_FORMS}; the record has: {has}")
+        raise BenchmarkError(
+            f"{where}: expected '{key}' to be a non-empty list of strings ({_ANSWER_FORMS})"
+        )
+    return [str(a) for a in value]
 
 
 def _nq_example(rec: Mapping[str, Any], where: str, default_id: str) -> QAExample:
     q = rec.get("question")
     if not isinstance(q, str) or not q.strip():
-        raise BenchmarkError(f"{where}: expected a non-empty string field 'question'")
-    answers = _answers(rec.get("answer"), where)
-    meta = {k: v for k, v in rec.items() if k not in ("question", "answer", "id")}
+        has = ", ".join(sorted(rec)) or "no fields"
+        raise BenchmarkError(
+            f"{where}: expected a non-empty string field 'question' (the record has: {has})"
+        )
+    answers = _answers(rec, where)
+    meta = {k: v for k, v in rec.items() if k not in ("question", "answer", "answers", "id")}
     return QAExample(id=str(rec.get("id", default_id)), question=q, answers=answers, meta=meta)
 
 
 def nq_open_examples(
     records: Iterable[Mapping[str, Any]], *, source: str = "records"
 ) -> list[QAExample]:
-    """Convert NQ-open records ``{"question", "answer": [..]}`` (extra fields go to ``meta``)."""
+    """Convert flat QA records ``{"question", "answer": [..]}`` (NQ-open) or ``{"question",
+    "answers": [..] | {"text": [..]}}`` (SQuAD); extra fields go to ``meta``."""
     return [_nq_example(rec, f"{source} row {i}", str(i)) for i, rec in enumerate(records)]
 
 
 def read_nq_open(path: str | Path) -> list[QAExample]:
-    """Read an NQ-open JSONL file (``.jsonl``, ``.jsonl.gz`` or ``.jsonl.zst``).
+    """Read a flat QA JSONL file (``.jsonl``, ``.jsonl.gz`` or ``.jsonl.zst``): one question per
+    line, its gold answers as NQ-open's ``answer`` list or SQuAD's ``answers`` (a list of strings,
+    a list of ``{"text", "answer_start"}``, or ``{"text": [..], "answer_start": [..]}``).
 
     Raises:
         BenchmarkError: missing file, a record without ``question`` / ``answer``, or no example.
@@ -147,7 +172,8 @@ def squad_flat_examples(
 
 
 def read_squad(path: str | Path) -> list[QAExample]:
-    """Read an official SQuAD v1.1 JSON file (``.json`` or ``.json.gz``).
+    """Read an official SQuAD v1.1 JSON file (``.json`` or ``.json.gz``), or a JSON list of flat
+    question records (as :func:`read_nq_open` reads).
 
     Raises:
         BenchmarkError: missing file, not JSON, not the SQuAD schema, or no question.
@@ -157,7 +183,13 @@ def read_squad(path: str | Path) -> list[QAExample]:
             data = json.load(fh)
         except json.JSONDecodeError as exc:
             raise BenchmarkError(f"{path}: not valid JSON ({exc.msg})") from None
-    examples = squad_examples(data, source=str(path))
+    if isinstance(data, list):  # a JSON list of flat records (NQ-open / SQuAD-answers form)
+        bad = next((i for i, r in enumerate(data) if not isinstance(r, Mapping)), None)
+        if bad is not None:
+            raise BenchmarkError(f"{path}: item {bad}: expected a JSON object with 'question'")
+        examples = nq_open_examples(data, source=str(path))
+    else:
+        examples = squad_examples(data, source=str(path))
     if not examples:
         raise BenchmarkError(f"{path}: empty QA benchmark (no question)")
     return examples

@@ -13,6 +13,8 @@ def load_documents(
     benchmark: str | None = None,
     split: str = "test",
     subset: str | None = None,
+    text_field: str = "text",
+    subset_field: str | None = None,
     **_: Any,
 ) -> Any:
     """``custom_dataset`` for a loglikelihood_rolling task: a retro-eval benchmark as a DatasetDict.
@@ -21,7 +23,9 @@ def load_documents(
         benchmark: a pack name (``wikitext-mini``, ``pile-mini``) or a path in a native format
             (read by ``retro_eval.benchmarks.load_benchmark``).
         split: the split to read (``train``, ``validation``/``valid``, ``test``).
-        subset: keep only the documents whose ``pile_set_name`` is this (the Pile's subsets).
+        subset: keep only the documents of this subset (the Pile's ``pile_set_name``, or the
+            value of ``subset_field`` in a user's own ``{"text"}`` JSONL).
+        text_field, subset_field: a user's own JSONL: the text's field and the grouping field.
 
     Returns:
         ``datasets.DatasetDict`` with that one split; rows ``{"doc_id", "text", "words", "subset"}``.
@@ -33,10 +37,10 @@ def load_documents(
 
     if not benchmark:
         raise BenchmarkError("task dataset_kwargs.benchmark: expected a pack name or a path")
-    bench = load_benchmark(benchmark, split)
+    bench = load_benchmark(benchmark, split, text_field=text_field, subset_field=subset_field)
     docs = bench.documents
     if subset:
-        docs = [d for d in docs if d.meta.get("pile_set_name") == subset]
+        docs = [d for d in docs if _subset(d.meta) == subset]
         if not docs:
             raise BenchmarkError(
                 f"{benchmark}: subset {subset!r} has no documents in split {split!r}"
@@ -54,8 +58,12 @@ def document_row(doc_id: str, text: str, meta: dict[str, Any] | None = None) -> 
         "doc_id": str(doc_id),
         "text": text,
         "words": int(words) if words is not None else len(_WS.split(text)),
-        "subset": str(meta.get("pile_set_name", "")),
+        "subset": _subset(meta),
     }
+
+
+def _subset(meta: dict[str, Any]) -> str:
+    return str(meta.get("subset", meta.get("pile_set_name", "")))
 
 
 def process_results(doc: dict[str, Any], results: list[float]) -> dict[str, Any]:
