@@ -125,10 +125,13 @@ def test_retrofit_demo_trains_only_new_weights_and_off_is_the_base(
     for model in ("retro_on", "retro_shuffled", "retro_off"):
         assert math.isfinite(bench["models"][model]["bpb"])
     train_cfg = json.loads((run / "retro" / "train_config.json").read_text())
-    assert train_cfg["cache_prefix"] and train_cfg["loss_share"] == 0.5
+    assert train_cfg["cache_prefix"] and train_cfg["negative_share"] == 0.3
     assert len(train_cfg["sequences"]) == 8
     model = load_model(run / "retro")
     assert isinstance(model, RetrofittedLM)
+    # CCA copied from SmolLM2's own induction heads (the layers above P), read via the frozen base
+    assert model.config.cca_from_base and model.encoder is None
+    assert model.config.cca_layers == (17, 18, 20, 23)
     pkg, gguf = base_model_files("smollm2")
     base = AutoModelForCausalLM.from_pretrained(str(pkg), gguf_file=gguf, dtype=torch.float32)
     x = torch.tensor([model_tokens(run)])

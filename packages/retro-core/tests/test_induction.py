@@ -328,3 +328,38 @@ def test_negatives_swap_every_neighbour_field_together():
     assert all(torch.equal(same[key], batch[key]) for key in batch)
     with pytest.raises(ValueError, match="negative_share"):
         TrainConfig(negative_share=1.0)
+
+
+def test_cli_trains_and_resumes_a_cca_from_base_model_exactly(tmp_path):
+    import json
+
+    import numpy as np
+
+    from retro_core.cli import main
+    from retro_core.data import chunk_documents, write_dataset
+
+    d = tmp_path / "tiny-llama"
+    _llama().save_pretrained(str(d))
+    rng = np.random.default_rng(1)
+    docs = [[int(v) for v in rng.integers(1, V, rng.integers(8, 24))] for _ in range(10)]
+    tokens, lengths, doc_ids = chunk_documents(docs, M, 0)
+    N = tokens.shape[0]
+    ds = write_dataset(
+        tmp_path / "ds", tokens=tokens, lengths=lengths, doc_ids=doc_ids,
+        neighbours=rng.integers(1, V, (N, K, R)), neighbour_lengths=np.full((N, K), R),
+        neighbour_ids=np.tile(np.arange(K), (N, 1)), tokenizer_id="tiny-words", vocab_size=V,
+        pad_id=0, source_db=None,
+    )  # fmt: skip
+    common = ["--data", str(ds), "--no-progress", "--seq-chunks", "3", "--batch-size", "2"]
+    common += ["--eval-every", "0", "--checkpoint-every", "1", "--log-every", "1"]
+    rf = ["--retrofit", str(d), "--cca-from-base", "--cca-layers", "2,4"]
+    rf += ["--induction-threshold", "0.0", "--steps", "3"]  # every head of the random model open
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert main([*common, "--out", str(a), *rf]) == 0
+    assert main([*common, "--out", str(b), *rf, "--stop-after", "2"]) == 0
+    assert main([*common, "--out", str(b), "--resume", "--steps", "3"]) == 0
+    cfg = json.loads((a / "checkpoints" / "step_00000003" / "retrofit.json").read_text())
+    assert cfg["config"]["cca_from_base"] and cfg["config"]["cca_heads"] == [[0, 1, 2, 3]] * 2
+    loss = [json.loads(x)["loss"] for x in (a / "metrics.jsonl").read_text().splitlines()]
+    loss2 = [json.loads(x)["loss"] for x in (b / "metrics.jsonl").read_text().splitlines()]
+    assert loss2 == pytest.approx(loss, rel=1e-5)

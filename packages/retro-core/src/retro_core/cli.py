@@ -138,6 +138,18 @@ def build_parser() -> argparse.ArgumentParser:
     rf.add_argument(
         "--enc-n-heads", type=int, default=None, help="encoder heads (default: d' / head size)"
     )
+    rf.add_argument(
+        "--cca-from-base",
+        action="store_true",
+        help="CCA starts as copies of the base's own induction-head layers and reads the "
+        "neighbours as the frozen base encodes them (Llama family; default P from the heads)",
+    )
+    rf.add_argument(
+        "--induction-threshold",
+        type=float,
+        default=0.4,
+        help="with --cca-from-base: the induction score a head needs to start open",
+    )
 
     t = p.add_argument_group("training (defaults: TrainConfig)")
     t.add_argument("--train-config", type=Path, default=None, help="TrainConfig JSON; flags win")
@@ -224,6 +236,8 @@ def _retrofit_model(args: argparse.Namespace, tc: Any, existing: Path | None) ->
             dropout=c.dropout,
             pad_id=c.pad_id,
             tokenizer_id=c.tokenizer_id,
+            cca_from_base=c.cca_from_base,
+            cca_heads=c.cca_heads,
         )
     else:
         ds = RetroDataset(args.data, tc.seq_chunks)
@@ -257,6 +271,8 @@ def _retrofit_model(args: argparse.Namespace, tc: Any, existing: Path | None) ->
             enc_n_heads=args.enc_n_heads,
             pad_id=ds.pad_id,
             tokenizer_id=tok_id,
+            cca_from_base=args.cca_from_base,
+            induction_threshold=args.induction_threshold,
         )
     return retrofit(path, gguf_file=gguf, seed=tc.seed, **kw)
 

@@ -643,6 +643,7 @@ def retrofit(
     enc_input_norm: bool = False,
     cca_from_base: bool = False,
     induction_threshold: float = 0.4,
+    cca_heads: tuple[tuple[int, ...], ...] | None = None,
     train_copies: bool = True,
     dropout: float = 0.0,
     pad_id: int | None = None,
@@ -672,6 +673,9 @@ def retrofit(
             for the (at most 4) layers L with a head scoring at least ``induction_threshold``;
             those heads' gates start open, the others' at 0.
         induction_threshold: see ``cca_from_base``.
+        cca_heads: with ``cca_from_base`` and ``cca_layers``: the heads whose gates start open,
+            per CCA layer, instead of those scoring at least ``induction_threshold`` (a resumed
+            run passes its recorded ``RetroConfig.cca_heads``).
         train_copies: with ``cca_from_base``, whether the copied norm and projections train
             (False: only the per-head gates, sinks and null keys do).
         dropout: dropout of the new modules.
@@ -730,7 +734,8 @@ def retrofit(
     if enc_n_heads is None and enc_d_model is not None and enc_d_model != hc.hidden_size:
         # a narrower/wider encoder keeps the base's head size: d' / (d / h) heads
         enc_n_heads = max(1, enc_d_model // (hc.hidden_size // hc.num_attention_heads))
-    cca_heads = None
+    if cca_heads is not None and (not cca_from_base or cca_layers is None):
+        raise RetrofitError("retrofit: cca_heads needs cca_from_base=True and cca_layers")
     if cca_from_base:
         if _layer_owner(hf_model)[1] != "layers":
             raise RetrofitError(
@@ -752,7 +757,7 @@ def retrofit(
                 f"cca_from_base: CCA after layer p copies layer p + 1; the base has "
                 f"{len(scores)} layers, got cca_layers={list(cca_layers)}"
             )
-        else:
+        elif cca_heads is None:
             cca_heads = tuple(
                 tuple(int(h) for h in torch.nonzero(scores[p] >= induction_threshold).flatten())
                 for p in cca_layers
