@@ -3,7 +3,7 @@
 - ``retro-eval run --config run.yaml``: evaluate (see :mod:`retro_eval.run`); writes results.json,
   report.md and PNG plots to the config's output directory.
 - ``retro-eval report results.json [--out DIR]``: render report.md and the plots again.
-- ``retro-eval demo [--scale tiny|small|full]``: the main job end to end (:mod:`retro_eval.demo`).
+- ``retro-eval demo [--scale retrofit|retrofit-tiny|small|tiny|full]``: the main job end to end (:mod:`retro_eval.demo`).
 - ``retro-eval generate MODEL --database DB --prompt TEXT``: continue a prompt with retrieval.
 
 MODEL arguments (``run``'s ``retro`` / ``baseline``, the lm-eval model's ``checkpoint=``,
@@ -135,11 +135,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     d.add_argument(
         "--scale",
-        choices=["small", "tiny", "full", "retrofit", "retrofit-tiny"],
-        default="small",
-        help="from scratch: small (default, ~20 min on 2 CPU cores), tiny (a minute or two), full "
-        "(all text, hours); retrofit: RETRO-fit the pretrained SmolLM2-135M (frozen), "
-        "retrofit-tiny: the same in a few minutes",
+        choices=["retrofit", "retrofit-tiny", "small", "tiny", "full"],
+        default="retrofit",
+        help="retrofit (default, ~30 min on 2 CPU cores): RETRO-fit the pretrained SmolLM2-135M "
+        "(frozen) with CCA copied from its induction heads; retrofit-tiny: the same in a few "
+        "minutes; from scratch: small (~20 min), tiny (a minute or two), full (all text, hours)",
     )
     d.add_argument(
         "--run-dir", default="runs/demo", help="stage outputs and report (default %(default)s)"
