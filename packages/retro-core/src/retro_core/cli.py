@@ -26,6 +26,43 @@ from typing import Any
 
 __all__ = ["build_parser", "main"]
 
+
+class _UsageError(Exception):
+    """A bad command line (argparse's error), reported in one line by :func:`main`."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``retro-train: error: ...`` (no usage block)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise _UsageError(f"{message} (see {self.prog} --help)")
+
+
+def _int(low: int, high: int | None = None):
+    """argparse type: an integer >= ``low`` (and <= ``high`` when given)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {value}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"expected an integer <= {high}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {low}" if high is None else f"integer in [{low}, {high}]"
+    return parse
+
+
+def _one_line(text: str) -> str:
+    """A message on one line (whitespace runs, newlines included, become one space), printable
+    whatever bytes the user typed."""
+    line = " ".join(text.split())
+    return line.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 # CLI flag -> TrainConfig field (flags default to None so that only given ones override).
 _TRAIN_FLAGS: dict[str, str] = {
     "steps": "steps",
@@ -52,7 +89,7 @@ _TRAIN_FLAGS: dict[str, str] = {
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``retro-train`` argument parser."""
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="retro-train",
         description=(
             "Train a RETRO model (Borgeaud et al., 2021) or its matched decoder-only baseline on a "
@@ -180,9 +217,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--num-workers", type=int, default=None, help="DataLoader workers")
     t.add_argument("--device", default=None, help="torch device (cpu, cuda)")
     t.add_argument(
-        "--stop-after", type=int, default=None, help="pause after this many steps (resume later)"
+        "--stop-after",
+        type=_int(1),
+        default=None,
+        help="pause after this many steps (resume later)",
     )
-    t.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    t.add_argument("--threads", type=_int(1, 1024), default=None, help="torch CPU threads")
     t.add_argument(
         "--dist-backend",
         default=None,
@@ -203,9 +243,9 @@ def _read_json(path: Path, what: str) -> dict[str, Any]:
     try:
         obj = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as e:
-        raise SystemExit(f"retro-train: {path}: cannot read {what} ({e})") from None
+        raise ValueError(f"{path}: cannot read {what} ({e})") from None
     if not isinstance(obj, dict):
-        raise SystemExit(f"retro-train: {path}: expected a JSON object ({what})")
+        raise ValueError(f"{path}: expected a JSON object ({what})")
     return obj
 
 
@@ -278,8 +318,16 @@ def _retrofit_model(args: argparse.Namespace, tc: Any, existing: Path | None) ->
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``retro-train`` console script."""
-    args = build_parser().parse_args(argv)
+    """Entry point of the ``retro-train`` console script; returns the exit code (0 ok, 2 error).
+
+    Every error, a bad command line included, is one line ``retro-train: error: ...`` on stderr
+    and exit code 2.
+    """
+    try:
+        args = build_parser().parse_args(argv)
+    except _UsageError as e:
+        print(f"retro-train: error: {_one_line(str(e))}", file=sys.stderr)
+        return 2
     # Under torchrun only rank 0 logs at INFO, prints and shows the progress bar.
     rank = int(os.environ.get("RANK", "0") or 0)
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
@@ -352,9 +400,10 @@ def main(argv: list[str] | None = None) -> int:
             dist_backend=args.dist_backend,
             verify=not args.no_verify,
         )
-    except (DatasetFormatError, TrainError, CheckpointError, ValueError) as e:
+    except (DatasetFormatError, TrainError, CheckpointError, ValueError, OSError) as e:
         where = f" (rank {rank})" if world > 1 else ""
-        print(f"retro-train: error{where}: {e}", file=sys.stderr)
+        msg = _one_line(str(e)) or type(e).__name__
+        print(f"retro-train: error{where}: {msg}", file=sys.stderr)
         return 2
     del final  # printed from the file, where NaN is written as null
     if rank != 0:

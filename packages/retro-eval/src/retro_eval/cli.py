@@ -30,6 +30,42 @@ __all__ = ["main"]
 LM_EVAL_SUBCOMMANDS = {"run", "ls", "validate"}
 
 
+class _UsageError(Exception):
+    """A bad command line (argparse's error), reported in one line by :func:`main`."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``retro-eval: error: ...`` (no usage block)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise _UsageError(f"{message} (see {self.prog} --help)")
+
+
+def _int(low: int, high: int | None = None):
+    """argparse type: an integer >= ``low`` (and <= ``high`` when given)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {value}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"expected an integer <= {high}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {low}" if high is None else f"integer in [{low}, {high}]"
+    return parse
+
+
+def _one_line(text: str) -> str:
+    """A message on one line (whitespace runs, newlines included, become one space), printable
+    whatever bytes the user typed."""
+    line = " ".join(text.split())
+    return line.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _lm_eval(argv: Sequence[str]) -> int:
     from lm_eval.__main__ import cli_evaluate
 
@@ -97,9 +133,9 @@ def _generate(args: argparse.Namespace) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="retro-eval", description=__doc__.split("\n\n")[0])
+    p = _Parser(prog="retro-eval", description=__doc__.split("\n\n")[0])
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
     r = sub.add_parser("run", help="evaluate as a run.yaml says")
     r.add_argument("--config", required=True, help="run.yaml")
     r.add_argument(
@@ -144,8 +180,10 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument(
         "--run-dir", default="runs/demo", help="stage outputs and report (default %(default)s)"
     )
-    d.add_argument("--threads", type=int, default=None, help="torch/faiss threads")
-    d.add_argument("--steps", type=int, default=None, help="override the scale's training steps")
+    d.add_argument("--threads", type=_int(1, 1024), default=None, help="torch/faiss threads")
+    d.add_argument(
+        "--steps", type=_int(1), default=None, help="override the scale's training steps"
+    )
     d.add_argument("--force", action="store_true", help="rerun every stage, cached or not")
     return p
 
@@ -159,10 +197,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _lm_eval(argv[1:])
         except (ValueError, FileNotFoundError, NotADirectoryError) as e:
             # a bad model argument (checkpoint, database, k, retrieval): one line, exit 2
-            msg = " ".join(str(e).split()) or type(e).__name__
+            msg = _one_line(str(e)) or type(e).__name__
             print(f"retro-eval: error: {msg}", file=sys.stderr)
             return 2
-    args = _parser().parse_args(argv)
+    try:
+        args = _parser().parse_args(argv)
+    except _UsageError as e:
+        print(f"retro-eval: error: {_one_line(str(e))}", file=sys.stderr)
+        return 2
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
@@ -205,8 +247,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             out = Path(args.out) if args.out else Path(args.results).parent
             written = render_report(args.results, out)
             print(f"retro-eval: wrote {written['report']} and {len(written) - 1} plot(s)")
-    except (ValueError, FileNotFoundError, NotADirectoryError) as e:
-        msg = " ".join(str(e).split()) or type(e).__name__
+    except (ValueError, OSError) as e:
+        msg = _one_line(str(e)) or type(e).__name__
         print(f"retro-eval: error: {msg}", file=sys.stderr)
         return 2
     return 0
