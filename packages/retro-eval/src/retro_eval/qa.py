@@ -216,7 +216,7 @@ def answer_questions(
         new = generate(model, prompt, queries, max_new, k=kk, eos_id=eos)
         if eos is not None and eos in new:
             new = new[: new.index(eos)]
-        text = tokenizer.decode(new).split("\n", 1)[0].strip()
+        text = tokenizer.decode(new).lstrip().split("\n", 1)[0].strip()  # the first line of text
         em, f1 = _em_f1(text, ex.answers)
         out.ids.append(str(ex.id))
         out.questions.append(ex.question)
