@@ -24,43 +24,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .cliutil import OneLineParser as _Parser
+from .cliutil import UsageError as _UsageError
+from .cliutil import int_arg as _int
+from .cliutil import one_line as _one_line
+
 __all__ = ["build_parser", "main"]
-
-
-class _UsageError(Exception):
-    """A bad command line (argparse's error), reported in one line by :func:`main`."""
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse with one-line errors: ``retro-train: error: ...`` (no usage block)."""
-
-    def error(self, message: str):  # type: ignore[override]
-        raise _UsageError(f"{message} (see {self.prog} --help)")
-
-
-def _int(low: int, high: int | None = None):
-    """argparse type: an integer >= ``low`` (and <= ``high`` when given)."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {value}")
-        if high is not None and value > high:
-            raise argparse.ArgumentTypeError(f"expected an integer <= {high}, got {value}")
-        return value
-
-    parse.__name__ = f"integer >= {low}" if high is None else f"integer in [{low}, {high}]"
-    return parse
-
-
-def _one_line(text: str) -> str:
-    """A message on one line (whitespace runs, newlines included, become one space), printable
-    whatever bytes the user typed."""
-    line = " ".join(text.split())
-    return line.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 # CLI flag -> TrainConfig field (flags default to None so that only given ones override).
@@ -328,6 +297,18 @@ def main(argv: list[str] | None = None) -> int:
     except _UsageError as e:
         print(f"retro-train: error: {_one_line(str(e))}", file=sys.stderr)
         return 2
+    if args.device is not None:  # e.g. cuda on a CPU-only build: one line, not torch's traceback
+        import torch
+
+        try:
+            dev = torch.device(args.device)
+            if dev.type not in ("cpu", "cuda"):
+                raise ValueError("expected cpu or cuda[:N]")
+            torch.empty(0, device=dev)
+        except (RuntimeError, AssertionError, ValueError) as e:
+            msg = _one_line(f"--device {args.device}: not usable here ({e})")
+            print(f"retro-train: error: {msg}", file=sys.stderr)
+            return 2
     # Under torchrun only rank 0 logs at INFO, prints and shows the progress bar.
     rank = int(os.environ.get("RANK", "0") or 0)
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)

@@ -25,45 +25,14 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from retro_core.cliutil import OneLineParser as _Parser
+from retro_core.cliutil import UsageError as _UsageError
+from retro_core.cliutil import int_arg as _int
+from retro_core.cliutil import one_line as _one_line
+
 __all__ = ["main"]
 
 LM_EVAL_SUBCOMMANDS = {"run", "ls", "validate"}
-
-
-class _UsageError(Exception):
-    """A bad command line (argparse's error), reported in one line by :func:`main`."""
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse with one-line errors: ``retro-eval: error: ...`` (no usage block)."""
-
-    def error(self, message: str):  # type: ignore[override]
-        raise _UsageError(f"{message} (see {self.prog} --help)")
-
-
-def _int(low: int, high: int | None = None):
-    """argparse type: an integer >= ``low`` (and <= ``high`` when given)."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {value}")
-        if high is not None and value > high:
-            raise argparse.ArgumentTypeError(f"expected an integer <= {high}, got {value}")
-        return value
-
-    parse.__name__ = f"integer >= {low}" if high is None else f"integer in [{low}, {high}]"
-    return parse
-
-
-def _one_line(text: str) -> str:
-    """A message on one line (whitespace runs, newlines included, become one space), printable
-    whatever bytes the user typed."""
-    line = " ".join(text.split())
-    return line.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _lm_eval(argv: Sequence[str]) -> int:
