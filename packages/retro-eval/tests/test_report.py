@@ -16,8 +16,8 @@ def results() -> dict:
     return {
         "version": 1,
         "config": {
-            "retro": "/ckpt/retro",
-            "baseline": "/ckpt/base",
+            "retro": "runs/demo/retro",
+            "baseline": "runs/demo/baseline",
             "window": 2048,
             "stride": 1024,
         },
