@@ -269,15 +269,24 @@ def test_train_with_cached_prefix_and_encodings_equals_plain_training(tmp_path):
         pad_id=0,
         source_db=None,
     )
-    runs = {}
+    runs, seen = {}, []
     for name, kw in {"plain": {}, "cached": {"cache_prefix": True}}.items():
         model = _model(d)
+        if kw:  # record what each training forward is given: the cache must reach the model
+            forward = model.forward
+
+            def spy(*args, _f=forward, **kwargs):
+                seen.append(("prefix" in kwargs, "encoded" in kwargs))
+                return _f(*args, **kwargs)
+
+            model.forward = spy
         tc = TrainConfig(
             steps=3, batch_size=2, lr=1e-2, warmup_steps=1, seq_chunks=3, eval_every=0,
             eval_batches=1, valid_fraction=0.2, checkpoint_every=3, log_every=1, seed=1, **kw,
         )  # fmt: skip
         train(model, tc, ds, tmp_path / name, progress=False)
         runs[name] = model.new_state_dict()
+    assert seen[:3] == [(True, True)] * 3, seen  # the 3 steps (validation runs uncached)
     start = _model(d).new_state_dict()
     assert any(not torch.equal(runs["plain"][k], start[k]) for k in start)  # it trained
     for key in runs["plain"]:

@@ -411,7 +411,9 @@ class PrefixCachedDataset(Dataset):
         return len(self.dataset)  # type: ignore[arg-type]
 
     def __getattr__(self, name: str) -> Any:  # the dataset's metadata (seq_len, k, ...)
-        if name in ("dataset", "model", "cache", "dtype", "encoded"):
+        # Never forward protocol names: DataLoader fetches through ``__getitems__`` when the
+        # dataset has one, and the wrapped Subset's would bypass the cache entirely.
+        if name.startswith("__") or name in ("dataset", "model", "cache", "dtype", "encoded"):
             raise AttributeError(name)
         return getattr(self.dataset, name)
 

@@ -61,6 +61,9 @@ class DemoScale:
     batch_size: int = 8
     lr: float = 1e-3
     warmup_steps: int = 30
+    min_lr_ratio: float = (
+        0.1  # the cosine decay ends at lr x this (1.0: a constant lr after warmup)
+    )
     k_sweep: tuple[int, ...] = (1, 2, 4, 10)
     embed_batch_size: int = 64
     bf16: bool = False  # bfloat16 autocast in training (CPUs with AVX-512 BF16 run it ~1.5x faster)
@@ -92,7 +95,8 @@ SCALES: dict[str, DemoScale] = {
         steps=150,
         batch_size=4,
         lr=1e-4,
-        warmup_steps=10,
+        warmup_steps=0,
+        min_lr_ratio=1.0,  # constant, as in learning-curve.md's run ind-d
         bf16=False,  # bf16 autocast is ~2x slower than fp32 for SmolLM2 on this CPU (measured)
         k_sweep=(1, 2),  # k = 4 costs 4.4 more minutes (the base encodes every neighbour)
         qa_own_database=False,
@@ -542,7 +546,7 @@ def _train_scratch(
         steps=sc.steps,
         batch_size=sc.batch_size,
         lr=sc.lr,
-        min_lr=sc.lr / 10,
+        min_lr=sc.lr * sc.min_lr_ratio,
         warmup_steps=sc.warmup_steps,
         seed=SEED,
         seq_chunks=sc.seq_chunks,
@@ -592,7 +596,7 @@ def _train_retrofit(
         steps=sc.steps,
         batch_size=sc.batch_size,
         lr=sc.lr,
-        min_lr=sc.lr / 10,
+        min_lr=sc.lr * sc.min_lr_ratio,
         warmup_steps=sc.warmup_steps,
         weight_decay=0.0,
         seed=SEED,
