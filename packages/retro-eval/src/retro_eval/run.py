@@ -937,7 +937,7 @@ def _answer_cached(
     from tqdm.auto import tqdm
 
     from .cache import cache_key, retriever_checksum
-    from .qa import QAResult, answer_questions
+    from .qa import DEFAULT_TEMPLATE, FEW_SHOT, QAResult, answer_questions
 
     db_sum = retriever_checksum(retriever) if retriever is not None else "closed-book"
     use = bool(model_sum) and db_sum is not None
@@ -946,7 +946,9 @@ def _answer_cached(
     keys = []
     for gi, g in enumerate(groups):
         qs = [[examples[i].question, list(examples[i].answers)] for i in g]
-        key = cache_key("qa", model_sum, db_sum, k, cfg.max_new_tokens, qs)
+        key = cache_key(
+            "qa", model_sum, db_sum, k, cfg.max_new_tokens, DEFAULT_TEMPLATE, FEW_SHOT, qs
+        )
         keys.append(key)
         got = cache.get_json(key) if use else None
         if isinstance(got, dict) and all(len(got.get(f, [])) == len(g) for f in ("em", "f1")):
