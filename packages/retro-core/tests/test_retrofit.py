@@ -592,10 +592,10 @@ def test_cached_prefix_and_sampled_loss_train_the_same_weights(tmp_path):
 
 
 def test_sampled_positions_avoid_the_first_chunk():
-    from retro_core.train import _sample_positions
+    from retro_core.train_data import sample_positions
 
     mask = torch.ones(2, 4 * M, dtype=torch.bool)
-    out = _sample_positions({"loss_mask": mask}, 0.25, M - 1, seed=5)["loss_mask"]
+    out = sample_positions({"loss_mask": mask}, 0.25, M - 1, seed=5)["loss_mask"]
     assert not out[:, : M - 1].any()
     assert torch.equal(out[0], out[1])
     assert int(out[0].sum()) == round(0.25 * (4 * M - (M - 1)))

@@ -29,6 +29,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .atomic import atomic_path, atomic_write_text
 from .config import RetroConfig
 from .model import Retro
 
@@ -53,12 +54,6 @@ WEIGHTS_FILE = "model.safetensors"
 
 class CheckpointError(ValueError):
     """A checkpoint directory is missing, corrupt, or does not match its config."""
-
-
-def _fsync_rename(tmp: Path, final: Path) -> None:
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
 
 
 def _sha256_file(path: Path) -> str:
@@ -139,14 +134,11 @@ def save_checkpoint(
             f"save_checkpoint: extra metadata is not JSON-serialisable: {e}"
         ) from e
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    tmp_w = directory / f".{WEIGHTS_FILE}.tmp-{os.getpid()}"
-    tmp_c = directory / f".{CONFIG_FILE}.tmp-{os.getpid()}"
-    save_file(state, str(tmp_w), metadata={"format": CHECKPOINT_FORMAT})
-    meta["integrity"] = integrity_record(meta, tmp_w)
+    with atomic_path(directory / WEIGHTS_FILE) as tmp_w:
+        save_file(state, str(tmp_w), metadata={"format": CHECKPOINT_FORMAT})
+        meta["integrity"] = integrity_record(meta, tmp_w)
     text = json.dumps(meta, indent=2, sort_keys=True, allow_nan=False)
-    _fsync_rename(tmp_w, directory / WEIGHTS_FILE)
-    tmp_c.write_text(text + "\n", encoding="utf-8")
-    _fsync_rename(tmp_c, directory / CONFIG_FILE)
+    atomic_write_text(directory / CONFIG_FILE, text + "\n")
     logger.info("saved checkpoint to %s (%d tensors)", directory, len(state))
     return directory
 

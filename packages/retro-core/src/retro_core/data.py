@@ -32,8 +32,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
-import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -42,6 +40,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
+
+from .atomic import atomic_write, atomic_write_text, fsync_dir
 
 __all__ = [
     "DATASET_FORMAT",
@@ -290,19 +290,6 @@ def chunk_documents(
     )
 
 
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
 def _sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -320,24 +307,6 @@ def manifest_checksum(manifest: Mapping[str, Any]) -> str:
     body = {k: v for k, v in manifest.items() if k != "checksum"}
     text = json.dumps(body, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def _atomic_write(directory: Path, name: str, write: Any) -> Path:
-    """Write ``directory/name`` via a temporary file in the same directory: write, fsync, rename."""
-    final = directory / name
-    fd, tmp = tempfile.mkstemp(
-        prefix=f".{name}.", suffix=f".{uuid.uuid4().hex[:8]}.tmp", dir=directory
-    )
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return final
 
 
 def write_dataset(
@@ -445,20 +414,20 @@ def write_dataset(
                 f"{manifest_path} exists: pass overwrite=True to replace the dataset"
             )
         manifest_path.unlink()
-        _fsync_dir(out)
+        fsync_dir(out)
         stale = out / "neighbour_distances.npy"
         if dist is None and stale.exists():
             stale.unlink()
 
     files: dict[str, dict[str, Any]] = {}
     for name, arr in cast.items():
-        path = _atomic_write(out, name, lambda f, a=arr: np.save(f, np.ascontiguousarray(a)))
+        path = atomic_write(out / name, lambda f, a=arr: np.save(f, np.ascontiguousarray(a)))
         files[name] = {
             "sha256": _sha256_file(path),
             "shape": list(arr.shape),
             "dtype": arr.dtype.name,
         }
-    _fsync_dir(out)
+    fsync_dir(out)
 
     n_chunks, m = cast["tokens.npy"].shape
     k, r = cast["neighbours.npy"].shape[1:]
@@ -477,8 +446,8 @@ def write_dataset(
     }
     manifest["checksum"] = manifest_checksum(manifest)
     text = json.dumps(manifest, indent=2, sort_keys=False) + "\n"
-    _atomic_write(out, MANIFEST, lambda f: f.write(text.encode("utf-8")))
-    _fsync_dir(out)
+    atomic_write_text(out / MANIFEST, text)
+    fsync_dir(out)
     logger.info(
         "wrote training dataset %s: %d chunks, %d documents, k=%d", out, n_chunks, n_docs, k
     )

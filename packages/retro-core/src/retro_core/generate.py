@@ -4,7 +4,7 @@ Each time the sequence completes a chunk C_u (m tokens), its k neighbours are re
 ``retriever.retrieve`` and encoded once, conditioned on the decoder activations of C_u; the
 encoding is reused by CCA for the next m tokens (the last token of C_u and the first m-1 of
 C_{u+1}). With ``use_cache=True`` self-attention keys/values and the encoded neighbours live in a
-:class:`~retro_core.model.KVCache`, so each new token costs one step; ``use_cache=False``
+:class:`~retro_core.interface.KVCache`, so each new token costs one step; ``use_cache=False``
 recomputes the whole forward (retrieving for every complete chunk) at every step: the reference.
 """
 
@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .model import Retro
-from .retrieval import Retriever, check_retriever
+from .interface import RetrievalLM
+from .retrieval import Retriever
 
 __all__ = ["generate", "sample_next"]
 
@@ -75,7 +75,7 @@ def _retrieve(
 
 @torch.no_grad()
 def generate(
-    model: Retro,
+    model: RetrievalLM,
     prompt_ids: Sequence[int] | Tensor,
     retriever: Retriever | None = None,
     max_new_tokens: int = 64,
@@ -91,7 +91,8 @@ def generate(
     """Continue a prompt.
 
     Args:
-        model: a :class:`Retro` (switched to eval mode).
+        model: a :class:`~retro_core.interface.RetrievalLM` (``Retro`` or ``RetrofittedLM``),
+            switched to eval mode.
         prompt_ids: the n0 >= 1 prompt token ids, a sequence or an int tensor (n0,).
         retriever: finds the neighbours of each completed chunk, or None for RETRO[OFF]. Checked
             against the model's chunk size m and tokenizer id first.
@@ -129,7 +130,7 @@ def generate(
     if k < 1:
         raise ValueError(f"k: expected >= 1, got {k}")
     if retriever is not None:
-        check_retriever(retriever, chunk_size=m, tokenizer_id=cfg.tokenizer_id)
+        model.check_retriever(retriever)
         if not cfg.is_retro:
             logger.warning("the model has no CCA layers (baseline): the retriever is not used")
             retriever = None

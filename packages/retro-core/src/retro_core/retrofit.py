@@ -6,8 +6,11 @@ are attached around it with forward hooks on its decoder layers:
 - a :class:`~retro_core.model.ChunkedCrossAttention` (pre-normed, residual) right after each
   decoder layer p in P, so the block reads ``H <- H + CCA(norm(H), E)`` on the layer's output;
 - a neighbour :class:`~retro_core.model.Encoder`, fed by the base model's frozen token
-  embeddings and conditioned on the base model's hidden states at the output of layer min(P)
-  (the layer right before the first CCA), exactly as ``Retro`` conditions its encoder.
+  embeddings and conditioned on the base model's hidden states at the output of layer min(P),
+  i.e. on the residual stream entering the first CCA. ``Retro`` also conditions on the stream
+  entering its first CCA, but there that point lies inside block min(P) (after its self-attention,
+  before its FFW); a Hugging Face decoder layer runs attention and MLP as one module, so the only
+  place a hook can reach, and where the CCA sits, is after the whole layer (its MLP included).
 
 Only the new parameters train (``requires_grad`` is switched off on the base). Every CCA output
 projection starts at zero, so before training the retro-fitted model's logits equal the base
@@ -52,11 +55,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from .atomic import atomic_path, atomic_write_text
 from .checkpoint import check_integrity, integrity_record, read_versioned_config
 from .config import RetroConfig
 from .induction import BaseAttentionCCA, induction_heads, induction_scores
-from .model import ChunkedCrossAttention, Encoder, KVCache, Retro, Rotary, keep_positions
-from .retrieval import check_retriever
+from .interface import KVCache, RetrievalLMMixin
+from .model import ChunkedCrossAttention, Encoder, Rotary, init_weights, keep_positions
 
 __all__ = [
     "RETROFIT_FORMAT",
@@ -256,7 +260,7 @@ class RetrofitCCA(nn.Module):
         self.cca = ChunkedCrossAttention(cfg)
 
 
-class RetrofittedLM(nn.Module):
+class RetrofittedLM(RetrievalLMMixin, nn.Module):
     """A frozen Hugging Face causal LM with chunked cross-attention and a neighbour encoder.
 
     Build it with :func:`retrofit`. It has the interface of :class:`~retro_core.model.Retro`
@@ -271,13 +275,6 @@ class RetrofittedLM(nn.Module):
         encoder: the neighbour :class:`~retro_core.model.Encoder`.
         base_ref: {"path", "gguf_file", "sha256", "model_type"} or None (then it cannot be saved).
     """
-
-    # The input checks, the per-chunk neighbour encoding and the CCA keys/values (with their cache
-    # bookkeeping) are Retro's own: they read only ``config``, ``encoder``, ``tok_emb`` and
-    # ``rope``, which this class has.
-    _check_inputs = Retro._check_inputs
-    _encode = Retro._encode
-    _cca_kv = Retro._cca_kv
 
     def __init__(self, base: nn.Module, config: RetroConfig, base_ref: dict[str, Any] | None):
         super().__init__()
@@ -319,8 +316,8 @@ class RetrofittedLM(nn.Module):
                 {str(p): RetrofitCCA(config) for p in config.cca_layers}
             )
             self.encoder = Encoder(config)
-            self.cca_layers.apply(Retro._init_weights)
-            self.encoder.apply(Retro._init_weights)
+            self.cca_layers.apply(init_weights)
+            self.encoder.apply(init_weights)
             with torch.no_grad():  # CCA starts as the identity: logits equal the base model's
                 for layer in self.cca_layers.values():
                     layer.cca.attn.out_proj.weight.zero_()
@@ -382,12 +379,6 @@ class RetrofittedLM(nn.Module):
     def new_cache(self) -> RetrofitCache:
         """An empty cache for incremental decoding with ``forward(..., cache=cache)``."""
         return RetrofitCache(keys=[], values=[])
-
-    def check_retriever(self, retriever: object) -> None:
-        """Refuse a retriever built with another chunk size or tokenizer than this model's."""
-        check_retriever(
-            retriever, chunk_size=self.config.chunk_size, tokenizer_id=self.config.tokenizer_id
-        )
 
     # -- the frozen prefix -----------------------------------------------------------------------
 
@@ -822,12 +813,6 @@ def retrofit(
     return model
 
 
-def _fsync_replace(tmp: Path, final: Path) -> None:
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
-
-
 def is_retrofit_checkpoint(directory: str | os.PathLike[str]) -> bool:
     """True when ``directory`` holds a checkpoint written by :func:`save_retrofitted`."""
     return (Path(directory) / CONFIG_FILE).is_file()
@@ -861,13 +846,11 @@ def save_retrofitted(
     except (TypeError, ValueError) as e:
         raise RetrofitError(f"save_retrofitted: extra is not JSON-serialisable: {e}") from e
     state = {k: v.detach().contiguous().cpu() for k, v in model.new_state_dict().items()}
-    tmp_w, tmp_c = d / f".{WEIGHTS_FILE}.tmp-{os.getpid()}", d / f".{CONFIG_FILE}.tmp-{os.getpid()}"
-    save_file(state, str(tmp_w), metadata={"format": RETROFIT_FORMAT})
-    meta["integrity"] = integrity_record(meta, tmp_w)
+    with atomic_path(d / WEIGHTS_FILE) as tmp_w:
+        save_file(state, str(tmp_w), metadata={"format": RETROFIT_FORMAT})
+        meta["integrity"] = integrity_record(meta, tmp_w)
     text = json.dumps(meta, indent=2, sort_keys=True, allow_nan=False)
-    _fsync_replace(tmp_w, d / WEIGHTS_FILE)
-    tmp_c.write_text(text + "\n", encoding="utf-8")
-    _fsync_replace(tmp_c, d / CONFIG_FILE)
+    atomic_write_text(d / CONFIG_FILE, text + "\n")
     logger.info("saved retro-fit weights to %s (%d tensors)", d, len(state))
     return d
 
