@@ -20,12 +20,13 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
+from dataset_writer import chunk_documents, write_dataset
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from retro_core.checkpoint import load_checkpoint
 from retro_core.config import RetroConfig
-from retro_core.data import RetroDataset, chunk_documents, write_dataset
+from retro_core.data import RetroDataset
 from retro_core.parallel import DistInfo
 from retro_core.train import TrainConfig, TrainError, latest_checkpoint, train
 from retro_core.train_data import BatchSampler

@@ -244,8 +244,8 @@ def test_bad_uses_are_refused(base_dir, tmp_path):
 def test_train_with_cached_prefix_and_encodings_equals_plain_training(tmp_path):
     """TrainConfig.cache_prefix also caches the base's neighbour encodings: same weights."""
     import numpy as np
+    from dataset_writer import chunk_documents, write_dataset
 
-    from retro_core.data import chunk_documents, write_dataset
     from retro_core.train import TrainConfig, train
 
     d = tmp_path / "tiny-llama"
@@ -344,9 +344,9 @@ def test_cli_trains_and_resumes_a_cca_from_base_model_exactly(tmp_path):
     import json
 
     import numpy as np
+    from dataset_writer import chunk_documents, write_dataset
 
     from retro_core.cli import main
-    from retro_core.data import chunk_documents, write_dataset
 
     d = tmp_path / "tiny-llama"
     _llama().save_pretrained(str(d))

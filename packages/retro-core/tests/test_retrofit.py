@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 
 transformers = pytest.importorskip("transformers")
 
-from retro_core.data import chunk_documents, write_dataset  # noqa: E402
+from dataset_writer import chunk_documents, write_dataset  # noqa: E402
+
 from retro_core.generate import generate  # noqa: E402
 from retro_core.retrieval import Neighbours, RetrieverMismatchError  # noqa: E402
 from retro_core.retrofit import (  # noqa: E402

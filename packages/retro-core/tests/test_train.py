@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from dataset_writer import chunk_documents, write_dataset
 
 from retro_core.checkpoint import load_checkpoint
 from retro_core.config import RetroConfig
-from retro_core.data import RetroDataset, chunk_documents, write_dataset
+from retro_core.data import RetroDataset
 from retro_core.model import Retro
 from retro_core.train import TrainConfig, TrainError, latest_checkpoint, lr_at, train
 

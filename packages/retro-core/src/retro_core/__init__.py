@@ -14,7 +14,7 @@ except PackageNotFoundError:  # running from a source tree that is not installed
 
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import RetroConfig
-from .data import DatasetFormatError, RetroDataset, write_dataset
+from .data import DatasetFormatError, RetroDataset
 from .generate import generate
 from .interface import Geometry, KVCache, RetrievalLM
 from .loading import load_model
@@ -36,7 +36,6 @@ __all__ = [
     "CheckpointError",
     "DatasetFormatError",
     "RetroDataset",
-    "write_dataset",
     "TrainConfig",
     "train",
     "RetrofittedLM",

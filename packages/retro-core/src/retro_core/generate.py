@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .config import RetroConfig
 from .interface import RetrievalLM
 from .retrieval import Retriever
 
@@ -73,6 +74,74 @@ def _retrieve(
     return tokens.to(device), lengths.to(device)
 
 
+class _ChunkNeighbours:
+    """The neighbours of the completed chunks of a growing sequence, retrieved once each."""
+
+    def __init__(
+        self,
+        retriever: Retriever | None,
+        tokens: list[int],
+        m: int,
+        k: int,
+        pad_id: int,
+        device: torch.device,
+    ) -> None:
+        self.retriever, self.tokens, self.m, self.k = retriever, tokens, m, k
+        self.pad_id, self.device = pad_id, device
+        self.nb_tokens: list[Tensor] = []  # chunk u at index u: (k, r)
+        self.nb_lengths: list[Tensor] = []  # (k,)
+
+    def __call__(self, n_chunks: int, refresh: bool) -> tuple[Tensor | None, Tensor | None]:
+        """(1, U, k, r) / (1, U, k) neighbours of chunks 0..U-1 (retrieving the missing ones;
+        all of them again with ``refresh``), or (None, None) without a retriever or chunk."""
+        if self.retriever is None or n_chunks == 0:
+            return None, None
+        if refresh:
+            self.nb_tokens.clear()
+            self.nb_lengths.clear()
+        have, m = len(self.nb_tokens), self.m
+        if n_chunks > have:
+            chunks = [self.tokens[u * m : (u + 1) * m] for u in range(have, n_chunks)]
+            t, lens = _retrieve(self.retriever, chunks, self.k, self.pad_id, self.device)
+            self.nb_tokens.extend(t.unbind(0))
+            self.nb_lengths.extend(lens.unbind(0))
+        return torch.stack(self.nb_tokens)[None], torch.stack(self.nb_lengths)[None]
+
+
+def _check_arguments(
+    cfg: RetroConfig,
+    prompt_ids: Sequence[int] | Tensor,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    k: int | None,
+) -> tuple[list[int], int]:
+    """The prompt as a list and k (default ``cfg.num_neighbours``); ValueError on a bad argument."""
+    prompt = prompt_ids.reshape(-1).tolist() if isinstance(prompt_ids, Tensor) else list(prompt_ids)
+    if not prompt or not all(isinstance(t, int | np.integer) for t in prompt):
+        raise ValueError("prompt_ids: expected a non-empty sequence of int token ids")
+    if any(t < 0 or t >= cfg.vocab_size for t in prompt):
+        raise ValueError(f"prompt_ids: token ids must lie in [0, vocab_size={cfg.vocab_size})")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens: expected >= 0, got {max_new_tokens}")
+    if len(prompt) + max_new_tokens > cfg.max_seq_len:
+        raise ValueError(
+            f"prompt ({len(prompt)} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
+            f"max_seq_len={cfg.max_seq_len}"
+        )
+    if temperature < 0:
+        raise ValueError(f"temperature: expected >= 0, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k: expected >= 1, got {top_k}")
+    if top_p is not None and not (0.0 < top_p <= 1.0):
+        raise ValueError(f"top_p: expected in (0, 1], got {top_p}")
+    k = cfg.num_neighbours if k is None else int(k)
+    if k < 1:
+        raise ValueError(f"k: expected >= 1, got {k}")
+    return prompt, k
+
+
 @torch.no_grad()
 def generate(
     model: RetrievalLM,
@@ -108,27 +177,7 @@ def generate(
         The new token ids only (at most max_new_tokens).
     """
     cfg, m = model.config, model.config.chunk_size
-    prompt = prompt_ids.reshape(-1).tolist() if isinstance(prompt_ids, Tensor) else list(prompt_ids)
-    if not prompt or not all(isinstance(t, int | np.integer) for t in prompt):
-        raise ValueError("prompt_ids: expected a non-empty sequence of int token ids")
-    if any(t < 0 or t >= cfg.vocab_size for t in prompt):
-        raise ValueError(f"prompt_ids: token ids must lie in [0, vocab_size={cfg.vocab_size})")
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens: expected >= 0, got {max_new_tokens}")
-    if len(prompt) + max_new_tokens > cfg.max_seq_len:
-        raise ValueError(
-            f"prompt ({len(prompt)} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
-            f"max_seq_len={cfg.max_seq_len}"
-        )
-    if temperature < 0:
-        raise ValueError(f"temperature: expected >= 0, got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k: expected >= 1, got {top_k}")
-    if top_p is not None and not (0.0 < top_p <= 1.0):
-        raise ValueError(f"top_p: expected in (0, 1], got {top_p}")
-    k = cfg.num_neighbours if k is None else int(k)
-    if k < 1:
-        raise ValueError(f"k: expected >= 1, got {k}")
+    prompt, k = _check_arguments(cfg, prompt_ids, max_new_tokens, temperature, top_k, top_p, k)
     if retriever is not None:
         model.check_retriever(retriever)
         if not cfg.is_retro:
@@ -142,25 +191,7 @@ def generate(
     if max_new_tokens == 0:
         return new
 
-    # Neighbours of the completed chunks, chunk u at index u: tokens (k, r), lengths (k,).
-    nb_tokens: list[Tensor] = []
-    nb_lengths: list[Tensor] = []
-
-    def neighbours_upto(n_chunks: int, refresh: bool) -> tuple[Tensor | None, Tensor | None]:
-        """(1, U, k, r) / (1, U, k) neighbours of chunks 0..U-1 (retrieving the missing ones)."""
-        if retriever is None or n_chunks == 0:
-            return None, None
-        if refresh:
-            nb_tokens.clear()
-            nb_lengths.clear()
-        have = len(nb_tokens)
-        if n_chunks > have:
-            chunks = [tokens[u * m : (u + 1) * m] for u in range(have, n_chunks)]
-            t, lens = _retrieve(retriever, chunks, k, cfg.pad_id, device)
-            nb_tokens.extend(t.unbind(0))
-            nb_lengths.extend(lens.unbind(0))
-        return torch.stack(nb_tokens)[None], torch.stack(nb_lengths)[None]
-
+    neighbours_upto = _ChunkNeighbours(retriever, tokens, m, k, cfg.pad_id, device)
     if use_cache:
         cache = model.new_cache()
         x = torch.tensor([tokens], dtype=torch.long, device=device)  # (1, n0): prefill

@@ -621,6 +621,97 @@ def _first_int(v: Any) -> int | None:
     return int(v) if isinstance(v, int) and not isinstance(v, bool) else None
 
 
+def _layers_from_induction_heads(
+    hf_model: nn.Module,
+    cca_layers: tuple[int, ...] | list[int] | None,
+    cca_heads: tuple[tuple[int, ...], ...] | None,
+    induction_threshold: float,
+) -> tuple[tuple[int, ...] | list[int], tuple[tuple[int, ...], ...]]:
+    """``cca_from_base``: P and the heads whose gates start open, from the base's induction heads.
+
+    Without ``cca_layers``: CCA after layer L-1 for each layer L with a head scoring at least
+    ``induction_threshold``; without ``cca_heads``: the heads of each given layer above it.
+    """
+    if _layer_owner(hf_model)[1] != "layers":
+        raise RetrofitError(
+            f"cca_from_base: {type(hf_model).__name__} is not a Llama-family model (its "
+            f"rotary attention is what the CCA copies)"
+        )
+    scores = induction_scores(hf_model)  # (L, h)
+    if cca_layers is None:
+        chosen = induction_heads(scores, threshold=induction_threshold)
+        if not chosen:
+            raise RetrofitError(
+                f"retrofit: no head of the base has an induction score >= "
+                f"{induction_threshold} (best {float(scores.max()):.2f}); pass cca_layers="
+            )
+        cca_layers = tuple(layer - 1 for layer in chosen)
+        cca_heads = tuple(chosen.values())
+    elif not all(0 < p < len(scores) for p in cca_layers):
+        raise RetrofitError(
+            f"cca_from_base: CCA after layer p copies layer p + 1; the base has "
+            f"{len(scores)} layers, got cca_layers={list(cca_layers)}"
+        )
+    elif cca_heads is None:
+        cca_heads = tuple(
+            tuple(int(h) for h in torch.nonzero(scores[p] >= induction_threshold).flatten())
+            for p in cca_layers
+        )
+    logger.info(
+        "cca_from_base: CCA after layers %s copies the heads %s of the layers above "
+        "(induction scores %s)",
+        list(cca_layers),
+        [list(h) for h in cca_heads],
+        [
+            [round(float(scores[p][h]), 2) for h in hh]
+            for p, hh in zip(cca_layers, cca_heads, strict=False)
+        ],
+    )
+    return cca_layers, cca_heads
+
+
+def _base_reference(
+    hf_model: nn.Module, base_path: str | os.PathLike[str] | None, gguf_file: str | None
+) -> tuple[str | os.PathLike[str] | None, dict[str, Any] | None]:
+    """The base model's directory (given, or its ``name_or_path``) and the reference saved to
+    ``retrofit.json`` ({"path", "gguf_file", "sha256", "model_type"}), or (None, None)."""
+    hc = hf_model.config
+    if base_path is None:
+        name = getattr(hf_model, "name_or_path", "") or getattr(hc, "_name_or_path", "")
+        base_path = name if name and Path(name).is_dir() else None
+    if base_path is None:
+        logger.warning("retrofit: the base model has no directory: it cannot be saved")
+        return None, None
+    return base_path, {
+        "path": str(Path(base_path).resolve()),
+        "gguf_file": gguf_file,
+        "sha256": base_weights_sha256(base_path, gguf_file),
+        "model_type": getattr(hc, "model_type", None),
+    }
+
+
+def _tokenizer_id(
+    tokenizer_id: str | None,
+    tokenizer_dir: str | os.PathLike[str] | None,
+    base_path: str | os.PathLike[str] | None,
+) -> str | None:
+    """The tokenizer id the database must have: given, else from ``tokenizer_dir``, else from
+    the base model's directory; None (with a warning) when none is found."""
+    if tokenizer_id is None and tokenizer_dir is not None:
+        tokenizer_id = hf_tokenizer_id(tokenizer_dir)
+        if tokenizer_id is None:
+            raise RetrofitError(f"{tokenizer_dir}: no tokenizer files (tokenizer.json, ...)")
+    if tokenizer_id is None and base_path is not None:
+        tokenizer_id = hf_tokenizer_id(base_path)
+    if tokenizer_id is None:
+        logger.warning(
+            "retrofit: no tokenizer id (pass tokenizer_dir=): retrievers are checked by chunk "
+            "size only"
+        )
+    return tokenizer_id
+
+
+# Over 80 lines only for the documentation of its 21 options; the body is about 50.
 def retrofit(
     hf_model: nn.Module | str | os.PathLike[str],
     *,
@@ -691,36 +782,10 @@ def retrofit(
             f"retrofit: expected a Hugging Face causal LM, got {type(hf_model).__name__}"
         )
     hc = hf_model.config
-    if base_path is None:
-        name = getattr(hf_model, "name_or_path", "") or getattr(hc, "_name_or_path", "")
-        base_path = name if name and Path(name).is_dir() else None
-    base_ref: dict[str, Any] | None = None
-    if base_path is not None:
-        base_ref = {
-            "path": str(Path(base_path).resolve()),
-            "gguf_file": gguf_file,
-            "sha256": base_weights_sha256(base_path, gguf_file),
-            "model_type": getattr(hc, "model_type", None),
-        }
-    else:
-        logger.warning("retrofit: the base model has no directory: it cannot be saved")
-    if tokenizer_id is None and tokenizer_dir is not None:
-        tokenizer_id = hf_tokenizer_id(tokenizer_dir)
-        if tokenizer_id is None:
-            raise RetrofitError(f"{tokenizer_dir}: no tokenizer files (tokenizer.json, ...)")
-    if tokenizer_id is None and base_path is not None:
-        tokenizer_id = hf_tokenizer_id(base_path)
-    if tokenizer_id is None:
-        logger.warning(
-            "retrofit: no tokenizer id (pass tokenizer_dir=): retrievers are checked by chunk "
-            "size only"
-        )
+    base_path, base_ref = _base_reference(hf_model, base_path, gguf_file)
+    tokenizer_id = _tokenizer_id(tokenizer_id, tokenizer_dir, base_path)
     if pad_id is None:  # the base's pad, else its eos, else 0 (only padding: it is masked out)
-        for name in ("pad_token_id", "eos_token_id"):
-            v = _first_int(getattr(hc, name, None))
-            if v is not None and 0 <= v < int(hc.vocab_size):
-                pad_id = v
-                break
+        pad_id = _base_pad_id(hc)
     eps = getattr(hc, "rms_norm_eps", None) or getattr(hc, "layer_norm_epsilon", None) or 1e-5
     if enc_n_heads is None and enc_d_model is not None and enc_d_model != hc.hidden_size:
         # a narrower/wider encoder keeps the base's head size: d' / (d / h) heads
@@ -728,40 +793,8 @@ def retrofit(
     if cca_heads is not None and (not cca_from_base or cca_layers is None):
         raise RetrofitError("retrofit: cca_heads needs cca_from_base=True and cca_layers")
     if cca_from_base:
-        if _layer_owner(hf_model)[1] != "layers":
-            raise RetrofitError(
-                f"cca_from_base: {type(hf_model).__name__} is not a Llama-family model (its "
-                f"rotary attention is what the CCA copies)"
-            )
-        scores = induction_scores(hf_model)  # (L, h)
-        if cca_layers is None:
-            chosen = induction_heads(scores, threshold=induction_threshold)
-            if not chosen:
-                raise RetrofitError(
-                    f"retrofit: no head of the base has an induction score >= "
-                    f"{induction_threshold} (best {float(scores.max()):.2f}); pass cca_layers="
-                )
-            cca_layers = tuple(layer - 1 for layer in chosen)
-            cca_heads = tuple(chosen.values())
-        elif not all(0 < p < len(scores) for p in cca_layers):
-            raise RetrofitError(
-                f"cca_from_base: CCA after layer p copies layer p + 1; the base has "
-                f"{len(scores)} layers, got cca_layers={list(cca_layers)}"
-            )
-        elif cca_heads is None:
-            cca_heads = tuple(
-                tuple(int(h) for h in torch.nonzero(scores[p] >= induction_threshold).flatten())
-                for p in cca_layers
-            )
-        logger.info(
-            "cca_from_base: CCA after layers %s copies the heads %s of the layers above "
-            "(induction scores %s)",
-            list(cca_layers),
-            [list(h) for h in cca_heads],
-            [
-                [round(float(scores[p][h]), 2) for h in hh]
-                for p, hh in zip(cca_layers, cca_heads, strict=False)
-            ],
+        cca_layers, cca_heads = _layers_from_induction_heads(
+            hf_model, cca_layers, cca_heads, induction_threshold
         )
     try:
         config = RetroConfig(
@@ -795,22 +828,36 @@ def retrofit(
     if cca_from_base and not train_copies:
         for name, p in model.cca_layers.named_parameters():
             p.requires_grad_(name.endswith((".gate", ".sink", ".null_key")))
-    s = model.trainable_parameters()
+    _log_retrofitted(model, getattr(hc, "model_type", type(hf_model).__name__))
+    return model
+
+
+def _log_retrofitted(model: RetrofittedLM, model_type: str) -> None:
+    """Log what was added to the base and the share of the parameters that trains."""
+    config, s = model.config, model.trainable_parameters()
     logger.info(
         "retro-fitted %s (%d layers, d=%d): CCA after layers %s, encoder: %s; "
         "trainable %d of %d parameters (%.2f%%)",
-        getattr(hc, "model_type", type(hf_model).__name__),
+        model_type,
         config.n_layers,
         config.d_model,
         list(config.cca_layers),
         "the frozen base (cca_from_base)"
-        if cca_from_base
+        if config.cca_from_base
         else f"{config.enc_layers} layers, d'={config.enc_d_model}",
         s["trainable"],
         s["total"],
         100 * s["share"],
     )
-    return model
+
+
+def _base_pad_id(hc: Any) -> int | None:
+    """The base config's pad id, else its eos id (when inside the vocabulary), else None."""
+    for name in ("pad_token_id", "eos_token_id"):
+        v = _first_int(getattr(hc, name, None))
+        if v is not None and 0 <= v < int(hc.vocab_size):
+            return v
+    return None
 
 
 def is_retrofit_checkpoint(directory: str | os.PathLike[str]) -> bool:

@@ -346,13 +346,7 @@ def _setup(
     """Seed, open the data, build (or take) the model and optimizer, resume, wrap for DDP."""
     world = 1 if dist_ is None else dist_.world_size
     is_main = dist_ is None or dist_.rank == 0
-    if tc.batch_size % world:
-        raise TrainError(
-            f"TrainConfig.batch_size={tc.batch_size}: the global micro-batch must be divisible by "
-            f"the number of processes WORLD_SIZE={world} (global batch per step = batch_size x "
-            f"grad_accum = {tc.batch_size * tc.grad_accum} = WORLD_SIZE x grad_accum x per-rank "
-            "micro-batch)"
-        )
+    _check_divisible(tc, world)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     random.seed(tc.seed)
@@ -379,12 +373,7 @@ def _setup(
 
     first_pos = model.config.chunk_size - 1 if isinstance(model, RetrofittedLM) else 0
     if tc.cache_prefix:
-        if not isinstance(model, RetrofittedLM) or dist_ is not None:
-            raise TrainError(
-                "TrainConfig.cache_prefix: expected a retro-fitted model trained in one process"
-            )
-        dtype = torch.bfloat16 if tc.bf16 else next(model.parameters()).dtype
-        train_ds = PrefixCachedDataset(train_ds, model, dtype)  # type: ignore[assignment]
+        train_ds = _with_prefix_cache(train_ds, model, tc, dist_)
     run = _Run(
         tc=tc,
         model=model,
@@ -415,6 +404,29 @@ def _setup(
         "" if dist_ is None else f", data parallel over {world} processes",
     )
     return run
+
+
+def _with_prefix_cache(
+    train_ds: Dataset, model: RetrievalLM, tc: TrainConfig, dist_: DistInfo | None
+) -> PrefixCachedDataset:
+    """``train_ds`` with each sequence's frozen prefix cached (``TrainConfig.cache_prefix``)."""
+    if not isinstance(model, RetrofittedLM) or dist_ is not None:
+        raise TrainError(
+            "TrainConfig.cache_prefix: expected a retro-fitted model trained in one process"
+        )
+    dtype = torch.bfloat16 if tc.bf16 else next(model.parameters()).dtype
+    return PrefixCachedDataset(train_ds, model, dtype)
+
+
+def _check_divisible(tc: TrainConfig, world: int) -> None:
+    """Refuse a global micro-batch that the W processes cannot share equally."""
+    if tc.batch_size % world:
+        raise TrainError(
+            f"TrainConfig.batch_size={tc.batch_size}: the global micro-batch must be divisible by "
+            f"the number of processes WORLD_SIZE={world} (global batch per step = batch_size x "
+            f"grad_accum = {tc.batch_size * tc.grad_accum} = WORLD_SIZE x grad_accum x per-rank "
+            "micro-batch)"
+        )
 
 
 def _open_data(
