@@ -185,6 +185,25 @@ def test_resume_continues_the_same_loss_curve(dataset_dir, tmp_path):
     ]
 
 
+def test_resumed_run_reports_the_last_validation_before_its_next_one(dataset_dir, tmp_path):
+    # issue 15: a run resumed from step 2 (validated there) that stops at step 3, before its next
+    # validation, reports the step-2 validation loss, not NaN.
+    tc = _train_config(steps=6, eval_every=2, checkpoint_every=2)
+    first = train(_model_config(), tc, dataset_dir, tmp_path / "run", stop_after=2, progress=False)
+    assert np.isfinite(first["val_loss"])
+    resumed = train(
+        _model_config(),
+        tc,
+        dataset_dir,
+        tmp_path / "run",
+        resume=True,
+        stop_after=3,
+        progress=False,
+    )
+    assert resumed["step"] == 3
+    assert resumed["val_loss"] == first["val_loss"]
+
+
 def test_gradient_accumulation_matches_a_bigger_batch(dataset_dir, tmp_path):
     cfg = _model_config()
     common = dict(steps=2, valid_fraction=0.0, seed=5)
