@@ -42,6 +42,7 @@ __all__ = [
     "load_checkpoint",
     "read_checkpoint_config",
     "save_checkpoint",
+    "write_weights_and_meta",
 ]
 
 logger = logging.getLogger(__name__)
@@ -106,6 +107,30 @@ def check_integrity(
         )
 
 
+def write_weights_and_meta(
+    weights: Path,
+    meta_path: Path,
+    state: dict[str, torch.Tensor],
+    meta: dict[str, Any],
+    not_json: ValueError,
+) -> None:
+    """The writer of both checkpoint kinds: the weights (safetensors, ``meta["format"]`` in its
+    header), then the JSON metadata with their :func:`integrity_record`, each atomically.
+
+    Raises ``not_json`` (its message, then the reason) before writing anything when ``meta`` is
+    not JSON-serialisable.
+    """
+    try:
+        json.dumps(meta, indent=2, sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise type(not_json)(f"{not_json}: {e}") from e
+    with atomic_path(weights) as tmp:
+        save_file(state, str(tmp), metadata={"format": meta["format"]})
+        meta["integrity"] = integrity_record(meta, tmp)
+    text = json.dumps(meta, indent=2, sort_keys=True, allow_nan=False)
+    atomic_write_text(meta_path, text + "\n")
+
+
 def save_checkpoint(
     model: Retro, directory: str | os.PathLike, extra: dict[str, Any] | None = None
 ) -> Path:
@@ -127,18 +152,14 @@ def save_checkpoint(
         "config": model.config.to_dict(),
         "extra": extra,
     }
-    try:
-        text = json.dumps(meta, indent=2, sort_keys=True, allow_nan=False)
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(
-            f"save_checkpoint: extra metadata is not JSON-serialisable: {e}"
-        ) from e
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    with atomic_path(directory / WEIGHTS_FILE) as tmp_w:
-        save_file(state, str(tmp_w), metadata={"format": CHECKPOINT_FORMAT})
-        meta["integrity"] = integrity_record(meta, tmp_w)
-    text = json.dumps(meta, indent=2, sort_keys=True, allow_nan=False)
-    atomic_write_text(directory / CONFIG_FILE, text + "\n")
+    write_weights_and_meta(
+        directory / WEIGHTS_FILE,
+        directory / CONFIG_FILE,
+        state,
+        meta,
+        CheckpointError("save_checkpoint: extra metadata is not JSON-serialisable"),
+    )
     logger.info("saved checkpoint to %s (%d tensors)", directory, len(state))
     return directory
 

@@ -1,27 +1,12 @@
-"""The training dataset as a torch ``Dataset`` (DESIGN.md section 2.2); the format is in
-:mod:`retro_core.dataset_format` (its public names are importable from here too).
+"""The training dataset as a torch ``Dataset`` (DESIGN.md section 2.2).
 
-A dataset is a directory of ``.npy`` arrays (never pickled) and a ``manifest.json`` written last::
-
-    manifest.json           format name + version, m, k, r, tokenizer id, vocab size, pad id,
-                            source database id + manifest hash, counts, sha256/shape/dtype of every file,
-                            ``checksum``: sha256 of the rest (:func:`manifest_checksum`)
-    tokens.npy              uint16 (vocab <= 65536) or int32 [N, m]   chunk tokens, padded with pad_id
-    lengths.npy             int32 [N]          real tokens per chunk (m except a document's last chunk)
-    doc_ids.npy             int64 [N]          document of each chunk; a document's chunks are consecutive
-    neighbours.npy          uint16|int32 [N, k, r]  neighbour chunk + continuation, padded with pad_id
-    neighbour_lengths.npy   int32 [N, k]       real tokens of each neighbour row (a prefix); 0 = none
-    neighbour_ids.npy       int64 [N, k]       database chunk id of each neighbour, -1 = none
-    neighbour_distances.npy float32 [N, k]     (optional) squared L2 distance of the neighbour's key
-
-retro_db writes this format without importing retro_core; retro-core's tests hold a
-reference writer (``tests/dataset_writer.py``). :class:`RetroDataset` reads it with ``np.load(mmap_mode="r")``
-and serves training sequences: up to l consecutive chunks of ONE document (sequences never cross
-documents and tile each document without overlap), padded at the end.
-
-Integrity (issue 16): every open checks the manifest's self-checksum, each file's header (shape,
-dtype) and every token id against the vocabulary; :func:`verify_dataset` (run by ``retro-train``
-unless ``--no-verify``) streams every file once and compares its sha256 with the manifest.
+The format (a directory of ``.npy`` arrays and a self-checksummed ``manifest.json``), its
+validation and its integrity checks live in :mod:`retro_core.dataset_format`; its public names are
+importable from here too. :class:`RetroDataset` reads a dataset with ``np.load(mmap_mode="r")``
+(checking the manifest, every file's header and every token id on open; with ``verify`` every
+file's sha256 and value rule too) and serves training sequences: up to l consecutive chunks of ONE
+document (sequences never cross documents and tile each document without overlap), padded at the
+end.
 
 Symbols: N chunks, D documents, m chunk size, k neighbours, r = 2m neighbour tokens,
 l chunks per sequence, n = l * m tokens per sequence.

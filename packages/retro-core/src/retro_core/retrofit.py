@@ -52,11 +52,10 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from .atomic import atomic_path, atomic_write_text
-from .checkpoint import check_integrity, integrity_record, read_versioned_config
+from .checkpoint import check_integrity, read_versioned_config, write_weights_and_meta
 from .config import RetroConfig
 from .induction import BaseAttentionCCA, induction_heads, induction_scores
 from .interface import KVCache, RetrievalLMMixin
@@ -888,16 +887,14 @@ def save_retrofitted(
         "base": model.base_ref,
         "extra": extra,
     }
-    try:
-        text = json.dumps(meta, indent=2, sort_keys=True, allow_nan=False)
-    except (TypeError, ValueError) as e:
-        raise RetrofitError(f"save_retrofitted: extra is not JSON-serialisable: {e}") from e
     state = {k: v.detach().contiguous().cpu() for k, v in model.new_state_dict().items()}
-    with atomic_path(d / WEIGHTS_FILE) as tmp_w:
-        save_file(state, str(tmp_w), metadata={"format": RETROFIT_FORMAT})
-        meta["integrity"] = integrity_record(meta, tmp_w)
-    text = json.dumps(meta, indent=2, sort_keys=True, allow_nan=False)
-    atomic_write_text(d / CONFIG_FILE, text + "\n")
+    write_weights_and_meta(
+        d / WEIGHTS_FILE,
+        d / CONFIG_FILE,
+        state,
+        meta,
+        RetrofitError("save_retrofitted: extra is not JSON-serialisable"),
+    )
     logger.info("saved retro-fit weights to %s (%d tensors)", d, len(state))
     return d
 
