@@ -1,7 +1,8 @@
 """The RETRO model (Borgeaud et al., 2021, arXiv:2112.04426): a decoder with chunked cross-attention.
 
 One file, top to bottom: rotary positions, attention, the feed-forward, the neighbour ``Encoder``,
-``ChunkedCrossAttention`` (CCA), the decoder ``Block`` and the ``Retro`` model with its ``KVCache``.
+``ChunkedCrossAttention`` (CCA), the decoder ``Block`` and the ``Retro`` model (its ``KVCache``
+and what it shares with ``RetrofittedLM`` are in :mod:`retro_core.interface`).
 
 Symbols (paper section 2): B batch, n sequence length (T when a forward sees only part of it),
 m chunk size, l = ceil(n / m) chunks, U chunks whose neighbours are encoded, k neighbours per chunk,
@@ -364,9 +365,9 @@ class ChunkedCrossAttention(nn.Module):
 class Block(nn.Module):
     """Decoder block p: H <- ATTN(H); [E <- ENCODER(RET(C), H)]; [H <- CCA(H, E)]; H <- FFW(H).
 
-    Each step is pre-norm and residual. Only blocks p in P have CCA (``has_cca``); the first of
-    them (p = min(P), ``conditions``) also triggers the encoding of the neighbours on its residual
-    stream after self-attention.
+    Each step is pre-norm and residual. Only blocks p in P (``cfg.cca_layers``) have CCA; the
+    first of them (p = min(P), ``conditions``) also encodes the neighbours, conditioned on its
+    residual stream after self-attention.
     """
 
     def __init__(self, cfg: RetroConfig, layer: int):

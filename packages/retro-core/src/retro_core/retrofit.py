@@ -262,10 +262,12 @@ class RetrofitCCA(nn.Module):
 class RetrofittedLM(RetrievalLMMixin, nn.Module):
     """A frozen Hugging Face causal LM with chunked cross-attention and a neighbour encoder.
 
-    Build it with :func:`retrofit`. It has the interface of :class:`~retro_core.model.Retro`
-    (``config``, ``forward(tokens, neighbours, neighbour_lengths, cache=...)``, ``new_cache()``,
-    ``num_parameters()``), so :func:`retro_core.train.train` trains it and
-    :func:`retro_core.generate.generate` decodes with it (with the base model's KV cache).
+    Build it with :func:`retrofit`. Like :class:`~retro_core.model.Retro` it is a
+    :class:`~retro_core.interface.RetrievalLM` (``config``, ``forward(tokens, neighbours,
+    neighbour_lengths, cache=...)``, ``new_cache()``, ``geometry``, ``check_retriever``), and it
+    shares Retro's input checks, neighbour encoding and CCA keys/values through
+    :class:`~retro_core.interface.RetrievalLMMixin`; so :func:`retro_core.train.train` trains it
+    and :func:`retro_core.generate.generate` decodes with it (with the base model's KV cache).
 
     Attributes:
         base: the Hugging Face model (frozen, always in eval mode; its state is never changed).
