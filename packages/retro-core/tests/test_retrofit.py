@@ -20,6 +20,7 @@ transformers = pytest.importorskip("transformers")
 from dataset_writer import chunk_documents, write_dataset  # noqa: E402
 
 from retro_core.generate import generate  # noqa: E402
+from retro_core.interface import RetrievalLM  # noqa: E402
 from retro_core.retrieval import Neighbours, RetrieverMismatchError  # noqa: E402
 from retro_core.retrofit import (  # noqa: E402
     RetrofitError,
@@ -131,6 +132,12 @@ def test_default_cca_layers_follow_the_retro_config_rule(base_dir):
     assert deep.base_ref is None  # built from an in-memory model: nothing to reference
     narrow = retrofit(base_dir, chunk_size=M, enc_d_model=16)  # base head size 16: 1 head
     assert (narrow.config.enc_d_model, narrow.config.enc_n_heads) == (16, 1)
+
+
+def test_retrofitted_lm_is_a_retrieval_lm(base_dir):
+    model = retrofit(base_dir, chunk_size=M, k=K)
+    assert isinstance(model, RetrievalLM)
+    assert model.geometry == (M, K, R)
 
 
 def test_logits_without_neighbours_equal_the_base_model(base_dir):
