@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from retro_core.atomic import atomic_write, atomic_write_text, fsync_dir
+from retro_core.atomic import atomic_write, atomic_write_text, fsync_dir, sha256_file
 from retro_core.dataset_format import (
     DATASET_FORMAT,
     DATASET_VERSION,
@@ -23,7 +23,6 @@ from retro_core.dataset_format import (
     check_no_own_document,
     chunk_documents,
     manifest_checksum,
-    sha256_file,
     token_dtype,
     validate_contents,
 )

@@ -4,10 +4,14 @@ The one pattern, used by every writer (checkpoints, retro-fit weights, datasets,
 run metadata): write to a temporary file in the destination's directory, flush and fsync it, then
 ``os.replace`` it onto the final name. A crash or a full disk leaves the previous file (or none)
 and removes the temporary one; a reader never sees half a file.
+
+:func:`sha256_file` is the hash the writers record of what they wrote (checkpoint integrity
+records, dataset manifests) and the readers check.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import uuid
@@ -16,7 +20,16 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["atomic_path", "atomic_write", "atomic_write_json", "atomic_write_text", "fsync_dir"]
+__all__ = [
+    "atomic_path",
+    "atomic_write",
+    "atomic_write_json",
+    "atomic_write_text",
+    "fsync_dir",
+    "sha256_file",
+]
+
+_BLOCK = 1 << 20
 
 
 @contextmanager
@@ -70,3 +83,12 @@ def fsync_dir(directory: str | os.PathLike[str]) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """sha256 (hex) of a file's bytes, read 1 MiB at a time."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(_BLOCK):
+            h.update(block)
+    return h.hexdigest()

@@ -29,7 +29,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .atomic import atomic_path, atomic_write_text
+from .atomic import atomic_path, atomic_write_text, sha256_file
 from .config import RetroConfig
 from .model import Retro
 
@@ -57,14 +57,6 @@ class CheckpointError(ValueError):
     """A checkpoint directory is missing, corrupt, or does not match its config."""
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _meta_sha256(meta: dict[str, Any]) -> str:
     body = {k: v for k, v in meta.items() if k != "integrity"}
     text = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False)
@@ -73,7 +65,7 @@ def _meta_sha256(meta: dict[str, Any]) -> str:
 
 def integrity_record(meta: dict[str, Any], weights: str | os.PathLike) -> dict[str, str]:
     """``{"weights_sha256", "meta_sha256"}`` of a weights file and its JSON metadata (sans this)."""
-    return {"weights_sha256": _sha256_file(Path(weights)), "meta_sha256": _meta_sha256(meta)}
+    return {"weights_sha256": sha256_file(Path(weights)), "meta_sha256": _meta_sha256(meta)}
 
 
 def check_integrity(
@@ -99,7 +91,7 @@ def check_integrity(
             f"{meta_path}: contents differ from the recorded meta_sha256 "
             f"{rec['meta_sha256'][:12]} (the config was edited or corrupted)"
         )
-    got = _sha256_file(Path(weights))
+    got = sha256_file(Path(weights))
     if got != rec["weights_sha256"]:
         raise error(
             f"{weights}: sha256 {got[:12]} differs from {rec['weights_sha256'][:12]} recorded in "

@@ -51,7 +51,6 @@ __all__ = [
     "load_array",
     "manifest_checksum",
     "read_manifest",
-    "sha256_file",
     "token_dtype",
     "validate_contents",
     "verify_dataset",
@@ -326,15 +325,6 @@ def chunk_documents(
         np.concatenate(lengths).astype(np.int32),
         np.concatenate(doc_ids),
     )
-
-
-def sha256_file(path: Path) -> str:
-    """sha256 (hex) of a file's bytes, read in blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(_HASH_BLOCK):
-            h.update(block)
-    return h.hexdigest()
 
 
 def manifest_checksum(manifest: Mapping[str, Any]) -> str:

@@ -55,6 +55,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
+from .atomic import sha256_file
 from .checkpoint import check_integrity, read_versioned_config, write_weights_and_meta
 from .config import RetroConfig
 from .induction import BaseAttentionCCA, induction_heads, induction_scores
@@ -84,7 +85,6 @@ RETROFIT_FORMAT = "retro-retrofit"
 RETROFIT_VERSION = 1
 CONFIG_FILE = "retrofit.json"
 WEIGHTS_FILE = "retrofit.safetensors"
-_BLOCK = 1 << 20
 
 # Where the decoder layers (an nn.ModuleList) live in the supported causal-LM classes.
 _LAYER_PATHS = ("model.layers", "transformer.h")  # Llama family, GPT-2 family
@@ -98,21 +98,13 @@ class RetrofitError(ValueError):
 # identities of the base model and its tokenizer
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(_BLOCK):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _combined_sha256(files: list[Path]) -> str:
     """sha256 over (name, sha256 of bytes) of each file, sorted by name (retro_db's rule)."""
     h = hashlib.sha256()
     for p in sorted(files, key=lambda p: p.name):
         h.update(p.name.encode())
         h.update(b"\0")
-        h.update(bytes.fromhex(_file_sha256(p)))
+        h.update(bytes.fromhex(sha256_file(p)))
     return h.hexdigest()
 
 
