@@ -38,6 +38,7 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from tqdm.auto import tqdm
 
+from retro_core.interface import RetrievalLM
 from retro_core.retrieval import Neighbours
 
 from .perplexity import (
@@ -215,7 +216,7 @@ class RetroLM(LM):
         device: str | None = None,
         shuffle_seed: int | str = 0,
         *,
-        model: torch.nn.Module | None = None,
+        model: RetrievalLM | None = None,
         retriever: Any = None,
         progress: bool = False,
         **kwargs: Any,

@@ -31,8 +31,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from tqdm.auto import tqdm
+
+from retro_core.interface import RetrievalLM
 
 from .perplexity import check_retriever_for, has_retrieval, model_geometry
 
@@ -191,7 +192,7 @@ class QAResult:
 
 
 def answer_questions(
-    model: torch.nn.Module,
+    model: RetrievalLM,
     tokenizer: Any,
     examples: Sequence[Any],
     *,
@@ -258,7 +259,7 @@ def answer_questions(
 
 
 def answer_hit_ranks(
-    model: torch.nn.Module,
+    model: RetrievalLM,
     tokenizer: Any,
     examples: Sequence[Any],
     retriever: Any,

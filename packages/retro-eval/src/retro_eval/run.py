@@ -76,6 +76,8 @@ from typing import Any
 
 import numpy as np
 
+from retro_core.interface import RetrievalLM
+
 from .perplexity import (
     ScoreResult,
     check_retriever_for,
@@ -673,7 +675,7 @@ _SCORE_ARRAYS = ("bits", "bytes", "tokens", "doc_index", "chunk_index", "chunk_t
 
 
 def _score_cached(
-    model: Any,
+    model: RetrievalLM,
     model_sum: str,
     token_docs: list[list[int]],
     groups: list[range],
@@ -811,7 +813,7 @@ def _eval_lm(
     }
     name = bench.name
 
-    def score(model: Any, model_sum: str, neighbours: Any, label: str) -> ScoreResult:
+    def score(model: RetrievalLM, model_sum: str, neighbours: Any, label: str) -> ScoreResult:
         return _score_cached(
             model, model_sum, token_docs, groups, group_sums, neighbours, common, settings, rc,
             f"{name}: {label}",
@@ -923,7 +925,7 @@ def _eval_lm(
 
 
 def _answer_cached(
-    model: Any,
+    model: RetrievalLM,
     model_sum: str,
     tokenizer: Any,
     examples: list[Any],
@@ -982,7 +984,7 @@ def _answer_cached(
 
 
 def _recall_cached(
-    model: Any,
+    model: RetrievalLM,
     model_sum: str,
     tokenizer: Any,
     examples: list[Any],
