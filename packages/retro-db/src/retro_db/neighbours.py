@@ -172,8 +172,8 @@ def _corpus_jobs(
             consumed += 1
             bar.update(1)
             update_source_fingerprint(h, doc)
-            ids = db.tokenizer.encode(doc.text)
-            if not ids:
+            ids = db.tokenizer.encode_arrays([doc.text])[0]  # long texts in windows
+            if not len(ids):
                 continue
             t, n = chunk_document(ids, m, db.pad_id, db.store.dtype)
             toks.append(t)
