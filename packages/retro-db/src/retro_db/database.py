@@ -23,6 +23,7 @@ from .index import (
     apply_search_params,
     combine_indexes,
     exact_search_blocks,
+    ondisk_lists_file,
     read_index,
     set_threads,
 )
@@ -183,7 +184,12 @@ class Database:
                 raise DatabaseError(
                     f"{mpath}: counts.{what} is {counts[what]} but the shards hold {have}"
                 )
-        parts = [read_index(p, mmap=mmap, dim=self.dim) for p in [index_path, *part_paths]]
+        on_disk = bool(manifest["index"].get("lists"))
+        parts = [
+            read_index(p, mmap=mmap, dim=self.dim, on_disk=on_disk)
+            for p in [index_path, *part_paths]
+        ]
+        self._check_lists(parts, mpath)
         for part in parts:
             apply_search_params(part, self.search_params)
         # an index grown by `add` without a copy: the first file, then each add's new keys
@@ -200,6 +206,27 @@ class Database:
         if embedder is not None:
             self.check_embedder(embedder)
         self._doc_index: dict[str, int] | None = None
+
+    def _check_lists(self, parts: list, mpath: Path) -> None:
+        """An index with on-disk lists (issue 18) must read the lists file the manifest names
+        (and hashes), beside it; no other index may use on-disk lists."""
+        lists_name = self.manifest["index"].get("lists")
+        used = [ondisk_lists_file(p) for p in parts]
+        if lists_name is None:
+            if any(used):
+                raise DatabaseError(
+                    f"{mpath}: the index reads on-disk lists {next(u for u in used if u)} that "
+                    "the manifest does not name (index.lists)"
+                )
+            return
+        want = resolve_inside(self.path, str(lists_name), mpath, "index.lists")
+        if str(lists_name) not in self.manifest["files"]:
+            raise DatabaseError(f"{mpath}: index.lists {lists_name!r} is not among its files")
+        if len(parts) != 1 or used[0] is None or Path(used[0]).resolve() != want.resolve():
+            raise DatabaseError(
+                f"{mpath}: index.lists is {lists_name!r} but the index file reads "
+                f"{used[0] if parts else None!r} (expected that file beside the index)"
+            )
 
     # ---- opening -------------------------------------------------------------------------
     @classmethod
