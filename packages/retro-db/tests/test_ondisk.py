@@ -43,7 +43,7 @@ def test_choice_by_projected_bytes():
     small = choose_index(1000, 64, available=1 << 30)
     assert (small.factory, small.on_disk) == ("Flat", False)  # the default, unchanged
     big = choose_index(1000, 64, available=100 * KB)
-    assert big.on_disk and big.factory.startswith("IVF") and big.factory.endswith(",SQ8")
+    assert big.on_disk and big.factory.startswith("IVF") and big.factory.endswith(",SQfp16")
     assert "on disk instead of Flat" in big.reason and "MB available" in big.reason
     asked = choose_index(5000, 64, "IVF16,Flat", available=100 * KB)
     assert asked.on_disk and asked.factory == "IVF16,Flat"
@@ -55,7 +55,7 @@ def test_choice_by_projected_bytes():
 def test_ondisk_manifest_names_and_hashes_the_lists(ondisk_db):
     man = json.loads((ondisk_db / "manifest.json").read_text())
     idx = man["index"]
-    assert idx["on_disk"] is True and idx["factory"].endswith(",SQ8")
+    assert idx["on_disk"] is True and idx["factory"].endswith(",SQfp16")
     for name in (idx["file"], idx["lists"], idx["trained"]):
         assert man["files"][name]["sha256"] == sha256_file(ondisk_db / name)
     assert "on disk" in idx["reason"]
@@ -69,7 +69,7 @@ def test_ondisk_search_recall_and_self_match(ondisk_db):
     ids = np.arange(0, db.num_chunks, 7)
     d, got = db.search_keys(db.keys(ids), 1)
     exact_d, _ = exact_search(np.concatenate(list(db.key_blocks())), db.keys(ids), 1)
-    assert np.allclose(d[:, 0], exact_d[:, 0], atol=1e-3)  # SQ8: near-exact distances
+    assert np.allclose(d[:, 0], exact_d[:, 0], atol=1e-3)  # SQfp16: the stored float16 keys, exact
 
 
 def test_ondisk_equals_in_memory_index_of_the_same_factory(ondisk_db, corpus, tmp_path):
@@ -131,3 +131,92 @@ def test_ondisk_lists_tampering_is_refused(ondisk_db, tmp_path):
     lists.write_bytes(bytes(data[:-16]))
     with pytest.raises(DatabaseError, match="ivfdata: size"):
         Database.open(copy)
+
+
+# A child process builds and queries a database with its data segment capped (RLIMIT_DATA: heap
+# and anonymous memory; memory-mapped files, i.e. the page cache, are not counted, as on a machine
+# whose disk is larger than its memory). faiss (and the BLAS it bundles) is loaded and run once
+# before the cap: its one-time buffers are the library's, not the build's; without that warm-up
+# faiss crashes (SIGSEGV, no exception) at its first k-means under a tight cap.
+CHILD = r"""
+import json, resource, sys
+import numpy as np, faiss
+faiss.omp_set_num_threads(1)
+faiss.index_factory(1024, "IVF2,Flat").train(np.random.default_rng(1).random((128, 1024), "float32"))
+from retro_db.build import build_database
+from retro_db.ingest import read_documents
+from retro_db.tokenizer import load_tokenizer
+src, out, headroom, factory = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+docs, tok = list(read_documents(src)), load_tokenizer()
+def vmdata():
+    return next(int(x.split()[1]) * 1024 for x in open("/proc/self/status") if x.startswith("VmData"))
+resource.setrlimit(resource.RLIMIT_DATA, (vmdata() + headroom, resource.RLIM_INFINITY))
+try:
+    db = build_database(docs, out, tokenizer=tok, embedder="hash:4096", chunk_size=4,
+                        shard_chunks=512, threads=1, progress=False,
+                        index_factory=None if factory == "auto" else factory)
+    ids = np.arange(0, db.num_chunks, 97)
+    dist, got = db.search_keys(db.keys(ids), 10)
+    print(json.dumps({"ok": True, "ids": ids.tolist(), "got": got.tolist(),
+                      "index": db.manifest["index"]}))
+except MemoryError as e:
+    print(json.dumps({"ok": False, "error": str(e)}))
+"""
+CAP = 80 << 20  # bytes of heap the build may add to the loaded interpreter
+
+
+def _capped(tmp_path, name, factory):
+    import os
+    import subprocess
+    import sys
+
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            CHILD,
+            str(tmp_path / "docs.jsonl"),
+            str(tmp_path / name),
+            str(CAP),
+            factory,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+        env=dict(os.environ),
+    )
+    lines = [x for x in res.stdout.splitlines() if x.startswith("{")]
+    return res.returncode, (json.loads(lines[-1]) if lines else None), res.stderr[-2000:]
+
+
+def test_build_and_query_under_a_memory_cap_smaller_than_keys_plus_index(load_records, tmp_path):
+    docs = [
+        {"id": f"{name}{i}", "text": r["text"]}
+        for name in ("wikipedia", "moby_dick")
+        for i, r in enumerate(load_records(name, 20, max_chars=4000))
+    ]
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    rc, out, err = _capped(tmp_path, "db", "auto")
+    assert rc == 0 and out is not None and out["ok"], (rc, out, err)
+    assert out["index"]["on_disk"] and "on disk instead of Flat" in out["index"]["reason"]
+    db = Database.open(tmp_path / "db", verify=True)
+    keys_bytes = sum(
+        (tmp_path / "db" / n).stat().st_size for n in db.manifest["files"] if n.endswith("keys.npy")
+    )
+    index_bytes = sum(
+        (tmp_path / "db" / n).stat().st_size for n in db.manifest["files"] if n.startswith("index/")
+    )
+    assert keys_bytes + index_bytes > 1.5 * CAP  # the cap is well below keys + index
+    # the capped child's answers against exact search here (no cap), by numpy
+    keys = np.concatenate([np.asarray(k, np.float32) for k in db.key_blocks()])
+    q = keys[out["ids"]]
+    d2 = (q * q).sum(1)[:, None] - 2 * q @ keys.T + (keys * keys).sum(1)[None, :]
+    truth = np.argsort(d2, axis=1, kind="stable")[:, :10]
+    kth = np.take_along_axis(d2, truth[:, -1:], 1)
+    # a hit is a returned chunk at least as near as the exact 10th (ties of duplicate text count)
+    got = np.asarray(out["got"])
+    near = np.take_along_axis(d2, got, 1) <= kth + 1e-3
+    assert near.mean() >= 0.9
+    # and the in-memory default under the same cap does not fit: the cap binds
+    rc, out, err = _capped(tmp_path, "flat", "Flat")
+    assert rc != 0 or (out is not None and not out["ok"]), (rc, out)
