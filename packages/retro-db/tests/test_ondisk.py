@@ -65,7 +65,13 @@ def test_ondisk_manifest_names_and_hashes_the_lists(ondisk_db):
 def test_ondisk_search_recall_and_self_match(ondisk_db):
     db = Database.open(ondisk_db, verify=True)
     assert retro_db.index.ondisk_lists_file(db.index) is not None
-    assert db.info(sample=200)["recall@10"] >= 0.9
+    info = db.info(sample=200)
+    assert info["recall@10"] >= 0.9 and info["index_on_disk"]
+    per = info["bytes_per_chunk"]  # 64-d float16 keys: 128 bytes; lists: the same codes + an id
+    assert 128 <= per["keys.npy"] < 128 + 128 * len(db.manifest["shards"]) / db.num_chunks + 0.01
+    assert per["index lists (on disk)"] >= 128 + 8 and per["trained index"] > 0
+    total = sum(int(e["size"]) for e in db.manifest["files"].values())
+    assert abs(sum(per.values()) * db.num_chunks - total) < len(per) * db.num_chunks * 0.01
     ids = np.arange(0, db.num_chunks, 7)
     d, got = db.search_keys(db.keys(ids), 1)
     exact_d, _ = exact_search(np.concatenate(list(db.key_blocks())), db.keys(ids), 1)

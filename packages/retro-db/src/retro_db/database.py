@@ -598,6 +598,19 @@ class Database:
             else:
                 kind = "other"
             sizes[kind] += int(entry["size"])
+        # bytes per chunk by file: shard files by their name, index files by their role
+        roles = {
+            self.manifest["index"]["file"]: "index file",
+            self.manifest["index"].get("lists"): "index lists (on disk)",
+            self.manifest["index"].get("trained"): "trained index",
+        }
+        by_file: dict[str, int] = {}
+        for name, entry in self.manifest["files"].items():
+            what = roles.get(name) or ("index parts" if name.startswith("index/") else None)
+            what = what or name.rsplit("/", 1)[-1]
+            by_file[what] = by_file.get(what, 0) + int(entry["size"])
+        n = max(1, self.num_chunks)
+        per_chunk = {what: round(b / n, 2) for what, b in sorted(by_file.items())}
         kk = min(k, self.num_chunks)
         return {
             "path": str(self.path),
@@ -611,6 +624,8 @@ class Database:
             "index": self.manifest["index"]["factory"],
             "search_params": self.search_params,
             "bytes": sizes,
+            "bytes_per_chunk": per_chunk,
+            "index_on_disk": bool(self.manifest["index"].get("on_disk")),
             "bytes_on_disk_all_versions": sum(
                 p.stat().st_size for p in self.path.rglob("*") if p.is_file()
             ),
