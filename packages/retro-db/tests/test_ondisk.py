@@ -226,3 +226,20 @@ def test_build_and_query_under_a_memory_cap_smaller_than_keys_plus_index(load_re
     # and the in-memory default under the same cap does not fit: the cap binds
     rc, out, err = _capped(tmp_path, "flat", "Flat")
     assert rc != 0 or (out is not None and not out["ok"]), (rc, out)
+
+
+def test_cli_max_memory_puts_the_index_on_disk(corpus, tmp_path, capfd):
+    # 2150 chunks x 256 float32 = 2.2 MB of Flat: not within half of 1 MB
+    from retro_db.cli import main
+
+    src = tmp_path / "docs.jsonl"
+    src.write_text("".join(json.dumps({"id": d.doc_id, "text": d.text}) + "\n" for d in corpus))
+    args = ["build", str(src), "--embedder", "hash:256", "--chunk-size", "16", "--no-progress"]
+    assert main([*args, "--out", str(tmp_path / "small"), "--max-memory-mb", "1"]) in (0, None)
+    assert Database.open(tmp_path / "small").manifest["index"]["on_disk"]
+    assert main([*args, "--out", str(tmp_path / "default")]) in (0, None)
+    assert not Database.open(tmp_path / "default").manifest["index"].get("on_disk")
+    capfd.readouterr()
+    assert main(["info", str(tmp_path / "small"), "--json"]) in (0, None)
+    info = json.loads(capfd.readouterr().out)  # faiss's own prints kept out of stdout (fd 1)
+    assert info["index_on_disk"] and info["recall@10"] >= 0.9

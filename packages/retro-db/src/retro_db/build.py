@@ -242,6 +242,7 @@ def build_database(
     address: str | None = None,
     num_cpus: int | None = None,
     stats: BuildStats | None = None,
+    max_memory: int | None = None,
 ) -> Database:
     """Build a database from documents; resumable (re-run with the same arguments after a kill).
 
@@ -270,6 +271,8 @@ def build_database(
         address: Ray cluster address (None: start a local cluster); Ray engine only.
         num_cpus: CPUs of the local Ray cluster, or the most to use of a cluster; Ray only.
         stats: duplicates skipped are counted here.
+        max_memory: bytes the index may count on (None: ``index.available_memory()``); an index
+            projected above half of it is built with its lists on disk (``index.choose_index``).
 
     Returns:
         The built :class:`~retro_db.database.Database`, opened.
@@ -302,6 +305,7 @@ def build_database(
             progress,
             stage,
             stats if stats is not None else BuildStats(),
+            max_memory,
         )
     return Database.open(db_dir, tokenizer=tok, embedder=emb, threads=threads)
 
@@ -321,6 +325,7 @@ def _build(
     progress: bool,
     stage: Any = None,
     stats: BuildStats | None = None,
+    max_memory: int | None = None,
 ) -> tuple[LMTokenizer, Embedder | None]:
     remove_stale_temp_files(db_dir)
     docs = _unique_documents(
@@ -348,7 +353,7 @@ def _build(
     if n == 0:
         raise DatabaseError(f"{db_dir}: the sources held no documents with text")
     # in memory (Flat/HNSW/IVF by size) unless it would not fit: then IVF lists on disk (issue 18)
-    choice = choose_index(n, dim, index_factory, search_params)
+    choice = choose_index(n, dim, index_factory, search_params, max_memory=max_memory)
     logger.info("%s", choice.reason)
     index_factory, params = choice.factory, choice.search_params
     index_file = "index/v00001.faiss"

@@ -409,14 +409,18 @@ def choose_index(
     factory: str | None = None,
     search_params: dict[str, int] | None = None,
     available: int | None = None,
+    max_memory: int | None = None,
 ) -> IndexChoice:
     """Pick the index of a build of ``n`` keys: the size default (:func:`default_factory`) or the
     ``factory`` asked for, in memory while its projected bytes (``n x`` :func:`index_bytes_per_key`
     plus the training sample) stay under ``MEMORY_SHARE`` of the available memory; else on disk:
     the asked factory if faiss can keep its lists on disk, otherwise :func:`ondisk_factory`'s.
     A non-IVF factory asked for explicitly stays in memory (with a warning when it will not fit).
+    ``available`` replaces :func:`available_memory`; ``max_memory`` caps it.
     """
     avail = available_memory() if available is None else int(available)
+    if max_memory is not None:  # the user's own limit (retro-db build --max-memory-mb)
+        avail = min(avail, int(max_memory))
     asked = factory is not None
     if factory is None:
         factory, params = default_factory(n, d)

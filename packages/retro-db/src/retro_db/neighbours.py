@@ -359,7 +359,11 @@ def finish_dataset(db: Database, out: Path, parts: list[Path], k: int) -> dict[s
     for name in DATASET_FILES:
         _concat(parts, name, out / name)
     doc_ids = np.load(out / "doc_ids.npy", mmap_mode="r", allow_pickle=False)
-    n_docs = int(np.count_nonzero(np.diff(doc_ids))) + 1 if len(doc_ids) else 0
+    n_docs = 0  # document boundaries, counted block by block (memory flat in N)
+    for a in range(0, len(doc_ids), 1 << 20):
+        block = np.asarray(doc_ids[max(0, a - 1) : a + (1 << 20)])
+        n_docs += int(np.count_nonzero(np.diff(block)))
+    n_docs += 1 if len(doc_ids) else 0
     tok = db.manifest["tokenizer"]
     manifest = {
         "format": "retro-dataset",
