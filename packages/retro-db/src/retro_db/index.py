@@ -185,7 +185,8 @@ def quiet_stdout():
         yield
         return
     libc = ctypes.CDLL(None)
-    sys.stdout.flush()
+    if sys.stdout is not None:
+        sys.stdout.flush()
     libc.fflush(None)
     saved = os.dup(fd)
     try:
