@@ -369,7 +369,7 @@ def _build(
         write_index(trained, db_dir / TRAINED_FILE)
         _, lists = build_ondisk_ivf(
             trained,
-            shard_blocks(db_dir, shards, 0),
+            lambda: shard_blocks(db_dir, shards, 0),  # two passes: sizes, then codes
             db_dir / "index",
             "v00001",
             progress=progress,

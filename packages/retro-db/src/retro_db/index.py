@@ -31,7 +31,7 @@ import contextlib
 import logging
 import math
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -485,9 +485,106 @@ def _add_in_rows(index, keys: np.ndarray, start: int) -> None:
         index.add_with_ids(block, np.arange(start + a, start + a + len(block), dtype=np.int64))
 
 
+def _drop_pages(ondisk) -> None:
+    """madvise(MADV_DONTNEED) over the lists file's mapping: its pages leave this process's RSS
+    (shared file pages: the data stays in the page cache and the file)."""
+    import ctypes
+
+    import faiss
+
+    size = int(ondisk.totsize)
+    if size <= 0:
+        return
+    addr = faiss.rev_swig_ptr(ondisk.ptr, size).ctypes.data
+    ctypes.CDLL(None).madvise(ctypes.c_void_p(addr), ctypes.c_size_t(size), 4)  # MADV_DONTNEED
+
+
+def _stream_ondisk(template, key_blocks, tmp_data: Path, progress: bool, total_bytes):
+    """Two passes over the keys into an ``OnDiskInvertedLists`` at ``tmp_data``: count each list's
+    entries (coarse assignment only), allocate every list at its final size, then encode each block
+    and write its entries in place, list by list (ids ascending within a list, as faiss's ``add``
+    leaves them), dropping the written pages from RSS after each block."""
+    import faiss
+    from tqdm.auto import tqdm
+
+    ivf = faiss.extract_index_ivf(template)
+    nlist, cs = int(ivf.nlist), int(ivf.code_size)
+
+    rows = max(64, min(ADD_ROWS, (4 << 20) // (4 * int(ivf.d))))  # ~4 MB of float32 a step
+
+    def assigned(keys):
+        for a in range(0, len(keys), rows):
+            x = np.ascontiguousarray(keys[a : a + rows], dtype=np.float32)
+            yield a, x, ivf.quantizer.assign(x, 1).reshape(-1)
+
+    sizes = np.zeros(nlist, dtype=np.int64)
+    for _, keys in key_blocks():
+        for _, _, lists in assigned(keys):
+            sizes += np.bincount(lists, minlength=nlist)
+    with quiet_stdout():
+        ondisk = faiss.OnDiskInvertedLists(nlist, cs, str(tmp_data))
+        # every list at its exact size, contiguous (as merge_from_multiple lays them out): the
+        # file first (update_totsize maps it), then the layout
+        ondisk.update_totsize(int(sizes.sum()) * (cs + 8))
+        ondisk.set_all_lists_sizes(faiss.swig_ptr(np.ascontiguousarray(sizes, dtype=np.uint64)))
+    cursor = np.zeros(nlist, dtype=np.int64)
+    with tqdm(
+        total=total_bytes,
+        desc="index add (on disk)",
+        unit="B",
+        unit_scale=True,
+        disable=not progress,
+    ) as bar:
+        for start, keys in key_blocks():
+            for a, x, lists in assigned(keys):
+                codes = np.empty((len(x), cs), dtype=np.uint8)
+                ivf.encode_vectors(
+                    len(x), faiss.swig_ptr(x), faiss.swig_ptr(lists), faiss.swig_ptr(codes)
+                )
+                order = np.argsort(lists, kind="stable")
+                ids = np.ascontiguousarray(start + a + order, dtype=np.int64)
+                codes = np.ascontiguousarray(codes[order])
+                sl = lists[order]
+                bounds = np.flatnonzero(np.diff(sl)) + 1
+                for b0, b1 in zip(np.r_[0, bounds], np.r_[bounds, len(sl)], strict=True):
+                    lst = int(sl[b0])
+                    ondisk.update_entries(
+                        lst,
+                        int(cursor[lst]),
+                        int(b1 - b0),
+                        faiss.swig_ptr(ids[b0:b1]),
+                        faiss.swig_ptr(codes[b0:b1]),
+                    )
+                    cursor[lst] += b1 - b0
+            _drop_pages(ondisk)
+            bar.update(keys.nbytes)
+    if not np.array_equal(cursor, sizes):
+        raise RuntimeError("on-disk lists: the keys changed between the two passes")
+    return ondisk, int(sizes.sum())
+
+
+def _finish_ondisk(template, ondisk, ntotal, tmp_data, data_path, directory, stem):
+    """Give ``ondisk`` its final file name, hang it on a copy of ``template``, write both."""
+    import faiss
+
+    ondisk.filename = data_path.name  # read back with IO_FLAG_ONDISK_SAME_DIR
+    out = faiss.clone_index(template)
+    out_ivf = faiss.extract_index_ivf(out)
+    out_ivf.replace_invlists(ondisk, True)
+    ondisk.this.disown()
+    out.ntotal = out_ivf.ntotal = ntotal
+    with open(tmp_data, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp_data, data_path)
+    index_path = directory / f"{stem}.faiss"
+    write_index(out, index_path)
+    del out
+    return index_path, data_path
+
+
 def build_ondisk_ivf(
     template,
-    key_blocks: Iterable[tuple[int, np.ndarray]],
+    key_blocks: Iterable[tuple[int, np.ndarray]] | Callable[[], Iterable[tuple[int, np.ndarray]]],
     directory: str | os.PathLike[str],
     stem: str,
     base=None,
@@ -522,6 +619,13 @@ def build_ondisk_ivf(
     template_ivf = faiss.extract_index_ivf(template)
     if template.ntotal != 0 or not template.is_trained:
         raise ValueError("build_ondisk_ivf: template must be a trained, empty IVF index")
+    if base is None and callable(key_blocks):  # a build: straight into the lists file
+        data_path = directory / f"{stem}.ivfdata"
+        tmp_data = directory / f"{TMP_PREFIX}{stem}.ivfdata"
+        ondisk, ntotal = _stream_ondisk(template, key_blocks, tmp_data, progress, total_bytes)
+        return _finish_ondisk(template, ondisk, ntotal, tmp_data, data_path, directory, stem)
+    if callable(key_blocks):
+        key_blocks = key_blocks()
     try:
         with tqdm(
             total=total_bytes,
@@ -554,19 +658,7 @@ def build_ondisk_ivf(
             )
             ntotal = ondisk.merge_from_multiple(lists.data(), lists.size(), False, False)
         del readers, lists
-        ondisk.filename = data_path.name  # read back with IO_FLAG_ONDISK_SAME_DIR
-        out = faiss.clone_index(template)
-        out_ivf = faiss.extract_index_ivf(out)
-        out_ivf.replace_invlists(ondisk, True)
-        ondisk.this.disown()
-        out.ntotal = out_ivf.ntotal = ntotal
-        with open(tmp_data, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp_data, data_path)
-        index_path = directory / f"{stem}.faiss"
-        write_index(out, index_path)
-        del out
-        return index_path, data_path
+        return _finish_ondisk(template, ondisk, ntotal, tmp_data, data_path, directory, stem)
     finally:
         for path in blocks:
             with contextlib.suppress(OSError):
