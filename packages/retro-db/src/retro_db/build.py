@@ -54,6 +54,7 @@ from .index import (
     apply_search_params,
     build_ondisk_ivf,
     choose_index,
+    drop_mapped_pages,
     exact_search_blocks,
     new_index,
     read_index,
@@ -429,9 +430,13 @@ def _tune_nprobe(
     k = min(10, n)
     _, truth = exact_search_blocks(shard_keys(db_dir, shards), queries, k)
     nprobe = int(params.get("nprobe", 1))
+    lists = faiss.downcast_InvertedLists(faiss.extract_index_ivf(index).invlists)
     while True:
         apply_search_params(index, dict(params, nprobe=nprobe))
-        _, got = index.search(queries, k)
+        got = np.empty((len(queries), k), dtype=np.int64)
+        for i in range(len(queries)):  # one query at a time, its lists' pages dropped after it
+            got[i] = index.search(queries[i : i + 1], k)[1][0]
+            drop_mapped_pages(lists)
         hits = sum(len(set(t) & set(g)) for t, g in zip(truth, got, strict=True))
         recall = hits / max(1, truth.size)
         logger.info(

@@ -53,6 +53,7 @@ __all__ = [
     "choose_index",
     "combine_indexes",
     "default_factory",
+    "drop_mapped_pages",
     "exact_search",
     "exact_search_blocks",
     "index_bytes_per_key",
@@ -485,7 +486,7 @@ def _add_in_rows(index, keys: np.ndarray, start: int) -> None:
         index.add_with_ids(block, np.arange(start + a, start + a + len(block), dtype=np.int64))
 
 
-def _drop_pages(ondisk) -> None:
+def drop_mapped_pages(ondisk) -> None:
     """madvise(MADV_DONTNEED) over the lists file's mapping: its pages leave this process's RSS
     (shared file pages: the data stays in the page cache and the file)."""
     import ctypes
@@ -556,7 +557,7 @@ def _stream_ondisk(template, key_blocks, tmp_data: Path, progress: bool, total_b
                         faiss.swig_ptr(codes[b0:b1]),
                     )
                     cursor[lst] += b1 - b0
-            _drop_pages(ondisk)
+            drop_mapped_pages(ondisk)
             bar.update(keys.nbytes)
     if not np.array_equal(cursor, sizes):
         raise RuntimeError("on-disk lists: the keys changed between the two passes")
