@@ -37,3 +37,31 @@ def test_shard_written_without_text_equals_shard_with_text(tmp_path):
     lines = out["local"]["documents.jsonl"].decode().splitlines()
     assert len(lines) == 2  # the empty document has no tokens: skipped
     assert text_fingerprint(DOCS[1].text) in lines[1]
+
+
+def test_long_document_in_windows_builds_the_same_database(tmp_path, monkeypatch, load_records):
+    """Issue 16: a document longer than the tokenising window is tokenised in windows (memory does
+    not grow with its length) and the database equals the one tokenised whole, file for file."""
+    import retro_db.tokenizer
+    from retro_db.build import build_database
+
+    text = "\n\n".join(r["text"] for r in load_records("moby_dick", 6, max_chars=4000))
+    docs = [Document("long", text), Document("short", "A short one. Two sentences.")]
+    files = {}
+    for name, window in [("whole", 1 << 30), ("windows", 97)]:
+        monkeypatch.setattr(retro_db.tokenizer, "TOKENIZE_WINDOW", window)
+        build_database(
+            docs,
+            tmp_path / name,
+            embedder="hash:16",
+            chunk_size=16,
+            shard_chunks=64,
+            progress=False,
+        )
+        shards = sorted((tmp_path / name / "shards").iterdir())
+        files[name] = {
+            f"{s.name}/{p.name}": p.read_bytes() for s in shards for p in sorted(s.iterdir())
+        }
+    assert len(retro_db.tokenizer.window_cuts(text, 97)[0]) > 100  # many windows, none hard
+    assert retro_db.tokenizer.window_cuts(text, 97)[1] == 0
+    assert files["windows"] == files["whole"]

@@ -75,3 +75,54 @@ def test_hf_directory(tmp_path, texts):
 def test_missing_directory_files_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="expected tokenizer.json"):
         load_tokenizer(tmp_path)
+
+
+def test_windowed_tokenisation_equals_whole_text(texts):
+    """A long document tokenised in windows (issue 16: bounded memory) gives the whole text's ids."""
+    import numpy as np
+
+    from retro_db.tokenizer import window_cuts
+
+    tok = load_tokenizer()
+    assert tok.window_exact
+    doc = "\n\n".join(texts) + "  \n" + " ".join(TRICKY)
+    whole = tok.encode(doc)
+    for window in (40, 61, 200, 1000):
+        cuts, hard = window_cuts(doc, window)
+        assert hard == 0 and len(cuts) > 3 and cuts[0] == 0 and cuts[-1] == len(doc)
+        assert all(0 < b - a <= window for a, b in zip(cuts, cuts[1:], strict=False))
+        (got,) = tok.encode_arrays([doc], window=window)
+        assert got.dtype == np.int32
+        assert got.tolist() == whole, window
+    # short texts in the same call are untouched, order kept
+    got = tok.encode_arrays(["Hello world", doc, ""], window=100)
+    assert [g.tolist() for g in got] == [[15496, 995], whole, []]
+
+
+def test_windowed_tokenisation_without_whitespace_is_cut_and_said(caplog):
+    """A stretch with no whitespace boundary is cut mid-text: counted and logged (may differ)."""
+    from retro_db.tokenizer import window_cuts
+
+    tok = load_tokenizer()
+    doc = "abcdefghij" * 50 + " tail of it"
+    cuts, hard = window_cuts(doc, 64)
+    assert hard >= 1
+    with caplog.at_level("WARNING"):
+        (got,) = tok.encode_arrays([doc], window=64)
+    assert "cut without whitespace" in caplog.text
+    assert tok.decode(got.tolist()) == doc  # lossless all the same (byte-level BPE)
+
+
+def test_window_exact_is_false_for_a_tokenizer_without_pre_tokenizer(tmp_path):
+    """A BPE without a pre-tokenizer can merge across spaces: not proven exact, so flagged."""
+    from tokenizers import Tokenizer, models
+
+    from retro_db.tokenizer import LMTokenizer
+
+    tok = LMTokenizer(
+        Tokenizer(models.BPE(vocab={"a": 0, " ": 1}, merges=[])),
+        name="bare",
+        sha256="0" * 64,
+        eos_id=None,
+    )
+    assert not tok.window_exact

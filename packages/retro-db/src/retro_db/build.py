@@ -52,7 +52,10 @@ from .embedders import Embedder, embedder_options, embedder_spec, load_embedder
 from .index import (
     appendable_index,
     apply_search_params,
-    default_factory,
+    build_ondisk_ivf,
+    choose_index,
+    drop_mapped_pages,
+    exact_search_blocks,
     new_index,
     read_index,
     set_threads,
@@ -88,6 +91,8 @@ __all__ = [
 ]
 
 SCHEMA_VERSION = 1
+#: the trained, empty IVF index of an on-disk database (``add`` encodes new keys with it)
+TRAINED_FILE = "index/trained.faiss"
 
 
 def _resolve_tokenizer(tokenizer: LMTokenizer | str | os.PathLike[str] | None) -> LMTokenizer:
@@ -146,6 +151,7 @@ def _write_version(
     index_files: list[str],
     version: int,
     carried: dict[str, Any] | None = None,
+    extra_files: list[str] | None = None,
 ) -> dict[str, Any]:
     """Write version ``version``'s manifest (versions/ and manifest.json, in that order).
 
@@ -163,7 +169,7 @@ def _write_version(
         for name, entry in info["files"].items():
             files[f"shards/{s}/{name}"] = entry
         files[f"shards/{s}/shard.json"] = file_entry(db_dir / "shards" / s / "shard.json")
-    for name in index_files:
+    for name in [*index_files, *(extra_files or [])]:  # extra: on-disk lists, trained index
         files[name] = carried[name] if name in carried else file_entry(db_dir / name)
     manifest = dict(base)
     manifest.update(
@@ -237,6 +243,7 @@ def build_database(
     address: str | None = None,
     num_cpus: int | None = None,
     stats: BuildStats | None = None,
+    max_memory: int | None = None,
 ) -> Database:
     """Build a database from documents; resumable (re-run with the same arguments after a kill).
 
@@ -265,6 +272,8 @@ def build_database(
         address: Ray cluster address (None: start a local cluster); Ray engine only.
         num_cpus: CPUs of the local Ray cluster, or the most to use of a cluster; Ray only.
         stats: duplicates skipped are counted here.
+        max_memory: bytes the index may count on (None: ``index.available_memory()``); an index
+            projected above half of it is built with its lists on disk (``index.choose_index``).
 
     Returns:
         The built :class:`~retro_db.database.Database`, opened.
@@ -297,6 +306,7 @@ def build_database(
             progress,
             stage,
             stats if stats is not None else BuildStats(),
+            max_memory,
         )
     return Database.open(db_dir, tokenizer=tok, embedder=emb, threads=threads)
 
@@ -316,6 +326,7 @@ def _build(
     progress: bool,
     stage: Any = None,
     stats: BuildStats | None = None,
+    max_memory: int | None = None,
 ) -> tuple[LMTokenizer, Embedder | None]:
     remove_stale_temp_files(db_dir)
     docs = _unique_documents(
@@ -342,16 +353,43 @@ def _build(
     n = sum(read_json(db_dir / "shards" / s / "shard.json")["chunks"] for s in shards)
     if n == 0:
         raise DatabaseError(f"{db_dir}: the sources held no documents with text")
-    if index_factory is None:
-        index_factory, params = default_factory(n, dim)
-    else:
-        params = {}
-    params = dict(params if search_params is None else search_params)
-    index = _train(db_dir, shards, index_factory, n, dim, train_seed)
-    index = add_keys(index, db_dir, shards, progress)
+    # in memory (Flat/HNSW/IVF by size) unless it would not fit: then IVF lists on disk (issue 18)
+    choice = choose_index(n, dim, index_factory, search_params, max_memory=max_memory)
+    logger.info("%s", choice.reason)
+    index_factory, params = choice.factory, choice.search_params
     index_file = "index/v00001.faiss"
     (db_dir / "index").mkdir(exist_ok=True)
-    write_index(index, db_dir / index_file)
+    index_entry: dict[str, Any] = {
+        "factory": index_factory,
+        "search_params": params,
+        "metric": "l2",
+    }
+    extra: list[str] = []
+    if choice.on_disk:
+        trained = _train(db_dir, shards, index_factory, n, dim, train_seed, choice.train_size)
+        write_index(trained, db_dir / TRAINED_FILE)
+        _, lists = build_ondisk_ivf(
+            trained,
+            lambda: shard_blocks(db_dir, shards, 0),  # two passes: sizes, then codes
+            db_dir / "index",
+            "v00001",
+            progress=progress,
+            total_bytes=_keys_bytes(db_dir, shards),
+        )
+        extra = [TRAINED_FILE, f"index/{lists.name}"]
+        params = _tune_nprobe(db_dir, shards, index_file, dim, params)
+        index_entry.update(
+            search_params=params,
+            on_disk=True,
+            lists=extra[1],
+            trained=TRAINED_FILE,
+            reason=choice.reason,
+        )
+    else:
+        index = _train(db_dir, shards, index_factory, n, dim, train_seed, choice.train_size)
+        index = add_keys(index, db_dir, shards, progress)
+        write_index(index, db_dir / index_file)
+        del index
     base = {
         "chunk_size": chunk_size,
         "shard_chunks": shard_chunks,
@@ -359,20 +397,83 @@ def _build(
         "token_dtype": str(token_dtype(tok.vocab_size)),
         "tokenizer": tok.to_manifest(),
         "embedder": dict(embedder_entry, key_dtype="float16"),
-        "index": {"factory": index_factory, "search_params": params, "metric": "l2"},
+        "index": index_entry,
     }
-    _write_version(db_dir, base, shards, [index_file], 1)
+    _write_version(db_dir, base, shards, [index_file], 1, extra_files=extra)
     logger.info("built %s: %d chunks, index %s", db_dir, n, index_factory)
     return tok, emb
 
 
-def _train(db_dir: Path, shards: list[str], factory: str, n: int, dim: int, seed: int):
+#: recall@10 against exact search that an on-disk build tunes nprobe for (on its own sample)
+TUNE_RECALL = 0.95
+
+
+def _tune_nprobe(
+    db_dir: Path, shards: list[str], index_file: str, dim: int, params: dict[str, int]
+) -> dict[str, int]:
+    """The smallest nprobe (doubling from ``params``'s) whose recall@10 against exact search, on
+    a seeded sample of 200 keys other than ``info``'s, reaches ``TUNE_RECALL`` (or all lists).
+    Exact search streams over the key shards (memory flat)."""
+    import faiss
+
+    index = read_index(db_dir / index_file, dim=dim, on_disk=True)
+    nlist = faiss.extract_index_ivf(index).nlist
+    n = index.ntotal
+    ids = np.sort(np.random.default_rng(12345).choice(n, size=min(200, n), replace=False))
+    queries = np.empty((len(ids), dim), dtype=np.float32)
+    start, j = 0, 0
+    for keys in shard_keys(db_dir, shards):
+        sel = ids[(ids >= start) & (ids < start + len(keys))]
+        queries[j : j + len(sel)] = keys[sel - start]
+        j += len(sel)
+        start += len(keys)
+    k = min(10, n)
+    _, truth = exact_search_blocks(shard_keys(db_dir, shards), queries, k)
+    nprobe = int(params.get("nprobe", 1))
+    lists = faiss.downcast_InvertedLists(faiss.extract_index_ivf(index).invlists)
+    while True:
+        apply_search_params(index, dict(params, nprobe=nprobe))
+        got = np.empty((len(queries), k), dtype=np.int64)
+        for i in range(len(queries)):  # one query at a time, its lists' pages dropped after it
+            got[i] = index.search(queries[i : i + 1], k)[1][0]
+            drop_mapped_pages(lists)
+        hits = sum(len(set(t) & set(g)) for t, g in zip(truth, got, strict=True))
+        recall = hits / max(1, truth.size)
+        logger.info(
+            "on-disk index: nprobe %d of %d lists, recall@%d %.3f", nprobe, nlist, k, recall
+        )
+        if recall >= TUNE_RECALL or nprobe >= nlist:
+            return dict(params, nprobe=nprobe)
+        nprobe = min(nlist, 2 * nprobe)
+
+
+def _keys_bytes(db_dir: Path, shards: list[str]) -> int:
+    return sum(int(k.nbytes) for k in shard_keys(db_dir, shards))
+
+
+def shard_blocks(db_dir: Path, shards: list[str], first: int) -> Iterator[tuple[int, np.ndarray]]:
+    """(first chunk id, keys memmap) of each shard in order, numbering from ``first``."""
+    start = first
+    for keys in shard_keys(db_dir, shards):
+        yield start, keys
+        start += len(keys)
+
+
+def _train(
+    db_dir: Path,
+    shards: list[str],
+    factory: str,
+    n: int,
+    dim: int,
+    seed: int,
+    size: int | None = None,
+):
     import faiss
 
     probe = faiss.index_factory(dim, factory)
     if probe.is_trained:
         return probe
-    s = training_size(factory, n)
+    s = training_size(factory, n) if not size else min(n, int(size))
     rng = np.random.default_rng(seed)
     sample = np.sort(rng.choice(n, size=s, replace=False))
     train = np.empty((s, dim), dtype=np.float32)
@@ -488,7 +589,25 @@ def _add(
     version = int(man["version"]) + 1
     index_file = f"index/v{version:05d}.faiss"
     factory = man["index"]["factory"]
-    if appendable_index(factory, old.dim):
+    extra: list[str] = []
+    if man["index"].get("on_disk"):
+        # on-disk lists (issue 18): the current lists (read-only, memory-mapped) and the new keys'
+        # are merged into a new lists file; nothing of the old version is modified
+        trained_name = man["index"]["trained"]
+        check_files(db_dir, {trained_name: man["files"][trained_name]}, verify=True)
+        template = read_index(db_dir / trained_name, mmap=False, dim=old.dim)
+        _, lists = build_ondisk_ivf(
+            template,
+            shard_blocks(db_dir, new, old.num_chunks),
+            db_dir / "index",
+            f"v{version:05d}",
+            base=old.index,
+            progress=progress,
+            total_bytes=_keys_bytes(db_dir, new),
+        )
+        index_files = [index_file]
+        extra = [trained_name, f"index/{lists.name}"]
+    elif appendable_index(factory, old.dim):
         # the growth alone: a fresh index of the same factory holding only the new keys, searched
         # beside the earlier files (Database.open); nothing of the old index is copied
         index = add_shard_keys(new_index(factory, old.dim), db_dir, new, progress=False)
@@ -503,8 +622,16 @@ def _add(
         write_index(index, db_dir / index_file)
         index_files = [index_file]
     base = {k: v for k, v in man.items() if k not in ("files", "shards", "counts", "version")}
+    if extra:
+        base["index"] = dict(base["index"], lists=extra[1])
     _write_version(
-        db_dir, base, list(man["shards"]) + new, index_files, version, carried=man["files"]
+        db_dir,
+        base,
+        list(man["shards"]) + new,
+        index_files,
+        version,
+        carried=man["files"],
+        extra_files=extra,
     )
     logger.info("added %d shards to %s: version %d", len(new), db_dir, version)
     return Database.open(db_dir, tokenizer=old.tokenizer, embedder=emb, threads=threads)

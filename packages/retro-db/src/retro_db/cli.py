@@ -149,6 +149,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--nprobe", type=_int(1), default=None, help="IVF search parameter")
     p.add_argument("--ef-search", type=_int(1), default=None, help="HNSW search parameter")
+    p.add_argument(
+        "--max-memory-mb",
+        type=_int(1),
+        default=None,
+        help="memory the index may count on (default: what the machine and limits leave); an "
+        "index that would not fit in half of it is built with its lists on disk",
+    )
     _add_build_args(p)
     _add_engine_args(p)
 
@@ -310,6 +317,7 @@ def _cmd_build(args: argparse.Namespace) -> None:
             address=args.address,
             num_cpus=args.num_cpus,
             stats=bstats,
+            max_memory=None if args.max_memory_mb is None else args.max_memory_mb << 20,
         )
     except DatabaseError as e:
         raise _no_documents(e, stats) from None

@@ -23,6 +23,7 @@ from .index import (
     apply_search_params,
     combine_indexes,
     exact_search_blocks,
+    ondisk_lists_file,
     read_index,
     set_threads,
 )
@@ -183,7 +184,12 @@ class Database:
                 raise DatabaseError(
                     f"{mpath}: counts.{what} is {counts[what]} but the shards hold {have}"
                 )
-        parts = [read_index(p, mmap=mmap, dim=self.dim) for p in [index_path, *part_paths]]
+        on_disk = bool(manifest["index"].get("lists"))
+        parts = [
+            read_index(p, mmap=mmap, dim=self.dim, on_disk=on_disk)
+            for p in [index_path, *part_paths]
+        ]
+        self._check_lists(parts, mpath)
         for part in parts:
             apply_search_params(part, self.search_params)
         # an index grown by `add` without a copy: the first file, then each add's new keys
@@ -200,6 +206,27 @@ class Database:
         if embedder is not None:
             self.check_embedder(embedder)
         self._doc_index: dict[str, int] | None = None
+
+    def _check_lists(self, parts: list, mpath: Path) -> None:
+        """An index with on-disk lists (issue 18) must read the lists file the manifest names
+        (and hashes), beside it; no other index may use on-disk lists."""
+        lists_name = self.manifest["index"].get("lists")
+        used = [ondisk_lists_file(p) for p in parts]
+        if lists_name is None:
+            if any(used):
+                raise DatabaseError(
+                    f"{mpath}: the index reads on-disk lists {next(u for u in used if u)} that "
+                    "the manifest does not name (index.lists)"
+                )
+            return
+        want = resolve_inside(self.path, str(lists_name), mpath, "index.lists")
+        if str(lists_name) not in self.manifest["files"]:
+            raise DatabaseError(f"{mpath}: index.lists {lists_name!r} is not among its files")
+        if len(parts) != 1 or used[0] is None or Path(used[0]).resolve() != want.resolve():
+            raise DatabaseError(
+                f"{mpath}: index.lists is {lists_name!r} but the index file reads "
+                f"{used[0] if parts else None!r} (expected that file beside the index)"
+            )
 
     # ---- opening -------------------------------------------------------------------------
     @classmethod
@@ -571,6 +598,19 @@ class Database:
             else:
                 kind = "other"
             sizes[kind] += int(entry["size"])
+        # bytes per chunk by file: shard files by their name, index files by their role
+        roles = {
+            self.manifest["index"]["file"]: "index file",
+            self.manifest["index"].get("lists"): "index lists (on disk)",
+            self.manifest["index"].get("trained"): "trained index",
+        }
+        by_file: dict[str, int] = {}
+        for name, entry in self.manifest["files"].items():
+            what = roles.get(name) or ("index parts" if name.startswith("index/") else None)
+            what = what or name.rsplit("/", 1)[-1]
+            by_file[what] = by_file.get(what, 0) + int(entry["size"])
+        n = max(1, self.num_chunks)
+        per_chunk = {what: round(b / n, 2) for what, b in sorted(by_file.items())}
         kk = min(k, self.num_chunks)
         return {
             "path": str(self.path),
@@ -584,6 +624,8 @@ class Database:
             "index": self.manifest["index"]["factory"],
             "search_params": self.search_params,
             "bytes": sizes,
+            "bytes_per_chunk": per_chunk,
+            "index_on_disk": bool(self.manifest["index"].get("on_disk")),
             "bytes_on_disk_all_versions": sum(
                 p.stat().st_size for p in self.path.rglob("*") if p.is_file()
             ),

@@ -209,9 +209,9 @@ def _cached_tokenizer(source: str | None):
 
 def _tokenize_batch(source: str | None, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """Ray task: token counts int64 [b] and all ids int32 [sum counts], concatenated in order."""
-    ids = _cached_tokenizer(source).encode_batch(texts)
+    ids = _cached_tokenizer(source).encode_arrays(texts)  # long texts in windows (tokenizer.py)
     counts = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
-    flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int32, count=int(counts.sum()))
+    flat = np.concatenate(ids) if ids else np.empty(0, np.int32)
     return counts, flat
 
 

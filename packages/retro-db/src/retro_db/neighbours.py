@@ -172,8 +172,8 @@ def _corpus_jobs(
             consumed += 1
             bar.update(1)
             update_source_fingerprint(h, doc)
-            ids = db.tokenizer.encode(doc.text)
-            if not ids:
+            ids = db.tokenizer.encode_arrays([doc.text])[0]  # long texts in windows
+            if not len(ids):
                 continue
             t, n = chunk_document(ids, m, db.pad_id, db.store.dtype)
             toks.append(t)
@@ -359,7 +359,11 @@ def finish_dataset(db: Database, out: Path, parts: list[Path], k: int) -> dict[s
     for name in DATASET_FILES:
         _concat(parts, name, out / name)
     doc_ids = np.load(out / "doc_ids.npy", mmap_mode="r", allow_pickle=False)
-    n_docs = int(np.count_nonzero(np.diff(doc_ids))) + 1 if len(doc_ids) else 0
+    n_docs = 0  # document boundaries, counted block by block (memory flat in N)
+    for a in range(0, len(doc_ids), 1 << 20):
+        block = np.asarray(doc_ids[max(0, a - 1) : a + (1 << 20)])
+        n_docs += int(np.count_nonzero(np.diff(block)))
+    n_docs += 1 if len(doc_ids) else 0
     tok = db.manifest["tokenizer"]
     manifest = {
         "format": "retro-dataset",

@@ -60,6 +60,7 @@ __all__ = [
 
 SHARD_FILES = (*CHUNK_FILES, "keys.npy", "documents.jsonl")
 READ_AHEAD = 256  # documents tokenised per encode_batch call
+EMBED_BLOCK = 16384  # chunks detokenised and embedded at a time (bounds a long document's memory)
 
 
 def iter_documents(sources: Any, **read_kwargs: Any) -> Iterator[Document]:
@@ -95,9 +96,13 @@ def update_source_fingerprint(h: Any, doc: Document) -> None:
 def tokenized(
     tokenizer: LMTokenizer, docs: Iterator[Document]
 ) -> Iterator[tuple[Document, list[int]]]:
-    """(document, token ids) pairs; ``encode_batch`` over READ_AHEAD documents at a time."""
+    """(document, token ids int32 array) pairs, READ_AHEAD documents tokenised at a time.
+
+    A document longer than ``TOKENIZE_WINDOW`` characters is tokenised in windows
+    (:meth:`~retro_db.tokenizer.LMTokenizer.encode_arrays`): memory does not grow with its length.
+    """
     while batch := list(itertools.islice(docs, READ_AHEAD)):
-        yield from zip(batch, tokenizer.encode_batch([d.text for d in batch]), strict=True)
+        yield from zip(batch, tokenizer.encode_arrays([d.text for d in batch]), strict=True)
 
 
 def _embed_chunks(
@@ -110,15 +115,27 @@ def _embed_chunks(
     expected_dim: int | None = None,
     where: str = "embedder",
 ) -> np.ndarray:
-    """Keys float32 [n, d] of chunks: detokenise each chunk's real tokens, embed the text."""
-    texts = tokenizer.decode_batch([t[:n] for t, n in zip(tokens, lengths, strict=True)])
-    keys = np.asarray(embedder.embed_texts(texts, batch_size=batch_size, progress=progress))
+    """Keys float16 [n, d] of chunks: detokenise each chunk's real tokens, embed the text.
+
+    ``EMBED_BLOCK`` chunks at a time (the decoded texts of one block only are held), written into
+    the float16 array that is stored (``keys.npy``).
+    """
     dim = expected_dim if expected_dim is not None else embedder.dim
-    if keys.ndim != 2 or keys.shape != (len(texts), dim):
-        raise DatabaseError(
-            f"{where}: embedding shape {tuple(keys.shape)}, expected [{len(texts)}, d={dim}]"
+    n = len(tokens)
+    out = np.empty((n, dim), dtype=np.float16)
+    for a in range(0, max(n, 1), EMBED_BLOCK):
+        b = min(n, a + EMBED_BLOCK)
+        texts = tokenizer.decode_batch(
+            [t[:k] for t, k in zip(tokens[a:b], lengths[a:b], strict=True)]
         )
-    return keys.astype(np.float32, copy=False)
+        keys = np.asarray(embedder.embed_texts(texts, batch_size=batch_size, progress=progress))
+        if keys.ndim != 2 or keys.shape != (len(texts), dim):
+            raise DatabaseError(
+                f"{where}: embedding shape {tuple(keys.shape)}, expected [{len(texts)}, d={dim}]"
+            )
+        out[a:b] = keys.astype(np.float32, copy=False)  # float32 first, as stored before
+        del texts, keys
+    return out
 
 
 class ShardWriter:
@@ -325,7 +342,7 @@ class ShardWriter:
             where=f"{d / 'keys.npy'}",
         )
         write_chunk_segment(d, tokens, lengths, doc_ids, offsets)
-        atomic_save_npy(d / "keys.npy", keys.astype(np.float16))
+        atomic_save_npy(d / "keys.npy", keys)
         atomic_write_bytes(d / "documents.jsonl", "".join(x + "\n" for x in lines).encode("utf-8"))
         info = {
             "chunks": len(tokens),
