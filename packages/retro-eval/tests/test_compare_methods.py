@@ -324,3 +324,144 @@ def test_knnlm_on_a_retrofitted_model_reads_its_frozen_base():
     np.testing.assert_allclose(wrapped.result(0.25).bits, plain.result(0.25).bits, rtol=1e-5)
     with pytest.raises(ValueError, match="chunk_size"):
         score_knnlm(hf, docs, store, **kw)
+
+
+# ---- retro-eval run: the comparison rows and table ---------------------------------------------
+
+RUN_TRAIN = [
+    "The river flows through the old town and past the mill near the bridge.",
+    "Cats are small carnivorous mammals kept as pets in many households.",
+    "Call me Ishmael. Some years ago, never mind how long precisely.",
+]
+RUN_EVAL = [
+    "The river flows through the old town and past the mill near the bridge.",
+    "It was the best of times, it was the worst of times, said he.",
+]
+
+
+@pytest.fixture(scope="module")
+def run_setup(tmp_path_factory):
+    import json
+
+    import yaml
+
+    from retro_core.checkpoint import save_checkpoint
+    from retro_db.tokenizer import load_tokenizer
+
+    root = tmp_path_factory.mktemp("compare-run")
+    tok = load_tokenizer(None)
+    for split, texts in (("train", RUN_TRAIN), ("test", RUN_EVAL)):
+        (root / "docs").mkdir(exist_ok=True)
+        (root / "docs" / f"{split}.jsonl").write_text(
+            "".join(json.dumps({"text": t}) + "\n" for t in texts)
+        )
+    common = dict(
+        vocab_size=tok.vocab_size, d_model=16, n_heads=2, n_layers=3, chunk_size=8, enc_layers=1,
+        max_seq_len=32, tokenizer_id=tok.id, pad_id=tok.pad_id,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    save_checkpoint(Retro(RetroConfig(**common)), root / "retro")
+    save_checkpoint(Retro(RetroConfig(**{**common, "cca_layers": ()})), root / "base")
+    cfg = {
+        "retro": "retro",
+        "baseline": "base",
+        # no dedup: the evaluated document 0 is in the database (kNN-LM must exclude it)
+        "database": {"path": "db", "build_from": ["docs:train"], "embedder": "hash:32"},
+        "benchmarks": [{"name": "docs", "split": "test"}],
+        "k": 2,
+        "k_sweep": [],
+        "overlap": ["rc"],
+        "batch_size": 2,
+        "bootstrap_samples": 200,
+        "methods": ["knnlm", "incontext"],
+        "knnlm": {"lambdas": [0, 0.25], "ks": [4, 1024]},
+        "output": "out",
+    }
+    (root / "run.yaml").write_text(yaml.safe_dump(cfg))
+    return root
+
+
+@pytest.mark.slow
+def test_run_adds_the_comparison_rows_and_table(run_setup, capsys):
+    import json
+
+    from retro_core.checkpoint import load_checkpoint
+    from retro_db.database import Database
+    from retro_eval.cli import main
+    from retro_eval.knnlm import database_documents
+
+    root = run_setup
+    assert main(["run", "--config", str(root / "run.yaml")]) == 0, capsys.readouterr().err
+    results = json.loads((root / "out" / "results.json").read_text())
+    bench = results["benchmarks"]["docs"]
+    assert {"knnlm", "incontext", "retro_on", "retro_off", "baseline"} <= set(bench["models"])
+    assert bench["methods"]["reads"] == "baseline"
+    knn = bench["methods"]["knnlm"]
+    assert knn["excluded_documents"] == 1  # the evaluated document the database holds
+    assert {(r["lambda"], r["k"]) for r in knn["sweep"]} == {
+        (0.0, 4), (0.25, 4), (0.0, 1024), (0.25, 1024),
+    }  # fmt: skip
+    # the rows equal the methods called directly (baseline model, the database's neighbours)
+    db = Database.open(root / "db")
+    base = load_checkpoint(root / "base")
+    docs = [db.tokenizer.encode(t) for t in RUN_EVAL]
+    nb = retrieve_document_neighbours(db, docs, chunk_size=8, k=1, pad_id=0, progress=False)
+    ic = score_incontext(
+        base, docs, nb, decode=db.tokenizer.decode, prefix_id=db.tokenizer.eos_id, batch_size=2,
+        progress=False,
+    )  # fmt: skip
+    assert bench["models"]["incontext"]["bpb"] == pytest.approx(ic.bpb(), rel=1e-9)
+    db_docs, db_index = database_documents(db)
+    assert sorted(map(len, db_docs)) == sorted(len(db.tokenizer.encode(t)) for t in RUN_TRAIN)
+    store = build_datastore(base, db_docs, db_index, prefix_id=db.tokenizer.eos_id, progress=False)
+    excl = matching_database_documents(docs, db_docs, db_index)
+    assert (excl >= 0).tolist() == [True, False]
+    kn = score_knnlm(
+        base, docs, store, decode=db.tokenizer.decode, prefix_id=db.tokenizer.eos_id,
+        ks=(1024,), exclude_doc_ids=excl, batch_size=2, progress=False,
+    )  # fmt: skip
+    assert bench["models"]["knnlm"]["bpb"] == pytest.approx(kn.result(0.25).bpb(), rel=1e-9)
+    # lambda = 0 in the sweep is the baseline row
+    zero = next(r for r in knn["sweep"] if r["lambda"] == 0.0)
+    assert zero["bpb"] == pytest.approx(bench["models"]["baseline"]["bpb"], rel=1e-12)
+    # the table: every row, all chunks + each rc bin, bpb inside its interval, a speed
+    table = bench["comparison"]
+    order = [r["model"] for r in table["rows"]]
+    assert order == ["baseline", "retro_off", "retro_on", "retro_shuffled", "knnlm", "incontext"]
+    assert [c["bin"] for c in table["columns"]][0] == "all chunks" and len(table["columns"]) == 4
+    for r in table["rows"]:
+        assert r["all"]["bpb"] == pytest.approx(bench["models"][r["model"]]["bpb"], rel=1e-9)
+        assert r["all"]["ci95"][0] <= r["all"]["bpb"] <= r["all"]["ci95"][1]
+        assert r["tokens_per_s"] > 0
+        assert sum(b["chunks"] for b in r["bins"]["rc"]) == bench["chunks"]
+    assert set(bench["vs_off"]) >= {"knnlm", "incontext"}
+    report = (root / "out" / "report.md").read_text()
+    assert "### Comparison" in report and "kNN-LM sweep" in report
+    assert "| in-context retrieval |" in report
+    # a second run reads every row from the cache, with the same numbers and no speed
+    assert main(["run", "--config", str(root / "run.yaml")]) == 0
+    again = json.loads((root / "out" / "results.json").read_text())["benchmarks"]["docs"]
+    assert again["models"]["knnlm"] == bench["models"]["knnlm"]
+    assert again["models"]["incontext"] == bench["models"]["incontext"]
+    assert all(r["cached"] and r["tokens_per_s"] is None for r in again["comparison"]["rows"])
+    # --methods selects the rows
+    assert main(["run", "--config", str(root / "run.yaml"), "--methods", "none"]) == 0
+    none = json.loads((root / "out" / "results.json").read_text())["benchmarks"]["docs"]
+    assert "knnlm" not in none["models"] and "comparison" not in none
+
+
+def test_run_rejects_a_bad_method_in_one_line(run_setup, capsys):
+    from retro_eval.cli import main
+
+    root = run_setup
+    assert main(["run", "--config", str(root / "run.yaml"), "--methods", "knnlm,bogus"]) == 2
+    err = capsys.readouterr().err
+    assert "--methods: unknown method(s) bogus" in err and err.count("\n") == 1
+    import yaml
+
+    cfg = yaml.safe_load((root / "run.yaml").read_text())
+    cfg["knnlm"] = {"lambda": 2}
+    bad = root / "bad.yaml"
+    bad.write_text(yaml.safe_dump(cfg))
+    assert main(["run", "--config", str(bad)]) == 2
+    assert "knnlm.lambda: expected a weight in [0, 1], got 2" in capsys.readouterr().err
