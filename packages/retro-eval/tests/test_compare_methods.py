@@ -182,6 +182,26 @@ def test_incontext_reads_a_hugging_face_model_like_its_retrofitted_wrapper():
     np.testing.assert_allclose(one.total_bits(), direct.sum(), rtol=1e-5)
 
 
+def test_lm_eval_model_arg_retrieval_incontext():
+    from types import SimpleNamespace
+
+    from retro_eval.lm import RetroLM, parse_retrieval
+
+    assert parse_retrieval("incontext") == "incontext" and parse_retrieval("kNNLM") == "knnlm"
+    model, docs = _baseline(), _docs()
+    db = InMemoryRetriever([TOK.encode(t) for t in DB_TEXTS], chunk_size=8)
+    lm = RetroLM(model=model, retriever=db, tokenizer=TOK, retrieval="incontext", batch_size=4)
+    got = lm.loglikelihood_rolling([SimpleNamespace(args=(t,)) for t in TEXTS])
+    ic = score_incontext(
+        model, docs, _neighbours(docs, k=1), decode=TOK.decode, prefix_id=1, progress=False
+    )
+    np.testing.assert_allclose(got, ic.doc_loglikelihood(), rtol=1e-12)
+    with pytest.raises(ValueError, match="loglikelihood_rolling only"):
+        lm.loglikelihood([SimpleNamespace(args=("The cat", " sat"))])
+    with pytest.raises(ValueError, match="retrieval=knnlm needs a database"):
+        RetroLM(model=model, tokenizer=TOK, retrieval="knnlm")
+
+
 # ---- kNN-LM -------------------------------------------------------------------------------------
 
 
@@ -421,6 +441,14 @@ def test_run_adds_the_comparison_rows_and_table(run_setup, capsys):
         ks=(1024,), exclude_doc_ids=excl, batch_size=2, progress=False,
     )  # fmt: skip
     assert bench["models"]["knnlm"]["bpb"] == pytest.approx(kn.result(0.25).bpb(), rel=1e-9)
+    # the lm-eval model arg retrieval=knnlm scores the same (rolling loglikelihood)
+    from types import SimpleNamespace
+
+    from retro_eval.lm import RetroLM
+
+    lm = RetroLM(model=base, retriever=db, retrieval="knnlm", batch_size=2)
+    got = lm.loglikelihood_rolling([SimpleNamespace(args=(t,)) for t in RUN_EVAL])
+    np.testing.assert_allclose(got, kn.result(0.25).doc_loglikelihood(), rtol=1e-12)
     # lambda = 0 in the sweep is the baseline row
     zero = next(r for r in knn["sweep"] if r["lambda"] == 0.0)
     assert zero["bpb"] == pytest.approx(bench["models"]["baseline"]["bpb"], rel=1e-12)

@@ -268,6 +268,7 @@ def build_datastore(
     index_factory: str | None = None,
     max_tokens: int | None = None,
     keep_keys: bool = False,
+    seed: int = 0,
     progress: bool = True,
 ) -> Datastore:
     """The kNN-LM datastore of a corpus: (read-out hidden state -> next token) for every token.
@@ -279,7 +280,9 @@ def build_datastore(
         prefix_id: the token before each document's first token.
         chunk_size, window, stride: the scoring geometry (default the model's).
         index_factory: a faiss factory string for a compressed index (default exact L2).
-        max_tokens: keep only the first documents holding at most this many tokens (logged).
+        max_tokens: at most this many tokens: a seeded random subset of whole documents (taken
+            in random order while they fit, kept in database order; logged).
+        seed: seeds that subset.
         keep_keys: keep the float32 keys in memory beside the index.
     """
     t0 = time.perf_counter()
@@ -291,16 +294,21 @@ def build_datastore(
         else np.asarray(doc_index, dtype=np.int64)
     )
     dix = np.asarray([dix[i] for i, d in enumerate(token_documents) if len(d)], dtype=np.int64)
-    if max_tokens is not None:
-        sizes = np.cumsum([len(d) for d in docs])
-        keep = int(np.searchsorted(sizes, int(max_tokens), side="right"))
-        if keep < len(docs):
-            logger.warning(
-                "kNN-LM datastore: keeping %d of %d documents (%d of %d tokens, max_tokens=%d)",
-                keep, len(docs), int(sizes[keep - 1]) if keep else 0, int(sizes[-1]),
-                int(max_tokens),
-            )  # fmt: skip
-            docs, dix = docs[:keep], dix[:keep]
+    if max_tokens is not None and sum(len(d) for d in docs) > int(max_tokens):
+        # a seeded random subset of whole documents (every source of the database represented),
+        # kept in database order: documents are taken in random order while they fit
+        order = np.random.default_rng(seed).permutation(len(docs))
+        chosen, total = [], 0
+        for j in order:
+            if total + len(docs[j]) <= int(max_tokens):
+                chosen.append(int(j))
+                total += len(docs[j])
+        chosen.sort()
+        logger.warning(
+            "kNN-LM datastore: a random %d of %d documents (%d of %d tokens, max_tokens=%d)",
+            len(chosen), len(docs), total, sum(len(d) for d in docs), int(max_tokens),
+        )  # fmt: skip
+        docs, dix = [docs[j] for j in chosen], dix[chosen]
     if not docs:
         raise ValueError("kNN-LM datastore: no tokens to build it from")
     keys: list[np.ndarray] = []

@@ -51,8 +51,8 @@ run.yaml (paths relative to the YAML file)::
       lambdas: [0, 0.1, 0.25, 0.5]   # the sweep (every lambda x every ks)
       ks: [16, 64, 1024]
       temperature: 1.0
-      max_tokens: null           #   datastore over the database's first documents holding at most
-                                 #   this many tokens (null: all of its text)
+      max_tokens: null           #   datastore over a seeded random subset of the database's
+                                 #   documents holding at most this many tokens (null: all its text)
       index_factory: null        #   faiss factory string for a compressed index (null: exact L2)
     output: runs/eval            # results.json, report.md, PNGs, cache/
     cache: true                  # per-document results cached in <output>/cache (resumable)
@@ -1084,6 +1084,7 @@ def _eval_methods(
                     model, db_docs, db_index, prefix_id=common["prefix_id"],
                     window=cfg.window, stride=cfg.stride, batch_size=cfg.batch_size,
                     index_factory=cfg.knnlm.index_factory, max_tokens=cfg.knnlm.max_tokens,
+                    seed=cfg.seed,
                 )  # fmt: skip
         return cache["knn_datastore"]
 
@@ -1093,7 +1094,8 @@ def _eval_methods(
         with _Timer(times, f"{name}: {method}"):
             rows, sp, info = score_method_rows(
                 [method], model, model_sum, token_docs, k_first, groups=groups,
-                group_sums=group_sums, common=common, settings=settings, cache=models.cache,
+                group_sums=group_sums, common=common, settings={**settings, "seed": cfg.seed},
+                cache=models.cache,
                 knn=cfg.knnlm, datastore=datastore, db=db, db_sum=retriever_checksum(db),
                 label=name,
             )  # fmt: skip
