@@ -172,7 +172,15 @@ def test_incontext_reads_a_hugging_face_model_like_its_retrofitted_wrapper():
     wrapped = score_incontext(
         fitted, docs, nb, decode=TOK.decode, prefix_id=1, window=32, stride=16, progress=False
     )
-    np.testing.assert_allclose(wrapped.bits, plain.bits, rtol=1e-5)
+    assert np.array_equal(wrapped.bits, plain.bits)
+    # rows may be longer than RETRO's max_seq_len: the base's own limit (64 here)
+    longer = score_incontext(
+        fitted, docs, nb, decode=TOK.decode, prefix_id=1, window=16, stride=8, progress=False
+    )
+    assert longer.meta["max_length"] == 64
+    assert max(len(it.tokens) for it in incontext_items(
+        docs, nb, chunk_size=8, window=16, stride=8, max_length=64
+    )) > 16  # fmt: skip
     # a document within one window without neighbours: the LM's probabilities of [eos] + doc
     one = score_incontext(
         hf, [docs[1]], None, decode=TOK.decode, prefix_id=1, chunk_size=8, window=32,
@@ -341,7 +349,12 @@ def test_knnlm_on_a_retrofitted_model_reads_its_frozen_base():
     plain = score_knnlm(hf, docs, store, chunk_size=8, **kw)
     fitted = retrofit(hf, cca_layers=(2,), k=1, chunk_size=8, pad_id=0, tokenizer_id=TOK.id)
     wrapped = score_knnlm(fitted, docs, store, **kw)
-    np.testing.assert_allclose(wrapped.result(0.25).bits, plain.result(0.25).bits, rtol=1e-5)
+    assert np.array_equal(wrapped.result(0.25).bits, plain.result(0.25).bits)
+    # and lambda = 0 is the retro-fitted model's RETRO[OFF] (its base) bit for bit
+    off = score_token_documents(
+        fitted, docs, decode=TOK.decode, prefix_id=1, window=32, stride=16, progress=False
+    )
+    assert np.array_equal(wrapped.result(0.0).bits, off.bits)
     with pytest.raises(ValueError, match="chunk_size"):
         score_knnlm(hf, docs, store, **kw)
 

@@ -42,7 +42,9 @@ __all__ = [
     "Item",
     "assemble_result",
     "causal_geometry",
+    "causal_lm",
     "first_token_logp",
+    "max_input_length",
     "readout_hidden",
     "score_items",
     "window_items",
@@ -115,6 +117,29 @@ def causal_geometry(
     return n, s, m, int(pad or 0)
 
 
+def causal_lm(model: torch.nn.Module) -> torch.nn.Module:
+    """The module that computes ``model``'s logits without neighbours: a retro-fitted model's
+    frozen Hugging Face base (called directly, so rows may be longer than RETRO's max_seq_len; its
+    logits are exactly ``model(tokens)``'s, the CCA hooks being idle outside ``model.forward``),
+    else ``model`` itself."""
+    base = getattr(model, "base", None)
+    if isinstance(base, torch.nn.Module) and hasattr(base, "get_output_embeddings"):
+        return base
+    return model
+
+
+def max_input_length(model: torch.nn.Module) -> int:
+    """The longest token sequence ``model`` takes: a retro-fitted model's base (or a Hugging Face
+    model) its ``max_position_embeddings``, a ``Retro`` its ``max_seq_len``."""
+    base = getattr(model, "base", None)
+    for cfg in (getattr(base, "config", None), model.config):
+        if cfg is None:
+            continue
+        if getattr(cfg, "max_position_embeddings", None):
+            return int(cfg.max_position_embeddings)
+    return int(model.config.max_seq_len)
+
+
 def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
     try:
         return "logits_to_keep" in inspect.signature(model.forward).parameters
@@ -167,7 +192,7 @@ def first_token_logp(model: torch.nn.Module, prefix_id: int) -> tuple[np.ndarray
     them (its bits are ``-logp[t0] / LN2`` in float32 arithmetic)."""
     device = model_device(model)
     with readout_hidden(model) as seen:
-        first = _logits(model, torch.tensor([[prefix_id]], device=device), 0, False)
+        first = _logits(causal_lm(model), torch.tensor([[prefix_id]], device=device), 0, False)
     logp = torch.log_softmax(first[0, -1].float(), dim=-1).cpu().numpy()
     return logp, seen[-1][0, -1]
 
@@ -207,7 +232,8 @@ def score_items(
     """
     m = int(chunk_size)
     device = model_device(model)
-    keeps = _accepts_logits_to_keep(model)
+    lm = causal_lm(model)
+    keeps = _accepts_logits_to_keep(lm)
     ordered = sorted(
         items, key=lambda it: (math.ceil(len(it.tokens) / m), it.first, it.doc, it.order)
     )
@@ -233,7 +259,7 @@ def score_items(
                 tok[b, : len(it.tokens)] = it.tokens
             first = min(it.first - 1 for it in batch) if keeps else 0
             seen.clear()
-            logits = _logits(model, torch.from_numpy(tok).to(device), lw * m - first, keeps)
+            logits = _logits(lm, torch.from_numpy(tok).to(device), lw * m - first, keeps)
             hidden = seen[-1] if on_hidden is not None else None
             for b, it in enumerate(batch):
                 lo, hi = it.first - 1, len(it.tokens) - 1

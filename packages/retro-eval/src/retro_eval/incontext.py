@@ -16,9 +16,11 @@ Scheme, for a document ``t`` of T tokens, chunk size m, window n and stride s (R
 
       [the nearest neighbour of chunk u-1 (its real tokens, chunk + continuation)] + t[b : hi]
 
-  with ``b = begin`` when it fits in n tokens, else the latest start that fits (the retrieved
-  text is kept and the oldest context is dropped, as Ram et al. do); the targets are the chunk's
-  scored tokens at the end of the row. Chunk 0 has no previous chunk and no neighbour;
+  with ``b = begin`` (the base's own context, what RETRO reads beside its neighbours) when the row
+  fits in ``max_length`` tokens (default the longest input the LM takes: a retro-fitted model's
+  base reads n + r easily), else the latest start that fits (the retrieved text is kept and the
+  oldest context is dropped, as Ram et al. do); the targets are the chunk's scored tokens at the
+  end of the row. Chunk 0 has no previous chunk and no neighbour;
 * a window whose chunks all have no neighbour (an empty neighbour, length 0) is scored as one row,
   exactly the base's window, so an empty neighbour gives the base model's scores bit for bit.
 
@@ -43,6 +45,7 @@ from .causal import (
     assemble_result,
     causal_geometry,
     first_token_logp,
+    max_input_length,
     score_items,
 )
 from .perplexity import DocumentNeighbours, ScoreResult, plan_windows
@@ -60,6 +63,7 @@ def incontext_items(
     window: int,
     stride: int,
     rank: int = 0,
+    max_length: int | None = None,
 ) -> list[Item]:
     """The forward rows of in-context retrieval (see the module docstring).
 
@@ -69,11 +73,13 @@ def incontext_items(
             retrieval: the base's windows).
         chunk_size: m; window: n; stride: s.
         rank: which neighbour of the previous chunk is prepended (0 = the nearest).
+        max_length: the longest row (default n); rounded down to a multiple of m.
 
     Returns:
         Items whose targets cover every token ``1..T-1`` of every document exactly once.
     """
     m, n = int(chunk_size), int(window)
+    limit = max(n, int(max_length or n)) // m * m if max_length else n
     items: list[Item] = []
     for i, d in enumerate(token_documents):
         d = list(map(int, d))
@@ -106,10 +112,10 @@ def incontext_items(
             for u in chunks:
                 lo, hi = max(w.score_from, u * m), min((u + 1) * m, w.end)
                 pre = prefixes[u]
-                room = n - (hi - lo + 1)  # tokens left after the targets and the one before them
+                room = limit - (hi - lo + 1)  # left after the targets and the token before them
                 if len(pre) > room:
-                    pre = pre[:room]  # only when r > n - m - 1: keep the neighbour's start
-                b = max(w.begin, hi - (n - len(pre)))
+                    pre = pre[:room]  # only when r > limit - m - 1: keep the neighbour's start
+                b = max(w.begin, hi - (limit - len(pre)))
                 row = pre + d[b:hi]
                 items.append(Item(i, tuple(row), len(pre) + lo - b, lo, w.begin * (m + 1) + u))
     return items
@@ -127,6 +133,7 @@ def score_incontext(
     stride: int | None = None,
     batch_size: int = 4,
     rank: int = 0,
+    max_length: int | None = None,
     progress: bool = True,
 ) -> ScoreResult:
     """Score documents with in-context retrieval (In-Context RALM) over RETRO's chunks.
@@ -143,6 +150,9 @@ def score_incontext(
         chunk_size, window, stride: m, n and s (default the model's, as the RETRO rows use).
         batch_size: rows per forward pass.
         rank: which neighbour is prepended (0 = the nearest).
+        max_length: the longest row (neighbour + context + targets); default
+            :func:`retro_eval.causal.max_input_length` (the LM's own limit), so that the base
+            keeps its n-token context beside the neighbour where it can.
 
     Returns:
         A :class:`ScoreResult` over the same chunks as the RETRO rows (``k`` = 1, the neighbours
@@ -155,7 +165,10 @@ def score_incontext(
             raise ValueError(f"document {i} has no tokens")
     if neighbours is not None and len(neighbours) != len(docs):
         raise ValueError(f"{len(neighbours)} neighbour sets for {len(docs)} documents")
-    items = incontext_items(docs, neighbours, chunk_size=m, window=n, stride=s, rank=rank)
+    limit = int(max_length) if max_length else max_input_length(model)
+    items = incontext_items(
+        docs, neighbours, chunk_size=m, window=n, stride=s, rank=rank, max_length=limit
+    )
     token_bits = [np.zeros(len(d), dtype=np.float64) for d in docs]
     with torch.inference_mode():
         first_logp, _ = first_token_logp(model, prefix_id)
@@ -171,5 +184,6 @@ def score_incontext(
     return assemble_result(
         docs, token_bits, chunk_size=m, pad_id=pad, decode=decode, window=n, stride=s,
         k=None if neighbours is None else 1,
-        meta={"method": "incontext", "forward_tokens": forward_tokens, "rows": len(items)},
+        meta={"method": "incontext", "forward_tokens": forward_tokens, "rows": len(items),
+              "max_length": limit},
     )  # fmt: skip
