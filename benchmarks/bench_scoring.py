@@ -14,7 +14,9 @@ On the same evaluation tokens (Wikitext-mini test articles, GPT-2 BPE, m = 64), 
 The weights are random (speed does not depend on their values); RETRO[ON], in-context retrieval
 and kNN-LM's exclusion read the same neighbours, retrieved once beforehand from an in-memory
 database of Wikitext-mini train text (retrieval is not timed: it is shared and measured by
-``bench_search.py``). Each method is timed once after a warm-up pass on one document.
+``bench_search.py``). Each method is timed ``--repeats`` times (default 2) after a warm-up pass on
+one document, in turns (all methods, then all again), and its best rate is kept: on a shared
+machine the load moves between passes.
 
 Usage: python benchmarks/bench_scoring.py --out results/scoring.json [--quick] [--threads 1]
 """
@@ -36,9 +38,13 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--repeats", type=int, default=2)
     args = ap.parse_args()
     if args.threads:
+        import faiss
+
         torch.set_num_threads(args.threads)
+        faiss.omp_set_num_threads(args.threads)
 
     from retro_core import Retro, RetroConfig
     from retro_db.tokenizer import load_tokenizer
@@ -90,14 +96,18 @@ def main() -> None:
         "datastore entries": store.size,
         "kNN-LM datastore build (tokens/s)": store.size / build_s,
     }
-    rates = {}
-    for name, fn in methods.items():
+    rates: dict[str, float] = {}
+    for fn in methods.values():
         fn(docs[:1], neighbours[:1])  # warm-up
-        t0 = time.perf_counter()
-        fn(docs, neighbours)
-        rates[name] = tokens / (time.perf_counter() - t0)
-        figures[f"{name} (tokens/s)"] = rates[name]
-        print(f"{name}: {rates[name]:.0f} tokens/s", flush=True)
+    for _ in range(max(1, args.repeats)):
+        for name, fn in methods.items():
+            t0 = time.perf_counter()
+            fn(docs, neighbours)
+            rate = tokens / (time.perf_counter() - t0)
+            rates[name] = max(rates.get(name, 0.0), rate)
+            print(f"{name}: {rate:.0f} tokens/s", flush=True)
+    for name, rate in rates.items():
+        figures[f"{name} (tokens/s)"] = rate
     for name, r in rates.items():
         if name != "baseline":
             figures[f"{name} / baseline speed"] = r / rates["baseline"]

@@ -470,21 +470,24 @@ def test_run_adds_the_comparison_rows_and_table(run_setup, capsys):
     order = [r["model"] for r in table["rows"]]
     assert order == ["baseline", "retro_off", "retro_on", "retro_shuffled", "knnlm", "incontext"]
     assert [c["bin"] for c in table["columns"]][0] == "all chunks" and len(table["columns"]) == 4
+    speed = results["speed"]["docs"]
     for r in table["rows"]:
         assert r["all"]["bpb"] == pytest.approx(bench["models"][r["model"]]["bpb"], rel=1e-9)
         assert r["all"]["ci95"][0] <= r["all"]["bpb"] <= r["all"]["ci95"][1]
-        assert r["tokens_per_s"] > 0
+        assert speed[r["model"]]["tokens_per_s"] > 0 and not speed[r["model"]]["cached"]
         assert sum(b["chunks"] for b in r["bins"]["rc"]) == bench["chunks"]
     assert set(bench["vs_off"]) >= {"knnlm", "incontext"}
     report = (root / "out" / "report.md").read_text()
     assert "### Comparison" in report and "kNN-LM sweep" in report
     assert "| in-context retrieval |" in report
-    # a second run reads every row from the cache, with the same numbers and no speed
+    # a second run reads every row from the cache: the same results, and no speed
     assert main(["run", "--config", str(root / "run.yaml")]) == 0
-    again = json.loads((root / "out" / "results.json").read_text())["benchmarks"]["docs"]
-    assert again["models"]["knnlm"] == bench["models"]["knnlm"]
-    assert again["models"]["incontext"] == bench["models"]["incontext"]
-    assert all(r["cached"] and r["tokens_per_s"] is None for r in again["comparison"]["rows"])
+    again = json.loads((root / "out" / "results.json").read_text())
+    assert again["benchmarks"]["docs"] == bench
+    assert all(
+        sp["cached"] and sp["tokens_per_s"] is None for sp in again["speed"]["docs"].values()
+    )
+    assert "| kNN-LM |" in (root / "out" / "report.md").read_text()
     # --methods selects the rows
     assert main(["run", "--config", str(root / "run.yaml"), "--methods", "none"]) == 0
     none = json.loads((root / "out" / "results.json").read_text())["benchmarks"]["docs"]

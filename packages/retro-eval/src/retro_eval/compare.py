@@ -14,8 +14,9 @@ shares the same chunks, bins and bootstrap draws:
 
 The table (:func:`comparison_table`): one row per model (baseline, RETRO[OFF], RETRO[ON],
 RETRO[shuffled], kNN-LM, in-context retrieval), columns all chunks and each overlap bin of each
-measure, each cell bpb with its seeded bootstrap 95 % interval over chunks, and the method's
-scoring speed in tokens/s (wall time of its scoring passes over the benchmark's tokens; retrieval
+measure, each cell bpb with its seeded bootstrap 95 % interval over chunks; beside it (results.json
+``speed``, not a result: it changes from run to run) the method's scoring speed in tokens/s
+(wall time of its scoring passes over the benchmark's tokens; retrieval
 of RETRO's neighbours, shared by RETRO[ON], RETRO[shuffled] and in-context, and the kNN-LM
 datastore build are timed separately; a row whose scores all came from the result cache has no
 speed).
@@ -223,14 +224,15 @@ def score_method_rows(
     if "knnlm" in methods:
         t0 = time.perf_counter()
         built: dict[str, Any] = {}
+        db_docs, db_index = database_documents(db)
+        excl = matching_database_documents(token_docs, db_docs, db_index)
+        del db_docs
 
         def store() -> Any:
             if "store" not in built:
                 t1 = time.perf_counter()
                 built["store"] = datastore()
                 built["seconds"] = time.perf_counter() - t1
-                db_docs, db_index = database_documents(db)
-                built["excl"] = matching_database_documents(token_docs, db_docs, db_index)
             return built["store"]
 
         ks = sorted({int(k) for k in [*knn.ks, knn.k]})
@@ -240,7 +242,7 @@ def score_method_rows(
             sc = score_knnlm(
                 model, [token_docs[i] for i in g], st, decode=common["decode"],
                 prefix_id=common["prefix_id"], ks=ks, temperature=knn.temperature,
-                exclude_doc_ids=built["excl"][list(g)], progress=False, **kw,
+                exclude_doc_ids=excl[list(g)], progress=False, **kw,
             )  # fmt: skip
             out = {"lm": np.concatenate(sc.lm), "size": np.array([st.size])}
             for k in ks:
@@ -263,15 +265,15 @@ def score_method_rows(
             geometry=(n, s, m, pad), decode=common["decode"], datastore_size=size,
         )  # fmt: skip
         scores["knnlm"] = sc.result(knn.lmbda, knn.k)
-        st_seconds = float(built["store"].build_seconds) if "store" in built else None
         speed["knnlm"] = _speed(
             seconds - built.get("seconds", 0.0), total_tokens, computed, len(groups)
         )
+        if "store" in built:  # built for this benchmark (a timing: kept with the speeds)
+            speed["knnlm"]["datastore_seconds"] = float(built["store"].build_seconds)
         info["knnlm"] = {
             **knn.to_dict(),
             "datastore_entries": size,
-            "datastore_seconds": st_seconds,
-            "excluded_documents": int((built["excl"] >= 0).sum()) if "excl" in built else None,
+            "excluded_documents": int((excl >= 0).sum()),
             "k_used": min(knn.k, size),
             "sweep": sc.sweep(knn.lambdas, ks),
         }
@@ -292,24 +294,23 @@ def _speed(seconds: float, tokens: int, computed: int, groups: int) -> dict[str,
 def comparison_table(
     scores: dict[str, ScoreResult],
     values: dict[str, np.ndarray],
-    speed: dict[str, dict[str, Any]],
     *,
     samples: int = 1000,
     seed: int = 0,
 ) -> dict[str, Any]:
     """The comparison table: per row, bpb with a bootstrap 95 % interval over all chunks and per
-    overlap bin of each measure, and tokens/s.
+    overlap bin of each measure (tokens/s, a timing rather than a result, is kept apart: results.json
+    ``speed``, merged by the report).
 
     Args:
         scores: {row: ScoreResult} over the same chunks (rows with other chunks are left out).
         values: {measure: float [C] overlap of each chunk}.
-        speed: {row: {"tokens_per_s", ...}}.
         samples, seed: the bootstrap (``overlap.bootstrap_bpb_difference`` of a row against zero
             bits: the row's own bpb and its interval).
 
     Returns:
         {"columns": [{"measure", "bin", "chunks"}], "rows": [{"model", "all": {"bpb", "ci95"},
-        "bins": {measure: [{"bin", "bpb", "ci95"}]}, "tokens_per_s", "cached"}]}.
+        "bins": {measure: [{"bin", "bpb", "ci95"}]}}]}.
     """
     from .overlap import BIN_EDGES, bin_labels, bootstrap_bpb_difference, overlap_bins
 
@@ -338,9 +339,6 @@ def comparison_table(
         row = {"model": key, "all": cell(res, None), "bins": {}}
         for ms, b in bins.items():
             row["bins"][ms] = [{"bin": lab, **cell(res, b == j)} for j, lab in enumerate(labels)]
-        sp = speed.get(key) or {}
-        row["tokens_per_s"] = sp.get("tokens_per_s")
-        row["cached"] = bool(sp.get("cached", False))
         rows.append(row)
     columns = [{"measure": None, "bin": "all chunks", "chunks": c}]
     for ms, b in bins.items():

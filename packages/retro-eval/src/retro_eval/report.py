@@ -20,20 +20,20 @@ results.json (version 1)::
                            "minhash": [...]},
                   "k_sweep": [{"k": 1, "bpb": ..}, ...],
                   "subsets": {"<pile_set_name>": {"retro_on": bpb, ...}, ...},
-                  "speed": {"retro_on": {"seconds": s, "tokens": T, "tokens_per_s": ..|null,
-                                         "cached": bool}, ...},
                   # with run.yaml `methods` (retro_eval.compare): the comparison rows
                   "methods": {"reads": "baseline", "knnlm": {"lambda": .., "k": .., "sweep": [
                               {"lambda": .., "k": .., "bpb": ..}], "datastore_entries": N, ...}},
                   "comparison": {"columns": [{"measure": null|"rc", "bin": "..", "chunks": n}],
                                  "rows": [{"model": "knnlm", "all": {"bpb", "ci95"},
-                                           "bins": {"rc": [{"bin", "bpb", "ci95"}]},
-                                           "tokens_per_s": ..|null, "cached": bool}]}},
+                                           "bins": {"rc": [{"bin", "bpb", "ci95"}]}}]}},
        "<qa name>": {"kind": "qa", "split": "validation", "questions": Q,
                      "models": {"retro_on": {"exact_match": .., "f1": ..}, "retro_off": {...}},
                      "retrieval_recall": {"<database>": {"top1": %, "top2": %, "top10": %,
                                                           "questions": Q, "database": path}}}},
-     "cache": {"hits": n, "misses": n, "corrupted": n}}   # retro_eval.cache entries of this run
+     "cache": {"hits": n, "misses": n, "corrupted": n},   # retro_eval.cache entries of this run
+     # timings (not results: they change from run to run), per language-modelling benchmark
+     "speed": {"<name>": {"retro_on": {"seconds": s, "tokens": T, "tokens_per_s": ..|null,
+                                       "cached": bool}, ...}}}
 
 A bucket with no chunks has ``"chunks": 0`` and null bpb: the report prints "empty".
 
@@ -273,7 +273,7 @@ def _ci_cell(c: dict[str, Any] | None) -> str:
     return f"{_fmt(c['bpb'], 3)} [{_fmt(ci[0], 3)}, {_fmt(ci[1], 3)}]"
 
 
-def _comparison_lines(bench: dict[str, Any]) -> list[str]:
+def _comparison_lines(bench: dict[str, Any], speed: dict[str, Any]) -> list[str]:
     """The comparison table (``retro_eval.compare.comparison_table``) as markdown."""
     comp = bench.get("comparison") or {}
     rows, columns = comp.get("rows") or [], comp.get("columns") or []
@@ -297,8 +297,9 @@ def _comparison_lines(bench: dict[str, Any]) -> list[str]:
                 None,
             )
             cells.append(_ci_cell(got))
-        tps = r.get("tokens_per_s")
-        cells.append("cached" if r.get("cached") else (f"{tps:.0f}" if tps else "-"))
+        sp = speed.get(r["model"]) or {}
+        tps = sp.get("tokens_per_s")
+        cells.append("cached" if sp.get("cached") else (f"{tps:.0f}" if tps else "-"))
         body.append(cells)
     methods = bench.get("methods") or {}
     lines = ["### Comparison: bits per byte [95% interval] per overlap bin", ""]
@@ -429,7 +430,7 @@ def render_report(results: dict[str, Any] | str | Path, out_dir: str | Path) -> 
                 "",
             ]
 
-        lines += _comparison_lines(bench)
+        lines += _comparison_lines(bench, (results.get("speed") or {}).get(name) or {})
 
         for measure, buckets in (bench.get("buckets") or {}).items():
             if not buckets:
