@@ -154,7 +154,9 @@ def test_retrofit_demo_has_the_comparison_table(retrofit_demo: tuple[Path, dict]
         bench = results["benchmarks"][name]
         assert bench["methods"]["reads"] == "frozen base (RETRO[OFF])"
         rows = [r["model"] for r in bench["comparison"]["rows"]]
-        assert rows == ["retro_off", "retro_on", "retro_shuffled", "knnlm", "incontext"]
+        assert rows == [
+            "retro_off", "retro_on", "retro_shuffled", "retro_bm25", "knnlm", "incontext",
+        ]  # fmt: skip
         zero = [r for r in bench["methods"]["knnlm"]["sweep"] if r["lambda"] == 0.0]
         assert zero and all(r["bpb"] == bench["models"]["retro_off"]["bpb"] for r in zero)
         for r in bench["comparison"]["rows"]:

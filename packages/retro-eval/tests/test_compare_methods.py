@@ -406,7 +406,7 @@ def run_setup(tmp_path_factory):
         "overlap": ["rc"],
         "batch_size": 2,
         "bootstrap_samples": 200,
-        "methods": ["knnlm", "incontext"],
+        "methods": ["knnlm", "incontext", "bm25"],
         "knnlm": {"lambdas": [0, 0.25], "ks": [4, 1024]},
         "output": "out",
     }
@@ -468,7 +468,20 @@ def test_run_adds_the_comparison_rows_and_table(run_setup, capsys):
     # the table: every row, all chunks + each rc bin, bpb inside its interval, a speed
     table = bench["comparison"]
     order = [r["model"] for r in table["rows"]]
-    assert order == ["baseline", "retro_off", "retro_on", "retro_shuffled", "knnlm", "incontext"]
+    assert order == [
+        "baseline", "retro_off", "retro_on", "retro_shuffled", "retro_bm25", "knnlm", "incontext",
+    ]  # fmt: skip
+    # RETRO[ON] with BM25's neighbours = the scorer fed retro_db.bm25's neighbours directly
+    from retro_db.bm25 import BM25Retriever
+    from retro_eval.perplexity import score_documents
+
+    retro = load_checkpoint(root / "retro")
+    bm_nb = retrieve_document_neighbours(
+        BM25Retriever(db), docs, chunk_size=8, k=2, pad_id=retro.config.pad_id, progress=False
+    )
+    bm = score_documents(retro, db.tokenizer, RUN_EVAL, neighbours=bm_nb, batch_size=2,
+                         progress=False)  # fmt: skip
+    assert bench["models"]["retro_bm25"]["bpb"] == pytest.approx(bm.bpb(), rel=1e-9)
     assert [c["bin"] for c in table["columns"]][0] == "all chunks" and len(table["columns"]) == 4
     speed = results["speed"]["docs"]
     for r in table["rows"]:
@@ -476,7 +489,7 @@ def test_run_adds_the_comparison_rows_and_table(run_setup, capsys):
         assert r["all"]["ci95"][0] <= r["all"]["bpb"] <= r["all"]["ci95"][1]
         assert speed[r["model"]]["tokens_per_s"] > 0 and not speed[r["model"]]["cached"]
         assert sum(b["chunks"] for b in r["bins"]["rc"]) == bench["chunks"]
-    assert set(bench["vs_off"]) >= {"knnlm", "incontext"}
+    assert set(bench["vs_off"]) >= {"knnlm", "incontext", "retro_bm25"}
     report = (root / "out" / "report.md").read_text()
     assert "### Comparison" in report and "kNN-LM sweep" in report
     assert "| in-context retrieval |" in report

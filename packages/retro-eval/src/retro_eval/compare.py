@@ -45,8 +45,9 @@ __all__ = [
     "score_method_rows",
 ]
 
-#: the comparison methods ``retro-eval run`` can add.
-METHODS = ("knnlm", "incontext")
+#: the comparison methods ``retro-eval run`` can add (``bm25``: RETRO[ON] fed the neighbours that
+#: BM25 retrieves from the same database's chunks, ``retro_db.bm25``; scored by ``run.py``).
+METHODS = ("knnlm", "incontext", "bm25")
 #: the table's rows, in order (absent ones are skipped).
 ROW_ORDER = (
     "baseline",

@@ -78,9 +78,10 @@ class DemoScale:
     cache_prefix: bool = False  # TrainConfig.cache_prefix: frozen layers below min(P) computed once
     pool: int | None = None  # training sequences used (None = all of them)
     # comparison rows (retro_eval.compare): kNN-LM and in-context retrieval, read by the baseline
-    # (the frozen base for a retro-fit); the kNN-LM datastore covers a seeded random subset of the
+    # (the frozen base for a retro-fit), and RETRO[ON] fed BM25's neighbours (retro_db.bm25) from
+    # the same database; the kNN-LM datastore covers a seeded random subset of the
     # database's documents holding at most knn_max_tokens tokens (None: all of its text)
-    methods: tuple[str, ...] = ("knnlm", "incontext")
+    methods: tuple[str, ...] = ("knnlm", "incontext", "bm25")
     knn_max_tokens: int | None = 100_000
     signal_share: float = 0.0  # share of the pool picked by retrieval signal (the rest at random)
     negative_share: float = 0.0  # TrainConfig.negative_share: sequences fed another's neighbours
@@ -707,7 +708,12 @@ def summary_table(results: dict[str, Any]) -> str:
         "retro_off": "RETRO[OFF]",
         "baseline": "baseline",
     }
-    for key, label in (("knnlm", "kNN-LM"), ("incontext", "in-context")):  # comparison rows
+    comparison = (
+        ("retro_bm25", "RETRO[ON] BM25"),
+        ("knnlm", "kNN-LM"),
+        ("incontext", "in-context"),
+    )
+    for key, label in comparison:  # comparison rows
         if any(key in (b.get("models") or {}) for b in results["benchmarks"].values()):
             labels[key] = label
 

@@ -62,12 +62,12 @@ MODEL_LABELS = {
     "retro_shuffled": "RETRO[shuffled]",
     "retro_off": "RETRO[OFF]",
     "baseline": "baseline",
-    "retro_bm25": "RETRO (BM25 keys)",
+    "retro_bm25": "RETRO[ON], BM25 neighbours",
     "knnlm": "kNN-LM",
     "incontext": "in-context retrieval",
 }
 #: The models whose difference from RETRO[OFF] is reported, and the plot of bpb per bin.
-VS_OFF_MODELS = ("retro_on", "retro_shuffled", "knnlm", "incontext")
+VS_OFF_MODELS = ("retro_on", "retro_shuffled", "retro_bm25", "knnlm", "incontext")
 BIN_PLOT_MODELS = ("retro_on", "retro_shuffled", "retro_off")
 MEASURE_LABELS = {"rc": "r(C): longest common token substring / m", "minhash": "MinHash Jaccard"}
 

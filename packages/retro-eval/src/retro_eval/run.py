@@ -42,9 +42,12 @@ run.yaml (paths relative to the YAML file)::
     overlap: [rc, minhash]       # leakage measures for bpb(alpha)
     batch_size: 4
     max_new_tokens: 24           # QA answer length
-    methods: [knnlm, incontext]  # comparison rows (issue 17; default none): kNN-LM and in-context
-                                 #   retrieval, read by the baseline (else RETRO with retrieval off,
-                                 #   a retro-fitted model's frozen base); `--methods` overrides
+    methods: [knnlm, incontext, bm25]  # comparison rows (issue 17; default none): kNN-LM and
+                                 #   in-context retrieval, read by the baseline (else RETRO with
+                                 #   retrieval off, a retro-fitted model's frozen base), and bm25:
+                                 #   RETRO[ON] fed BM25's neighbours from the same database's chunks
+                                 #   (retro_db.bm25; the model trained with its usual keys);
+                                 #   `--methods` overrides
     knnlm:                       # kNN-LM settings (the paper's defaults)
       lambda: 0.25               #   interpolation weight of the row
       k: 1024                    #   neighbours of the row (capped by the datastore's size)
@@ -583,7 +586,7 @@ def _buckets(
 
 
 #: the models compared with RETRO[OFF] (bpb difference with a bootstrap interval).
-_VS_OFF = ("retro_on", "retro_shuffled", "knnlm", "incontext")
+_VS_OFF = ("retro_on", "retro_shuffled", "retro_bm25", "knnlm", "incontext")
 
 
 def _vs_off(
@@ -1091,7 +1094,10 @@ def _eval_methods(
 
     k_first = [nb.first(1) for nb in full] if full is not None else None
     collected: dict[str, Any] = {}
-    for method in cfg.methods:
+    if "bm25" in cfg.methods:
+        _eval_bm25(cfg, models, db, token_docs, groups, group_sums, common, settings, scores,
+                   speed, times, cache, name)  # fmt: skip
+    for method in (m for m in cfg.methods if m != "bm25"):
         with _Timer(times, f"{name}: {method}"):
             rows, sp, info = score_method_rows(
                 [method], model, model_sum, token_docs, k_first, groups=groups,
@@ -1104,6 +1110,54 @@ def _eval_methods(
         speed.update(sp)
         collected.update(info)
     return {"reads": reads, **collected}
+
+
+def _eval_bm25(
+    cfg: RunConfig,
+    models: _Models,
+    db: Any,
+    token_docs: list[list[int]],
+    groups: list[range],
+    group_sums: list[str],
+    common: dict[str, Any],
+    settings: dict[str, Any],
+    scores: dict[str, ScoreResult],
+    speed: dict[str, dict[str, Any]],
+    times: dict,
+    cache: dict[str, Any],
+    name: str,
+) -> None:
+    """The row ``retro_bm25``: RETRO[ON] fed the k neighbours BM25 retrieves (``retro_db.bm25``,
+    an in-memory index of the run database's chunks, built once per run)."""
+    from retro_db.bm25 import BM25Retriever
+
+    retro = models.retro
+    if "bm25_retriever" not in cache:
+        with _Timer(times, "BM25 index of the database"):
+            cache["bm25_retriever"] = BM25Retriever(db)
+    k = cfg.k or int(retro.config.num_neighbours)
+    with _Timer(times, f"{name}: BM25 retrieval"):
+        nbs = retrieve_document_neighbours(
+            cache["bm25_retriever"], token_docs, chunk_size=int(retro.config.chunk_size), k=k,
+            pad_id=int(retro.config.pad_id), progress=False,
+        )  # fmt: skip
+    with _Timer(times, f"{name}: RETRO[ON] BM25"):
+        t0, misses = time.perf_counter(), models.cache.misses
+        res = _score_cached(
+            retro, models.retro_sum, token_docs, groups, group_sums, nbs, common, settings,
+            models.cache, f"{name}: RETRO[ON] BM25",
+        )  # fmt: skip
+        seconds = time.perf_counter() - t0
+    cached = bool(models.retro_sum) and models.cache.directory is not None
+    cached = cached and models.cache.misses == misses
+    tokens = int(res.tokens.sum())
+    scores["retro_bm25"] = res
+    speed["retro_bm25"] = {
+        "seconds": seconds,
+        "tokens": tokens,
+        "tokens_per_s": None if cached or seconds <= 0 else tokens / seconds,
+        "cached": cached,
+    }
 
 
 def _answer_cached(
