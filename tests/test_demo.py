@@ -125,7 +125,7 @@ def test_retrofit_demo_trains_only_new_weights_and_off_is_the_base(
     for model in ("retro_on", "retro_shuffled", "retro_off"):
         assert math.isfinite(bench["models"][model]["bpb"])
     train_cfg = json.loads((run / "retro" / "train_config.json").read_text())
-    assert train_cfg["cache_prefix"] and train_cfg["negative_share"] == 0.3
+    assert train_cfg["cache_prefix"] and train_cfg["negative_share"] == 0.5
     assert len(train_cfg["sequences"]) == 8
     model = load_model(run / "retro")
     assert isinstance(model, RetrofittedLM)

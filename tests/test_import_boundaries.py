@@ -223,16 +223,7 @@ def _private_uses(package: str, path: Path) -> set[str]:
 
 # Known uses of another module's private names, to be removed (path relative to the package).
 PRIVATE_ALLOWED = {
-    "retro_core": {
-        # issue 15: retro-core part pending (RetrofittedLM borrows Retro's private methods
-        # instead of a shared mixin or free functions).
-        "retrofit.py": {
-            "Retro._check_inputs",
-            "Retro._encode",
-            "Retro._cca_kv",
-            "Retro._init_weights",
-        },
-    },
+    "retro_core": {},
     "retro_db": {},
     "retro_eval": {},
 }

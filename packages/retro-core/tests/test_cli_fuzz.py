@@ -22,11 +22,11 @@ import os
 import numpy as np
 import pytest
 import torch
+from dataset_writer import chunk_documents, write_dataset
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from retro_core.cli import main
-from retro_core.data import chunk_documents, write_dataset
 
 V, M, K, PAD = 32, 4, 2, 0
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from dataset_writer import write_dataset
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -19,7 +20,6 @@ from retro_core.data import (
     document_split,
     manifest_checksum,
     verify_dataset,
-    write_dataset,
 )
 
 PAD = 0

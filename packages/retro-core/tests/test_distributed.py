@@ -20,13 +20,16 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
+from dataset_writer import chunk_documents, write_dataset
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from retro_core.checkpoint import load_checkpoint
 from retro_core.config import RetroConfig
-from retro_core.data import RetroDataset, chunk_documents, write_dataset
-from retro_core.train import TrainConfig, TrainError, _BatchSampler, latest_checkpoint, train
+from retro_core.data import RetroDataset
+from retro_core.parallel import DistInfo
+from retro_core.train import TrainConfig, TrainError, latest_checkpoint, train
+from retro_core.train_data import BatchSampler
 
 V, M, K, PAD = 32, 4, 2, 0
 
@@ -61,9 +64,9 @@ def test_rank_slices_together_are_the_single_process_batches(
     num_items, world, per_rank, seed, start, n_batches
 ):
     B = world * per_rank  # the global micro-batch
-    single = list(islice(_BatchSampler(num_items, B, seed, start=start), n_batches))
+    single = list(islice(BatchSampler(num_items, B, seed, start=start), n_batches))
     shards = [
-        list(islice(_BatchSampler(num_items, B, seed, start, rank=r, world_size=world), n_batches))
+        list(islice(BatchSampler(num_items, B, seed, start, rank=r, world_size=world), n_batches))
         for r in range(world)
     ]
     for j, batch in enumerate(single):
@@ -76,7 +79,7 @@ def test_rank_slices_together_are_the_single_process_batches(
 
 def test_sampler_is_the_seeded_permutation_stream():
     """Independent truth for the single-process stream: epochs of randperm, run together."""
-    s = _BatchSampler(5, 4, seed=7)
+    s = BatchSampler(5, 4, seed=7)
     got = [i for b in islice(s, 5) for i in b]  # 20 samples = 4 epochs
     perms = []
     for e in range(4):
@@ -84,13 +87,13 @@ def test_sampler_is_the_seeded_permutation_stream():
         perms += torch.randperm(5, generator=g).tolist()
     assert got == perms
     for r in range(2):  # a resumed rank continues its slice of the same stream
-        resumed = next(iter(_BatchSampler(5, 4, seed=7, start=8, rank=r, world_size=2)))
+        resumed = next(iter(BatchSampler(5, 4, seed=7, start=8, rank=r, world_size=2)))
         assert resumed == perms[8 + 2 * r : 10 + 2 * r]
 
 
 def test_indivisible_global_batch_is_refused():
     with pytest.raises(TrainError, match=r"batch_size=3: .*divisible by .*WORLD_SIZE=2"):
-        _BatchSampler(10, 3, 0, rank=0, world_size=2)
+        BatchSampler(10, 3, 0, rank=0, world_size=2)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -169,7 +172,7 @@ def _rank_tokens(dataset_dir: Path, world: int, steps: int, **kw) -> np.ndarray:
     )
     counts = np.zeros((steps * tc.grad_accum, world), dtype=np.int64)
     for r in range(world):
-        s = _BatchSampler(len(ds), tc.batch_size, tc.seed, rank=r, world_size=world)
+        s = BatchSampler(len(ds), tc.batch_size, tc.seed, rank=r, world_size=world)
         for j, batch in enumerate(islice(s, steps * tc.grad_accum)):
             counts[j, r] = sum(int(ds[i]["loss_mask"].sum()) for i in batch)
     return counts.reshape(steps, tc.grad_accum, world)
@@ -324,8 +327,8 @@ def test_torchrun_two_processes_follow_the_single_process_loss_curve(dataset_dir
 def test_indivisible_global_batch_is_refused_by_train(dataset_dir, tmp_path, monkeypatch):
     train_mod = importlib.import_module("retro_core.train")  # (retro_core.train is the function)
 
-    fake = train_mod._Dist(rank=0, world_size=2, created=False)  # checked before any collective
-    monkeypatch.setattr(train_mod, "_setup_distributed", lambda device, backend: (fake, device))
+    fake = DistInfo(rank=0, world_size=2, created=False)  # checked before any collective
+    monkeypatch.setattr(train_mod, "setup_distributed", lambda device, backend: (fake, device))
     tc = TrainConfig(**{**TRAIN, "batch_size": 3})
     with pytest.raises(TrainError, match=r"batch_size=3: .*divisible by .*WORLD_SIZE=2"):
         train(_model_config(), tc, dataset_dir, tmp_path / "run", progress=False)

@@ -244,8 +244,8 @@ def test_bad_uses_are_refused(base_dir, tmp_path):
 def test_train_with_cached_prefix_and_encodings_equals_plain_training(tmp_path):
     """TrainConfig.cache_prefix also caches the base's neighbour encodings: same weights."""
     import numpy as np
+    from dataset_writer import chunk_documents, write_dataset
 
-    from retro_core.data import chunk_documents, write_dataset
     from retro_core.train import TrainConfig, train
 
     d = tmp_path / "tiny-llama"
@@ -313,7 +313,8 @@ def test_gates_sinks_and_null_keys_get_their_own_faster_optimizer_group(base_dir
 
 
 def test_negatives_swap_every_neighbour_field_together():
-    from retro_core.train import TrainConfig, _swap_neighbours
+    from retro_core.train import TrainConfig
+    from retro_core.train_data import swap_neighbours
 
     B = 8
     ids = torch.arange(B)
@@ -325,7 +326,7 @@ def test_negatives_swap_every_neighbour_field_together():
         "encoded.3": ids.float()[:, None].expand(B, 4).clone(),
         "encoded_mask": (ids[:, None] % 2 == 0).expand(B, 3).clone(),
     }
-    out = _swap_neighbours(batch, 0.5, seed=3)
+    out = swap_neighbours(batch, 0.5, seed=3)
     src = out["neighbours"][:, 0, 0, 0]
     assert ((src == ids) | (src == (ids + 1) % B)).all()
     assert 0 < int((src != ids).sum()) < B  # some swapped, some kept (this seed)
@@ -333,7 +334,7 @@ def test_negatives_swap_every_neighbour_field_together():
     assert torch.equal(out["encoded.3"][:, 0], src.float())
     assert torch.equal(out["encoded_mask"][:, 0], src % 2 == 0)
     assert torch.equal(out["tokens"], batch["tokens"])  # the sequences themselves stay
-    same = _swap_neighbours(batch, 0.0, seed=3)
+    same = swap_neighbours(batch, 0.0, seed=3)
     assert all(torch.equal(same[key], batch[key]) for key in batch)
     with pytest.raises(ValueError, match="negative_share"):
         TrainConfig(negative_share=1.0)
@@ -343,9 +344,9 @@ def test_cli_trains_and_resumes_a_cca_from_base_model_exactly(tmp_path):
     import json
 
     import numpy as np
+    from dataset_writer import chunk_documents, write_dataset
 
     from retro_core.cli import main
-    from retro_core.data import chunk_documents, write_dataset
 
     d = tmp_path / "tiny-llama"
     _llama().save_pretrained(str(d))

@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from retro_core.config import RetroConfig
+from retro_core.interface import KVCache, RetrievalLM
 from retro_core.model import Retro
 
 V, M, K = 37, 4, 2  # vocabulary, chunk size m, neighbours k
@@ -199,6 +200,13 @@ def test_retro_off_equals_the_baseline_with_the_same_weights():
     assert model.num_parameters() > baseline.num_parameters()
     assert set(model.retrieval_parameter_names()) == set(dict(model.named_parameters())) - base_keys
     assert baseline.retrieval_parameter_names() == []
+
+
+def test_retro_is_a_retrieval_lm():
+    model = tiny_model()
+    assert isinstance(model, RetrievalLM)
+    assert model.geometry == (M, K, R)
+    assert isinstance(model.new_cache(), KVCache)
 
 
 def test_baseline_ignores_neighbours():

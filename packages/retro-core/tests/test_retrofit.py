@@ -17,8 +17,10 @@ from hypothesis import strategies as st
 
 transformers = pytest.importorskip("transformers")
 
-from retro_core.data import chunk_documents, write_dataset  # noqa: E402
+from dataset_writer import chunk_documents, write_dataset  # noqa: E402
+
 from retro_core.generate import generate  # noqa: E402
+from retro_core.interface import RetrievalLM  # noqa: E402
 from retro_core.retrieval import Neighbours, RetrieverMismatchError  # noqa: E402
 from retro_core.retrofit import (  # noqa: E402
     RetrofitError,
@@ -130,6 +132,12 @@ def test_default_cca_layers_follow_the_retro_config_rule(base_dir):
     assert deep.base_ref is None  # built from an in-memory model: nothing to reference
     narrow = retrofit(base_dir, chunk_size=M, enc_d_model=16)  # base head size 16: 1 head
     assert (narrow.config.enc_d_model, narrow.config.enc_n_heads) == (16, 1)
+
+
+def test_retrofitted_lm_is_a_retrieval_lm(base_dir):
+    model = retrofit(base_dir, chunk_size=M, k=K)
+    assert isinstance(model, RetrievalLM)
+    assert model.geometry == (M, K, R)
 
 
 def test_logits_without_neighbours_equal_the_base_model(base_dir):
@@ -592,10 +600,10 @@ def test_cached_prefix_and_sampled_loss_train_the_same_weights(tmp_path):
 
 
 def test_sampled_positions_avoid_the_first_chunk():
-    from retro_core.train import _sample_positions
+    from retro_core.train_data import sample_positions
 
     mask = torch.ones(2, 4 * M, dtype=torch.bool)
-    out = _sample_positions({"loss_mask": mask}, 0.25, M - 1, seed=5)["loss_mask"]
+    out = sample_positions({"loss_mask": mask}, 0.25, M - 1, seed=5)["loss_mask"]
     assert not out[:, : M - 1].any()
     assert torch.equal(out[0], out[1])
     assert int(out[0].sum()) == round(0.25 * (4 * M - (M - 1)))

@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from dataset_writer import chunk_documents, write_dataset
 
 from retro_core.checkpoint import load_checkpoint
 from retro_core.config import RetroConfig
-from retro_core.data import RetroDataset, chunk_documents, write_dataset
+from retro_core.data import RetroDataset
 from retro_core.model import Retro
 from retro_core.train import TrainConfig, TrainError, latest_checkpoint, lr_at, train
 
@@ -182,6 +183,25 @@ def test_resume_continues_the_same_loss_curve(dataset_dir, tmp_path):
         "step_00000004",
         "step_00000006",
     ]
+
+
+def test_resumed_run_reports_the_last_validation_before_its_next_one(dataset_dir, tmp_path):
+    # issue 15: a run resumed from step 2 (validated there) that stops at step 3, before its next
+    # validation, reports the step-2 validation loss, not NaN.
+    tc = _train_config(steps=6, eval_every=2, checkpoint_every=2)
+    first = train(_model_config(), tc, dataset_dir, tmp_path / "run", stop_after=2, progress=False)
+    assert np.isfinite(first["val_loss"])
+    resumed = train(
+        _model_config(),
+        tc,
+        dataset_dir,
+        tmp_path / "run",
+        resume=True,
+        stop_after=3,
+        progress=False,
+    )
+    assert resumed["step"] == 3
+    assert resumed["val_loss"] == first["val_loss"]
 
 
 def test_gradient_accumulation_matches_a_bigger_batch(dataset_dir, tmp_path):

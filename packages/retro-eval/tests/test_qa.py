@@ -11,7 +11,13 @@ import torch
 
 from retro_core.config import RetroConfig
 from retro_core.model import Retro
-from retro_eval.qa import DEFAULT_TEMPLATE, align_prompt, answer_questions, format_prompt
+from retro_eval.qa import (
+    DEFAULT_TEMPLATE,
+    FEW_SHOT,
+    align_prompt,
+    answer_questions,
+    format_prompt,
+)
 from retro_eval.testing import ByteTokenizer, InMemoryRetriever
 
 torch.set_num_threads(1)
@@ -57,14 +63,19 @@ def hand_greedy(model, prompt, retriever, k, max_new, eos, padding=0):
 
 def test_align_prompt():
     assert align_prompt([5, 6, 7], 4, 0) == [0, 5, 6, 7]
+    # a filler's last tokens take the padding's place; the pad id only where it runs out
+    assert align_prompt([5, 6, 7], 4, 0, filler=[1, 2, 3]) == [3, 5, 6, 7]
+    assert align_prompt([5], 4, 0, filler=[9, 8]) == [0, 9, 8, 5]
+    assert align_prompt([5, 6, 7, 8], 4, 0, filler=[1, 2]) == [5, 6, 7, 8]
     assert align_prompt([5, 6, 7, 8], 4, 0) == [5, 6, 7, 8]
     assert align_prompt(list(range(1, 11)), 4, 0, max_len=9) == [3, 4, 5, 6, 7, 8, 9, 10]
     assert len(align_prompt(list(range(1, 100)), 8, 0)) % 8 == 0
     assert format_prompt("  who? ") == "question: who?\nanswer:"
 
 
+@pytest.mark.parametrize("few_shot", [FEW_SHOT, None])
 @pytest.mark.parametrize("closed_book", [False, True])
-def test_answers_equal_hand_greedy_loop(closed_book, monkeypatch):
+def test_answers_equal_hand_greedy_loop(closed_book, few_shot, monkeypatch):
     import retro_eval.qa as qa
 
     tok = ByteTokenizer()
@@ -78,9 +89,12 @@ def test_answers_equal_hand_greedy_loop(closed_book, monkeypatch):
     refs = []
     for q in questions:
         ids = tok.encode(DEFAULT_TEMPLATE.format(question=q))
-        prompt = align_prompt(ids, M, 0, budget)
+        filler = tok.encode(few_shot) if few_shot else None
+        prompt = align_prompt(ids, M, 0, budget, filler)
         assert len(prompt) % M == 0
         pad = max(0, len(prompt) - len(ids))  # 0 when the prompt was cut to the budget
+        if few_shot and pad:  # the few-shot text's end, not padding, precedes the question
+            assert prompt[:pad] == filler[-pad:]
         new = hand_greedy(model, prompt, retriever, 2, max_new, tok.eos_id, pad)
         if tok.eos_id in new:
             new = new[: new.index(tok.eos_id)]
@@ -98,7 +112,14 @@ def test_answers_equal_hand_greedy_loop(closed_book, monkeypatch):
 
     monkeypatch.setattr(qa, "_em_f1", fake_em_f1)
     res = answer_questions(
-        model, tok, examples, retriever=retriever, k=2, max_new_tokens=max_new, progress=False
+        model,
+        tok,
+        examples,
+        retriever=retriever,
+        k=2,
+        max_new_tokens=max_new,
+        progress=False,
+        few_shot=few_shot,
     )
     assert res.predictions == refs
     assert [c[0] for c in calls] == refs

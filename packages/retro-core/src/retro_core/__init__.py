@@ -14,10 +14,11 @@ except PackageNotFoundError:  # running from a source tree that is not installed
 
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import RetroConfig
-from .data import DatasetFormatError, RetroDataset, write_dataset
+from .data import DatasetFormatError, RetroDataset
 from .generate import generate
+from .interface import Geometry, KVCache, RetrievalLM
 from .loading import load_model
-from .model import KVCache, Retro
+from .model import Retro
 from .retrofit import RetrofittedLM, load_retrofitted, save_retrofitted  # retrofit(): the module's
 from .train import TrainConfig, train  # retro_core.train is the function (issue 3)
 
@@ -26,6 +27,8 @@ __all__ = [
     "RetroConfig",
     "Retro",
     "KVCache",
+    "RetrievalLM",
+    "Geometry",
     "generate",
     "save_checkpoint",
     "load_checkpoint",
@@ -33,7 +36,6 @@ __all__ = [
     "CheckpointError",
     "DatasetFormatError",
     "RetroDataset",
-    "write_dataset",
     "TrainConfig",
     "train",
     "RetrofittedLM",

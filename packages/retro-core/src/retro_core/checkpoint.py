@@ -29,6 +29,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .atomic import atomic_path, atomic_write_text, sha256_file
 from .config import RetroConfig
 from .model import Retro
 
@@ -41,6 +42,7 @@ __all__ = [
     "load_checkpoint",
     "read_checkpoint_config",
     "save_checkpoint",
+    "write_weights_and_meta",
 ]
 
 logger = logging.getLogger(__name__)
@@ -55,20 +57,6 @@ class CheckpointError(ValueError):
     """A checkpoint directory is missing, corrupt, or does not match its config."""
 
 
-def _fsync_rename(tmp: Path, final: Path) -> None:
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _meta_sha256(meta: dict[str, Any]) -> str:
     body = {k: v for k, v in meta.items() if k != "integrity"}
     text = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False)
@@ -77,7 +65,7 @@ def _meta_sha256(meta: dict[str, Any]) -> str:
 
 def integrity_record(meta: dict[str, Any], weights: str | os.PathLike) -> dict[str, str]:
     """``{"weights_sha256", "meta_sha256"}`` of a weights file and its JSON metadata (sans this)."""
-    return {"weights_sha256": _sha256_file(Path(weights)), "meta_sha256": _meta_sha256(meta)}
+    return {"weights_sha256": sha256_file(Path(weights)), "meta_sha256": _meta_sha256(meta)}
 
 
 def check_integrity(
@@ -103,12 +91,36 @@ def check_integrity(
             f"{meta_path}: contents differ from the recorded meta_sha256 "
             f"{rec['meta_sha256'][:12]} (the config was edited or corrupted)"
         )
-    got = _sha256_file(Path(weights))
+    got = sha256_file(Path(weights))
     if got != rec["weights_sha256"]:
         raise error(
             f"{weights}: sha256 {got[:12]} differs from {rec['weights_sha256'][:12]} recorded in "
             f"{meta_path} (corrupted or replaced weights)"
         )
+
+
+def write_weights_and_meta(
+    weights: Path,
+    meta_path: Path,
+    state: dict[str, torch.Tensor],
+    meta: dict[str, Any],
+    not_json: ValueError,
+) -> None:
+    """The writer of both checkpoint kinds: the weights (safetensors, ``meta["format"]`` in its
+    header), then the JSON metadata with their :func:`integrity_record`, each atomically.
+
+    Raises ``not_json`` (its message, then the reason) before writing anything when ``meta`` is
+    not JSON-serialisable.
+    """
+    try:
+        json.dumps(meta, indent=2, sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise type(not_json)(f"{not_json}: {e}") from e
+    with atomic_path(weights) as tmp:
+        save_file(state, str(tmp), metadata={"format": meta["format"]})
+        meta["integrity"] = integrity_record(meta, tmp)
+    text = json.dumps(meta, indent=2, sort_keys=True, allow_nan=False)
+    atomic_write_text(meta_path, text + "\n")
 
 
 def save_checkpoint(
@@ -132,21 +144,14 @@ def save_checkpoint(
         "config": model.config.to_dict(),
         "extra": extra,
     }
-    try:
-        text = json.dumps(meta, indent=2, sort_keys=True, allow_nan=False)
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(
-            f"save_checkpoint: extra metadata is not JSON-serialisable: {e}"
-        ) from e
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    tmp_w = directory / f".{WEIGHTS_FILE}.tmp-{os.getpid()}"
-    tmp_c = directory / f".{CONFIG_FILE}.tmp-{os.getpid()}"
-    save_file(state, str(tmp_w), metadata={"format": CHECKPOINT_FORMAT})
-    meta["integrity"] = integrity_record(meta, tmp_w)
-    text = json.dumps(meta, indent=2, sort_keys=True, allow_nan=False)
-    _fsync_rename(tmp_w, directory / WEIGHTS_FILE)
-    tmp_c.write_text(text + "\n", encoding="utf-8")
-    _fsync_rename(tmp_c, directory / CONFIG_FILE)
+    write_weights_and_meta(
+        directory / WEIGHTS_FILE,
+        directory / CONFIG_FILE,
+        state,
+        meta,
+        CheckpointError("save_checkpoint: extra metadata is not JSON-serialisable"),
+    )
     logger.info("saved checkpoint to %s (%d tensors)", directory, len(state))
     return directory
 

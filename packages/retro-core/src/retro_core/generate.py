@@ -4,7 +4,7 @@ Each time the sequence completes a chunk C_u (m tokens), its k neighbours are re
 ``retriever.retrieve`` and encoded once, conditioned on the decoder activations of C_u; the
 encoding is reused by CCA for the next m tokens (the last token of C_u and the first m-1 of
 C_{u+1}). With ``use_cache=True`` self-attention keys/values and the encoded neighbours live in a
-:class:`~retro_core.model.KVCache`, so each new token costs one step; ``use_cache=False``
+:class:`~retro_core.interface.KVCache`, so each new token costs one step; ``use_cache=False``
 recomputes the whole forward (retrieving for every complete chunk) at every step: the reference.
 """
 
@@ -17,8 +17,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .model import Retro
-from .retrieval import Retriever, check_retriever
+from .config import RetroConfig
+from .interface import RetrievalLM
+from .retrieval import Retriever
 
 __all__ = ["generate", "sample_next"]
 
@@ -73,40 +74,50 @@ def _retrieve(
     return tokens.to(device), lengths.to(device)
 
 
-@torch.no_grad()
-def generate(
-    model: Retro,
+class _ChunkNeighbours:
+    """The neighbours of the completed chunks of a growing sequence, retrieved once each."""
+
+    def __init__(
+        self,
+        retriever: Retriever | None,
+        tokens: list[int],
+        m: int,
+        k: int,
+        pad_id: int,
+        device: torch.device,
+    ) -> None:
+        self.retriever, self.tokens, self.m, self.k = retriever, tokens, m, k
+        self.pad_id, self.device = pad_id, device
+        self.nb_tokens: list[Tensor] = []  # chunk u at index u: (k, r)
+        self.nb_lengths: list[Tensor] = []  # (k,)
+
+    def __call__(self, n_chunks: int, refresh: bool) -> tuple[Tensor | None, Tensor | None]:
+        """(1, U, k, r) / (1, U, k) neighbours of chunks 0..U-1 (retrieving the missing ones;
+        all of them again with ``refresh``), or (None, None) without a retriever or chunk."""
+        if self.retriever is None or n_chunks == 0:
+            return None, None
+        if refresh:
+            self.nb_tokens.clear()
+            self.nb_lengths.clear()
+        have, m = len(self.nb_tokens), self.m
+        if n_chunks > have:
+            chunks = [self.tokens[u * m : (u + 1) * m] for u in range(have, n_chunks)]
+            t, lens = _retrieve(self.retriever, chunks, self.k, self.pad_id, self.device)
+            self.nb_tokens.extend(t.unbind(0))
+            self.nb_lengths.extend(lens.unbind(0))
+        return torch.stack(self.nb_tokens)[None], torch.stack(self.nb_lengths)[None]
+
+
+def _check_arguments(
+    cfg: RetroConfig,
     prompt_ids: Sequence[int] | Tensor,
-    retriever: Retriever | None = None,
-    max_new_tokens: int = 64,
-    *,
-    k: int | None = None,
-    temperature: float = 0.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    eos_id: int | None = None,
-    generator: torch.Generator | None = None,
-    use_cache: bool = True,
-) -> list[int]:
-    """Continue a prompt.
-
-    Args:
-        model: a :class:`Retro` (switched to eval mode).
-        prompt_ids: the n0 >= 1 prompt token ids, a sequence or an int tensor (n0,).
-        retriever: finds the neighbours of each completed chunk, or None for RETRO[OFF]. Checked
-            against the model's chunk size m and tokenizer id first.
-        max_new_tokens: the most tokens to generate; n0 + max_new_tokens <= max_seq_len.
-        k: neighbours per chunk (default ``config.num_neighbours``).
-        temperature: 0 = greedy; otherwise logits are divided by it before sampling.
-        top_k, top_p: restrict sampling to the k most likely tokens / the nucleus of mass top_p.
-        eos_id: stop after generating this token (it is included in the output).
-        generator: the torch.Generator used for sampling (for reproducible samples).
-        use_cache: incremental decoding with a KV cache (False: recompute everything each step).
-
-    Returns:
-        The new token ids only (at most max_new_tokens).
-    """
-    cfg, m = model.config, model.config.chunk_size
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    k: int | None,
+) -> tuple[list[int], int]:
+    """The prompt as a list and k (default ``cfg.num_neighbours``); ValueError on a bad argument."""
     prompt = prompt_ids.reshape(-1).tolist() if isinstance(prompt_ids, Tensor) else list(prompt_ids)
     if not prompt or not all(isinstance(t, int | np.integer) for t in prompt):
         raise ValueError("prompt_ids: expected a non-empty sequence of int token ids")
@@ -128,8 +139,47 @@ def generate(
     k = cfg.num_neighbours if k is None else int(k)
     if k < 1:
         raise ValueError(f"k: expected >= 1, got {k}")
+    return prompt, k
+
+
+@torch.no_grad()
+def generate(
+    model: RetrievalLM,
+    prompt_ids: Sequence[int] | Tensor,
+    retriever: Retriever | None = None,
+    max_new_tokens: int = 64,
+    *,
+    k: int | None = None,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_id: int | None = None,
+    generator: torch.Generator | None = None,
+    use_cache: bool = True,
+) -> list[int]:
+    """Continue a prompt.
+
+    Args:
+        model: a :class:`~retro_core.interface.RetrievalLM` (``Retro`` or ``RetrofittedLM``),
+            switched to eval mode.
+        prompt_ids: the n0 >= 1 prompt token ids, a sequence or an int tensor (n0,).
+        retriever: finds the neighbours of each completed chunk, or None for RETRO[OFF]. Checked
+            against the model's chunk size m and tokenizer id first.
+        max_new_tokens: the most tokens to generate; n0 + max_new_tokens <= max_seq_len.
+        k: neighbours per chunk (default ``config.num_neighbours``).
+        temperature: 0 = greedy; otherwise logits are divided by it before sampling.
+        top_k, top_p: restrict sampling to the k most likely tokens / the nucleus of mass top_p.
+        eos_id: stop after generating this token (it is included in the output).
+        generator: the torch.Generator used for sampling (for reproducible samples).
+        use_cache: incremental decoding with a KV cache (False: recompute everything each step).
+
+    Returns:
+        The new token ids only (at most max_new_tokens).
+    """
+    cfg, m = model.config, model.config.chunk_size
+    prompt, k = _check_arguments(cfg, prompt_ids, max_new_tokens, temperature, top_k, top_p, k)
     if retriever is not None:
-        check_retriever(retriever, chunk_size=m, tokenizer_id=cfg.tokenizer_id)
+        model.check_retriever(retriever)
         if not cfg.is_retro:
             logger.warning("the model has no CCA layers (baseline): the retriever is not used")
             retriever = None
@@ -141,25 +191,7 @@ def generate(
     if max_new_tokens == 0:
         return new
 
-    # Neighbours of the completed chunks, chunk u at index u: tokens (k, r), lengths (k,).
-    nb_tokens: list[Tensor] = []
-    nb_lengths: list[Tensor] = []
-
-    def neighbours_upto(n_chunks: int, refresh: bool) -> tuple[Tensor | None, Tensor | None]:
-        """(1, U, k, r) / (1, U, k) neighbours of chunks 0..U-1 (retrieving the missing ones)."""
-        if retriever is None or n_chunks == 0:
-            return None, None
-        if refresh:
-            nb_tokens.clear()
-            nb_lengths.clear()
-        have = len(nb_tokens)
-        if n_chunks > have:
-            chunks = [tokens[u * m : (u + 1) * m] for u in range(have, n_chunks)]
-            t, lens = _retrieve(retriever, chunks, k, cfg.pad_id, device)
-            nb_tokens.extend(t.unbind(0))
-            nb_lengths.extend(lens.unbind(0))
-        return torch.stack(nb_tokens)[None], torch.stack(nb_lengths)[None]
-
+    neighbours_upto = _ChunkNeighbours(retriever, tokens, m, k, cfg.pad_id, device)
     if use_cache:
         cache = model.new_cache()
         x = torch.tensor([tokens], dtype=torch.long, device=device)  # (1, n0): prefill

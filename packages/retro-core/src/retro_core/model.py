@@ -1,7 +1,8 @@
 """The RETRO model (Borgeaud et al., 2021, arXiv:2112.04426): a decoder with chunked cross-attention.
 
 One file, top to bottom: rotary positions, attention, the feed-forward, the neighbour ``Encoder``,
-``ChunkedCrossAttention`` (CCA), the decoder ``Block`` and the ``Retro`` model with its ``KVCache``.
+``ChunkedCrossAttention`` (CCA), the decoder ``Block`` and the ``Retro`` model (its ``KVCache``
+and what it shares with ``RetrofittedLM`` are in :mod:`retro_core.interface`).
 
 Symbols (paper section 2): B batch, n sequence length (T when a forward sees only part of it),
 m chunk size, l = ceil(n / m) chunks, U chunks whose neighbours are encoded, k neighbours per chunk,
@@ -38,15 +39,18 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import RetroConfig
+from .interface import KVCache, RetrievalLMMixin
 
-__all__ = ["ChunkedCrossAttention", "Encoder", "KVCache", "Retro"]
+__all__ = ["ChunkedCrossAttention", "Encoder", "KVCache", "Retro", "init_weights"]
 
 logger = logging.getLogger(__name__)
 
@@ -297,6 +301,15 @@ class ChunkedCrossAttention(nn.Module):
         """
         return self.attn(q, None, rope(pos_q), None, mask=km[:, None, None, :], kv=kv)[0]
 
+    # The causal shift, m = 4: token t attends the neighbours E_u of the chunk u that it follows,
+    # u = (t - (m-1)) // m, so what it reads never holds its own or a later token's continuation.
+    #
+    #   token t    0  1  2  3  4  5  6  7  8  9 10 11 12 ...
+    #   chunk      |--- C0 ---|--- C1 ---|--- C2 ---|---
+    #   attends    -  -  -  E0 E0 E0 E0 E1 E1 E1 E1 E2 E2 ...
+    #
+    # In a batch the tokens are regrouped into groups of m (3..6, 7..10, ...), one per attended
+    # chunk, each a query block over that chunk's k·r neighbour tokens.
     def forward(
         self, x: Tensor, start: int, enc_mask: Tensor, kv: tuple[Tensor, Tensor], rope: Rotary
     ) -> Tensor:
@@ -350,14 +363,21 @@ class ChunkedCrossAttention(nn.Module):
 
 
 class Block(nn.Module):
-    """Decoder block: H <- ATTN(H); [H <- CCA(H, E)]; H <- FFW(H), each pre-norm and residual."""
+    """Decoder block p: H <- ATTN(H); [E <- ENCODER(RET(C), H)]; [H <- CCA(H, E)]; H <- FFW(H).
 
-    def __init__(self, cfg: RetroConfig, has_cca: bool):
+    Each step is pre-norm and residual. Only blocks p in P (``cfg.cca_layers``) have CCA; the
+    first of them (p = min(P), ``conditions``) also encodes the neighbours, conditioned on its
+    residual stream after self-attention.
+    """
+
+    def __init__(self, cfg: RetroConfig, layer: int):
         super().__init__()
         d, p = cfg.d_model, cfg.dropout
+        self.layer = layer  # p, 1-indexed
+        self.conditions = layer == cfg.cond_layer
         self.norm1 = nn.RMSNorm(d, eps=cfg.norm_eps)
         self.attn = Attention(d, d, d, cfg.n_heads, p)
-        if has_cca:  # only these names are absent from the baseline's state dict
+        if layer in cfg.cca_layers:  # only these names are absent from the baseline's state dict
             self.norm_cca = nn.RMSNorm(d, eps=cfg.norm_eps)
             self.cca = ChunkedCrossAttention(cfg)
         else:
@@ -365,36 +385,57 @@ class Block(nn.Module):
         self.norm2 = nn.RMSNorm(d, eps=cfg.norm_eps)
         self.ffw = FeedForward(d, cfg.d_ff, p)
 
+    def forward(self, h: Tensor, run: _Run) -> Tensor:
+        """h (B, T, d) -> (B, T, d); reads and updates ``run`` (the cache, the encoded E)."""
+        h = h + self._self_attention(self.norm1(h), run)  # H <- ATTN(H)
+        if self.cca is not None:
+            if self.conditions and run.encode is not None:
+                run.enc, run.enc_mask = run.encode(h)  # E <- ENCODER(RET(C_u)_u, H)
+            if run.enc is not None:  # H <- CCA(H, E)
+                kv = run.cca_kv(self.layer - 1, self.cca, run.enc)
+                h = h + self.cca(self.norm_cca(h), run.start, run.enc_mask, kv, run.rotary)
+        return h + self.ffw(self.norm2(h))  # H <- FFW(H)
+
+    def _self_attention(self, x: Tensor, run: _Run) -> Tensor:
+        """Causal self-attention of x (B, T, d) after the cached tokens; appends to the cache."""
+        i, cache = self.layer - 1, run.cache
+        past = None if cache is None or cache.keys[i] is None else (cache.keys[i], cache.values[i])
+        a, (k_all, v_all) = self.attn(
+            x, x, run.rope, run.rope, mask=run.mask, is_causal=run.is_causal, past=past
+        )
+        if cache is not None:
+            cache.keys[i], cache.values[i] = k_all, v_all
+        return a
+
 
 @dataclass
-class KVCache:
-    """State of incremental decoding (see :meth:`Retro.new_cache`); updated in place by forward.
+class _Run:
+    """What every block reads during one :meth:`Retro.forward` (tokens start .. start+T-1)."""
 
-    Attributes:
-        keys, values: per decoder layer, rotated self-attention keys/values (B, h, t, hs).
-        length: t, the number of tokens consumed so far.
-        h_cond: (B, t - U·m, d) the conditioning activations (input of the first CCA) of the tokens
-            of the current, not yet complete chunk.
-        enc, enc_mask: (B, U, k, r, d') / bool (B, U, k, r) encoded neighbours of the U completed
-            chunks, computed once when each chunk completes and reused by the next m tokens.
-        cca_kv: per CCA layer, its keys/values (B, U, h, k·r, hs) of ``enc``, also computed once.
+    start: int
+    rope: tuple[Tensor, Tensor]  # self-attention rotary cos/sin at the T positions
+    mask: Tensor | None  # self-attention mask, or None with is_causal
+    is_causal: bool
+    cache: KVCache | None
+    rotary: Rotary  # the decoder's table, read by CCA
+    encode: Callable[[Tensor], tuple[Tensor | None, Tensor | None]] | None  # None: no retrieval
+    cca_kv: Callable[[int, ChunkedCrossAttention, Tensor], tuple[Tensor, Tensor]]
+    enc: Tensor | None = None  # (B, U, k, r, d') once encoded
+    enc_mask: Tensor | None = None  # (B, U, k, r)
+
+
+def init_weights(module: nn.Module) -> None:
+    """GPT-2 initialisation of one module: Linear/Embedding weights ~ normal(0, 0.02), biases 0.
+
+    Use with ``model.apply(init_weights)``.
     """
-
-    keys: list[Tensor | None]
-    values: list[Tensor | None]
-    length: int = 0
-    h_cond: Tensor | None = None
-    enc: Tensor | None = None
-    enc_mask: Tensor | None = None
-    cca_kv: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
-
-    @property
-    def num_encoded(self) -> int:
-        """U, the number of chunks whose neighbours are encoded."""
-        return 0 if self.enc is None else int(self.enc.shape[1])
+    if isinstance(module, nn.Linear | nn.Embedding):
+        nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if getattr(module, "bias", None) is not None:
+            nn.init.zeros_(module.bias)
 
 
-class Retro(nn.Module):
+class Retro(RetrievalLMMixin, nn.Module):
     """The RETRO language model; ``cfg.cca_layers == ()`` gives the matched decoder-only baseline.
 
     Parameter names of the shared parts (``tok_emb``, ``blocks.<i>.{norm1,attn,norm2,ffw}``,
@@ -407,24 +448,16 @@ class Retro(nn.Module):
         self.config = cfg = config
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
-        cca = set(cfg.cca_layers)
-        self.blocks = nn.ModuleList(Block(cfg, (i + 1) in cca) for i in range(cfg.n_layers))
-        self.encoder = Encoder(cfg) if cca else None
+        self.blocks = nn.ModuleList(Block(cfg, p) for p in range(1, cfg.n_layers + 1))
+        self.encoder = Encoder(cfg) if cfg.cca_layers else None
         self.norm_f = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         max_pos = max(cfg.max_seq_len, cfg.neighbour_len, 2 * cfg.chunk_size)
         self.rope = Rotary(cfg.d_model // cfg.n_heads, cfg.rope_base, max_pos)
-        self.apply(self._init_weights)
+        self.apply(init_weights)
         # GPT-2: residual output projections scaled by 1/sqrt(2L).
         for name, p in self.named_parameters():
             if name.endswith(("out_proj.weight", "ffw.down.weight")):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layers))
-
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        if isinstance(module, nn.Linear | nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            if getattr(module, "bias", None) is not None:
-                nn.init.zeros_(module.bias)
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         """Number of parameters (the tied embedding counted once, or not at all)."""
@@ -446,42 +479,6 @@ class Retro(nn.Module):
         """An empty cache for incremental decoding with ``forward(..., cache=cache)``."""
         L = self.config.n_layers
         return KVCache(keys=[None] * L, values=[None] * L)
-
-    # ------------------------------------------------------------------------------------------
-
-    def _check_inputs(
-        self, tokens: Tensor, neighbours: Tensor | None, lengths: Tensor | None, end: int
-    ) -> None:
-        cfg = self.config
-        if tokens.ndim != 2 or tokens.dtype not in (torch.int64, torch.int32):
-            raise ValueError(
-                f"tokens: expected an int tensor [B, n], got {tokens.dtype} {tuple(tokens.shape)}"
-            )
-        if end > cfg.max_seq_len:
-            raise ValueError(f"tokens: sequence length {end} exceeds max_seq_len={cfg.max_seq_len}")
-        if neighbours is None:
-            if lengths is not None:
-                raise ValueError("neighbour_lengths given without neighbours")
-            return
-        if neighbours.ndim != 4 or neighbours.shape[0] != tokens.shape[0]:
-            raise ValueError(
-                f"neighbours: expected [B={tokens.shape[0]}, l, k, r], got {tuple(neighbours.shape)}"
-            )
-        need = end // cfg.chunk_size
-        if neighbours.shape[1] < need:
-            raise ValueError(
-                f"neighbours: expected the neighbours of at least the {need} complete chunks "
-                f"(l >= {need}), got l={neighbours.shape[1]}"
-            )
-        if neighbours.shape[2] < 1 or neighbours.shape[3] < 1:
-            raise ValueError(
-                f"neighbours: expected k >= 1 and r >= 1, got {tuple(neighbours.shape)}"
-            )
-        if lengths is not None and tuple(lengths.shape) != tuple(neighbours.shape[:3]):
-            raise ValueError(
-                f"neighbour_lengths: expected shape {tuple(neighbours.shape[:3])} ([B, l, k]), "
-                f"got {tuple(lengths.shape)}"
-            )
 
     def forward(
         self,
@@ -512,15 +509,30 @@ class Retro(nn.Module):
         Returns:
             logits (B, T, |V|), or (B, N, |V|) / (B, len(logits_to_keep), |V|).
         """
-        cfg = self.config
         start = cache.length if cache is not None else 0
-        B, T = tokens.shape
-        end = start + T
+        end = start + tokens.shape[1]
         self._check_inputs(tokens, neighbours, neighbour_lengths, end)
+        h = self.drop(self.tok_emb(tokens))  # H <- EMB(X): (B, T, d)
+        run = self._run(tokens, start, neighbours, neighbour_lengths, cache)
+        for block in self.blocks:  # ATTN; [ENCODER]; [CCA]; FFW
+            h = block(h, run)
+        if cache is not None:
+            cache.length = end
+        h = self.norm_f(keep_positions(h, logits_to_keep))
+        return F.linear(h, self.tok_emb.weight)  # O <- READ(H): (B, T, |V|), tied
 
-        h = self.drop(self.tok_emb(tokens))  # (B, T, d)
+    def _run(
+        self,
+        tokens: Tensor,
+        start: int,
+        neighbours: Tensor | None,
+        lengths: Tensor | None,
+        cache: KVCache | None,
+    ) -> _Run:
+        """The positions, self-attention mask and retrieval hooks of one forward."""
+        T = tokens.shape[1]
+        end = start + T
         pos = torch.arange(start, end, device=tokens.device)
-        rope_t = self.rope(pos)
         if cache is None or start == 0:
             mask, is_causal = None, T > 1
         elif T == 1:
@@ -528,103 +540,18 @@ class Retro(nn.Module):
         else:  # a block of T new tokens after a cached prefix: token i sees positions <= start+i
             mask = torch.arange(end, device=tokens.device)[None, :] <= pos[:, None]  # (T, start+T)
             is_causal = False
-
-        enc = enc_mask = None
-        for i, block in enumerate(self.blocks):
-            past = (
-                None if cache is None or cache.keys[i] is None else (cache.keys[i], cache.values[i])
+        encode = None
+        if self.encoder is not None and (neighbours is not None or cache is not None):
+            encode = partial(
+                self._encode, start=start, neighbours=neighbours, lengths=lengths, cache=cache
             )
-            x = block.norm1(h)
-            a, (k_all, v_all) = block.attn(
-                x, x, rope_t, rope_t, mask=mask, is_causal=is_causal, past=past
-            )
-            h = h + a  # H <- ATTN(H)
-            if cache is not None:
-                cache.keys[i], cache.values[i] = k_all, v_all
-            if block.cca is not None:
-                if i + 1 == cfg.cond_layer and (neighbours is not None or cache is not None):
-                    # E <- ENCODER(RET(C), H), once per completed chunk
-                    enc, enc_mask = self._encode(h, start, neighbours, neighbour_lengths, cache)
-                if enc is not None:  # H <- CCA(H, E)
-                    kv = self._cca_kv(i, block.cca, enc, cache)
-                    h = h + block.cca(block.norm_cca(h), start, enc_mask, kv, self.rope)
-            h = h + block.ffw(block.norm2(h))  # H <- FFW(H)
-
-        if cache is not None:
-            cache.length = end
-        h = self.norm_f(keep_positions(h, logits_to_keep))
-        return F.linear(h, self.tok_emb.weight)  # (B, T, |V|), tied READ
-
-    def _cca_kv(
-        self, i: int, cca: ChunkedCrossAttention, enc: Tensor, cache: KVCache | None
-    ) -> tuple[Tensor, Tensor]:
-        """Keys/values (B, U, h, k·r, hs) of layer i's CCA over enc (B, U, k, r, d'), cached."""
-        if cache is None:
-            return cca.kv(enc, self.rope)
-        have = cache.cca_kv.get(i)
-        n_have = 0 if have is None else have[0].shape[1]
-        n_real = cache.num_encoded  # chunks beyond it are zero padding (no neighbours)
-        if n_real > n_have:
-            new = cca.kv(cache.enc[:, n_have:n_real], self.rope)
-            have = (
-                new
-                if have is None
-                else (torch.cat((have[0], new[0]), 1), torch.cat((have[1], new[1]), 1))
-            )
-            cache.cca_kv[i] = have
-        if enc.shape[1] > n_real:
-            pad = cca.kv(enc[:, n_real:], self.rope)
-            have = (
-                pad
-                if have is None
-                else (torch.cat((have[0], pad[0]), 1), torch.cat((have[1], pad[1]), 1))
-            )
-        return have
-
-    def _encode(
-        self,
-        h: Tensor,
-        start: int,
-        neighbours: Tensor,
-        lengths: Tensor | None,
-        cache: KVCache | None,
-    ) -> tuple[Tensor, Tensor]:
-        """Encode the neighbours of the chunks completed by this call; returns all U chunks' E.
-
-        h: (B, T, d) conditioning activations of this call's tokens. Returns E (B, U, k, r, d')
-        and its mask (B, U, k, r), U = (start + T) // m, or (None, None) when nothing was ever
-        retrieved. With a cache, chunks completed while ``neighbours`` is None attend nothing.
-        """
-        m = self.config.chunk_size
-        B, T, d = h.shape
-        end = start + T
-        U_done = cache.num_encoded if cache is not None else 0
-        U = end // m
-        # Conditioning activations from the first token of chunk U_done to the end of this call.
-        if cache is not None and cache.h_cond is not None:
-            h_all = torch.cat((cache.h_cond, h), dim=1)  # (B, end - U_done·m, d)
-        else:
-            h_all = h
-        if h_all.shape[1] != end - U_done * m:
-            raise RuntimeError("KVCache out of step with the sequence")
-        enc, mask = (cache.enc, cache.enc_mask) if cache is not None else (None, None)
-        if neighbours is not None and U > U_done:
-            _, _, k, r = neighbours.shape
-            nb = neighbours[:, U_done:U]  # (B, U_new, k, r)
-            if lengths is None:
-                real = torch.ones(nb.shape, dtype=torch.bool, device=nb.device)
-            else:  # (B, U_new, k, r)
-                real = torch.arange(r, device=nb.device) < lengths[:, U_done:U, :, None]
-            h_chunks = h_all[:, : (U - U_done) * m].reshape(B, U - U_done, m, d)  # (B, U_new, m, d)
-            e_new = self.encoder(self.tok_emb(nb), real, h_chunks)  # (B, U_new, k, r, d')
-            enc = e_new if enc is None else torch.cat((enc, e_new), dim=1)  # (B, U, k, r, d')
-            mask = real if mask is None else torch.cat((mask, real), dim=1)  # (B, U, k, r)
-            h_all = h_all[:, (U - U_done) * m :]  # (B, end - U·m, d): the incomplete chunk
-        if cache is not None:
-            cache.h_cond, cache.enc, cache.enc_mask = h_all, enc, mask
-        if enc is not None and enc.shape[1] < U:
-            # Chunks completed without neighbours (cache mode, neighbours=None): attend nothing.
-            missing = U - enc.shape[1]
-            enc = torch.cat((enc, enc.new_zeros(B, missing, *enc.shape[2:])), dim=1)
-            mask = torch.cat((mask, mask.new_zeros(B, missing, *mask.shape[2:])), dim=1)
-        return enc, mask
+        return _Run(
+            start=start,
+            rope=self.rope(pos),
+            mask=mask,
+            is_causal=is_causal,
+            cache=cache,
+            rotary=self.rope,
+            encode=encode,
+            cca_kv=partial(self._cca_kv, cache=cache),
+        )

@@ -6,8 +6,11 @@ are attached around it with forward hooks on its decoder layers:
 - a :class:`~retro_core.model.ChunkedCrossAttention` (pre-normed, residual) right after each
   decoder layer p in P, so the block reads ``H <- H + CCA(norm(H), E)`` on the layer's output;
 - a neighbour :class:`~retro_core.model.Encoder`, fed by the base model's frozen token
-  embeddings and conditioned on the base model's hidden states at the output of layer min(P)
-  (the layer right before the first CCA), exactly as ``Retro`` conditions its encoder.
+  embeddings and conditioned on the base model's hidden states at the output of layer min(P),
+  i.e. on the residual stream entering the first CCA. ``Retro`` also conditions on the stream
+  entering its first CCA, but there that point lies inside block min(P) (after its self-attention,
+  before its FFW); a Hugging Face decoder layer runs attention and MLP as one module, so the only
+  place a hook can reach, and where the CCA sits, is after the whole layer (its MLP included).
 
 Only the new parameters train (``requires_grad`` is switched off on the base). Every CCA output
 projection starts at zero, so before training the retro-fitted model's logits equal the base
@@ -49,14 +52,15 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from .checkpoint import check_integrity, integrity_record, read_versioned_config
+from .atomic import sha256_file
+from .checkpoint import check_integrity, read_versioned_config, write_weights_and_meta
 from .config import RetroConfig
 from .induction import BaseAttentionCCA, induction_heads, induction_scores
-from .model import ChunkedCrossAttention, Encoder, KVCache, Retro, Rotary, keep_positions
-from .retrieval import check_retriever
+from .interface import KVCache, RetrievalLMMixin
+from .model import ChunkedCrossAttention, Encoder, Rotary, init_weights, keep_positions
 
 __all__ = [
     "RETROFIT_FORMAT",
@@ -81,7 +85,6 @@ RETROFIT_FORMAT = "retro-retrofit"
 RETROFIT_VERSION = 1
 CONFIG_FILE = "retrofit.json"
 WEIGHTS_FILE = "retrofit.safetensors"
-_BLOCK = 1 << 20
 
 # Where the decoder layers (an nn.ModuleList) live in the supported causal-LM classes.
 _LAYER_PATHS = ("model.layers", "transformer.h")  # Llama family, GPT-2 family
@@ -95,21 +98,13 @@ class RetrofitError(ValueError):
 # identities of the base model and its tokenizer
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(_BLOCK):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _combined_sha256(files: list[Path]) -> str:
     """sha256 over (name, sha256 of bytes) of each file, sorted by name (retro_db's rule)."""
     h = hashlib.sha256()
     for p in sorted(files, key=lambda p: p.name):
         h.update(p.name.encode())
         h.update(b"\0")
-        h.update(bytes.fromhex(_file_sha256(p)))
+        h.update(bytes.fromhex(sha256_file(p)))
     return h.hexdigest()
 
 
@@ -256,13 +251,15 @@ class RetrofitCCA(nn.Module):
         self.cca = ChunkedCrossAttention(cfg)
 
 
-class RetrofittedLM(nn.Module):
+class RetrofittedLM(RetrievalLMMixin, nn.Module):
     """A frozen Hugging Face causal LM with chunked cross-attention and a neighbour encoder.
 
-    Build it with :func:`retrofit`. It has the interface of :class:`~retro_core.model.Retro`
-    (``config``, ``forward(tokens, neighbours, neighbour_lengths, cache=...)``, ``new_cache()``,
-    ``num_parameters()``), so :func:`retro_core.train.train` trains it and
-    :func:`retro_core.generate.generate` decodes with it (with the base model's KV cache).
+    Build it with :func:`retrofit`. Like :class:`~retro_core.model.Retro` it is a
+    :class:`~retro_core.interface.RetrievalLM` (``config``, ``forward(tokens, neighbours,
+    neighbour_lengths, cache=...)``, ``new_cache()``, ``geometry``, ``check_retriever``), and it
+    shares Retro's input checks, neighbour encoding and CCA keys/values through
+    :class:`~retro_core.interface.RetrievalLMMixin`; so :func:`retro_core.train.train` trains it
+    and :func:`retro_core.generate.generate` decodes with it (with the base model's KV cache).
 
     Attributes:
         base: the Hugging Face model (frozen, always in eval mode; its state is never changed).
@@ -271,13 +268,6 @@ class RetrofittedLM(nn.Module):
         encoder: the neighbour :class:`~retro_core.model.Encoder`.
         base_ref: {"path", "gguf_file", "sha256", "model_type"} or None (then it cannot be saved).
     """
-
-    # The input checks, the per-chunk neighbour encoding and the CCA keys/values (with their cache
-    # bookkeeping) are Retro's own: they read only ``config``, ``encoder``, ``tok_emb`` and
-    # ``rope``, which this class has.
-    _check_inputs = Retro._check_inputs
-    _encode = Retro._encode
-    _cca_kv = Retro._cca_kv
 
     def __init__(self, base: nn.Module, config: RetroConfig, base_ref: dict[str, Any] | None):
         super().__init__()
@@ -319,8 +309,8 @@ class RetrofittedLM(nn.Module):
                 {str(p): RetrofitCCA(config) for p in config.cca_layers}
             )
             self.encoder = Encoder(config)
-            self.cca_layers.apply(Retro._init_weights)
-            self.encoder.apply(Retro._init_weights)
+            self.cca_layers.apply(init_weights)
+            self.encoder.apply(init_weights)
             with torch.no_grad():  # CCA starts as the identity: logits equal the base model's
                 for layer in self.cca_layers.values():
                     layer.cca.attn.out_proj.weight.zero_()
@@ -382,12 +372,6 @@ class RetrofittedLM(nn.Module):
     def new_cache(self) -> RetrofitCache:
         """An empty cache for incremental decoding with ``forward(..., cache=cache)``."""
         return RetrofitCache(keys=[], values=[])
-
-    def check_retriever(self, retriever: object) -> None:
-        """Refuse a retriever built with another chunk size or tokenizer than this model's."""
-        check_retriever(
-            retriever, chunk_size=self.config.chunk_size, tokenizer_id=self.config.tokenizer_id
-        )
 
     # -- the frozen prefix -----------------------------------------------------------------------
 
@@ -630,6 +614,97 @@ def _first_int(v: Any) -> int | None:
     return int(v) if isinstance(v, int) and not isinstance(v, bool) else None
 
 
+def _layers_from_induction_heads(
+    hf_model: nn.Module,
+    cca_layers: tuple[int, ...] | list[int] | None,
+    cca_heads: tuple[tuple[int, ...], ...] | None,
+    induction_threshold: float,
+) -> tuple[tuple[int, ...] | list[int], tuple[tuple[int, ...], ...]]:
+    """``cca_from_base``: P and the heads whose gates start open, from the base's induction heads.
+
+    Without ``cca_layers``: CCA after layer L-1 for each layer L with a head scoring at least
+    ``induction_threshold``; without ``cca_heads``: the heads of each given layer above it.
+    """
+    if _layer_owner(hf_model)[1] != "layers":
+        raise RetrofitError(
+            f"cca_from_base: {type(hf_model).__name__} is not a Llama-family model (its "
+            f"rotary attention is what the CCA copies)"
+        )
+    scores = induction_scores(hf_model)  # (L, h)
+    if cca_layers is None:
+        chosen = induction_heads(scores, threshold=induction_threshold)
+        if not chosen:
+            raise RetrofitError(
+                f"retrofit: no head of the base has an induction score >= "
+                f"{induction_threshold} (best {float(scores.max()):.2f}); pass cca_layers="
+            )
+        cca_layers = tuple(layer - 1 for layer in chosen)
+        cca_heads = tuple(chosen.values())
+    elif not all(0 < p < len(scores) for p in cca_layers):
+        raise RetrofitError(
+            f"cca_from_base: CCA after layer p copies layer p + 1; the base has "
+            f"{len(scores)} layers, got cca_layers={list(cca_layers)}"
+        )
+    elif cca_heads is None:
+        cca_heads = tuple(
+            tuple(int(h) for h in torch.nonzero(scores[p] >= induction_threshold).flatten())
+            for p in cca_layers
+        )
+    logger.info(
+        "cca_from_base: CCA after layers %s copies the heads %s of the layers above "
+        "(induction scores %s)",
+        list(cca_layers),
+        [list(h) for h in cca_heads],
+        [
+            [round(float(scores[p][h]), 2) for h in hh]
+            for p, hh in zip(cca_layers, cca_heads, strict=False)
+        ],
+    )
+    return cca_layers, cca_heads
+
+
+def _base_reference(
+    hf_model: nn.Module, base_path: str | os.PathLike[str] | None, gguf_file: str | None
+) -> tuple[str | os.PathLike[str] | None, dict[str, Any] | None]:
+    """The base model's directory (given, or its ``name_or_path``) and the reference saved to
+    ``retrofit.json`` ({"path", "gguf_file", "sha256", "model_type"}), or (None, None)."""
+    hc = hf_model.config
+    if base_path is None:
+        name = getattr(hf_model, "name_or_path", "") or getattr(hc, "_name_or_path", "")
+        base_path = name if name and Path(name).is_dir() else None
+    if base_path is None:
+        logger.warning("retrofit: the base model has no directory: it cannot be saved")
+        return None, None
+    return base_path, {
+        "path": str(Path(base_path).resolve()),
+        "gguf_file": gguf_file,
+        "sha256": base_weights_sha256(base_path, gguf_file),
+        "model_type": getattr(hc, "model_type", None),
+    }
+
+
+def _tokenizer_id(
+    tokenizer_id: str | None,
+    tokenizer_dir: str | os.PathLike[str] | None,
+    base_path: str | os.PathLike[str] | None,
+) -> str | None:
+    """The tokenizer id the database must have: given, else from ``tokenizer_dir``, else from
+    the base model's directory; None (with a warning) when none is found."""
+    if tokenizer_id is None and tokenizer_dir is not None:
+        tokenizer_id = hf_tokenizer_id(tokenizer_dir)
+        if tokenizer_id is None:
+            raise RetrofitError(f"{tokenizer_dir}: no tokenizer files (tokenizer.json, ...)")
+    if tokenizer_id is None and base_path is not None:
+        tokenizer_id = hf_tokenizer_id(base_path)
+    if tokenizer_id is None:
+        logger.warning(
+            "retrofit: no tokenizer id (pass tokenizer_dir=): retrievers are checked by chunk "
+            "size only"
+        )
+    return tokenizer_id
+
+
+# Over 80 lines only for the documentation of its 21 options; the body is about 50.
 def retrofit(
     hf_model: nn.Module | str | os.PathLike[str],
     *,
@@ -700,36 +775,10 @@ def retrofit(
             f"retrofit: expected a Hugging Face causal LM, got {type(hf_model).__name__}"
         )
     hc = hf_model.config
-    if base_path is None:
-        name = getattr(hf_model, "name_or_path", "") or getattr(hc, "_name_or_path", "")
-        base_path = name if name and Path(name).is_dir() else None
-    base_ref: dict[str, Any] | None = None
-    if base_path is not None:
-        base_ref = {
-            "path": str(Path(base_path).resolve()),
-            "gguf_file": gguf_file,
-            "sha256": base_weights_sha256(base_path, gguf_file),
-            "model_type": getattr(hc, "model_type", None),
-        }
-    else:
-        logger.warning("retrofit: the base model has no directory: it cannot be saved")
-    if tokenizer_id is None and tokenizer_dir is not None:
-        tokenizer_id = hf_tokenizer_id(tokenizer_dir)
-        if tokenizer_id is None:
-            raise RetrofitError(f"{tokenizer_dir}: no tokenizer files (tokenizer.json, ...)")
-    if tokenizer_id is None and base_path is not None:
-        tokenizer_id = hf_tokenizer_id(base_path)
-    if tokenizer_id is None:
-        logger.warning(
-            "retrofit: no tokenizer id (pass tokenizer_dir=): retrievers are checked by chunk "
-            "size only"
-        )
+    base_path, base_ref = _base_reference(hf_model, base_path, gguf_file)
+    tokenizer_id = _tokenizer_id(tokenizer_id, tokenizer_dir, base_path)
     if pad_id is None:  # the base's pad, else its eos, else 0 (only padding: it is masked out)
-        for name in ("pad_token_id", "eos_token_id"):
-            v = _first_int(getattr(hc, name, None))
-            if v is not None and 0 <= v < int(hc.vocab_size):
-                pad_id = v
-                break
+        pad_id = _base_pad_id(hc)
     eps = getattr(hc, "rms_norm_eps", None) or getattr(hc, "layer_norm_epsilon", None) or 1e-5
     if enc_n_heads is None and enc_d_model is not None and enc_d_model != hc.hidden_size:
         # a narrower/wider encoder keeps the base's head size: d' / (d / h) heads
@@ -737,40 +786,8 @@ def retrofit(
     if cca_heads is not None and (not cca_from_base or cca_layers is None):
         raise RetrofitError("retrofit: cca_heads needs cca_from_base=True and cca_layers")
     if cca_from_base:
-        if _layer_owner(hf_model)[1] != "layers":
-            raise RetrofitError(
-                f"cca_from_base: {type(hf_model).__name__} is not a Llama-family model (its "
-                f"rotary attention is what the CCA copies)"
-            )
-        scores = induction_scores(hf_model)  # (L, h)
-        if cca_layers is None:
-            chosen = induction_heads(scores, threshold=induction_threshold)
-            if not chosen:
-                raise RetrofitError(
-                    f"retrofit: no head of the base has an induction score >= "
-                    f"{induction_threshold} (best {float(scores.max()):.2f}); pass cca_layers="
-                )
-            cca_layers = tuple(layer - 1 for layer in chosen)
-            cca_heads = tuple(chosen.values())
-        elif not all(0 < p < len(scores) for p in cca_layers):
-            raise RetrofitError(
-                f"cca_from_base: CCA after layer p copies layer p + 1; the base has "
-                f"{len(scores)} layers, got cca_layers={list(cca_layers)}"
-            )
-        elif cca_heads is None:
-            cca_heads = tuple(
-                tuple(int(h) for h in torch.nonzero(scores[p] >= induction_threshold).flatten())
-                for p in cca_layers
-            )
-        logger.info(
-            "cca_from_base: CCA after layers %s copies the heads %s of the layers above "
-            "(induction scores %s)",
-            list(cca_layers),
-            [list(h) for h in cca_heads],
-            [
-                [round(float(scores[p][h]), 2) for h in hh]
-                for p, hh in zip(cca_layers, cca_heads, strict=False)
-            ],
+        cca_layers, cca_heads = _layers_from_induction_heads(
+            hf_model, cca_layers, cca_heads, induction_threshold
         )
     try:
         config = RetroConfig(
@@ -804,28 +821,36 @@ def retrofit(
     if cca_from_base and not train_copies:
         for name, p in model.cca_layers.named_parameters():
             p.requires_grad_(name.endswith((".gate", ".sink", ".null_key")))
-    s = model.trainable_parameters()
+    _log_retrofitted(model, getattr(hc, "model_type", type(hf_model).__name__))
+    return model
+
+
+def _log_retrofitted(model: RetrofittedLM, model_type: str) -> None:
+    """Log what was added to the base and the share of the parameters that trains."""
+    config, s = model.config, model.trainable_parameters()
     logger.info(
         "retro-fitted %s (%d layers, d=%d): CCA after layers %s, encoder: %s; "
         "trainable %d of %d parameters (%.2f%%)",
-        getattr(hc, "model_type", type(hf_model).__name__),
+        model_type,
         config.n_layers,
         config.d_model,
         list(config.cca_layers),
         "the frozen base (cca_from_base)"
-        if cca_from_base
+        if config.cca_from_base
         else f"{config.enc_layers} layers, d'={config.enc_d_model}",
         s["trainable"],
         s["total"],
         100 * s["share"],
     )
-    return model
 
 
-def _fsync_replace(tmp: Path, final: Path) -> None:
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
+def _base_pad_id(hc: Any) -> int | None:
+    """The base config's pad id, else its eos id (when inside the vocabulary), else None."""
+    for name in ("pad_token_id", "eos_token_id"):
+        v = _first_int(getattr(hc, name, None))
+        if v is not None and 0 <= v < int(hc.vocab_size):
+            return v
+    return None
 
 
 def is_retrofit_checkpoint(directory: str | os.PathLike[str]) -> bool:
@@ -856,18 +881,14 @@ def save_retrofitted(
         "base": model.base_ref,
         "extra": extra,
     }
-    try:
-        text = json.dumps(meta, indent=2, sort_keys=True, allow_nan=False)
-    except (TypeError, ValueError) as e:
-        raise RetrofitError(f"save_retrofitted: extra is not JSON-serialisable: {e}") from e
     state = {k: v.detach().contiguous().cpu() for k, v in model.new_state_dict().items()}
-    tmp_w, tmp_c = d / f".{WEIGHTS_FILE}.tmp-{os.getpid()}", d / f".{CONFIG_FILE}.tmp-{os.getpid()}"
-    save_file(state, str(tmp_w), metadata={"format": RETROFIT_FORMAT})
-    meta["integrity"] = integrity_record(meta, tmp_w)
-    text = json.dumps(meta, indent=2, sort_keys=True, allow_nan=False)
-    _fsync_replace(tmp_w, d / WEIGHTS_FILE)
-    tmp_c.write_text(text + "\n", encoding="utf-8")
-    _fsync_replace(tmp_c, d / CONFIG_FILE)
+    write_weights_and_meta(
+        d / WEIGHTS_FILE,
+        d / CONFIG_FILE,
+        state,
+        meta,
+        RetrofitError("save_retrofitted: extra is not JSON-serialisable"),
+    )
     logger.info("saved retro-fit weights to %s (%d tensors)", d, len(state))
     return d
 

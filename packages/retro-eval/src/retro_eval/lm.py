@@ -45,6 +45,7 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from tqdm.auto import tqdm
 
+from retro_core.interface import RetrievalLM
 from retro_core.retrieval import Neighbours
 
 from .perplexity import (
@@ -236,7 +237,7 @@ class RetroLM(LM):
         knn_k: int | str = 1024,
         knn_max_tokens: int | str | None = None,
         *,
-        model: torch.nn.Module | None = None,
+        model: RetrievalLM | None = None,
         retriever: Any = None,
         progress: bool = False,
         **kwargs: Any,

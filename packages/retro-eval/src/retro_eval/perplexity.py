@@ -42,6 +42,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from retro_core.interface import RetrievalLM
 from retro_core.retrieval import Neighbours, check_retriever
 
 logger = logging.getLogger(__name__)
@@ -496,7 +497,7 @@ def _targets_logprob(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tenso
 
 
 def score_token_documents(
-    model: torch.nn.Module,
+    model: RetrievalLM,
     token_documents: Sequence[Sequence[int]],
     *,
     decode: Callable[[list[int]], str],
@@ -681,7 +682,7 @@ def has_retrieval(model: torch.nn.Module) -> bool:
 
 
 def score_documents(
-    model: torch.nn.Module,
+    model: RetrievalLM,
     tokenizer: Any,
     documents: Sequence[str],
     *,
@@ -742,7 +743,7 @@ def score_documents(
 
 
 def sweep_k(
-    model: torch.nn.Module,
+    model: RetrievalLM,
     tokenizer: Any,
     documents: Sequence[str],
     retriever: Any,

@@ -1,9 +1,14 @@
 """Open-domain QA with RETRO: the question retrieves passages, the model answers greedily.
 
-As in the paper (section 4.3), the prompt is placed so that it *ends a chunk*: it is left-padded with
-the pad id to a multiple of m, so the last chunk (holding the end of the question) retrieves
-neighbours from the database, and those neighbours condition every answer token (CCA's causal
-shift). Generation is ``retro_core.generate.generate`` (greedy, KV-cached, retrieving each time a
+As in the paper (section 4.3), the prompt is placed so that it *ends a chunk*: it is left-filled to
+a multiple of m, so the last chunk (holding the end of the question) retrieves neighbours from the
+database, and those neighbours condition every answer token (CCA's causal shift). The filler is the
+end of a fixed few-shot text (:data:`FEW_SHOT`: three general-knowledge question/answer pairs in
+the template's format, none from a benchmark), then the pad id where that runs out: a pretrained
+base fed dozens of pad tokens before the question babbles (SmolLM2-135M on 30 squad-open-mini
+questions: F1 0 % after pad tokens, 5.3 % after the few-shot filler), and the pairs show the
+answer format. The filler never reaches retrieval: the query is the question alone
+(:class:`PromptQueries`). Generation is ``retro_core.generate.generate`` (greedy, KV-cached, retrieving each time a
 chunk completes). Answers are scored with SQuAD's normalisation (``retro_eval.metrics``): exact match
 and token F1, maximised over the gold answers. The closed-book row is the same model with no
 retriever (RETRO[OFF]).
@@ -26,8 +31,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from tqdm.auto import tqdm
+
+from retro_core.interface import RetrievalLM
 
 from .perplexity import check_retriever_for, has_retrieval, model_geometry
 
@@ -35,6 +41,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "DEFAULT_TEMPLATE",
+    "FEW_SHOT",
     "RECALL_KS",
     "PromptQueries",
     "QAResult",
@@ -50,27 +57,44 @@ RECALL_KS = (1, 2, 10)
 
 DEFAULT_TEMPLATE = "question: {question}\nanswer:"
 
+#: The few-shot text whose end fills a question's first chunk (see the module docstring): three
+#: general-knowledge pairs in DEFAULT_TEMPLATE's format, not from any benchmark of the suite.
+FEW_SHOT = (
+    "question: who wrote the play romeo and juliet?\nanswer: William Shakespeare\n\n"
+    "question: what is the capital city of japan?\nanswer: Tokyo\n\n"
+    "question: in which year did apollo 11 land on the moon?\nanswer: 1969\n\n"
+)
+
 
 def align_prompt(
-    ids: Sequence[int], chunk_size: int, pad_id: int, max_len: int | None = None
+    ids: Sequence[int],
+    chunk_size: int,
+    pad_id: int,
+    max_len: int | None = None,
+    filler: Sequence[int] | None = None,
 ) -> list[int]:
-    """Left-pad (and, past ``max_len``, left-truncate) a prompt so its length is a multiple of m.
+    """Left-fill (and, past ``max_len``, left-truncate) a prompt so its length is a multiple of m.
 
     Args:
         ids: prompt token ids.
         chunk_size: m.
         pad_id: the padding token.
         max_len: most tokens kept (rounded down to a multiple of m), or None.
+        filler: token ids whose last ``(-len) mod m`` fill the left instead of padding (the pad
+            id before them where the filler is shorter), or None (padding only).
 
     Returns:
-        ``pad * ((-len) mod m) + ids`` (a whole number of chunks, the prompt ending the last one).
+        ``fill + ids`` with ``len(fill) = (-len) mod m`` (a whole number of chunks, the prompt
+        ending the last one).
     """
     ids = list(map(int, ids))
     m = int(chunk_size)
     if max_len is not None:
         keep = max(m, int(max_len) // m * m)
         ids = ids[-keep:]
-    return [int(pad_id)] * (-len(ids) % m) + ids
+    need = -len(ids) % m
+    tail = [int(t) for t in filler][-need:] if filler and need else []
+    return [int(pad_id)] * (need - len(tail)) + tail + ids
 
 
 class PromptQueries:
@@ -168,7 +192,7 @@ class QAResult:
 
 
 def answer_questions(
-    model: torch.nn.Module,
+    model: RetrievalLM,
     tokenizer: Any,
     examples: Sequence[Any],
     *,
@@ -177,6 +201,7 @@ def answer_questions(
     max_new_tokens: int = 24,
     template: str = DEFAULT_TEMPLATE,
     progress: bool = True,
+    few_shot: str | None = FEW_SHOT,
 ) -> QAResult:
     """Answer each question greedily and score it (EM / F1 against every gold answer).
 
@@ -188,6 +213,8 @@ def answer_questions(
         k: neighbours per chunk (default the model's).
         max_new_tokens: answer length limit; the answer is the generated text up to its first newline.
         template: prompt template with ``{question}``.
+        few_shot: text whose end fills the question's first chunk (:func:`align_prompt`), or None
+            for the pad id.
 
     Returns:
         QAResult (EM and F1 per question; ``summary()`` gives percentages).
@@ -207,10 +234,11 @@ def answer_questions(
     eos = getattr(tokenizer, "eos_id", None)
     out = QAResult(retrieval=retriever is not None, k=kk if retriever is not None else None)
     queries = PromptQueries(retriever, m, pad_id) if retriever is not None else None
+    filler = tokenizer.encode(few_shot) if few_shot else None
     model.eval()
     for ex in tqdm(examples, desc="qa", disable=not progress, unit="q"):
         ids = tokenizer.encode(format_prompt(ex.question, template))
-        prompt = align_prompt(ids, m, pad_id, budget)
+        prompt = align_prompt(ids, m, pad_id, budget, filler)
         if queries is not None:
             queries.register(prompt, len(prompt) - min(len(ids), len(prompt)))
         new = generate(model, prompt, queries, max_new, k=kk, eos_id=eos)
@@ -231,7 +259,7 @@ def answer_questions(
 
 
 def answer_hit_ranks(
-    model: torch.nn.Module,
+    model: RetrievalLM,
     tokenizer: Any,
     examples: Sequence[Any],
     retriever: Any,

@@ -91,6 +91,8 @@ from typing import Any
 
 import numpy as np
 
+from retro_core.interface import RetrievalLM
+
 from .compare import METHODS, KnnSettings
 from .perplexity import (
     ScoreResult,
@@ -764,7 +766,7 @@ _SCORE_ARRAYS = ("bits", "bytes", "tokens", "doc_index", "chunk_index", "chunk_t
 
 
 def _score_cached(
-    model: Any,
+    model: RetrievalLM,
     model_sum: str,
     token_docs: list[list[int]],
     groups: list[range],
@@ -904,7 +906,7 @@ def _eval_lm(
 
     speed: dict[str, dict[str, Any]] = {}
 
-    def score(model: Any, model_sum: str, neighbours: Any, label: str) -> ScoreResult:
+    def score(model: RetrievalLM, model_sum: str, neighbours: Any, label: str) -> ScoreResult:
         t0, misses = time.perf_counter(), rc.misses
         res = _score_cached(
             model, model_sum, token_docs, groups, group_sums, neighbours, common, settings, rc,
@@ -1161,7 +1163,7 @@ def _eval_bm25(
 
 
 def _answer_cached(
-    model: Any,
+    model: RetrievalLM,
     model_sum: str,
     tokenizer: Any,
     examples: list[Any],
@@ -1175,7 +1177,7 @@ def _answer_cached(
     from tqdm.auto import tqdm
 
     from .cache import cache_key, retriever_checksum
-    from .qa import QAResult, answer_questions
+    from .qa import DEFAULT_TEMPLATE, FEW_SHOT, QAResult, answer_questions
 
     db_sum = retriever_checksum(retriever) if retriever is not None else "closed-book"
     use = bool(model_sum) and db_sum is not None
@@ -1184,7 +1186,9 @@ def _answer_cached(
     keys = []
     for gi, g in enumerate(groups):
         qs = [[examples[i].question, list(examples[i].answers)] for i in g]
-        key = cache_key("qa", model_sum, db_sum, k, cfg.max_new_tokens, qs)
+        key = cache_key(
+            "qa", model_sum, db_sum, k, cfg.max_new_tokens, DEFAULT_TEMPLATE, FEW_SHOT, qs
+        )
         keys.append(key)
         got = cache.get_json(key) if use else None
         if isinstance(got, dict) and all(len(got.get(f, [])) == len(g) for f in ("em", "f1")):
@@ -1218,7 +1222,7 @@ def _answer_cached(
 
 
 def _recall_cached(
-    model: Any,
+    model: RetrievalLM,
     model_sum: str,
     tokenizer: Any,
     examples: list[Any],
