@@ -81,7 +81,7 @@ def retro_db(session: nox.Session) -> None:
 
     sentence-transformers and datasets are references the tests compare against.
     """
-    install(session, f"{DB}[embed,fast,ray,test]", "sentence-transformers", "datasets")
+    install(session, f"{DB}[embed,fast,ray,test,bm25]", "sentence-transformers", "datasets")
     pytest(session, "packages/retro-db/tests")
 
 

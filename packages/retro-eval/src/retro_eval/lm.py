@@ -10,6 +10,13 @@ Model args (``--model_args``): ``checkpoint`` (a retro_core checkpoint directory
 (default 0), ``batch_size``, ``max_length`` (window n; default the model's max_seq_len), ``stride``
 (default n/2), ``tokenizer`` (a tokenizer directory; default the database's tokenizer, else GPT-2).
 
+The comparison methods of issue 17 (``loglikelihood_rolling`` only, i.e. the perplexity tasks; the
+model reads no neighbours through CCA, so a decoder-only baseline or a retro-fitted model's frozen
+base): ``retrieval=incontext`` (:mod:`retro_eval.incontext`: the nearest neighbour of the previous
+chunk prepended at each chunk boundary) and ``retrieval=knnlm`` (:mod:`retro_eval.knnlm`, a
+datastore over the database's text built on first use; ``knn_lambda`` default 0.25, ``knn_k``
+default 1024, ``knn_max_tokens`` default all of the database's text). Both need ``database``.
+
 ``retrieval=shuffled``: every chunk gets the neighbours retrieved for another chunk of the same
 request list (lm-eval hands a model all requests of a kind at once), paired by a seeded derangement
 (``retro_eval.perplexity.shuffled_slots``) that also avoids the chunk's own document (rolling) or
@@ -77,14 +84,23 @@ def parse_bool(value: Any, name: str = "retrieval") -> bool:
     raise ValueError(f"{name}={value!r}: expected on/off (true/false)")
 
 
+#: retrieval modes whose model reads no neighbours through CCA (rolling loglikelihood only)
+METHOD_MODES = ("incontext", "knnlm")
+
+
 def parse_retrieval(value: Any) -> str:
-    """Parse the ``retrieval`` model arg: ``"on"``, ``"off"`` or ``"shuffled"`` (booleans as on/off)."""
+    """Parse the ``retrieval`` model arg: ``"on"``, ``"off"``, ``"shuffled"``, ``"incontext"`` or
+    ``"knnlm"`` (booleans as on/off)."""
     if isinstance(value, str) and value.strip().lower() in {"shuffled", "shuffle"}:
         return "shuffled"
+    if isinstance(value, str) and value.strip().lower() in METHOD_MODES:
+        return value.strip().lower()
     try:
         return "on" if parse_bool(value) else "off"
     except ValueError:
-        raise ValueError(f"retrieval={value!r}: expected on, off or shuffled") from None
+        raise ValueError(
+            f"retrieval={value!r}: expected on, off or shuffled (or incontext, knnlm)"
+        ) from None
 
 
 class _ShuffledNeighbours:
@@ -196,6 +212,8 @@ class RetroLM(LM):
         retrieval: on/off/shuffled (False = "off" = RETRO[OFF], the model sees no neighbours;
             "shuffled" = each chunk gets the neighbours of another chunk, see the module docstring).
         shuffle_seed: seeds the shuffled pairing.
+        knn_lambda, knn_k, knn_max_tokens: ``retrieval=knnlm``'s interpolation weight, neighbours
+            and datastore cap (see the module docstring).
         batch_size: windows per forward pass.
         max_length: window n (default the model's max_seq_len); stride: s (default n/2).
         tokenizer: tokenizer directory / object (default the database's tokenizer, else GPT-2).
@@ -215,6 +233,9 @@ class RetroLM(LM):
         tokenizer: Any = None,
         device: str | None = None,
         shuffle_seed: int | str = 0,
+        knn_lambda: float | str = 0.25,
+        knn_k: int | str = 1024,
+        knn_max_tokens: int | str | None = None,
         *,
         model: RetrievalLM | None = None,
         retriever: Any = None,
@@ -246,8 +267,10 @@ class RetroLM(LM):
             from retro_db.database import Database
 
             retriever = Database.open(str(database))
+        if self.retrieval_mode in METHOD_MODES and retriever is None:
+            raise ValueError(f"RetroLM: retrieval={self.retrieval_mode} needs a database")
         if self.retrieval and retriever is not None:
-            if not has_retrieval(self.model):
+            if self.retrieval_mode not in METHOD_MODES and not has_retrieval(self.model):
                 raise ValueError("RetroLM: the checkpoint has no CCA layers: use retrieval=off")
             check_retriever_for(self.model, retriever)
         self.retriever = retriever if self.retrieval else None
@@ -269,6 +292,15 @@ class RetroLM(LM):
         self.stride = _int_or_none(stride, "stride")
         self.batch_size = _int_or_none(batch_size, "batch_size") or 1
         self.progress = progress
+        try:
+            self.knn_lambda = float(knn_lambda)
+        except (TypeError, ValueError):
+            raise ValueError(f"knn_lambda={knn_lambda!r}: expected a number in [0, 1]") from None
+        if not 0.0 <= self.knn_lambda <= 1.0:
+            raise ValueError(f"knn_lambda={knn_lambda!r}: expected a number in [0, 1]")
+        self.knn_k = _int_or_none(knn_k, "knn_k") or 1024
+        self.knn_max_tokens = _int_or_none(knn_max_tokens, "knn_max_tokens")
+        self._datastore: Any = None
         self._nb_cache: dict[tuple[int, ...], tuple[np.ndarray, np.ndarray]] = {}
         # Generation queries a left-padded prompt chunk with its real tokens (qa.PromptQueries).
         self._queries = None
@@ -379,6 +411,13 @@ class RetroLM(LM):
         if not nonempty:
             return out
         token_docs = [docs[i] for i in nonempty]
+        if self.retrieval_mode in METHOD_MODES:
+            res = self._score_method(token_docs, self.progress and not disable_tqdm)
+            ll = res.doc_loglikelihood()
+            for j, i in enumerate(nonempty):
+                out[i] = float(ll[j])
+                self.cache_hook.add_partial("loglikelihood_rolling", (texts[i],), out[i])
+            return out
         neighbours = None
         if self.retriever is not None:
             neighbours = retrieve_document_neighbours(
@@ -409,6 +448,48 @@ class RetroLM(LM):
             self.cache_hook.add_partial("loglikelihood_rolling", (texts[i],), out[i])
         return out
 
+    def _score_method(self, token_docs: list[list[int]], progress: bool) -> Any:
+        """``retrieval=incontext`` / ``knnlm`` over documents (retro-eval run's comparison rows)."""
+        common = dict(
+            decode=self.tok_decode, prefix_id=self.prefix_token_id, window=self.max_length,
+            stride=self.stride, batch_size=self.batch_size, progress=progress,
+        )  # fmt: skip
+        if self.retrieval_mode == "incontext":
+            from .incontext import score_incontext
+
+            nbs = retrieve_document_neighbours(
+                self.retriever, token_docs, chunk_size=self.m, k=1, pad_id=self.pad_id,
+                progress=progress,
+            )  # fmt: skip
+            return score_incontext(self.model, token_docs, nbs, **common)
+        from .knnlm import (
+            build_datastore,
+            database_documents,
+            matching_database_documents,
+            score_knnlm,
+        )
+
+        db_docs, db_index = database_documents(self.retriever)
+        if self._datastore is None:
+            self._datastore = build_datastore(
+                self.model, db_docs, db_index, prefix_id=self.prefix_token_id,
+                window=self.max_length, stride=self.stride, batch_size=self.batch_size,
+                max_tokens=self.knn_max_tokens, progress=progress,
+            )  # fmt: skip
+        excl = matching_database_documents(token_docs, db_docs, db_index)
+        scores = score_knnlm(
+            self.model, token_docs, self._datastore, ks=(self.knn_k,), exclude_doc_ids=excl,
+            **common,
+        )  # fmt: skip
+        return scores.result(self.knn_lambda, self.knn_k)
+
+    def _only_rolling(self, what: str) -> None:
+        if self.retrieval_mode in METHOD_MODES:
+            raise ValueError(
+                f"RetroLM: retrieval={self.retrieval_mode} scores loglikelihood_rolling only "
+                f"(the perplexity tasks), not {what}"
+            )
+
     def _encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
         # As lm-eval's HF model: trailing context spaces belong to the continuation.
         n_spaces = len(context) - len(context.rstrip())
@@ -429,6 +510,7 @@ class RetroLM(LM):
         The input is the last n tokens of context + continuation (minus the final token); its chunks
         from its first token retrieve neighbours.
         """
+        self._only_rolling("loglikelihood")
         items = []
         for idx, req in enumerate(requests):
             ctx, cont = self._encode_pair(*req.args)
@@ -511,6 +593,7 @@ class RetroLM(LM):
         """
         from retro_core.generate import generate
 
+        self._only_rolling("generate_until")
         parsed = [self._gen_request(req) for req in requests]
         retriever = self._queries  # None for RETRO[OFF]
         if self._shuffled is not None:

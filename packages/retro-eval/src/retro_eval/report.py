@@ -19,12 +19,21 @@ results.json (version 1)::
                                   ...],
                            "minhash": [...]},
                   "k_sweep": [{"k": 1, "bpb": ..}, ...],
-                  "subsets": {"<pile_set_name>": {"retro_on": bpb, ...}, ...}},
+                  "subsets": {"<pile_set_name>": {"retro_on": bpb, ...}, ...},
+                  # with run.yaml `methods` (retro_eval.compare): the comparison rows
+                  "methods": {"reads": "baseline", "knnlm": {"lambda": .., "k": .., "sweep": [
+                              {"lambda": .., "k": .., "bpb": ..}], "datastore_entries": N, ...}},
+                  "comparison": {"columns": [{"measure": null|"rc", "bin": "..", "chunks": n}],
+                                 "rows": [{"model": "knnlm", "all": {"bpb", "ci95"},
+                                           "bins": {"rc": [{"bin", "bpb", "ci95"}]}}]}},
        "<qa name>": {"kind": "qa", "split": "validation", "questions": Q,
                      "models": {"retro_on": {"exact_match": .., "f1": ..}, "retro_off": {...}},
                      "retrieval_recall": {"<database>": {"top1": %, "top2": %, "top10": %,
                                                           "questions": Q, "database": path}}}},
-     "cache": {"hits": n, "misses": n, "corrupted": n}}   # retro_eval.cache entries of this run
+     "cache": {"hits": n, "misses": n, "corrupted": n},   # retro_eval.cache entries of this run
+     # timings (not results: they change from run to run), per language-modelling benchmark
+     "speed": {"<name>": {"retro_on": {"seconds": s, "tokens": T, "tokens_per_s": ..|null,
+                                       "cached": bool}, ...}}}
 
 A bucket with no chunks has ``"chunks": 0`` and null bpb: the report prints "empty".
 
@@ -53,9 +62,12 @@ MODEL_LABELS = {
     "retro_shuffled": "RETRO[shuffled]",
     "retro_off": "RETRO[OFF]",
     "baseline": "baseline",
+    "retro_bm25": "RETRO[ON], BM25 neighbours",
+    "knnlm": "kNN-LM",
+    "incontext": "in-context retrieval",
 }
 #: The models whose difference from RETRO[OFF] is reported, and the plot of bpb per bin.
-VS_OFF_MODELS = ("retro_on", "retro_shuffled")
+VS_OFF_MODELS = ("retro_on", "retro_shuffled", "retro_bm25", "knnlm", "incontext")
 BIN_PLOT_MODELS = ("retro_on", "retro_shuffled", "retro_off")
 MEASURE_LABELS = {"rc": "r(C): longest common token substring / m", "minhash": "MinHash Jaccard"}
 
@@ -254,6 +266,76 @@ def _plot_subsets(name: str, subsets: dict[str, dict[str, Any]], path: Path) -> 
     return True
 
 
+def _ci_cell(c: dict[str, Any] | None) -> str:
+    if not c or c.get("bpb") is None:
+        return "empty"
+    ci = c.get("ci95") or [None, None]
+    return f"{_fmt(c['bpb'], 3)} [{_fmt(ci[0], 3)}, {_fmt(ci[1], 3)}]"
+
+
+def _comparison_lines(bench: dict[str, Any], speed: dict[str, Any]) -> list[str]:
+    """The comparison table (``retro_eval.compare.comparison_table``) as markdown."""
+    comp = bench.get("comparison") or {}
+    rows, columns = comp.get("rows") or [], comp.get("columns") or []
+    if not rows:
+        return []
+    header = ["model"]
+    for col in columns:
+        name = col["bin"] if col.get("measure") is None else f"{col['measure']} {col['bin']}"
+        header.append(f"{name} ({col.get('chunks', '?')} chunks)")
+    header.append("tokens/s")
+    body = []
+    for r in rows:
+        cells = [_label(r["model"]), _ci_cell(r.get("all"))]
+        for col in columns[1:]:
+            got = next(
+                (
+                    b
+                    for b in (r.get("bins") or {}).get(col["measure"], [])
+                    if b["bin"] == col["bin"]
+                ),
+                None,
+            )
+            cells.append(_ci_cell(got))
+        sp = speed.get(r["model"]) or {}
+        tps = sp.get("tokens_per_s")
+        cells.append("cached" if sp.get("cached") else (f"{tps:.0f}" if tps else "-"))
+        body.append(cells)
+    methods = bench.get("methods") or {}
+    lines = ["### Comparison: bits per byte [95% interval] per overlap bin", ""]
+    lines += _table(header, body) + [""]
+    notes = [
+        f"kNN-LM and in-context retrieval read the {methods.get('reads', '?')}; every row scores "
+        "the same tokens and chunks. Intervals: bootstrap over chunks (the same seeded draws for "
+        "every row). tokens/s: wall time of the row's scoring passes (retrieval of RETRO's "
+        "neighbours, shared by RETRO[ON], RETRO[shuffled] and in-context retrieval, and the kNN-LM "
+        "datastore build are not included; 'cached': read from the result cache)."
+    ]
+    knn = methods.get("knnlm")
+    if knn:
+        notes.append(
+            f"kNN-LM: lambda {knn.get('lambda')}, k {knn.get('k_used')} (asked {knn.get('k')}), "
+            f"temperature {knn.get('temperature')}, datastore of {knn.get('datastore_entries')} "
+            f"entries (hidden state before the read-out -> next token) over the database's text"
+            + (f" (at most {knn['max_tokens']} tokens)" if knn.get("max_tokens") else "")
+            + f", index {knn.get('index_factory') or 'exact L2 (IndexFlatL2)'}; "
+            f"{knn.get('excluded_documents') or 0} evaluated documents found in the database had "
+            "their own entries excluded."
+        )
+    lines += [" ".join(notes), ""]
+    if knn and knn.get("sweep"):
+        ks = sorted({r["k"] for r in knn["sweep"]})
+        lams = sorted({r["lambda"] for r in knn["sweep"]})
+        grid = {(r["lambda"], r["k"]): r["bpb"] for r in knn["sweep"]}
+        lines += ["#### kNN-LM sweep (bits per byte, all chunks)", ""]
+        lines += _table(
+            ["lambda"] + [f"k={k}" for k in ks],
+            [[str(lam)] + [_fmt(grid.get((lam, k))) for k in ks] for lam in lams],
+        )
+        lines.append("")
+    return lines
+
+
 def render_report(results: dict[str, Any] | str | Path, out_dir: str | Path) -> dict[str, Path]:
     """Write ``report.md`` and the PNG plots for a results dict (or results.json path).
 
@@ -347,6 +429,8 @@ def render_report(results: dict[str, Any] | str | Path, out_dir: str | Path) -> 
                 "means fewer bits per byte than RETRO[OFF].",
                 "",
             ]
+
+        lines += _comparison_lines(bench, (results.get("speed") or {}).get(name) or {})
 
         for measure, buckets in (bench.get("buckets") or {}).items():
             if not buckets:

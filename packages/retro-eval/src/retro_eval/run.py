@@ -42,6 +42,21 @@ run.yaml (paths relative to the YAML file)::
     overlap: [rc, minhash]       # leakage measures for bpb(alpha)
     batch_size: 4
     max_new_tokens: 24           # QA answer length
+    methods: [knnlm, incontext, bm25]  # comparison rows (issue 17; default none): kNN-LM and
+                                 #   in-context retrieval, read by the baseline (else RETRO with
+                                 #   retrieval off, a retro-fitted model's frozen base), and bm25:
+                                 #   RETRO[ON] fed BM25's neighbours from the same database's chunks
+                                 #   (retro_db.bm25; the model trained with its usual keys);
+                                 #   `--methods` overrides
+    knnlm:                       # kNN-LM settings (the paper's defaults)
+      lambda: 0.25               #   interpolation weight of the row
+      k: 1024                    #   neighbours of the row (capped by the datastore's size)
+      lambdas: [0, 0.1, 0.25, 0.5]   # the sweep (every lambda x every ks)
+      ks: [16, 64, 1024]
+      temperature: 1.0
+      max_tokens: null           #   datastore over a seeded random subset of the database's
+                                 #   documents holding at most this many tokens (null: all its text)
+      index_factory: null        #   faiss factory string for a compressed index (null: exact L2)
     output: runs/eval            # results.json, report.md, PNGs, cache/
     cache: true                  # per-document results cached in <output>/cache (resumable)
     cache_group: 8               # documents (questions) per cache entry; 1 = one per document
@@ -78,6 +93,7 @@ import numpy as np
 
 from retro_core.interface import RetrievalLM
 
+from .compare import METHODS, KnnSettings
 from .perplexity import (
     ScoreResult,
     check_retriever_for,
@@ -145,6 +161,8 @@ class RunConfig:
     bootstrap_samples: int = 1000
     cache: bool = True
     cache_group: int = 8
+    methods: list[str] = field(default_factory=list)
+    knnlm: KnnSettings = field(default_factory=KnnSettings)
     source: str = "run.yaml"
 
     def to_dict(self) -> dict[str, Any]:
@@ -169,13 +187,15 @@ class RunConfig:
             "bootstrap_samples": self.bootstrap_samples,
             "cache": self.cache,
             "cache_group": self.cache_group,
+            "methods": list(self.methods),
+            **({"knnlm": self.knnlm.to_dict()} if "knnlm" in self.methods else {}),
         }
 
 
 _TOP_KEYS = {
     "retro", "baseline", "tokenizer", "database", "benchmarks", "k", "k_sweep", "overlap_k",
     "window", "stride", "alphas", "overlap", "batch_size", "max_new_tokens", "output", "checkpoints",
-    "shuffled", "seed", "bootstrap_samples", "cache", "cache_group",
+    "shuffled", "seed", "bootstrap_samples", "cache", "cache_group", "methods", "knnlm",
 }  # fmt: skip
 
 
@@ -322,6 +342,8 @@ def parse_run_config(data: Any, base_dir: str | Path = ".", source: str = "run.y
     cache = data.get("cache", True)
     if not isinstance(cache, bool):
         raise RunConfigError(f"{source}: 'cache' must be true or false, got {cache!r}")
+    methods = parse_methods(data.get("methods") or [], f"{source}: methods")
+    knn = _parse_knnlm(data.get("knnlm"), f"{source}: knnlm")
     out = data.get("output")
     if not out:
         raise RunConfigError(f"{source}: 'output' (the output directory) is required")
@@ -347,8 +369,77 @@ def parse_run_config(data: Any, base_dir: str | Path = ".", source: str = "run.y
         bootstrap_samples=_opt_int(data, "bootstrap_samples", source) or 1000,
         cache=cache,
         cache_group=_opt_int(data, "cache_group", source) or 8,
+        methods=methods,
+        knnlm=knn,
         source=source,
     )
+
+
+def parse_methods(value: Any, where: str = "methods") -> list[str]:
+    """The comparison methods: a list (or comma-separated string) of knnlm / incontext; "none"
+    or empty = none.
+
+    Raises:
+        RunConfigError: an unknown method.
+    """
+    if isinstance(value, str):
+        value = [v.strip() for v in value.split(",") if v.strip()]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise RunConfigError(f"{where}: expected a list of {', '.join(METHODS)}, got {value!r}")
+    if value == ["none"]:
+        return []
+    bad = [v for v in value if v not in METHODS]
+    if bad:
+        raise RunConfigError(
+            f"{where}: unknown method(s) {', '.join(bad)} (expected {', '.join(METHODS)} or none)"
+        )
+    return [m for m in METHODS if m in value]
+
+
+def _parse_knnlm(d: Any, where: str) -> KnnSettings:
+    if d is None:
+        return KnnSettings()
+    if not isinstance(d, dict):
+        raise RunConfigError(f"{where}: expected a mapping")
+    extra = sorted(
+        set(d) - {"lambda", "k", "lambdas", "ks", "temperature", "max_tokens", "index_factory"}
+    )
+    if extra:
+        raise RunConfigError(f"{where}: unknown field(s) {', '.join(extra)}")
+    out = KnnSettings()
+
+    def frac(v: Any, key: str) -> float:
+        if isinstance(v, bool) or not isinstance(v, int | float) or not 0 <= v <= 1:
+            raise RunConfigError(f"{where}.{key}: expected a weight in [0, 1], got {v!r}")
+        return float(v)
+
+    def count(v: Any, key: str) -> int:
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise RunConfigError(f"{where}.{key}: expected an integer >= 1, got {v!r}")
+        return int(v)
+
+    if "lambda" in d:
+        out.lmbda = frac(d["lambda"], "lambda")
+    if "k" in d:
+        out.k = count(d["k"], "k")
+    for key, conv in (("lambdas", frac), ("ks", count)):
+        if key in d:
+            v = d[key]
+            if not isinstance(v, list) or not v:
+                raise RunConfigError(f"{where}.{key}: expected a non-empty list, got {v!r}")
+            setattr(out, key, sorted({conv(x, key) for x in v}))
+    if "temperature" in d:
+        t = d["temperature"]
+        if isinstance(t, bool) or not isinstance(t, int | float) or not t > 0:
+            raise RunConfigError(f"{where}.temperature: expected a number > 0, got {t!r}")
+        out.temperature = float(t)
+    if d.get("max_tokens") is not None:
+        out.max_tokens = count(d["max_tokens"], "max_tokens")
+    if d.get("index_factory") is not None:
+        if not isinstance(d["index_factory"], str) or not d["index_factory"].strip():
+            raise RunConfigError(f"{where}.index_factory: expected a faiss factory string")
+        out.index_factory = d["index_factory"]
+    return out
 
 
 def load_run_config(path: str | Path) -> RunConfig:
@@ -497,7 +588,7 @@ def _buckets(
 
 
 #: the models compared with RETRO[OFF] (bpb difference with a bootstrap interval).
-_VS_OFF = ("retro_on", "retro_shuffled")
+_VS_OFF = ("retro_on", "retro_shuffled", "retro_bm25", "knnlm", "incontext")
 
 
 def _vs_off(
@@ -813,11 +904,24 @@ def _eval_lm(
     }
     name = bench.name
 
+    speed: dict[str, dict[str, Any]] = {}
+
     def score(model: RetrievalLM, model_sum: str, neighbours: Any, label: str) -> ScoreResult:
-        return _score_cached(
+        t0, misses = time.perf_counter(), rc.misses
+        res = _score_cached(
             model, model_sum, token_docs, groups, group_sums, neighbours, common, settings, rc,
             f"{name}: {label}",
         )  # fmt: skip
+        seconds = time.perf_counter() - t0
+        cached = bool(model_sum) and rc.directory is not None and rc.misses == misses
+        tokens = int(res.tokens.sum())
+        speed[label] = {
+            "seconds": seconds,
+            "tokens": tokens,
+            "tokens_per_s": None if cached or seconds <= 0 else tokens / seconds,
+            "cached": cached,
+        }
+        return res
 
     scores: dict[str, ScoreResult] = {}
     sweep: list[dict[str, Any]] = []
@@ -875,6 +979,20 @@ def _eval_lm(
     if baseline is not None:
         with _Timer(times, f"{name}: baseline"):
             scores["baseline"] = score(baseline, models.baseline_sum, None, "baseline")
+    speed = {
+        key: speed[label]
+        for key, label in (
+            ("retro_on", "RETRO[ON]"), ("retro_shuffled", "RETRO[shuffled]"),
+            ("retro_off", "RETRO[OFF]"), ("baseline", "baseline"),
+        )
+        if key in scores and label in speed
+    }  # fmt: skip
+    method_info: dict[str, Any] = {}
+    if cfg.methods:
+        method_info = _eval_methods(
+            cfg, models, db, token_docs, full if db is not None else None, groups, group_sums,
+            common, settings, scores, speed, times, cache, name,
+        )  # fmt: skip
     any_res = next(iter(scores.values()))
     out: dict[str, Any] = {
         "kind": "lm",
@@ -897,6 +1015,7 @@ def _eval_lm(
         out["shuffle"] = shuffle_info
         out["bootstrap"] = {"samples": cfg.bootstrap_samples, "seed": cfg.seed, "level": 0.95}
         out["vs_off"] = _vs_off(scores, None, cfg)
+    values_by_measure: dict[str, np.ndarray] = {}
     if db is not None:
         for measure in cfg.overlap:
             index = None
@@ -909,8 +1028,18 @@ def _eval_lm(
                 index = cache["minhash_index"]
             with _Timer(times, f"{name}: overlap {measure}"):
                 values = _overlap_values(measure, full_res, index, cfg.overlap_k)
+            values_by_measure[measure] = values
             out["buckets"][measure] = _buckets(values, cfg.alphas, scores)
             out["bins"][measure] = _bins(values, scores, cfg)
+    # timings are not results: they go to results.json's top-level "speed" (run_evaluation)
+    cache["speed_of_last_benchmark"] = speed
+    if cfg.methods:
+        from .compare import comparison_table
+
+        out["methods"] = method_info
+        out["comparison"] = comparison_table(
+            scores, values_by_measure, samples=cfg.bootstrap_samples, seed=cfg.seed
+        )
     subsets: dict[str, list[int]] = {}
     for i, d in enumerate(docs):
         s = (d.meta or {}).get("subset", (d.meta or {}).get("pile_set_name"))
@@ -922,6 +1051,115 @@ def _eval_lm(
             for s, idx in subsets.items()
         }
     return out
+
+
+def _eval_methods(
+    cfg: RunConfig,
+    models: _Models,
+    db: Any,
+    token_docs: list[list[int]],
+    full: list[Any] | None,
+    groups: list[range],
+    group_sums: list[str],
+    common: dict[str, Any],
+    settings: dict[str, Any],
+    scores: dict[str, ScoreResult],
+    speed: dict[str, dict[str, Any]],
+    times: dict,
+    cache: dict[str, Any],
+    name: str,
+) -> dict[str, Any]:
+    """The comparison rows (``compare.score_method_rows``) of one benchmark, added to ``scores``
+    and ``speed``; returns what they read and the kNN-LM datastore and sweep."""
+    from .cache import retriever_checksum
+    from .compare import method_model, score_method_rows
+
+    if db is None:
+        logger.warning("%s: the comparison methods need a database: no rows", name)
+        return {}
+    model, reads = method_model(models.retro, models.baseline)
+    model_sum = models.baseline_sum if model is models.baseline else models.retro_sum
+
+    def datastore() -> Any:
+        if "knn_datastore" not in cache:
+            from .knnlm import build_datastore, database_documents
+
+            with _Timer(times, "kNN-LM datastore"):
+                db_docs, db_index = database_documents(db)
+                cache["knn_datastore"] = build_datastore(
+                    model, db_docs, db_index, prefix_id=common["prefix_id"],
+                    window=cfg.window, stride=cfg.stride, batch_size=cfg.batch_size,
+                    index_factory=cfg.knnlm.index_factory, max_tokens=cfg.knnlm.max_tokens,
+                    seed=cfg.seed,
+                )  # fmt: skip
+        return cache["knn_datastore"]
+
+    k_first = [nb.first(1) for nb in full] if full is not None else None
+    collected: dict[str, Any] = {}
+    if "bm25" in cfg.methods:
+        _eval_bm25(cfg, models, db, token_docs, groups, group_sums, common, settings, scores,
+                   speed, times, cache, name)  # fmt: skip
+    for method in (m for m in cfg.methods if m != "bm25"):
+        with _Timer(times, f"{name}: {method}"):
+            rows, sp, info = score_method_rows(
+                [method], model, model_sum, token_docs, k_first, groups=groups,
+                group_sums=group_sums, common=common, settings={**settings, "seed": cfg.seed},
+                cache=models.cache,
+                knn=cfg.knnlm, datastore=datastore, db=db, db_sum=retriever_checksum(db),
+                label=name,
+            )  # fmt: skip
+        scores.update(rows)
+        speed.update(sp)
+        collected.update(info)
+    return {"reads": reads, **collected}
+
+
+def _eval_bm25(
+    cfg: RunConfig,
+    models: _Models,
+    db: Any,
+    token_docs: list[list[int]],
+    groups: list[range],
+    group_sums: list[str],
+    common: dict[str, Any],
+    settings: dict[str, Any],
+    scores: dict[str, ScoreResult],
+    speed: dict[str, dict[str, Any]],
+    times: dict,
+    cache: dict[str, Any],
+    name: str,
+) -> None:
+    """The row ``retro_bm25``: RETRO[ON] fed the k neighbours BM25 retrieves (``retro_db.bm25``,
+    an in-memory index of the run database's chunks, built once per run)."""
+    from retro_db.bm25 import BM25Retriever
+
+    retro = models.retro
+    if "bm25_retriever" not in cache:
+        with _Timer(times, "BM25 index of the database"):
+            cache["bm25_retriever"] = BM25Retriever(db)
+    k = cfg.k or int(retro.config.num_neighbours)
+    with _Timer(times, f"{name}: BM25 retrieval"):
+        nbs = retrieve_document_neighbours(
+            cache["bm25_retriever"], token_docs, chunk_size=int(retro.config.chunk_size), k=k,
+            pad_id=int(retro.config.pad_id), progress=False,
+        )  # fmt: skip
+    with _Timer(times, f"{name}: RETRO[ON] BM25"):
+        t0, misses = time.perf_counter(), models.cache.misses
+        res = _score_cached(
+            retro, models.retro_sum, token_docs, groups, group_sums, nbs, common, settings,
+            models.cache, f"{name}: RETRO[ON] BM25",
+        )  # fmt: skip
+        seconds = time.perf_counter() - t0
+    cached = bool(models.retro_sum) and models.cache.directory is not None
+    cached = cached and models.cache.misses == misses
+    tokens = int(res.tokens.sum())
+    scores["retro_bm25"] = res
+    speed["retro_bm25"] = {
+        "seconds": seconds,
+        "tokens": tokens,
+        "tokens_per_s": None if cached or seconds <= 0 else tokens / seconds,
+        "cached": cached,
+    }
 
 
 def _answer_cached(
@@ -1173,6 +1411,7 @@ def run_evaluation(cfg: RunConfig | str | Path) -> dict[str, Any]:
                 results["benchmarks"][key] = _eval_lm(
                     bench, cfg, models, db, tokenizer, times, cache
                 )
+                results.setdefault("speed", {})[key] = cache.pop("speed_of_last_benchmark", {})
     results["cache"] = rc.summary()
     if cfg.cache:
         logger.info(
