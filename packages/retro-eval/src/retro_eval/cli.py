@@ -160,6 +160,13 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument(
         "--steps", type=_int(1), default=None, help="override the scale's training steps"
     )
+    d.add_argument(
+        "--methods",
+        default=None,
+        metavar="LIST",
+        help="comparison rows, comma-separated: knnlm, incontext, bm25, or none (default: the "
+        "scale's; the retrofit scale scores none, as they add about 15 minutes on 2 CPU cores)",
+    )
     d.add_argument("--force", action="store_true", help="rerun every stage, cached or not")
     return p
 
@@ -214,8 +221,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "demo":
             from .demo import run_demo, summary_table
 
+            methods = None
+            if args.methods is not None:
+                from .run import parse_methods
+
+                methods = parse_methods(args.methods, "--methods")
             results = run_demo(
-                args.scale, args.run_dir, threads=args.threads, steps=args.steps, force=args.force
+                args.scale,
+                args.run_dir,
+                threads=args.threads,
+                steps=args.steps,
+                force=args.force,
+                methods=methods,
             )
             times = results.get("pipeline_stage_times", {})
             print(f"retro-eval demo: report at {Path(args.run_dir) / 'report' / 'report.md'}")

@@ -36,7 +36,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -112,6 +112,10 @@ SCALES: dict[str, DemoScale] = {
         pool=96,
         signal_share=0.0,
         negative_share=0.5,  # half the sequences read another's neighbours (learning-curve.md)
+        # The comparison rows add about 15 minutes here (in-context re-reads each document's
+        # context at every chunk; the kNN-LM datastore; a second RETRO[ON] pass for BM25):
+        # `retro-eval demo --methods knnlm,incontext,bm25` scores them.
+        methods=(),
     ),
     # The retro-fit path in a few minutes (CI's integration test).
     "retrofit-tiny": DemoScale(
@@ -277,6 +281,7 @@ def run_demo(
     steps: int | None = None,
     force: bool = False,
     progress: bool = True,
+    methods: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Run the whole pipeline (see the module docstring) and return the evaluation results.
 
@@ -286,6 +291,7 @@ def run_demo(
         run_dir: where every stage keeps its output (``report/`` holds report.md and the plots).
         threads: torch/faiss threads (None: the libraries' defaults).
         steps: override the scale's training steps.
+        methods: override the scale's comparison rows (``knnlm``, ``incontext``, ``bm25``).
         force: ignore finished stages and run everything again.
         progress: tqdm progress bars for the long stages.
 
@@ -305,6 +311,8 @@ def run_demo(
     sc = SCALES[scale] if isinstance(scale, str) else scale
     if steps is not None:
         sc = replace(sc, steps=int(steps))
+    if methods is not None:
+        sc = replace(sc, methods=tuple(methods))
     if threads:
         torch.set_num_threads(int(threads))
     run = Path(run_dir)
