@@ -456,7 +456,7 @@ def _default_lsh_threshold(threshold: float) -> float:
     return max(0.05, threshold - 0.15)
 
 
-def _batches(
+def _doc_batches(
     docs: Iterable[Sequence[int] | np.ndarray], batch_docs: int
 ) -> Iterator[tuple[int, list[np.ndarray]]]:
     """(index of the first, documents) of consecutive batches of ``batch_docs`` documents, read
@@ -580,7 +580,7 @@ def dedup_documents(
     checked = 0
     num_train = 0
     bar = tqdm(desc="dedup", unit="doc", disable=not progress)
-    for first, batch in _batches(train_docs, batch_docs):
+    for first, batch in _doc_batches(train_docs, batch_docs):
         sigs = minhash_signatures(batch, num_perm, seed, ngram, scheme=scheme)
         for off, (doc, sig) in enumerate(zip(batch, sigs, strict=True)):
             index = first + off
