@@ -19,6 +19,7 @@ from numba import njit
 LANES = 16
 
 
+# long by design: one numba kernel (SHA-1 over LANES shingles, then the permutations) in the hot loop
 @njit(cache=True, nogil=True)
 def signatures_affine32(tok, offsets, ngram, pa, pb, out):
     """Fill out[D, P] (uint32) for docs tok[offsets[d]:offsets[d+1]] (uint32 ids), perms pa, pb."""

@@ -280,12 +280,7 @@ def build_database(
     """
     check_engine(engine, address, num_cpus, "build")
     db_dir = Path(out_dir)
-    if (db_dir / MANIFEST_NAME).exists():
-        raise DatabaseError(
-            f"{db_dir / MANIFEST_NAME}: a database already exists here; grow it with "
-            "`retro-db add` (Python: add_documents)"
-        )
-    _check_build_folder(db_dir)
+    _check_new_database(db_dir)
     with contextlib.ExitStack() as stack:
         stage = None
         if engine == "ray":  # connect first: a bad address leaves nothing on disk
@@ -311,6 +306,17 @@ def build_database(
     return Database.open(db_dir, tokenizer=tok, embedder=emb, threads=threads)
 
 
+def _check_new_database(db_dir: Path) -> None:
+    """Refuse a folder that holds a database (grow it with ``add``) or anything but an
+    interrupted build (:func:`_check_build_folder`)."""
+    if (db_dir / MANIFEST_NAME).exists():
+        raise DatabaseError(
+            f"{db_dir / MANIFEST_NAME}: a database already exists here; grow it with "
+            "`retro-db add` (Python: add_documents)"
+        )
+    _check_build_folder(db_dir)
+
+
 def _build(
     sources: Any,
     db_dir: Path,
@@ -334,30 +340,89 @@ def _build(
     )
     set_threads(threads)
     tok = _resolve_tokenizer(tokenizer)
+    emb, shards, embedder_entry, add_keys = _write_first_shards(
+        docs, db_dir, tok, embedder, chunk_size, shard_chunks, batch_size, threads, progress, stage
+    )
+    dim = int(embedder_entry["dim"])
+    n = sum(read_json(db_dir / "shards" / s / "shard.json")["chunks"] for s in shards)
+    if n == 0:
+        raise DatabaseError(f"{db_dir}: the sources held no documents with text")
+    index_file = "index/v00001.faiss"
+    index_entry, extra = _build_first_index(
+        db_dir,
+        shards,
+        index_file,
+        n,
+        dim,
+        index_factory,
+        search_params,
+        train_seed,
+        progress,
+        add_keys,
+        max_memory,
+    )
+    base = {
+        "chunk_size": chunk_size,
+        "shard_chunks": shard_chunks,
+        "pad_id": tok.pad_id,
+        "token_dtype": str(token_dtype(tok.vocab_size)),
+        "tokenizer": tok.to_manifest(),
+        "embedder": dict(embedder_entry, key_dtype="float16"),
+        "index": index_entry,
+    }
+    _write_version(db_dir, base, shards, [index_file], 1, extra_files=extra)
+    logger.info("built %s: %d chunks, index %s", db_dir, n, index_entry["factory"])
+    return tok, emb
+
+
+def _write_first_shards(
+    docs: Any,
+    db_dir: Path,
+    tok: LMTokenizer,
+    embedder: Any,
+    chunk_size: int,
+    shard_chunks: int,
+    batch_size: int,
+    threads: int | None,
+    progress: bool,
+    stage: Any,
+) -> tuple[Embedder | None, list[str], dict[str, Any], Callable[..., Any]]:
+    """Write a new build's shards here (``stage`` None) or on Ray workers; return the embedder
+    (None with Ray), the shard names, the manifest's embedder entry and the key adder."""
     if stage is None:
         emb, spec = _resolve_embedder(embedder, threads)
         dim = int(emb.dim)
         writer = ShardWriter(db_dir, tok, emb, chunk_size, shard_chunks, batch_size, progress, dim)
         shards = writer.run(docs, 0, 0)
         embedder_entry = {"id": emb.id, "dim": dim, "spec": spec, "options": embedder_options(emb)}
-        add_keys: Callable[..., Any] = add_shard_keys
-    else:
-        # Ray: its workers load the embedder and write the shards; `add_keys` runs on them too
-        # (distributed.py). The embedder is not loaded here (Database creates it on first use).
-        emb = None
-        shards, embedder_entry, add_keys = stage.write_shards(
-            docs, db_dir, tok, embedder, chunk_size, shard_chunks, batch_size, progress
-        )
-        dim = int(embedder_entry["dim"])
+        return emb, shards, embedder_entry, add_shard_keys
+    # Ray: its workers load the embedder and write the shards; `add_keys` runs on them too
+    # (distributed.py). The embedder is not loaded here (Database creates it on first use).
+    shards, embedder_entry, add_keys = stage.write_shards(
+        docs, db_dir, tok, embedder, chunk_size, shard_chunks, batch_size, progress
+    )
+    return None, shards, embedder_entry, add_keys
 
-    n = sum(read_json(db_dir / "shards" / s / "shard.json")["chunks"] for s in shards)
-    if n == 0:
-        raise DatabaseError(f"{db_dir}: the sources held no documents with text")
+
+def _build_first_index(
+    db_dir: Path,
+    shards: list[str],
+    index_file: str,
+    n: int,
+    dim: int,
+    index_factory: str | None,
+    search_params: dict[str, int] | None,
+    train_seed: int,
+    progress: bool,
+    add_keys: Callable[..., Any],
+    max_memory: int | None,
+) -> tuple[dict[str, Any], list[str]]:
+    """Choose, train, fill and write a new build's index; return the manifest's index entry and
+    the extra files of an on-disk index (the trained template and the lists file)."""
     # in memory (Flat/HNSW/IVF by size) unless it would not fit: then IVF lists on disk (issue 18)
     choice = choose_index(n, dim, index_factory, search_params, max_memory=max_memory)
     logger.info("%s", choice.reason)
     index_factory, params = choice.factory, choice.search_params
-    index_file = "index/v00001.faiss"
     (db_dir / "index").mkdir(exist_ok=True)
     index_entry: dict[str, Any] = {
         "factory": index_factory,
@@ -390,18 +455,7 @@ def _build(
         index = add_keys(index, db_dir, shards, progress)
         write_index(index, db_dir / index_file)
         del index
-    base = {
-        "chunk_size": chunk_size,
-        "shard_chunks": shard_chunks,
-        "pad_id": tok.pad_id,
-        "token_dtype": str(token_dtype(tok.vocab_size)),
-        "tokenizer": tok.to_manifest(),
-        "embedder": dict(embedder_entry, key_dtype="float16"),
-        "index": index_entry,
-    }
-    _write_version(db_dir, base, shards, [index_file], 1, extra_files=extra)
-    logger.info("built %s: %d chunks, index %s", db_dir, n, index_factory)
-    return tok, emb
+    return index_entry, extra
 
 
 #: recall@10 against exact search that an on-disk build tunes nprobe for (on its own sample)
@@ -562,6 +616,38 @@ def _add(
     writer = ShardWriter(
         db_dir, old.tokenizer, emb, old.chunk_size, shard_chunks, batch_size, progress, old.dim
     )
+    present = _present_fingerprints(old, db_dir)
+    received = stats.received
+    docs = _unique_documents(iter_documents(sources), set(), present, stats)
+    new = writer.run(docs, len(man["shards"]), old.num_documents)
+    if not new:
+        if stats.received == received:
+            raise DatabaseError(
+                f"{db_dir}: the sources held no documents with text (nothing added)"
+            )
+        logger.info("retro-db add: nothing new to add")
+        return old
+    version = int(man["version"]) + 1
+    index_files, extra = _grow_index(db_dir, old, new, version, progress)
+    base = {k: v for k, v in man.items() if k not in ("files", "shards", "counts", "version")}
+    if extra:
+        base["index"] = dict(base["index"], lists=extra[1])
+    _write_version(
+        db_dir,
+        base,
+        list(man["shards"]) + new,
+        index_files,
+        version,
+        carried=man["files"],
+        extra_files=extra,
+    )
+    logger.info("added %d shards to %s: version %d", len(new), db_dir, version)
+    return Database.open(db_dir, tokenizer=old.tokenizer, embedder=emb, threads=threads)
+
+
+def _present_fingerprints(old: Database, db_dir: Path) -> set[str]:
+    """The text fingerprints of the documents already in ``old`` (a warning counts those of an
+    older build that carry none)."""
     present: set[str] = set()
     unknown = 0
     for rec in old.document_records():
@@ -576,17 +662,15 @@ def _add(
             db_dir,
             unknown,
         )
-    received = stats.received
-    docs = _unique_documents(iter_documents(sources), set(), present, stats)
-    new = writer.run(docs, len(man["shards"]), old.num_documents)
-    if not new:
-        if stats.received == received:
-            raise DatabaseError(
-                f"{db_dir}: the sources held no documents with text (nothing added)"
-            )
-        logger.info("retro-db add: nothing new to add")
-        return old
-    version = int(man["version"]) + 1
+    return present
+
+
+def _grow_index(
+    db_dir: Path, old: Database, new: list[str], version: int, progress: bool
+) -> tuple[list[str], list[str]]:
+    """Write version ``version``'s index with the keys of the ``new`` shards added; return the
+    index files it names and the extra files of an on-disk index."""
+    man = old.manifest
     index_file = f"index/v{version:05d}.faiss"
     factory = man["index"]["factory"]
     extra: list[str] = []
@@ -621,20 +705,7 @@ def _add(
         index = add_shard_keys(index, db_dir, new, progress=False)
         write_index(index, db_dir / index_file)
         index_files = [index_file]
-    base = {k: v for k, v in man.items() if k not in ("files", "shards", "counts", "version")}
-    if extra:
-        base["index"] = dict(base["index"], lists=extra[1])
-    _write_version(
-        db_dir,
-        base,
-        list(man["shards"]) + new,
-        index_files,
-        version,
-        carried=man["files"],
-        extra_files=extra,
-    )
-    logger.info("added %d shards to %s: version %d", len(new), db_dir, version)
-    return Database.open(db_dir, tokenizer=old.tokenizer, embedder=emb, threads=threads)
+    return index_files, extra
 
 
 @dataclass
@@ -700,37 +771,9 @@ def collect_garbage(
     read_json(db_dir / MANIFEST_NAME)  # a one-line error before any lock file is made
     with writer_lock(db_dir, "build, add or gc") if not dry_run else contextlib.nullcontext():
         current = Database.open(db_dir, check_values=False)
-        version = current.version
         record_path = db_dir / GC_RECORD
         record = read_json(record_path) if record_path.is_file() else {"removed_versions": {}}
-        gone = {int(v) for v in record.get("removed_versions", {})}
-        manifests: dict[int, dict[str, Any]] = {version: current.manifest}
-        for v in range(1, version):
-            p = db_dir / "versions" / f"v{v:05d}.json"
-            if v not in gone and p.is_file():
-                manifests[v] = read_json(p)
-        kept = set(range(max(1, version - keep + 1), version + 1))
-        for v in manifests:
-            nxt = db_dir / "versions" / f"v{v + 1:05d}.json"
-            superseded = nxt.stat().st_mtime if nxt.is_file() else now
-            if now - superseded < grace:
-                kept.add(v)
-        kept &= set(manifests)
-        drop = sorted(set(manifests) - kept)
-        keep_files = {name for v in kept for name in manifests[v]["files"]}
-        named = {name for m in manifests.values() for name in m["files"]}
-        candidates = {name for v in drop for name in manifests[v]["files"]} - keep_files
-        index_dir = db_dir / "index"
-        if index_dir.is_dir():  # index files of no version (an add killed before its manifest)
-            candidates |= {
-                f"index/{p.name}"
-                for p in index_dir.iterdir()
-                if p.is_file() and f"index/{p.name}" not in named and not p.name.startswith(".")
-            }
-        removed = sorted(n for n in candidates if (db_dir / n).is_file())
-        # a dropped version whose every file a kept version still names stays openable
-        drop = [v for v in drop if set(manifests[v]["files"]) - keep_files]
-        kept = set(manifests) - set(drop)
+        drop, kept, removed = _gc_plan(db_dir, current, record, keep, grace, now)
         freed = sum((db_dir / n).stat().st_size for n in removed)
         if not dry_run:
             if drop:  # recorded first: a reader asking for a removed version gets a clear error
@@ -743,3 +786,45 @@ def collect_garbage(
                 (db_dir / n).unlink()
                 logger.info("gc: deleted %s", db_dir / n)
     return GcResult(removed, freed, drop, sorted(kept))
+
+
+def _gc_plan(
+    db_dir: Path,
+    current: Database,
+    record: dict[str, Any],
+    keep: int,
+    grace: float,
+    now: float,
+) -> tuple[list[int], set[int], list[str]]:
+    """What gc removes (:func:`collect_garbage`): the versions dropped, the versions kept and
+    the files to delete (relative to ``db_dir``)."""
+    version = current.version
+    gone = {int(v) for v in record.get("removed_versions", {})}
+    manifests: dict[int, dict[str, Any]] = {version: current.manifest}
+    for v in range(1, version):
+        p = db_dir / "versions" / f"v{v:05d}.json"
+        if v not in gone and p.is_file():
+            manifests[v] = read_json(p)
+    kept = set(range(max(1, version - keep + 1), version + 1))
+    for v in manifests:
+        nxt = db_dir / "versions" / f"v{v + 1:05d}.json"
+        superseded = nxt.stat().st_mtime if nxt.is_file() else now
+        if now - superseded < grace:
+            kept.add(v)
+    kept &= set(manifests)
+    drop = sorted(set(manifests) - kept)
+    keep_files = {name for v in kept for name in manifests[v]["files"]}
+    named = {name for m in manifests.values() for name in m["files"]}
+    candidates = {name for v in drop for name in manifests[v]["files"]} - keep_files
+    index_dir = db_dir / "index"
+    if index_dir.is_dir():  # index files of no version (an add killed before its manifest)
+        candidates |= {
+            f"index/{p.name}"
+            for p in index_dir.iterdir()
+            if p.is_file() and f"index/{p.name}" not in named and not p.name.startswith(".")
+        }
+    removed = sorted(n for n in candidates if (db_dir / n).is_file())
+    # a dropped version whose every file a kept version still names stays openable
+    drop = [v for v in drop if set(manifests[v]["files"]) - keep_files]
+    kept = set(manifests) - set(drop)
+    return drop, kept, removed

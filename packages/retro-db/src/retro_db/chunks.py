@@ -121,27 +121,7 @@ def check_segment(
         ln = np.asarray(lengths[a:b], dtype=np.int64)
         di = np.asarray(doc_ids[a:b], dtype=np.int64)
         of = np.asarray(offsets[a:b], dtype=np.int64)
-        bad = np.flatnonzero((t.min(1) < 0) | (t.max(1) >= vocab_size)) if len(t) else []
-        if len(bad):
-            i = int(bad[0])
-            raise DatabaseError(
-                f"{d / 'tokens.npy'}: row {a + i} holds token id "
-                f"{int(t[i].max() if t[i].max() >= vocab_size else t[i].min())}, expected ids in "
-                f"[0, vocab_size={vocab_size})"
-            )
-        bad = np.flatnonzero((ln < 1) | (ln > m))
-        if len(bad):
-            i = int(bad[0])
-            raise DatabaseError(
-                f"{d / 'lengths.npy'}: row {a + i} is {int(ln[i])}, expected 1..m={m}"
-            )
-        bad = np.flatnonzero(((cols[None, :] >= ln[:, None]) & (t != pad_id)).any(1))
-        if len(bad):
-            i = int(bad[0])
-            raise DatabaseError(
-                f"{d / 'lengths.npy'}: row {a + i} is {int(ln[i])} but tokens.npy holds real "
-                f"tokens after it (expected pad_id={pad_id} from position {int(ln[i])})"
-            )
+        _check_rows(d, a, t, ln, cols, pad_id=pad_id, vocab_size=vocab_size)
         pdoc = np.concatenate([[prev_doc], di[:-1]])
         step = di - pdoc
         bad = np.flatnonzero((step != 0) & (step != 1))
@@ -175,6 +155,40 @@ def check_segment(
             )
         prev_doc, prev_off, prev_len = int(di[-1]), int(of[-1]), int(ln[-1])
     return prev_doc + 1
+
+
+def _check_rows(
+    d: Path,
+    a: int,
+    t: np.ndarray,
+    ln: np.ndarray,
+    cols: np.ndarray,
+    *,
+    pad_id: int,
+    vocab_size: int,
+) -> None:
+    """The rules of :func:`check_segment` that hold row by row (token ids, lengths, padding) for
+    the block of rows from ``a``: tokens ``t``, lengths ``ln``; ``cols`` is ``arange(m)``."""
+    m = len(cols)
+    bad = np.flatnonzero((t.min(1) < 0) | (t.max(1) >= vocab_size)) if len(t) else []
+    if len(bad):
+        i = int(bad[0])
+        raise DatabaseError(
+            f"{d / 'tokens.npy'}: row {a + i} holds token id "
+            f"{int(t[i].max() if t[i].max() >= vocab_size else t[i].min())}, expected ids in "
+            f"[0, vocab_size={vocab_size})"
+        )
+    bad = np.flatnonzero((ln < 1) | (ln > m))
+    if len(bad):
+        i = int(bad[0])
+        raise DatabaseError(f"{d / 'lengths.npy'}: row {a + i} is {int(ln[i])}, expected 1..m={m}")
+    bad = np.flatnonzero(((cols[None, :] >= ln[:, None]) & (t != pad_id)).any(1))
+    if len(bad):
+        i = int(bad[0])
+        raise DatabaseError(
+            f"{d / 'lengths.npy'}: row {a + i} is {int(ln[i])} but tokens.npy holds real "
+            f"tokens after it (expected pad_id={pad_id} from position {int(ln[i])})"
+        )
 
 
 def read_npy(path: str | os.PathLike[str]) -> np.ndarray:

@@ -126,6 +126,7 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+# long by design: a flat list of the subcommands' options; splitting it would only scatter them
 def _parser() -> argparse.ArgumentParser:
     ap = _Parser(prog="retro-db", description=__doc__.splitlines()[0])
     ap.add_argument(

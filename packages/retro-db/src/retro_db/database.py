@@ -147,43 +147,8 @@ class Database:
             resolve_inside(path, x, mpath, f"index.parts[{i}]") for i, x in enumerate(part_names)
         ]
         self._store = ChunkStore(shard_dirs, self._chunk_size, self.pad_id)
-        self._key_files = []
-        docs = 0
-        for d, a, b in zip(
-            shard_dirs, self._store._starts[:-1], self._store._starts[1:], strict=True
-        ):
-            keys = read_npy(d / "keys.npy")
-            if keys.shape != (b - a, self.dim) or keys.dtype != np.float16:
-                raise DatabaseError(
-                    f"{d / 'keys.npy'}: {keys.dtype} {list(keys.shape)}, expected float16 "
-                    f"[{b - a}, d={self.dim}]"
-                )
-            self._key_files.append(keys)
-        if self._store.num_chunks and self._store.dtype != token_dtype(vocab):
-            raise DatabaseError(
-                f"{shard_dirs[0] / 'tokens.npy'}: dtype {self._store.dtype}, expected "
-                f"{token_dtype(vocab)} (vocab_size {vocab})"
-            )
-        if check_values:
-            for s, d in enumerate(shard_dirs):
-                docs = check_segment(
-                    d,
-                    self._store._tokens[s],
-                    self._store._lengths[s],
-                    self._store._doc_ids[s],
-                    self._store._offsets[s],
-                    pad_id=self.pad_id,
-                    vocab_size=vocab,
-                    first_doc=docs,
-                )
-        counts = manifest.get("counts", {})
-        for what, have in (("chunks", self._store.num_chunks), ("documents", docs)):
-            if what == "documents" and not check_values:
-                continue
-            if what in counts and int(counts[what]) != have:
-                raise DatabaseError(
-                    f"{mpath}: counts.{what} is {counts[what]} but the shards hold {have}"
-                )
+        self._key_files = self._read_keys(shard_dirs)
+        self._check_chunks(shard_dirs, vocab, mpath, check_values)
         on_disk = bool(manifest["index"].get("lists"))
         parts = [
             read_index(p, mmap=mmap, dim=self.dim, on_disk=on_disk)
@@ -206,6 +171,53 @@ class Database:
         if embedder is not None:
             self.check_embedder(embedder)
         self._doc_index: dict[str, int] | None = None
+
+    def _read_keys(self, shard_dirs: list[Path]) -> list[np.ndarray]:
+        """Each shard's ``keys.npy`` (memory-mapped), checked to be float16 [chunks, d]."""
+        key_files = []
+        for d, a, b in zip(
+            shard_dirs, self._store._starts[:-1], self._store._starts[1:], strict=True
+        ):
+            keys = read_npy(d / "keys.npy")
+            if keys.shape != (b - a, self.dim) or keys.dtype != np.float16:
+                raise DatabaseError(
+                    f"{d / 'keys.npy'}: {keys.dtype} {list(keys.shape)}, expected float16 "
+                    f"[{b - a}, d={self.dim}]"
+                )
+            key_files.append(keys)
+        return key_files
+
+    def _check_chunks(
+        self, shard_dirs: list[Path], vocab: int, mpath: Path, check_values: bool
+    ) -> None:
+        """The token dtype, each shard's values (``check_values``: :func:`check_segment`) and
+        the manifest's ``counts`` against the chunk store."""
+        docs = 0
+        if self._store.num_chunks and self._store.dtype != token_dtype(vocab):
+            raise DatabaseError(
+                f"{shard_dirs[0] / 'tokens.npy'}: dtype {self._store.dtype}, expected "
+                f"{token_dtype(vocab)} (vocab_size {vocab})"
+            )
+        if check_values:
+            for s, d in enumerate(shard_dirs):
+                docs = check_segment(
+                    d,
+                    self._store._tokens[s],
+                    self._store._lengths[s],
+                    self._store._doc_ids[s],
+                    self._store._offsets[s],
+                    pad_id=self.pad_id,
+                    vocab_size=vocab,
+                    first_doc=docs,
+                )
+        counts = self.manifest.get("counts", {})
+        for what, have in (("chunks", self._store.num_chunks), ("documents", docs)):
+            if what == "documents" and not check_values:
+                continue
+            if what in counts and int(counts[what]) != have:
+                raise DatabaseError(
+                    f"{mpath}: counts.{what} is {counts[what]} but the shards hold {have}"
+                )
 
     def _check_lists(self, parts: list, mpath: Path) -> None:
         """An index with on-disk lists (issue 18) must read the lists file the manifest names

@@ -34,6 +34,7 @@ import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -583,6 +584,28 @@ def _finish_ondisk(template, ondisk, ntotal, tmp_data, data_path, directory, ste
     return index_path, data_path
 
 
+def _merge_block_lists(template_ivf, base, blocks: list[Path], tmp_data: Path) -> tuple[Any, int]:
+    """Merge the lists of ``base`` (if any) and of the block index files (memory-mapped) into
+    one ``OnDiskInvertedLists`` at ``tmp_data``; return it and the number of entries."""
+    import faiss
+
+    readers = []  # keep the mmapped block indexes alive while their lists are merged
+    lists = faiss.InvertedListsPtrVector()
+    if base is not None:
+        lists.push_back(faiss.extract_index_ivf(base).invlists)
+    for path in blocks:
+        block = faiss.read_index(str(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+        readers.append(block)
+        lists.push_back(faiss.extract_index_ivf(block).invlists)
+    with quiet_stdout():
+        ondisk = faiss.OnDiskInvertedLists(
+            template_ivf.nlist, template_ivf.code_size, str(tmp_data)
+        )
+        ntotal = ondisk.merge_from_multiple(lists.data(), lists.size(), False, False)
+    del readers, lists
+    return ondisk, ntotal
+
+
 def build_ondisk_ivf(
     template,
     key_blocks: Iterable[tuple[int, np.ndarray]] | Callable[[], Iterable[tuple[int, np.ndarray]]],
@@ -643,22 +666,9 @@ def build_ondisk_ivf(
                 blocks.append(path)
                 del block
                 bar.update(keys.nbytes)
-        readers = []  # keep the mmapped block indexes alive while their lists are merged
-        lists = faiss.InvertedListsPtrVector()
-        if base is not None:
-            lists.push_back(faiss.extract_index_ivf(base).invlists)
-        for path in blocks:
-            block = faiss.read_index(str(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
-            readers.append(block)
-            lists.push_back(faiss.extract_index_ivf(block).invlists)
         data_path = directory / f"{stem}.ivfdata"
         tmp_data = directory / f"{TMP_PREFIX}{stem}.ivfdata"
-        with quiet_stdout():
-            ondisk = faiss.OnDiskInvertedLists(
-                template_ivf.nlist, template_ivf.code_size, str(tmp_data)
-            )
-            ntotal = ondisk.merge_from_multiple(lists.data(), lists.size(), False, False)
-        del readers, lists
+        ondisk, ntotal = _merge_block_lists(template_ivf, base, blocks, tmp_data)
         return _finish_ondisk(template, ondisk, ntotal, tmp_data, data_path, directory, stem)
     finally:
         for path in blocks:

@@ -456,6 +456,86 @@ def _default_lsh_threshold(threshold: float) -> float:
     return max(0.05, threshold - 0.15)
 
 
+def _doc_batches(
+    docs: Iterable[Sequence[int] | np.ndarray], batch_docs: int
+) -> Iterator[tuple[int, list[np.ndarray]]]:
+    """(index of the first, documents) of consecutive batches of ``batch_docs`` documents, read
+    lazily (the last batch may be shorter)."""
+    batch: list[np.ndarray] = []
+    count = 0
+    for doc in docs:
+        batch.append(np.asarray(doc))
+        count += 1
+        if len(batch) >= batch_docs:
+            yield count - len(batch), batch
+            batch = []
+    if batch:
+        yield count - len(batch), batch
+
+
+def _dedup_lsh_threshold(threshold: float, criterion: str, lsh_threshold: float | None) -> float:
+    """Check :func:`dedup_documents`'s ``threshold`` and ``criterion``; return its LSH threshold
+    (checked; default ``_default_lsh_threshold``)."""
+    if not 0.0 < threshold <= 1.0:
+        raise ValueError(f"threshold must be in (0, 1], got {threshold}")
+    if criterion not in ("exact", "estimate"):
+        raise ValueError(f"criterion must be 'exact' or 'estimate', got {criterion!r}")
+    lsh_threshold = _default_lsh_threshold(threshold) if lsh_threshold is None else lsh_threshold
+    if not 0.0 < lsh_threshold <= 1.0:
+        raise ValueError(f"lsh_threshold must be in (0, 1], got {lsh_threshold}")
+    return lsh_threshold
+
+
+def _index_eval_docs(
+    eval_docs: Iterable[Sequence[int] | np.ndarray],
+    ngram: int,
+    num_perm: int,
+    seed: int,
+    scheme: str,
+    lsh_threshold: float,
+) -> tuple[list[set[bytes]], np.ndarray, MinHashLSH]:
+    """The evaluation documents' shingle sets and signatures, and a ``MinHashLSH`` holding
+    those with shingles (keys: their indices)."""
+    eval_list = [np.asarray(d) for d in eval_docs]
+    eval_sets = [shingle_set(d, ngram) for d in eval_list]
+    eval_sigs = minhash_signatures(eval_list, num_perm, seed, ngram, scheme=scheme)
+    lsh = MinHashLSH(threshold=lsh_threshold, num_perm=num_perm)
+    with lsh.insertion_session() as session:
+        for j, sig in enumerate(eval_sigs):
+            if eval_sets[j]:
+                session.insert(j, to_minhash(sig, seed, scheme), check_duplication=False)
+    logger.info(
+        "dedup: %d evaluation documents indexed (LSH b=%d r=%d)", len(eval_list), lsh.b, lsh.r
+    )
+    return eval_sets, eval_sigs, lsh
+
+
+def _best_match(
+    index: int,
+    doc: np.ndarray,
+    sig: np.ndarray,
+    cands: list,
+    eval_sigs: np.ndarray,
+    eval_sets: list[set[bytes]],
+    ngram: int,
+    threshold: float,
+    criterion: str,
+) -> RemovedDocument | None:
+    """Of the LSH candidates ``cands`` of training document ``index``, the evaluation document
+    with the highest Jaccard (by ``criterion``) at or above ``threshold``; None if none is."""
+    best: RemovedDocument | None = None
+    best_score = -1.0
+    if cands:
+        tset = shingle_set(doc, ngram)
+        for j in sorted(cands):
+            est = estimated_jaccard(sig, eval_sigs[j])
+            exact = exact_jaccard(tset, eval_sets[j])
+            score = exact if criterion == "exact" else est
+            if score >= threshold and score > best_score:
+                best, best_score = RemovedDocument(index, int(j), est, exact), score
+    return best
+
+
 def dedup_documents(
     train_docs: Iterable[Sequence[int] | np.ndarray],
     eval_docs: Iterable[Sequence[int] | np.ndarray],
@@ -490,24 +570,9 @@ def dedup_documents(
         :class:`DedupReport`: kept indices, and for each removed document the evaluation document
         with the highest Jaccard (by ``criterion``) and both Jaccard values.
     """
-    if not 0.0 < threshold <= 1.0:
-        raise ValueError(f"threshold must be in (0, 1], got {threshold}")
-    if criterion not in ("exact", "estimate"):
-        raise ValueError(f"criterion must be 'exact' or 'estimate', got {criterion!r}")
-    lsh_threshold = _default_lsh_threshold(threshold) if lsh_threshold is None else lsh_threshold
-    if not 0.0 < lsh_threshold <= 1.0:
-        raise ValueError(f"lsh_threshold must be in (0, 1], got {lsh_threshold}")
-
-    eval_list = [np.asarray(d) for d in eval_docs]
-    eval_sets = [shingle_set(d, ngram) for d in eval_list]
-    eval_sigs = minhash_signatures(eval_list, num_perm, seed, ngram, scheme=scheme)
-    lsh = MinHashLSH(threshold=lsh_threshold, num_perm=num_perm)
-    with lsh.insertion_session() as session:
-        for j, sig in enumerate(eval_sigs):
-            if eval_sets[j]:
-                session.insert(j, to_minhash(sig, seed, scheme), check_duplication=False)
-    logger.info(
-        "dedup: %d evaluation documents indexed (LSH b=%d r=%d)", len(eval_list), lsh.b, lsh.r
+    lsh_threshold = _dedup_lsh_threshold(threshold, criterion, lsh_threshold)
+    eval_sets, eval_sigs, lsh = _index_eval_docs(
+        eval_docs, ngram, num_perm, seed, scheme, lsh_threshold
     )
 
     kept: list[int] = []
@@ -515,46 +580,28 @@ def dedup_documents(
     checked = 0
     num_train = 0
     bar = tqdm(desc="dedup", unit="doc", disable=not progress)
-
-    def flush(batch: list[np.ndarray], first: int) -> None:
-        nonlocal checked
+    for first, batch in _doc_batches(train_docs, batch_docs):
         sigs = minhash_signatures(batch, num_perm, seed, ngram, scheme=scheme)
         for off, (doc, sig) in enumerate(zip(batch, sigs, strict=True)):
             index = first + off
             cands = lsh.query(to_minhash(sig, seed, scheme)) if doc.size else []
-            best: RemovedDocument | None = None
-            best_score = -1.0
-            if cands:
-                tset = shingle_set(doc, ngram)
-                for j in sorted(cands):
-                    checked += 1
-                    est = estimated_jaccard(sig, eval_sigs[j])
-                    exact = exact_jaccard(tset, eval_sets[j])
-                    score = exact if criterion == "exact" else est
-                    if score >= threshold and score > best_score:
-                        best, best_score = RemovedDocument(index, int(j), est, exact), score
+            best = _best_match(
+                index, doc, sig, cands, eval_sigs, eval_sets, ngram, threshold, criterion
+            )
+            checked += len(cands)
             if best is None:
                 kept.append(index)
             else:
                 removed.append(best)
+        num_train = first + len(batch)
         bar.update(len(batch))
-
-    batch: list[np.ndarray] = []
-    for doc in train_docs:
-        batch.append(np.asarray(doc))
-        num_train += 1
-        if len(batch) >= batch_docs:
-            flush(batch, num_train - len(batch))
-            batch = []
-    if batch:
-        flush(batch, num_train - len(batch))
     bar.close()
     logger.info("dedup: removed %d of %d training documents", len(removed), num_train)
     return DedupReport(
         kept=np.asarray(kept, dtype=np.int64),
         removed=removed,
         num_train=num_train,
-        num_eval=len(eval_list),
+        num_eval=len(eval_sets),
         threshold=float(threshold),
         lsh_threshold=float(lsh_threshold),
         criterion=criterion,
