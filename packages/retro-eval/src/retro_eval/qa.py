@@ -5,9 +5,9 @@ a multiple of m, so the last chunk (holding the end of the question) retrieves n
 database, and those neighbours condition every answer token (CCA's causal shift). The filler is the
 end of a fixed few-shot text (:data:`FEW_SHOT`: three general-knowledge question/answer pairs in
 the template's format, none from a benchmark), then the pad id where that runs out: a pretrained
-base fed dozens of pad tokens before the question babbles (SmolLM2-135M on 30 squad-open-mini
-questions: F1 0 % after pad tokens, 5.3 % after the few-shot filler), and the pairs show the
-answer format. The filler never reaches retrieval: the query is the question alone
+base fed dozens of pad tokens before the question babbles (SmolLM2-135M closed book: F1 0 % on 30
+squad-open-mini questions after pad tokens, 5.3 % on 40 after the few-shot filler;
+``docs/experiments/qa_filler.py``), and the pairs show the answer format. The filler never reaches retrieval: the query is the question alone
 (:class:`PromptQueries`). Generation is ``retro_core.generate.generate`` (greedy, KV-cached, retrieving each time a
 chunk completes). Answers are scored with SQuAD's normalisation (``retro_eval.metrics``): exact match
 and token F1, maximised over the gold answers. The closed-book row is the same model with no
