@@ -1,4 +1,7 @@
-"""Plot learning curves written by retrofit_curve.py: bpb per r(C) bin, ON / shuffled / OFF.
+"""Plot learning curves written by retrofit_curve.py or scratch_curve.py: bpb per r(C) bin.
+
+ON / shuffled / OFF for every run; a from-scratch run (scratch_curve.py) also has its matched
+baseline, and its OFF changes with training (for a retro-fit it is the frozen base, a constant).
 
 python docs/experiments/plot_curve.py RUN_DIR [RUN_DIR ...] --out docs/experiments/curve.png
 """
@@ -10,6 +13,7 @@ import json
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -22,11 +26,14 @@ def main() -> None:
     ap.add_argument("runs", nargs="+", type=Path)
     ap.add_argument("--out", type=Path, required=True)
     a = ap.parse_args()
-    fig, axes = plt.subplots(1, len(PANELS), figsize=(5 * len(PANELS), 4), squeeze=False)
-    for run in a.runs:
-        recs = [json.loads(x) for x in (run / "curve.jsonl").read_text().splitlines() if x]
+    all_recs = {run: _records(run) for run in a.runs}
+    rows = 2 if any(r and "ci95" in r[0] for r in all_recs.values()) else 1
+    fig, axes = plt.subplots(rows, len(PANELS), figsize=(5 * len(PANELS), 4 * rows), squeeze=False)
+    for run, recs in all_recs.items():
         if not recs:
             continue
+        if rows == 2 and "ci95" in recs[0]:
+            _plot_differences(axes[1], run.name, recs)
         toks = [r["tokens"] for r in recs]
         for ax, (key, title) in zip(axes[0], PANELS, strict=True):
             n = recs[0]["off"][key]["chunks"]
@@ -37,7 +44,13 @@ def main() -> None:
                 "s--",
                 label=f"{run.name}: shuffled",
             )
-            ax.axhline(recs[0]["off"][key]["bpb"], color="k", lw=1, label="OFF (= frozen base)")
+            if "baseline" in recs[0]:  # from scratch: OFF trains too, and a matched baseline
+                ax.plot(toks, [r["off"][key]["bpb"] for r in recs], "^:", label=f"{run.name}: OFF")
+                ax.plot(
+                    toks, [r["baseline"][key]["bpb"] for r in recs], "k-", lw=1, label="baseline"
+                )
+            else:
+                ax.axhline(recs[0]["off"][key]["bpb"], color="k", lw=1, label="OFF (= frozen base)")
             ax.set_title(f"{title} ({n} chunks)")
             ax.set_xscale("log")
             ax.set_xlabel("training tokens read")
@@ -47,6 +60,26 @@ def main() -> None:
     fig.savefig(a.out, dpi=110)
     for run in a.runs:  # the markdown table of each run, to stdout
         print(table(run))
+
+
+def _records(run: Path) -> list[dict]:
+    return [json.loads(x) for x in (run / "curve.jsonl").read_text().splitlines() if x]
+
+
+def _plot_differences(axes, name: str, recs: list[dict]) -> None:
+    """Second row: ON - OFF, shuffled - OFF, ON - baseline with their bootstrap 95 % intervals."""
+    toks = [r["tokens"] for r in recs]
+    for ax, (key, title) in zip(axes, PANELS, strict=True):
+        for diff, style in (("on-off", "o-"), ("shuffled-off", "s--"), ("on-baseline", "^:")):
+            est, lo, hi = (np.array([r["ci95"][diff][key][i] for r in recs]) for i in range(3))
+            ax.errorbar(toks, est, yerr=[est - lo, hi - est], fmt=style, capsize=3,
+                        label=f"{name}: {diff.replace('-', ' - ')}")  # fmt: skip
+        ax.axhline(0.0, color="k", lw=0.8)
+        ax.set_title(f"{title}: differences [95 % CI]")
+        ax.set_xscale("log")
+        ax.set_xlabel("training tokens read")
+        ax.set_ylabel("bpb difference (< 0: first is better)")
+    axes[0].legend(fontsize=7)
 
 
 def table(run: Path) -> str:
