@@ -71,6 +71,10 @@ def main() -> None:
     ap.add_argument("--eval-chars", type=int, default=4000)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument(
+        "--checkpoint-every", type=int, default=100,
+        help="steps between checkpoints inside a segment (a killed run loses at most these)",
+    )  # fmt: skip
     a = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(a.threads)
@@ -103,7 +107,7 @@ def main() -> None:
         name: TrainConfig(
             steps=steps, batch_size=a.batch_size, lr=a.lr, min_lr=a.lr / 10,
             warmup_steps=a.warmup, seed=a.seed, seq_chunks=a.seq_chunks, eval_every=0,
-            eval_batches=0, valid_fraction=0.0, bf16=a.bf16, checkpoint_every=10**9,
+            eval_batches=0, valid_fraction=0.0, bf16=a.bf16, checkpoint_every=a.checkpoint_every,
             keep_checkpoints=1, log_every=25, retrieval=name == "retro",
         )
         for name in models
