@@ -312,8 +312,11 @@ def test_cli_writes_the_page_and_the_markdown(cli_setup, capsys):
     assert "explain.html" in capsys.readouterr().out
     page = (out / "explain.html").read_text(encoding="utf-8")
     md = (out / "explain.md").read_text(encoding="utf-8")
-    assert "<script" not in page.lower() and "&lt;script&gt;" in page
+    parsed = _Page()
+    parsed.feed(page)
+    assert "script" not in parsed.tags and "".join(parsed.chunk_text) == TEXT
     assert page.count('class="chunk"') == md.count("## Chunk ") > 1
+    assert "database: <code>" in page and "distance" in page
 
 
 @pytest.mark.parametrize(
