@@ -23,8 +23,9 @@ database), :func:`explain_text` computes, for every chunk of m tokens:
 :func:`render_html` writes a self-contained page (inline CSS, no script, no external asset; every
 text HTML-escaped): each token's background is green when retrieval saved bits on it and red when
 it cost bits (intensity relative to the page's largest absolute value), with the value in the
-token's ``title`` tooltip; neighbour tokens are shaded blue by attention mass. :func:`render_markdown`
-writes the same content as markdown (tables and per-token values instead of colours).
+token's ``title`` tooltip; neighbour tokens are shaded blue by attention mass (full blue at 4 x
+an even spread over the chunk's neighbour tokens). :func:`render_markdown` writes the same content
+as markdown (tables and per-token values instead of colours).
 """
 
 from __future__ import annotations
@@ -497,7 +498,8 @@ def render_html(ex: Explanation, *, top: int = 5, title: str = "What RETRO read"
         '<div class="legend">Token background: green = bits saved by retrieval (RETRO[OFF] '
         "minus RETRO[ON] log-loss of the token), red = bits lost; the strongest colour is "
         f"{scale:.3f} bits; hover a token for its value. Neighbour tokens: blue = CCA attention "
-        "mass (mean over heads, the tokens reading the neighbours and the CCA layers "
+        "mass, full at 4 x an even spread (mean over heads, the tokens reading the neighbours "
+        "and the CCA layers "
         f"{_esc(', '.join(ex.layers))}); the continuation starts at the grey bar. A chunk's "
         "neighbours are read by the last token of the chunk and the first m - 1 of the next "
         "(the paper's causal shift).</div>"
@@ -528,11 +530,10 @@ def render_html(ex: Explanation, *, top: int = 5, title: str = "What RETRO read"
             + "".join(f"<th>{_esc(n)}</th>" for n in ex.layers)
             + "<th>top tokens</th><th>neighbour · continuation</th></tr>"
         ]
-        nscale = max(
-            (float(ne.token_mass.max()) for ne in c.neighbours if ne.token_mass is not None
-             and len(ne.token_mass)),
-            default=0.0,
-        )  # fmt: skip
+        # full blue at 4 x the uniform share (1 / the chunk's real neighbour tokens): an even
+        # spread stays pale, a concentrated read stands out
+        n_real = sum(len(ne.tokens) for ne in c.neighbours)
+        nscale = 4.0 / n_real if n_real else 0.0
         for ne in c.neighbours:
             per_layer = (
                 "".join(f"<td>{v:.3f}</td>" for v in ne.mass_per_layer)
