@@ -152,6 +152,30 @@ class BaseAttentionCCA(ChunkedCrossAttention):
         values = values.repeat_interleave(rep, dim=1)
         return keys.view(B, U, *keys.shape[1:]), values.view(B, U, *values.shape[1:])
 
+    def attention_probabilities(  # type: ignore[override]
+        self, q: Tensor, pos_q: Tensor, kv: tuple[Tensor, Tensor], km: Tensor, rope: RopeFn
+    ) -> Tensor:
+        """float32 (G, h, Tq, k·r): what :meth:`attend` puts on each neighbour token.
+
+        Each row sums to 1 minus the mass on the sink (which reads nothing).
+        """
+        keys = kv[0]  # (G, h, K, hs)
+        K = keys.shape[2]
+        cos, sin = rope(K + pos_q - (self.m - 1))
+        q0 = self._split(self.q_proj(self.norm(q)), self.n_heads).float()  # (G, h, Tq, hs)
+        scale = 1.0 / math.sqrt(self.head_dim)
+        s = rotate(q0, cos.float(), sin.float()) @ keys.float().transpose(-1, -2) * scale
+        s = s.masked_fill(~km[:, None, None, :], float("-inf"))
+        sink = (q0 @ self.null_key.float()[:, :, None]) * scale + self.sink.float().view(
+            1, -1, 1, 1
+        )
+        return torch.cat((s, sink), dim=-1).softmax(-1)[..., :K]
+
+    def head_weights(self) -> Tensor:
+        """float32 (h,): |gate| of each head, normalised to sum 1 (uniform when all gates are 0)."""
+        g = self.gate.detach().abs().float().cpu()
+        return g / g.sum() if float(g.sum()) > 0 else torch.full_like(g, 1.0 / len(g))
+
     def attend(
         self, q: Tensor, pos_q: Tensor, kv: tuple[Tensor, Tensor], km: Tensor, rope: RopeFn
     ) -> Tensor:

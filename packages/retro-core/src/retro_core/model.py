@@ -39,7 +39,8 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 
@@ -50,7 +51,15 @@ from torch import Tensor, nn
 from .config import RetroConfig
 from .interface import KVCache, RetrievalLMMixin
 
-__all__ = ["ChunkedCrossAttention", "Encoder", "KVCache", "Retro", "init_weights"]
+__all__ = [
+    "CCAAttention",
+    "ChunkedCrossAttention",
+    "Encoder",
+    "KVCache",
+    "Retro",
+    "capture_cca_attention",
+    "init_weights",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -263,6 +272,38 @@ class Encoder(nn.Module):
 # Chunked cross-attention (paper section 2.4, equation 3, Figure 2)
 
 
+@dataclass
+class CCAAttention:
+    """The attention probabilities of one chunked cross-attention layer in one forward call.
+
+    Recorded by :func:`capture_cca_attention`. T tokens at absolute positions ``start ..
+    start+T-1``; each attends the k x r neighbour tokens of one chunk (see
+    :class:`ChunkedCrossAttention`).
+
+    Attributes:
+        name: the CCA module's qualified name in the model (e.g. ``blocks.4.cca``).
+        start: absolute position of the call's first token.
+        chunks: int64 (T,) the chunk u whose neighbours each token attends,
+            u = (t - (m-1)) // m, or -1 for the first m-1 tokens of a sequence (they attend
+            nothing).
+        probs: float32 (B, T, h, k, r) each token's attention probabilities, per head, over the
+            k neighbours x r tokens of its chunk: padding tokens get 0, and over the k·r tokens
+            each (token, head) sums to 1, except in a CCA with an attention *sink* (a retro-fit's
+            ``BaseAttentionCCA``), where the rest, 1 - sum, is the mass that reads nothing.
+            All zero for a token whose ``chunks`` is -1 or whose chunk has no real neighbour
+            token (CCA adds exactly nothing there).
+        head_weights: float32 (h,) non-negative, summing to 1: how much each head contributes
+            to the layer's output (uniform; a retro-fit's gated heads by their |gate|); a head
+            average weighted by these keeps a sum of 1 over the neighbour tokens.
+    """
+
+    name: str
+    start: int
+    chunks: Tensor
+    probs: Tensor
+    head_weights: Tensor
+
+
 class ChunkedCrossAttention(nn.Module):
     """CCA with the paper's causal shift.
 
@@ -271,12 +312,38 @@ class ChunkedCrossAttention(nn.Module):
     m-1 of chunk u+1) attend E_u. Tokens 0 .. m-2 attend nothing: their output is zero, so the
     residual stream passes through unchanged. The k neighbours x r tokens of a chunk are
     concatenated on one key axis.
+
+    Inside :func:`capture_cca_attention` each forward also records its attention probabilities
+    (a :class:`CCAAttention`), computed beside the output, which stays the same bit for bit.
     """
+
+    # (records, name) while inside capture_cca_attention; a class default, so subclasses that
+    # skip this __init__ (BaseAttentionCCA) have it too
+    _capture: tuple[list[CCAAttention], str] | None = None
 
     def __init__(self, cfg: RetroConfig):
         super().__init__()
         self.m = cfg.chunk_size
         self.attn = Attention(cfg.d_model, cfg.enc_d_model, cfg.d_model, cfg.n_heads, cfg.dropout)
+
+    def attention_probabilities(
+        self, q: Tensor, pos_q: Tensor, kv: tuple[Tensor, Tensor], km: Tensor, rope: Rotary
+    ) -> Tensor:
+        """The probabilities :meth:`attend` uses for the same arguments: float32 (G, h, Tq, k·r).
+
+        softmax(q·k / sqrt(hs)) over the real neighbour tokens (masked ones get 0), without
+        dropout. Each row sums to 1.
+        """
+        keys = kv[0]  # (G, h, k·r, hs)
+        qh = apply_rotary(self.attn._heads(self.attn.q_proj(q)), rope(pos_q))  # (G, h, Tq, hs)
+        s = qh.float() @ keys.float().transpose(-1, -2) / math.sqrt(keys.shape[-1])
+        s = s.masked_fill(~km[:, None, None, :], float("-inf"))  # (G, h, Tq, k·r)
+        return s.softmax(-1)
+
+    def head_weights(self) -> Tensor:
+        """float32 (h,): each head's share of the output (uniform here), summing to 1."""
+        h = self.attn.n_heads
+        return torch.full((h,), 1.0 / h)
 
     def kv(self, enc: Tensor, rope: Rotary) -> tuple[Tensor, Tensor]:
         """Keys and values (B, U, h, k·r, hs) of encoded neighbours enc (B, U, k, r, d').
@@ -332,6 +399,10 @@ class ChunkedCrossAttention(nn.Module):
         s0 = start - (m - 1)  # shifted position of x[:, 0]; token t attends chunk (t - (m-1)) // m
         skip = min(T, max(0, -s0))  # leading tokens t < m-1 attend nothing
         if skip == T:
+            if self._capture is not None:  # no token attends anything: all-zero probabilities
+                p = x.new_zeros(B, kv[0].shape[2], 0, kv[0].shape[3], dtype=torch.float32)
+                has0 = torch.ones(B, dtype=torch.bool, device=x.device)
+                self._record(p, has0, B, T, start, skip, 0, 1, enc_mask.shape[2:])
             return torch.zeros_like(x)
         s_first, s_last = s0 + skip, s0 + T - 1
         u_lo, u_hi = s_first // m, s_last // m  # attended chunks u_lo .. u_hi
@@ -353,9 +424,78 @@ class ChunkedCrossAttention(nn.Module):
             pos_q = torch.arange(m - 1, 2 * m - 1, device=x.device)  # offsets from chunk u's start
         y = self.attend(q, pos_q, (keys, values), km, rope)  # (B·nU, m or T', d)
         y = torch.where(has[:, None, None], y, torch.zeros((), dtype=y.dtype, device=y.device))
+        if self._capture is not None:
+            with torch.no_grad():
+                p = self.attention_probabilities(q, pos_q, (keys, values), km, rope)
+                self._record(p, has, B, T, start, skip, front, nU, enc_mask.shape[2:])
         if nU > 1:
             y = y.reshape(B, nU * m, d)[:, front : front + T - skip]  # (B, T', d)
         return F.pad(y, (0, 0, skip, 0))  # (B, T, d)
+
+    def _record(
+        self,
+        p: Tensor,
+        has: Tensor,
+        B: int,
+        T: int,
+        start: int,
+        skip: int,
+        front: int,
+        nU: int,
+        kr: tuple[int, ...],
+    ) -> None:
+        """Append probabilities p (B·nU, h, m or T', k·r) to the capture, one row per token."""
+        assert self._capture is not None
+        records, name = self._capture
+        m = self.m
+        h = p.shape[1]
+        p = p * has[:, None, None, None].to(p.dtype)  # chunks without neighbours read nothing
+        if nU > 1:  # (B, nU, h, m, k·r) -> the tokens' order
+            p = p.view(B, nU, h, m, -1).permute(0, 1, 3, 2, 4).reshape(B, nU * m, h, -1)
+            p = p[:, front : front + T - skip]
+        else:
+            p = p.permute(0, 2, 1, 3)  # (B, T', h, k·r)
+        p = F.pad(p, (0, 0, 0, 0, skip, 0))  # (B, T, h, k·r)
+        pos = torch.arange(start, start + T)
+        chunks = torch.where(pos >= m - 1, (pos - (m - 1)) // m, -1)
+        records.append(
+            CCAAttention(
+                name=name,
+                start=int(start),
+                chunks=chunks,
+                probs=p.reshape(B, T, h, *kr).float().cpu(),
+                head_weights=self.head_weights().float().cpu(),
+            )
+        )
+
+
+@contextmanager
+def capture_cca_attention(model: nn.Module) -> Iterator[list[CCAAttention]]:
+    """Record the attention probabilities of every chunked cross-attention layer of ``model``.
+
+    Inside the ``with`` block each forward of a :class:`ChunkedCrossAttention` (or a subclass,
+    e.g. a retro-fit's ``BaseAttentionCCA``) appends one :class:`CCAAttention` to the list this
+    yields, in call order (one per CCA layer per forward). The probabilities are computed beside
+    the layer's own attention, so the forward's outputs are the same, bit for bit, as without
+    capture; they cost one more q·k product per layer. Works for ``Retro`` and ``RetrofittedLM``
+    alike (anything whose CCA modules are ``ChunkedCrossAttention``); nothing is recorded after
+    the block exits.
+
+    Example::
+
+        with capture_cca_attention(model) as records:
+            logits = model(tokens, neighbours)
+        probs = records[0].probs  # (B, T, h, k, r)
+    """
+    records: list[CCAAttention] = []
+    mods = [(n, mod) for n, mod in model.named_modules() if isinstance(mod, ChunkedCrossAttention)]
+    for name, mod in mods:
+        mod._capture = (records, name)
+    try:
+        yield records
+    finally:
+        for _, mod in mods:
+            mod._capture = None
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,13 +1,17 @@
-"""``retro-eval``: run | report | demo | lm-eval.
+"""``retro-eval``: run | report | demo | generate | explain | lm-eval.
 
 - ``retro-eval run --config run.yaml``: evaluate (see :mod:`retro_eval.run`); writes results.json,
   report.md and PNG plots to the config's output directory.
 - ``retro-eval report results.json [--out DIR]``: render report.md and the plots again.
 - ``retro-eval demo [--scale retrofit|retrofit-tiny|small|tiny|full]``: the main job end to end (:mod:`retro_eval.demo`).
 - ``retro-eval generate MODEL --database DB --prompt TEXT``: continue a prompt with retrieval.
+- ``retro-eval explain MODEL (FILE | --text TEXT) --database DB [--out DIR]``: what RETRO read
+  (:mod:`retro_eval.explain`): writes ``DIR/explain.html`` (self-contained) and ``DIR/explain.md``
+  with each chunk's neighbours, their distances, CCA's attention on them and the bits retrieval
+  saved on each token.
 
 MODEL arguments (``run``'s ``retro`` / ``baseline``, the lm-eval model's ``checkpoint=``,
-``generate``) take a training run directory (its latest checkpoint, logged), a checkpoint directory
+``generate``, ``explain``) take a training run directory (its latest checkpoint, logged), a checkpoint directory
 or a retro-fitted checkpoint.
 - ``retro-eval lm-eval ARGS...``: lm-eval's own command line with the ``retro`` model registered and
   the retro-eval task directory on ``--include_path``, e.g.
@@ -101,6 +105,63 @@ def _generate(args: argparse.Namespace) -> str:
     return args.prompt + tok.decode(new)
 
 
+def _explain(args: argparse.Namespace) -> tuple[Path, Path]:
+    """``retro-eval explain``: validate the arguments, explain, write the page and the markdown."""
+    from retro_core.atomic import atomic_write_text
+
+    from .checkpoints import load_eval_model
+    from .explain import explain_text, render_html, render_markdown
+
+    if (args.file is None) == (args.text is None):
+        raise ValueError("explain: give the text as a FILE or with --text (exactly one of them)")
+    if args.file is not None:
+        path = Path(args.file)
+        if not path.is_file():
+            raise ValueError(f"{path}: no such text file (expected a UTF-8 text file)")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        source = str(path)
+    else:
+        text, source = args.text, "--text"
+    if not text.strip():
+        raise ValueError(f"{source}: the text is empty")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: exists and is not a directory")
+    db_path = Path(args.database)
+    if not (db_path / "manifest.json").is_file():
+        raise ValueError(
+            f"--database {db_path}: not a retro_db database (expected a directory with "
+            "manifest.json)"
+        )
+    model = load_eval_model(args.model)
+    from retro_db.database import Database
+
+    db = Database.open(db_path)
+    if args.tokenizer:
+        from retro_db.tokenizer import load_tokenizer
+
+        tok = load_tokenizer(args.tokenizer)
+    else:
+        tok = db.tokenizer
+    ex = explain_text(
+        model,
+        tok,
+        text,
+        db,
+        k=args.k,
+        window=args.window,
+        stride=args.stride,
+        meta={"model": str(args.model), "database": str(db_path), "text": source},
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    html_path = atomic_write_text(out / "explain.html", render_html(ex, top=args.top))
+    md_path = atomic_write_text(out / "explain.md", render_markdown(ex, top=args.top))
+    return html_path, md_path
+
+
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="retro-eval", description=__doc__.split("\n\n")[0])
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -141,6 +202,27 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     g.add_argument("--seed", type=int, default=0)
+    e = sub.add_parser(
+        "explain",
+        help="an HTML page (and markdown) of what RETRO read for a text: neighbours, CCA "
+        "attention, bits saved per token",
+    )
+    e.add_argument("model", help="training run directory, checkpoint or retro-fitted checkpoint")
+    e.add_argument("file", nargs="?", default=None, help="the text to explain (a UTF-8 file)")
+    e.add_argument("--text", default=None, help="the text to explain, instead of a FILE")
+    e.add_argument("--database", required=True, help="retro_db database to retrieve from")
+    e.add_argument("--tokenizer", default=None, help="tokenizer (default: the database's)")
+    e.add_argument(
+        "--k", type=_int(1), default=None, help="neighbours per chunk (default: the model's)"
+    )
+    e.add_argument("--window", type=_int(1), default=None, help="n (default max_seq_len)")
+    e.add_argument("--stride", type=_int(1), default=None, help="s (default n/2)")
+    e.add_argument("--top", type=_int(1), default=5, help="top attended tokens shown per neighbour")
+    e.add_argument(
+        "--out",
+        default="explain",
+        help="output directory for explain.html and explain.md (default %(default)s)",
+    )
     d = sub.add_parser(
         "demo",
         help="the main job: build a database, RETRO-fit (or train) a model, evaluate, report",
@@ -218,6 +300,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         elif args.command == "generate":
             print(_generate(args))
+        elif args.command == "explain":
+            html_path, md_path = _explain(args)
+            print(f"retro-eval: wrote {html_path} and {md_path}")
         elif args.command == "demo":
             from .demo import run_demo, summary_table
 
