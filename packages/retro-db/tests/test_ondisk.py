@@ -163,6 +163,9 @@ try:
                         index_factory=None if factory == "auto" else factory)
     ids = np.arange(0, db.num_chunks, 97)
     dist, got = db.search_keys(db.keys(ids), 10)
+    if len(sys.argv) > 5:  # the training data's neighbours too, part by part, under the same cap
+        from retro_db.neighbours import write_neighbours
+        write_neighbours(db, None, sys.argv[5], k=2, shard_chunks=256, progress=False)
     print(json.dumps({"ok": True, "ids": ids.tolist(), "got": got.tolist(),
                       "index": db.manifest["index"]}))
 except MemoryError as e:
@@ -171,7 +174,7 @@ except MemoryError as e:
 CAP = 80 << 20  # bytes of heap the build may add to the loaded interpreter
 
 
-def _capped(tmp_path, name, factory):
+def _capped(tmp_path, name, factory, *neighbours):
     import os
     import subprocess
     import sys
@@ -185,6 +188,7 @@ def _capped(tmp_path, name, factory):
             str(tmp_path / name),
             str(CAP),
             factory,
+            *neighbours,
         ],
         capture_output=True,
         text=True,
@@ -202,7 +206,7 @@ def test_build_and_query_under_a_memory_cap_smaller_than_keys_plus_index(load_re
         for i, r in enumerate(load_records(name, 20, max_chars=4000))
     ]
     (tmp_path / "docs.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
-    rc, out, err = _capped(tmp_path, "db", "auto")
+    rc, out, err = _capped(tmp_path, "db", "auto", str(tmp_path / "nb"))
     assert rc == 0 and out is not None and out["ok"], (rc, out, err)
     assert out["index"]["on_disk"] and "on disk instead of Flat" in out["index"]["reason"]
     db = Database.open(tmp_path / "db", verify=True)
@@ -223,6 +227,13 @@ def test_build_and_query_under_a_memory_cap_smaller_than_keys_plus_index(load_re
     got = np.asarray(out["got"])
     near = np.take_along_axis(d2, got, 1) <= kth + 1e-3
     assert near.mean() >= 0.9
+    # the neighbours written under the cap, part by part, equal a one-shot search here (no cap)
+    db.drop_index_pages()
+    one = db.neighbours_of_keys(keys, 2, db.doc_ids)
+    np.testing.assert_array_equal(np.load(tmp_path / "nb" / "neighbour_ids.npy"), one.chunk_ids)
+    np.testing.assert_array_equal(
+        np.load(tmp_path / "nb" / "neighbour_distances.npy"), one.distances
+    )
     # and the in-memory default under the same cap does not fit: the cap binds
     rc, out, err = _capped(tmp_path, "flat", "Flat")
     assert rc != 0 or (out is not None and not out["ok"]), (rc, out)
@@ -243,3 +254,156 @@ def test_cli_max_memory_puts_the_index_on_disk(corpus, tmp_path, capfd):
     assert main(["info", str(tmp_path / "small"), "--json"]) in (0, None)
     info = json.loads(capfd.readouterr().out)  # faiss's own prints kept out of stdout (fd 1)
     assert info["index_on_disk"] and info["recall@10"] >= 0.9
+
+
+def _template_and_blocks(db: Database):
+    """The database's trained, empty IVF index and (first chunk id, keys) of each shard."""
+    man = db.manifest["index"]
+    template = retro_db.index.read_index(db.path / man["trained"], mmap=False, dim=db.dim)
+    blocks, start = [], 0
+    for keys in db.key_blocks():
+        blocks.append((start, keys))
+        start += len(keys)
+    return template, blocks
+
+
+def test_lists_filled_from_encoded_files_equal_the_streamed_ones(ondisk_db, tmp_path):
+    # The Ray engine's path (workers write each shard's codes, the driver fills the lists from
+    # the files) against the local one, at the index level: the same lists file, byte for byte.
+    from retro_db.index import build_ondisk_ivf, build_ondisk_ivf_from_codes, write_ivf_codes
+
+    db = Database.open(ondisk_db)
+    template, blocks = _template_and_blocks(db)
+    assert len(blocks) >= 2
+    _, streamed = build_ondisk_ivf(template, blocks, tmp_path, "streamed")
+    coded, sizes = [], 0
+    for i, (start, keys) in enumerate(blocks):
+        lp, cp = tmp_path / f"s{i}.lists.npy", tmp_path / f"s{i}.codes.npy"
+        sizes = sizes + write_ivf_codes(template, keys, lp, cp)
+        coded.append((start, lp, cp))
+        assert len(np.load(lp)) == len(keys)
+    assert int(sizes.sum()) == db.num_chunks
+    _, filled = build_ondisk_ivf_from_codes(template, coded, sizes, tmp_path, "filled")
+    assert sha256_file(filled) == sha256_file(streamed)
+    # and both equal the database's own lists (built by build_database)
+    assert sha256_file(streamed) == sha256_file(ondisk_db / db.manifest["index"]["lists"])
+    # independent truth: faiss's own add of every key into the same template, list by list
+    import faiss
+
+    mem = faiss.clone_index(template)
+    for start, keys in blocks:
+        mem.add_with_ids(
+            np.asarray(keys, np.float32), np.arange(start, start + len(keys), dtype=np.int64)
+        )
+    got = retro_db.index.read_index(tmp_path / "filled.faiss", on_disk=True)
+    a, b = faiss.extract_index_ivf(mem).invlists, faiss.extract_index_ivf(got).invlists
+    cs = a.code_size
+    for lst in range(a.nlist):
+        m = a.list_size(lst)
+        assert b.list_size(lst) == m
+        if m:
+            np.testing.assert_array_equal(
+                faiss.rev_swig_ptr(b.get_ids(lst), m), faiss.rev_swig_ptr(a.get_ids(lst), m)
+            )
+            np.testing.assert_array_equal(
+                faiss.rev_swig_ptr(b.get_codes(lst), m * cs),
+                faiss.rev_swig_ptr(a.get_codes(lst), m * cs),
+            )
+
+
+def test_add_appends_into_lists_equal_to_a_build_over_the_union(ondisk_db, corpus, tmp_path):
+    # `add` copies the current lists list by list into the new version's file and writes the new
+    # keys after them (no faiss merge of block index files): the lists of the same trained index
+    # filled with every key in one go. Then a fresh build over the union answers the same queries.
+    from retro_db.index import build_ondisk_ivf
+
+    grown = tmp_path / "grown"
+    shutil.copytree(ondisk_db, grown)
+    mp = pytest.MonkeyPatch()
+    mp.setattr(retro_db.index, "available_memory", lambda: 64 * KB)
+    try:
+        v2 = add_documents(grown, corpus[30:], embedder="hash:64", progress=False)
+        fresh = build_database(
+            corpus,
+            tmp_path / "fresh",
+            embedder="hash:64",
+            chunk_size=16,
+            shard_chunks=256,
+            progress=False,
+        )
+    finally:
+        mp.undo()
+    assert v2.version == 2 and v2.manifest["index"]["on_disk"]
+    template, blocks = _template_and_blocks(v2)
+    _, union = build_ondisk_ivf(template, blocks, tmp_path, "union")
+    assert sha256_file(grown / v2.manifest["index"]["lists"]) == sha256_file(union)
+    assert not [p for p in (grown / "index").iterdir() if p.name.startswith(".")]
+    # queries: the fresh build over the union (its own training) and the grown database, both
+    # searching every list: the same neighbours (IVF-SQfp16 stores each key's residual to its
+    # centroid in float16, so distances differ by that rounding only, ~1e-4 relative, and the
+    # order of near ties may differ)
+    assert fresh.num_chunks == v2.num_chunks and fresh.manifest["index"]["on_disk"]
+    import faiss
+
+    q = v2.keys(np.arange(0, v2.num_chunks, 5))
+    for db in (v2, fresh):
+        retro_db.index.apply_search_params(
+            db.index, {"nprobe": faiss.extract_index_ivf(db.index).nlist}
+        )
+    dg, ig = v2.search_keys(q, 10)
+    df, if_ = fresh.search_keys(q, 10)
+    np.testing.assert_allclose(dg, df, rtol=2e-3, atol=1e-5)
+    same = np.mean([len(set(a) & set(b)) / len(a) for a, b in zip(ig, if_, strict=True)])
+    assert same > 0.97, same
+
+
+def test_neighbours_streamed_part_by_part_equal_one_shot(ondisk_db, tmp_path):
+    # write_neighbours queries the on-disk index part by part (shard_chunks queries at a time,
+    # each part written as it is done, its mapped list pages given back after it): the result
+    # equals one search of every chunk at once, with the same exclusion of the own document
+    from retro_db.neighbours import write_neighbours
+
+    db = Database.open(ondisk_db)
+    n = db.num_chunks
+    part = next(s for s in range(90, 200) if n % s == 0 or n % s >= 32)  # no tiny last part
+    write_neighbours(db, None, tmp_path / "ds", k=3, shard_chunks=part, progress=False)
+    assert n > 3 * part  # several parts
+    ids = np.arange(n)
+    one = db.neighbours_of_keys(db.keys(ids), 3, db.doc_ids)
+    ds = tmp_path / "ds"
+    np.testing.assert_array_equal(np.load(ds / "neighbour_ids.npy"), one.chunk_ids)
+    np.testing.assert_array_equal(np.load(ds / "neighbour_distances.npy"), one.distances)
+    np.testing.assert_array_equal(np.load(ds / "neighbours.npy"), one.tokens)
+    assert not np.any(db.doc_ids[one.chunk_ids] == db.doc_ids[:, None])
+
+
+def test_long_steps_show_bytes_and_an_eta(corpus, tmp_path, capsys, monkeypatch):
+    # the bars of a build whose index goes on disk, and of its neighbours: text read (bytes),
+    # embedding (chunks of a shard, with a total), the index add (bytes of keys, with a total)
+    # and the neighbours (chunks, with a total): a bar with a total shows "100%" and an ETA field
+    import re
+
+    from tqdm import tqdm
+
+    from retro_db.neighbours import write_neighbours
+
+    monkeypatch.setattr(retro_db.index, "available_memory", lambda: 64 * KB)
+    db = build_database(
+        corpus[:8], tmp_path / "db", embedder="hash:64", chunk_size=16, shard_chunks=256
+    )
+    write_neighbours(db, None, tmp_path / "nb", k=2, shard_chunks=100)
+    err = capsys.readouterr().err
+    lines = {}
+    for line in re.split(r"[\r\n]+", err):
+        name = line.split(":", 1)[0].strip()
+        if name:
+            lines[name] = line  # the last state of each bar
+    assert db.manifest["index"]["on_disk"]
+    text = sum(len(d.text.encode("utf-8")) for d in corpus[:8])
+    assert f": {tqdm.format_sizeof(text)}B [" in lines["documents (text)"]  # no total: a rate
+    keys = tqdm.format_sizeof(db.num_chunks * 64 * 2)  # float16 keys, d = 64
+    add = lines["index add (on disk)"]
+    assert "100%" in add and f"{keys}/{keys} [" in add and "B/s]" in add
+    assert re.search(r"\[\d\d:\d\d<\d\d:\d\d", add)  # elapsed<remaining: the ETA
+    nb = lines["neighbours"]
+    assert "100%" in nb and f"{db.num_chunks}/{db.num_chunks}" in nb and "chunk/s" in nb

@@ -122,6 +122,40 @@ def test_ray_index_merge_searches_like_local(cluster, docs, tmp_path, factory):
     Database.open(remote.path, verify=True)
 
 
+def test_ray_ondisk_build_equals_local(cluster, docs, tmp_path, monkeypatch):
+    # Memory as if 64 KB: the index goes on disk (IVF-SQfp16 lists in index/v00001.ivfdata). On
+    # Ray the workers encode each shard's keys into files and the driver only fills the lists
+    # from them: the driver's own encoder (build_ondisk_ivf) is made to fail for the Ray build.
+    import retro_db.build
+    import retro_db.index
+
+    monkeypatch.setattr(retro_db.index, "available_memory", lambda: 64 * 1024)
+    local = build_database(docs[0], tmp_path / "local", **BUILD)
+
+    def no_driver_encoding(*a, **k):
+        raise AssertionError("the Ray build encoded keys on the driver")
+
+    monkeypatch.setattr(retro_db.build, "build_ondisk_ivf", no_driver_encoding)
+    remote = build_database(docs[0], tmp_path / "ray", **BUILD, engine="ray")
+    idx = local.manifest["index"]
+    assert idx["on_disk"] and idx["factory"].endswith(",SQfp16")
+    assert len(local.manifest["shards"]) >= 4  # several shards encoded on 2 workers
+    _assert_same_database(local, remote)
+    # the same trained index, lists file and index file, byte for byte (sha256 in the manifests)
+    ml, mr = (json.loads((db.path / "manifest.json").read_text()) for db in (local, remote))
+    for name in (idx["file"], idx["lists"], idx["trained"]):
+        assert mr["files"][name] == ml["files"][name], name
+    assert mr == ml
+    keys = local.keys(np.arange(local.num_chunks))
+    d_local, i_local = local.search_keys(keys, 10)
+    d_remote, i_remote = remote.search_keys(keys, 10)
+    np.testing.assert_array_equal(i_remote, i_local)
+    np.testing.assert_array_equal(d_remote, d_local)
+    Database.open(remote.path, verify=True)
+    left = [p.name for p in (remote.path / "index").iterdir()]
+    assert sorted(left) == sorted(p.name for p in (local.path / "index").iterdir())  # no codes
+
+
 def test_ray_resumes_an_interrupted_build(cluster, flat_pair, docs, tmp_path):
     # A kill after shards 0-1 completed and during shard 2: no shard.json there, no manifest.
     _, remote = flat_pair

@@ -38,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +54,7 @@ from .index import (
     appendable_index,
     apply_search_params,
     build_ondisk_ivf,
+    build_ondisk_ivf_from_codes,
     choose_index,
     drop_mapped_pages,
     exact_search_blocks,
@@ -93,6 +95,8 @@ __all__ = [
 SCHEMA_VERSION = 1
 #: the trained, empty IVF index of an on-disk database (``add`` encodes new keys with it)
 TRAINED_FILE = "index/trained.faiss"
+#: under index/: a Ray build's encoded keys of an on-disk index (removed once the lists are filled)
+CODES_DIR = "codes-v00001"
 
 
 def _resolve_tokenizer(tokenizer: LMTokenizer | str | os.PathLike[str] | None) -> LMTokenizer:
@@ -360,6 +364,7 @@ def _build(
         progress,
         add_keys,
         max_memory,
+        stage.encode_ondisk if stage is not None else None,
     )
     base = {
         "chunk_size": chunk_size,
@@ -416,9 +421,13 @@ def _build_first_index(
     progress: bool,
     add_keys: Callable[..., Any],
     max_memory: int | None,
+    encode_ondisk: Callable[..., Any] | None = None,
 ) -> tuple[dict[str, Any], list[str]]:
     """Choose, train, fill and write a new build's index; return the manifest's index entry and
-    the extra files of an on-disk index (the trained template and the lists file)."""
+    the extra files of an on-disk index (the trained template and the lists file).
+
+    ``encode_ondisk`` (Ray): encodes the shards' keys for an on-disk index on the workers
+    (distributed.py); without it this process encodes them."""
     # in memory (Flat/HNSW/IVF by size) unless it would not fit: then IVF lists on disk (issue 18)
     choice = choose_index(n, dim, index_factory, search_params, max_memory=max_memory)
     logger.info("%s", choice.reason)
@@ -433,14 +442,7 @@ def _build_first_index(
     if choice.on_disk:
         trained = _train(db_dir, shards, index_factory, n, dim, train_seed, choice.train_size)
         write_index(trained, db_dir / TRAINED_FILE)
-        _, lists = build_ondisk_ivf(
-            trained,
-            lambda: shard_blocks(db_dir, shards, 0),  # two passes: sizes, then codes
-            db_dir / "index",
-            "v00001",
-            progress=progress,
-            total_bytes=_keys_bytes(db_dir, shards),
-        )
+        lists = _fill_first_lists(db_dir, shards, trained, progress, encode_ondisk)
         extra = [TRAINED_FILE, f"index/{lists.name}"]
         params = _tune_nprobe(db_dir, shards, index_file, dim, params)
         index_entry.update(
@@ -456,6 +458,37 @@ def _build_first_index(
         write_index(index, db_dir / index_file)
         del index
     return index_entry, extra
+
+
+def _fill_first_lists(
+    db_dir: Path,
+    shards: list[str],
+    trained: Any,
+    progress: bool,
+    encode_ondisk: Callable[..., Any] | None,
+) -> Path:
+    """Write the on-disk lists of version 1 (``index/v00001.ivfdata``); return its path."""
+    if encode_ondisk is None:
+        _, lists = build_ondisk_ivf(
+            trained,
+            lambda: shard_blocks(db_dir, shards, 0),  # two passes: sizes, then codes
+            db_dir / "index",
+            "v00001",
+            progress=progress,
+            total_bytes=_keys_bytes(db_dir, shards),
+        )
+        return lists
+    code_dir = db_dir / "index" / CODES_DIR
+    shutil.rmtree(code_dir, ignore_errors=True)  # left by a killed build: encoded again
+    code_dir.mkdir(parents=True)
+    try:
+        coded, sizes = encode_ondisk(db_dir / TRAINED_FILE, db_dir, shards, code_dir, progress)
+        _, lists = build_ondisk_ivf_from_codes(
+            trained, coded, sizes, db_dir / "index", "v00001", progress=progress
+        )
+    finally:
+        shutil.rmtree(code_dir, ignore_errors=True)
+    return lists
 
 
 #: recall@10 against exact search that an on-disk build tunes nprobe for (on its own sample)
@@ -538,7 +571,10 @@ def _train(
         train[j : j + len(sel)] = keys[sel - start]
         j += len(sel)
         start = end
-    logger.info("training %s on %d of %d keys", factory, s, n)
+    # faiss trains in one call, without progress: the log gives its size instead
+    logger.info(
+        "training %s on %d of %d keys (%.1f MB of float32)", factory, s, n, train.nbytes / 2**20
+    )
     return train_index(factory, train)
 
 
@@ -675,8 +711,9 @@ def _grow_index(
     factory = man["index"]["factory"]
     extra: list[str] = []
     if man["index"].get("on_disk"):
-        # on-disk lists (issue 18): the current lists (read-only, memory-mapped) and the new keys'
-        # are merged into a new lists file; nothing of the old version is modified
+        # on-disk lists (issue 18): a new lists file, the current lists (read-only, memory-mapped)
+        # copied in list by list, then the new keys' codes after them (index.build_ondisk_ivf);
+        # nothing of the old version is modified
         trained_name = man["index"]["trained"]
         check_files(db_dir, {trained_name: man["files"][trained_name]}, verify=True)
         template = read_index(db_dir / trained_name, mmap=False, dim=old.dim)

@@ -22,6 +22,7 @@ from .embedders import load_embedder
 from .index import (
     apply_search_params,
     combine_indexes,
+    drop_mapped_pages,
     exact_search_blocks,
     ondisk_lists_file,
     read_index,
@@ -578,6 +579,20 @@ class Database:
             distances=dist.astype(np.float32),
             pad_id=self.pad_id,
         )
+
+    def drop_index_pages(self) -> None:
+        """Give back the pages of on-disk index lists that searches mapped into this process
+        (``index.drop_mapped_pages``; the data stays in the file and the page cache), so that a
+        long run of searches (``write_neighbours``, part by part) keeps its memory flat. Nothing
+        to do for an index held in memory."""
+        import faiss
+
+        ivf = faiss.try_extract_index_ivf(self._index)
+        if ivf is None:
+            return
+        lists = faiss.downcast_InvertedLists(ivf.invlists)
+        if isinstance(lists, faiss.OnDiskInvertedLists):
+            drop_mapped_pages(lists)
 
     def key_blocks(self):
         """Stored keys shard by shard: an iterator of float16 memmaps [n_s, d] in chunk-id order."""

@@ -34,10 +34,16 @@ How the work is split (the driver is the process that calls ``build_database``):
    uninterrupted ``add`` of all keys gives: identical bytes for Flat, IVF-Flat, IVF-PQ and SQ, the
    same search results for 4-bit fast-scan (whose blocks pack differently) and for the >2M default
    ``IVF..,PQ..x4fs,Refine(SQ8)`` (merged as its two halves, which faiss does not do itself).
-   HNSW cannot merge (faiss builds one graph), so its keys are added on the driver as locally. Parts travel in memory
-   rather than through ``faiss.contrib.ondisk.merge_ondisk``: that writes the lists to a separate
-   ``.ivfdata`` file named by absolute path inside the index, which the database's one-file,
-   checksummed, relocatable index format does not allow; memory on the driver is the local build's.
+   HNSW cannot merge (faiss builds one graph), so its keys are added on the driver as locally.
+   These in-memory indexes travel as serialised parts; memory on the driver is the local build's.
+   **An index with its lists on disk** (issue 18: a database larger than memory) never travels:
+   the driver writes the trained, empty index to ``index/trained.faiss``; each actor reads it,
+   encodes one shard's keys a block of rows at a time and writes the list number and code of
+   every key to ``index/codes-vNNNNN/`` (``index.write_ivf_codes``), returning only the entries
+   per list; the driver allocates every list at its final size in the ``.ivfdata`` file and
+   fills it shard by shard from the memory-mapped code files (``index.build_ondisk_ivf_from_codes``),
+   holding one block of rows at a time, then removes the code files. Workers encode with the
+   local build's row blocks, so the lists are the local build's byte for byte.
 5. **Manifest** last, by the local code (``build._build``): the database appears only complete.
 
 This module imports the shard machinery (shards.py) and the database reader, never build.py or
@@ -77,7 +83,7 @@ from tqdm.auto import tqdm
 
 from .database import Database
 from .embedders import embedder_options, embedder_spec, load_embedder
-from .index import set_threads
+from .index import read_index, set_threads, write_ivf_codes
 from .ingest import Document
 from .manifest import DatabaseError, read_json
 from .shards import READ_AHEAD, ShardWriter, add_shard_keys, iter_documents, text_fingerprint
@@ -327,6 +333,15 @@ class _Worker:
         index.add(np.asarray(keys, dtype=np.float32))
         return faiss.serialize_index(index)
 
+    def encode_keys(
+        self, template_path: str, keys_path: str, lists_path: str, codes_path: str
+    ) -> np.ndarray:
+        """Encode one shard's keys for the trained on-disk IVF index at ``template_path`` into
+        two files (``index.write_ivf_codes``: list numbers, codes); return the entries per list."""
+        template = read_index(template_path, mmap=False)
+        keys = np.load(keys_path, mmap_mode="r", allow_pickle=False)
+        return write_ivf_codes(template, keys, Path(lists_path), Path(codes_path))
+
     def open_db(
         self,
         path: str,
@@ -457,15 +472,62 @@ def _add_keys_ray(ray, pool, index, db_dir: Path, shards: list[str], progress: b
     starts = np.concatenate([[0], np.cumsum(sizes)])[:-1]
     paths = [str(db_dir / "shards" / s / "keys.npy") for s in shards]
     parts = pool.map(lambda actor, p: actor.add_keys.remote(ref, p), paths)
-    with _worker_errors(ray):
-        for start, part in tqdm(
-            zip(starts, parts, strict=True),
-            total=len(shards),
-            desc="index add",
-            disable=not progress,
-        ):
+    key_bytes = [sizes[i] * 2 * int(index.d) for i in range(len(shards))]  # float16 keys
+    with (
+        _worker_errors(ray),
+        tqdm(
+            total=sum(key_bytes), desc="index add", unit="B", unit_scale=True, disable=not progress
+        ) as bar,
+    ):
+        for start, part, nbytes in zip(starts, parts, key_bytes, strict=True):
             _merge_part(index, faiss.deserialize_index(part), int(start))
+            bar.update(nbytes)
     return index
+
+
+def _encode_ondisk_ray(
+    ray,
+    pool,
+    template_path: Path,
+    db_dir: Path,
+    shards: list[str],
+    code_dir: Path,
+    progress: bool,
+) -> tuple[list[tuple[int, Path, Path]], np.ndarray]:
+    """Encode each shard's keys on a worker into files under ``code_dir`` (see module doc);
+    return (first chunk id, lists file, codes file) of each shard in order and the entries per
+    list of all of them. The driver holds one shard's list counts at a time."""
+    # absolute paths: the workers need not share the driver's working directory
+    template_path, db_dir, code_dir = (p.resolve() for p in (template_path, db_dir, code_dir))
+    sizes = [int(read_json(db_dir / "shards" / s / "shard.json")["chunks"]) for s in shards]
+    starts = np.concatenate([[0], np.cumsum(sizes)])[:-1]
+    coded = [
+        (int(start), code_dir / f"{s}.lists.npy", code_dir / f"{s}.codes.npy")
+        for start, s in zip(starts, shards, strict=True)
+    ]
+    args = [
+        (str(template_path), str(db_dir / "shards" / s / "keys.npy"), str(lp), str(cp))
+        for s, (_, lp, cp) in zip(shards, coded, strict=True)
+    ]
+    total = np.zeros(0, dtype=np.int64)
+    dim = int(read_index(template_path, mmap=False).d)
+    key_bytes = [n * 2 * dim for n in sizes]  # float16 keys
+    results = pool.map(lambda actor, v: actor.encode_keys.remote(*v), args)
+    with (
+        _worker_errors(ray),
+        tqdm(
+            total=sum(key_bytes),
+            desc="index encode (ray)",
+            unit="B",
+            unit_scale=True,
+            disable=not progress,
+        ) as bar,
+    ):
+        for nbytes, counts in zip(key_bytes, results, strict=True):
+            counts = np.asarray(counts, dtype=np.int64)
+            total = counts if not len(total) else total + counts
+            bar.update(nbytes)
+    return coded, total
 
 
 def check_engine(engine: str, address: str | None, num_cpus: int | None, command: str) -> None:
@@ -548,6 +610,20 @@ class _RayShardStage:
                 shard += 1
             _drain(ray, self.pool, bar, 0, pending)
         return names, entry, functools.partial(_add_keys_ray, ray, self.pool)
+
+    def encode_ondisk(
+        self,
+        template_path: Path,
+        db_dir: Path,
+        shards: list[str],
+        code_dir: Path,
+        progress: bool,
+    ) -> tuple[list[tuple[int, Path, Path]], np.ndarray]:
+        """On-disk index (issue 18): each shard's codes encoded by a worker into ``code_dir``
+        (:func:`_encode_ondisk_ray`); the driver fills the lists from them."""
+        return _encode_ondisk_ray(
+            self.ray, self.pool, template_path, db_dir, shards, code_dir, progress
+        )
 
 
 @contextlib.contextmanager

@@ -31,10 +31,9 @@ import contextlib
 import logging
 import math
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -51,13 +50,16 @@ __all__ = [
     "apply_search_params",
     "available_memory",
     "build_ondisk_ivf",
+    "build_ondisk_ivf_from_codes",
     "choose_index",
+    "code_rows",
     "combine_indexes",
     "default_factory",
     "drop_mapped_pages",
     "exact_search",
     "exact_search_blocks",
     "index_bytes_per_key",
+    "ivf_code_blocks",
     "new_index",
     "ondisk_capable",
     "ondisk_factory",
@@ -68,6 +70,7 @@ __all__ = [
     "train_index",
     "training_size",
     "write_index",
+    "write_ivf_codes",
 ]
 
 FLAT_THRESHOLD = 200_000
@@ -481,12 +484,6 @@ def choose_index(
     )
 
 
-def _add_in_rows(index, keys: np.ndarray, start: int) -> None:
-    for a in range(0, len(keys), ADD_ROWS):
-        block = np.asarray(keys[a : a + ADD_ROWS], dtype=np.float32)
-        index.add_with_ids(block, np.arange(start + a, start + a + len(block), dtype=np.int64))
-
-
 def drop_mapped_pages(ondisk) -> None:
     """madvise(MADV_DONTNEED) over the lists file's mapping: its pages leave this process's RSS
     (shared file pages: the data stays in the page cache and the file)."""
@@ -501,68 +498,168 @@ def drop_mapped_pages(ondisk) -> None:
     ctypes.CDLL(None).madvise(ctypes.c_void_p(addr), ctypes.c_size_t(size), 4)  # MADV_DONTNEED
 
 
-def _stream_ondisk(template, key_blocks, tmp_data: Path, progress: bool, total_bytes):
-    """Two passes over the keys into an ``OnDiskInvertedLists`` at ``tmp_data``: count each list's
-    entries (coarse assignment only), allocate every list at its final size, then encode each block
-    and write its entries in place, list by list (ids ascending within a list, as faiss's ``add``
-    leaves them), dropping the written pages from RSS after each block."""
+def code_rows(d: int) -> int:
+    """Rows of keys assigned and encoded at a time (~4 MB of float32): the one blocking every
+    encoder of on-disk lists uses (local or on a Ray worker), so that their coarse assignments,
+    computed by the same BLAS calls, are the same bit for bit."""
+    return max(64, min(ADD_ROWS, (4 << 20) // (4 * int(d))))
+
+
+def ivf_code_blocks(template, keys: np.ndarray) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """(first row, list numbers int64 [b], codes uint8 [b, code_size]) of each block of
+    :func:`code_rows` rows of ``keys``, as faiss's ``add`` of the trained IVF ``template``
+    would store them."""
+    import faiss
+
+    ivf = faiss.extract_index_ivf(template)
+    cs, rows = int(ivf.code_size), code_rows(ivf.d)
+    for a in range(0, len(keys), rows):
+        x = np.ascontiguousarray(keys[a : a + rows], dtype=np.float32)
+        lists = ivf.quantizer.assign(x, 1).reshape(-1).astype(np.int64)
+        codes = np.empty((len(x), cs), dtype=np.uint8)
+        ivf.encode_vectors(len(x), faiss.swig_ptr(x), faiss.swig_ptr(lists), faiss.swig_ptr(codes))
+        yield a, lists, codes
+
+
+def write_ivf_codes(template, keys: np.ndarray, lists_path: Path, codes_path: Path) -> np.ndarray:
+    """Encode ``keys`` for the trained IVF ``template`` into two ``.npy`` files (written
+    atomically, one block of rows in memory at a time): the list number of every row (int64 [n])
+    and its code (uint8 [n, code_size]). Returns the entries of each list (int64 [nlist]).
+
+    A Ray worker's share of an on-disk build (distributed.py): the driver then fills the lists
+    from these files (:func:`build_ondisk_ivf_from_codes`) without encoding anything."""
+    import faiss
+
+    ivf = faiss.extract_index_ivf(template)
+    n, cs, nlist = len(keys), int(ivf.code_size), int(ivf.nlist)
+    sizes = np.zeros(nlist, dtype=np.int64)
+    with (
+        atomic_file(lists_path, size=n * 8) as tmp_l,
+        atomic_file(codes_path, size=n * cs) as tmp_c,
+    ):
+        out_l = np.lib.format.open_memmap(tmp_l, mode="w+", dtype=np.int64, shape=(n,))
+        out_c = np.lib.format.open_memmap(tmp_c, mode="w+", dtype=np.uint8, shape=(n, cs))
+        for a, lists, codes in ivf_code_blocks(template, keys):
+            out_l[a : a + len(lists)] = lists
+            out_c[a : a + len(lists)] = codes
+            sizes += np.bincount(lists, minlength=nlist)
+        out_l.flush()
+        out_c.flush()
+        del out_l, out_c
+    return sizes
+
+
+def _new_ondisk(nlist: int, cs: int, tmp_data: Path, sizes: np.ndarray):
+    """An ``OnDiskInvertedLists`` at ``tmp_data`` with every list allocated at ``sizes``,
+    contiguous in list order (as ``merge_from_multiple`` lays them out): the file first
+    (``update_totsize`` maps it), then the layout."""
+    import faiss
+
+    with quiet_stdout():
+        ondisk = faiss.OnDiskInvertedLists(nlist, cs, str(tmp_data))
+        ondisk.update_totsize(int(sizes.sum()) * (cs + 8))
+        ondisk.set_all_lists_sizes(faiss.swig_ptr(np.ascontiguousarray(sizes, dtype=np.uint64)))
+    return ondisk
+
+
+def _fill_block(ondisk, cursor: np.ndarray, first: int, lists: np.ndarray, codes: np.ndarray):
+    """Write rows ``first``.. (list numbers, codes) into their lists at ``cursor`` (ids ascending
+    within a list, as faiss's ``add`` leaves them); advance ``cursor``."""
+    import faiss
+
+    lists = np.asarray(lists, dtype=np.int64)
+    order = np.argsort(lists, kind="stable")
+    ids = np.ascontiguousarray(first + order, dtype=np.int64)
+    codes = np.ascontiguousarray(np.asarray(codes)[order])
+    sl = lists[order]
+    bounds = np.flatnonzero(np.diff(sl)) + 1
+    for b0, b1 in zip(np.r_[0, bounds], np.r_[bounds, len(sl)], strict=True):
+        if b1 <= b0:
+            continue
+        lst = int(sl[b0])
+        ondisk.update_entries(
+            lst,
+            int(cursor[lst]),
+            int(b1 - b0),
+            faiss.swig_ptr(ids[b0:b1]),
+            faiss.swig_ptr(codes[b0:b1]),
+        )
+        cursor[lst] += b1 - b0
+
+
+def _copy_base_lists(base, ondisk) -> np.ndarray:
+    """Copy every list of ``base``'s IVF (on disk or not; only read) to the start of the same
+    list of ``ondisk``, one list at a time; return the entries copied per list."""
+    import faiss
+
+    src = faiss.extract_index_ivf(base).invlists
+    cs = int(src.code_size)
+    mapped = faiss.downcast_InvertedLists(src)
+    done = np.zeros(int(src.nlist), dtype=np.int64)
+    for lst in range(int(src.nlist)):
+        m = int(src.list_size(lst))
+        if m:
+            ids = np.array(faiss.rev_swig_ptr(src.get_ids(lst), m), dtype=np.int64)
+            codes = np.array(faiss.rev_swig_ptr(src.get_codes(lst), m * cs), dtype=np.uint8)
+            ondisk.update_entries(lst, 0, m, faiss.swig_ptr(ids), faiss.swig_ptr(codes))
+            done[lst] = m
+        if lst % 256 == 255 or lst == int(src.nlist) - 1:
+            drop_mapped_pages(ondisk)
+            if isinstance(mapped, faiss.OnDiskInvertedLists):
+                drop_mapped_pages(mapped)
+    return done
+
+
+def _fill_ondisk(template, base, sizes, coded, tmp_data: Path, progress: bool, total_bytes, desc):
+    """The lists of ``base`` (if any), then the coded blocks ``coded()`` yields, written into a new
+    ``OnDiskInvertedLists`` at ``tmp_data`` whose lists are allocated at their final sizes
+    (``sizes``, the new entries per list); pages dropped from RSS after each block."""
     import faiss
     from tqdm.auto import tqdm
 
     ivf = faiss.extract_index_ivf(template)
     nlist, cs = int(ivf.nlist), int(ivf.code_size)
+    old = np.zeros(nlist, dtype=np.int64)
+    if base is not None:
+        src = faiss.extract_index_ivf(base).invlists
+        old = np.array([int(src.list_size(i)) for i in range(nlist)], dtype=np.int64)
+    ondisk = _new_ondisk(nlist, cs, tmp_data, old + sizes)
+    cursor = old.copy()
+    if base is not None and _copy_base_lists(base, ondisk).sum() != old.sum():
+        raise RuntimeError("on-disk lists: the base index changed while it was copied")
+    with tqdm(total=total_bytes, desc=desc, unit="B", unit_scale=True, disable=not progress) as bar:
+        for nbytes, blocks in coded():
+            for first, lists, codes in blocks:
+                _fill_block(ondisk, cursor, first, lists, codes)
+            drop_mapped_pages(ondisk)
+            bar.update(nbytes)
+    if not np.array_equal(cursor, old + sizes):
+        raise RuntimeError("on-disk lists: the keys changed between the two passes")
+    return ondisk, int(cursor.sum())
 
-    rows = max(64, min(ADD_ROWS, (4 << 20) // (4 * int(ivf.d))))  # ~4 MB of float32 a step
 
-    def assigned(keys):
-        for a in range(0, len(keys), rows):
-            x = np.ascontiguousarray(keys[a : a + rows], dtype=np.float32)
-            yield a, x, ivf.quantizer.assign(x, 1).reshape(-1)
+def _stream_ondisk(template, base, key_blocks, tmp_data: Path, progress: bool, total_bytes):
+    """Two passes over the keys into an ``OnDiskInvertedLists`` at ``tmp_data`` (after the lists
+    of ``base``, if any): count each list's entries (coarse assignment only), allocate every list
+    at its final size, then encode each block and write its entries in place, list by list."""
+    import faiss
 
+    ivf = faiss.extract_index_ivf(template)
+    nlist, rows = int(ivf.nlist), code_rows(ivf.d)
     sizes = np.zeros(nlist, dtype=np.int64)
     for _, keys in key_blocks():
-        for _, _, lists in assigned(keys):
-            sizes += np.bincount(lists, minlength=nlist)
-    with quiet_stdout():
-        ondisk = faiss.OnDiskInvertedLists(nlist, cs, str(tmp_data))
-        # every list at its exact size, contiguous (as merge_from_multiple lays them out): the
-        # file first (update_totsize maps it), then the layout
-        ondisk.update_totsize(int(sizes.sum()) * (cs + 8))
-        ondisk.set_all_lists_sizes(faiss.swig_ptr(np.ascontiguousarray(sizes, dtype=np.uint64)))
-    cursor = np.zeros(nlist, dtype=np.int64)
-    with tqdm(
-        total=total_bytes,
-        desc="index add (on disk)",
-        unit="B",
-        unit_scale=True,
-        disable=not progress,
-    ) as bar:
+        for a in range(0, len(keys), rows):
+            x = np.ascontiguousarray(keys[a : a + rows], dtype=np.float32)
+            sizes += np.bincount(ivf.quantizer.assign(x, 1).reshape(-1), minlength=nlist)
+
+    def coded():
         for start, keys in key_blocks():
-            for a, x, lists in assigned(keys):
-                codes = np.empty((len(x), cs), dtype=np.uint8)
-                ivf.encode_vectors(
-                    len(x), faiss.swig_ptr(x), faiss.swig_ptr(lists), faiss.swig_ptr(codes)
-                )
-                order = np.argsort(lists, kind="stable")
-                ids = np.ascontiguousarray(start + a + order, dtype=np.int64)
-                codes = np.ascontiguousarray(codes[order])
-                sl = lists[order]
-                bounds = np.flatnonzero(np.diff(sl)) + 1
-                for b0, b1 in zip(np.r_[0, bounds], np.r_[bounds, len(sl)], strict=True):
-                    lst = int(sl[b0])
-                    ondisk.update_entries(
-                        lst,
-                        int(cursor[lst]),
-                        int(b1 - b0),
-                        faiss.swig_ptr(ids[b0:b1]),
-                        faiss.swig_ptr(codes[b0:b1]),
-                    )
-                    cursor[lst] += b1 - b0
-            drop_mapped_pages(ondisk)
-            bar.update(keys.nbytes)
-    if not np.array_equal(cursor, sizes):
-        raise RuntimeError("on-disk lists: the keys changed between the two passes")
-    return ondisk, int(sizes.sum())
+            blocks = ((start + a, lst, c) for a, lst, c in ivf_code_blocks(template, keys))
+            yield int(keys.nbytes), blocks
+
+    return _fill_ondisk(
+        template, base, sizes, coded, tmp_data, progress, total_bytes, "index add (on disk)"
+    )
 
 
 def _finish_ondisk(template, ondisk, ntotal, tmp_data, data_path, directory, stem):
@@ -584,28 +681,6 @@ def _finish_ondisk(template, ondisk, ntotal, tmp_data, data_path, directory, ste
     return index_path, data_path
 
 
-def _merge_block_lists(template_ivf, base, blocks: list[Path], tmp_data: Path) -> tuple[Any, int]:
-    """Merge the lists of ``base`` (if any) and of the block index files (memory-mapped) into
-    one ``OnDiskInvertedLists`` at ``tmp_data``; return it and the number of entries."""
-    import faiss
-
-    readers = []  # keep the mmapped block indexes alive while their lists are merged
-    lists = faiss.InvertedListsPtrVector()
-    if base is not None:
-        lists.push_back(faiss.extract_index_ivf(base).invlists)
-    for path in blocks:
-        block = faiss.read_index(str(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
-        readers.append(block)
-        lists.push_back(faiss.extract_index_ivf(block).invlists)
-    with quiet_stdout():
-        ondisk = faiss.OnDiskInvertedLists(
-            template_ivf.nlist, template_ivf.code_size, str(tmp_data)
-        )
-        ntotal = ondisk.merge_from_multiple(lists.data(), lists.size(), False, False)
-    del readers, lists
-    return ondisk, ntotal
-
-
 def build_ondisk_ivf(
     template,
     key_blocks: Iterable[tuple[int, np.ndarray]] | Callable[[], Iterable[tuple[int, np.ndarray]]],
@@ -617,63 +692,95 @@ def build_ondisk_ivf(
 ) -> tuple[Path, Path]:
     """Write an IVF index whose inverted lists live on disk, holding one block of keys at a time.
 
-    The faiss recipe for indexes larger than memory: each block of keys is added to an in-memory
-    copy of the trained empty ``template`` (ids = the block's chunk ids) and written to a
-    temporary file; the lists of all blocks (memory-mapped) are merged into one
-    ``OnDiskInvertedLists`` file, written through the page cache, never held in memory.
+    The faiss recipe for indexes larger than memory, without its temporary per-block index files
+    and their merge: a first pass assigns every key to its list (counts only), every list is then
+    allocated at its final size in one ``OnDiskInvertedLists`` file (the lists of ``base`` first,
+    copied list by list), and a second pass encodes each block and writes its entries in place,
+    through the page cache, whose pages are dropped from this process after each block. The lists
+    equal those of faiss's ``add`` of all keys in order (ids ascending within each list).
 
     Args:
         template: a trained, empty IVF index (its lists are replaced; not modified otherwise).
-        key_blocks: (first chunk id, keys [n_b, d]) of each block, in order (e.g. shard memmaps).
+        key_blocks: (first chunk id, keys [n_b, d]) of each block, in order (e.g. shard memmaps),
+            or a function returning them afresh (they are read twice).
         directory: where the files go (``index/`` of the database).
         stem: names ``{stem}.faiss`` (the index) and ``{stem}.ivfdata`` (its lists).
-        base: an index whose lists (on disk or not) come first in the merge (``add``: the current
-            version's; its files are only read).
+        base: an index whose lists (on disk or not) come first (``add``: the current version's;
+            its files are only read); the new ids must follow its ids.
         progress: tqdm bar over the bytes of keys added.
         total_bytes: the keys' bytes, for the bar's ETA.
 
     Returns:
         The paths of the index file and of the lists file (both written atomically, names final).
     """
+    directory = Path(directory)
+    _check_template(template)
+    if not callable(key_blocks):
+        listed = list(key_blocks)  # (start, memmap) pairs: small
+
+        def key_blocks():
+            return iter(listed)
+
+    data_path = directory / f"{stem}.ivfdata"
+    tmp_data = directory / f"{TMP_PREFIX}{stem}.ivfdata"
+    ondisk, ntotal = _stream_ondisk(template, base, key_blocks, tmp_data, progress, total_bytes)
+    return _finish_ondisk(template, ondisk, ntotal, tmp_data, data_path, directory, stem)
+
+
+def build_ondisk_ivf_from_codes(
+    template,
+    coded: list[tuple[int, Path, Path]],
+    sizes: np.ndarray,
+    directory: str | os.PathLike[str],
+    stem: str,
+    base=None,
+    progress: bool = False,
+    total_bytes: int | None = None,
+) -> tuple[Path, Path]:
+    """:func:`build_ondisk_ivf` from keys already encoded (:func:`write_ivf_codes`, e.g. by Ray
+    workers): the lists are allocated at ``sizes`` (int64 [nlist], the sum of the files'), then
+    filled file by file, one block of rows at a time (memory-mapped), in the order given.
+
+    Args:
+        coded: (first chunk id, list-numbers ``.npy``, codes ``.npy``) of each block of keys.
+        sizes: entries per list over all ``coded`` files.
+        (the others as in :func:`build_ondisk_ivf`)
+    """
     import faiss
-    from tqdm.auto import tqdm
 
     directory = Path(directory)
-    blocks: list[Path] = []
-    template_ivf = faiss.extract_index_ivf(template)
+    _check_template(template)
+    ivf = faiss.extract_index_ivf(template)
+    rows, cs = code_rows(ivf.d), int(ivf.code_size)
+
+    def blocks(first: int, lists: np.ndarray, codes: np.ndarray):
+        for a in range(0, len(lists), rows):
+            yield first + a, np.asarray(lists[a : a + rows]), np.asarray(codes[a : a + rows])
+
+    def read():
+        for first, lists_path, codes_path in coded:
+            lists = np.load(lists_path, mmap_mode="r", allow_pickle=False)
+            codes = np.load(codes_path, mmap_mode="r", allow_pickle=False)
+            if codes.shape != (len(lists), cs) or lists.ndim != 1:
+                raise DatabaseError(
+                    f"{codes_path}: shape {codes.shape}, expected [{len(lists)}, {cs}] "
+                    f"(beside {lists_path.name})"
+                )
+            yield int(codes.nbytes), blocks(first, lists, codes)
+
+    data_path = directory / f"{stem}.ivfdata"
+    tmp_data = directory / f"{TMP_PREFIX}{stem}.ivfdata"
+    sizes = np.asarray(sizes, dtype=np.int64)
+    total_bytes = int(sizes.sum()) * cs if total_bytes is None else total_bytes
+    ondisk, ntotal = _fill_ondisk(
+        template, base, sizes, read, tmp_data, progress, total_bytes, "index fill (on disk)"
+    )
+    return _finish_ondisk(template, ondisk, ntotal, tmp_data, data_path, directory, stem)
+
+
+def _check_template(template) -> None:
     if template.ntotal != 0 or not template.is_trained:
         raise ValueError("build_ondisk_ivf: template must be a trained, empty IVF index")
-    if base is None and callable(key_blocks):  # a build: straight into the lists file
-        data_path = directory / f"{stem}.ivfdata"
-        tmp_data = directory / f"{TMP_PREFIX}{stem}.ivfdata"
-        ondisk, ntotal = _stream_ondisk(template, key_blocks, tmp_data, progress, total_bytes)
-        return _finish_ondisk(template, ondisk, ntotal, tmp_data, data_path, directory, stem)
-    if callable(key_blocks):
-        key_blocks = key_blocks()
-    try:
-        with tqdm(
-            total=total_bytes,
-            desc="index add (on disk)",
-            unit="B",
-            unit_scale=True,
-            disable=not progress,
-        ) as bar:
-            for i, (start, keys) in enumerate(key_blocks):
-                block = faiss.clone_index(template)
-                _add_in_rows(block, keys, start)
-                path = directory / f"{TMP_PREFIX}{stem}-block{i:05d}.faiss"
-                faiss.write_index(block, str(path))
-                blocks.append(path)
-                del block
-                bar.update(keys.nbytes)
-        data_path = directory / f"{stem}.ivfdata"
-        tmp_data = directory / f"{TMP_PREFIX}{stem}.ivfdata"
-        ondisk, ntotal = _merge_block_lists(template_ivf, base, blocks, tmp_data)
-        return _finish_ondisk(template, ondisk, ntotal, tmp_data, data_path, directory, stem)
-    finally:
-        for path in blocks:
-            with contextlib.suppress(OSError):
-                path.unlink()
 
 
 def ondisk_lists_file(index) -> str | None:

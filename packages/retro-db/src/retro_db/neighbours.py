@@ -92,12 +92,13 @@ def _write_part(
 
 def _self_jobs(db: Database, parts: Path, shard_chunks: int, progress: bool) -> Iterator[tuple]:
     n = db.num_chunks
-    for p, start in enumerate(
-        tqdm(range(0, n, shard_chunks), desc="neighbours", disable=not progress)
-    ):
-        d = parts / f"p{p:05d}"
-        done = (d / "done.json").is_file()
-        yield d, None if done else {"start": int(start), "stop": int(min(n, start + shard_chunks))}
+    with tqdm(total=n, desc="neighbours", unit="chunk", disable=not progress) as bar:
+        for p, start in enumerate(range(0, n, shard_chunks)):
+            d = parts / f"p{p:05d}"
+            stop = int(min(n, start + shard_chunks))
+            done = (d / "done.json").is_file()
+            yield d, None if done else {"start": int(start), "stop": stop}
+            bar.update(stop - start)  # the part is computed (or queued) once the runner asks again
 
 
 def _array_jobs(
@@ -111,24 +112,22 @@ def _array_jobs(
         raise ValueError(f"chunks['tokens']: expected [N, m={db.chunk_size}], got {tokens.shape}")
     if lengths.shape != (n,) or doc_ids.shape != (n,):
         raise ValueError(f"chunks['lengths'] and chunks['doc_ids']: expected [{n}]")
-    for p, start in enumerate(
-        tqdm(range(0, n, shard_chunks), desc="neighbours", disable=not progress)
-    ):
-        d = parts / f"p{p:05d}"
-        if (d / "done.json").is_file():
-            yield d, None
-            continue
-        sl = slice(start, min(n, start + shard_chunks))
-        yield (
-            d,
-            {
-                "tokens": tokens[sl],
-                "lengths": lengths[sl],
-                "doc_ids": doc_ids[sl],
-                "exclude": doc_ids[sl],
-                "info": {"start": start},
-            },
-        )
+    with tqdm(total=n, desc="neighbours", unit="chunk", disable=not progress) as bar:
+        for p, start in enumerate(range(0, n, shard_chunks)):
+            d = parts / f"p{p:05d}"
+            sl = slice(start, min(n, start + shard_chunks))
+            if (d / "done.json").is_file():
+                yield d, None
+            else:
+                job = {
+                    "tokens": tokens[sl],
+                    "lengths": lengths[sl],
+                    "doc_ids": doc_ids[sl],
+                    "exclude": doc_ids[sl],
+                    "info": {"start": start},
+                }
+                yield d, job
+            bar.update(sl.stop - start)
 
 
 def _corpus_jobs(
@@ -158,7 +157,8 @@ def _corpus_jobs(
         used.update(int(x) for x in done_ids[done_ids < db.num_documents])
         fresh += int((done_ids >= db.num_documents).sum())
         p += 1
-    bar = tqdm(desc="neighbours", unit="doc", disable=not progress)
+    # a stream of documents of unknown length: the bar counts their text (bytes, and a rate)
+    bar = tqdm(desc="neighbours (text)", unit="B", unit_scale=True, disable=not progress)
     exhausted = False
     while not exhausted:
         toks, lens, dids, excl = [], [], [], []
@@ -170,7 +170,7 @@ def _corpus_jobs(
                 exhausted = True
                 break
             consumed += 1
-            bar.update(1)
+            bar.update(len(doc.text.encode("utf-8")))
             update_source_fingerprint(h, doc)
             ids = db.tokenizer.encode_arrays([doc.text])[0]  # long texts in windows
             if not len(ids):
@@ -228,13 +228,14 @@ def run_part(db: Database, d: Path, job: dict[str, Any], k: int, batch_size: int
         tokens, lengths = db.chunk_tokens(ids)
         docs = db.store.doc_ids_of(ids)
         _write_part(d, db, tokens, lengths, docs, db.keys(ids), docs, k, {"start": job["start"]})
-        return
-    tokens, lengths = job["tokens"], job["lengths"]
-    if len(tokens):
-        keys = db.embed_chunks(tokens, lengths, batch_size=batch_size)
     else:
-        keys = np.empty((0, db.dim), np.float32)
-    _write_part(d, db, tokens, lengths, job["doc_ids"], keys, job["exclude"], k, job["info"])
+        tokens, lengths = job["tokens"], job["lengths"]
+        if len(tokens):
+            keys = db.embed_chunks(tokens, lengths, batch_size=batch_size)
+        else:
+            keys = np.empty((0, db.dim), np.float32)
+        _write_part(d, db, tokens, lengths, job["doc_ids"], keys, job["exclude"], k, job["info"])
+    db.drop_index_pages()  # on-disk lists: memory flat from part to part
 
 
 def _concat(parts: list[Path], name: str, out: Path) -> None:

@@ -188,7 +188,11 @@ class ShardWriter:
         """Write shards first_shard.. from ``docs``; return the names of the shards of this run."""
         it = iter(docs)
         names, shard, doc_index = self.resume(it, first_shard, first_doc)
-        with tqdm(desc="documents", unit="doc", disable=not self.progress) as bar:
+        # a stream of documents of unknown length: the bar counts their text (bytes, and a rate);
+        # each shard's embedding has its own bar, with a total and an ETA
+        with tqdm(
+            desc="documents (text)", unit="B", unit_scale=True, disable=not self.progress
+        ) as bar:
             for docs_, ids, sha in self.plan(tokenized(self.tokenizer, it), bar):
                 names.append(self.write_shard(shard, docs_, ids, doc_index, sha))
                 doc_index += sum(1 for x in ids if len(x))
@@ -255,7 +259,7 @@ class ShardWriter:
             docs.append(doc)
             ids.append(doc_ids)
             n_chunks += -(-len(doc_ids) // self.m)
-            bar.update(1)
+            bar.update(len(doc.text.encode("utf-8")))
             if n_chunks >= self.shard_chunks:
                 yield docs, ids, h.hexdigest()
                 docs, ids, n_chunks, h = [], [], 0, hashlib.sha256()
@@ -369,8 +373,11 @@ def add_shard_keys(index: Any, db_dir: Path, shards: list[str], progress: bool) 
     Ids are implicit (faiss numbers added keys from ``index.ntotal`` on), so the keys' ids are the
     chunk ids when ``shards`` follow the shards already in the index.
     """
-    for keys in tqdm(
-        shard_keys(db_dir, shards), desc="index add", total=len(shards), disable=not progress
-    ):
-        index.add(np.asarray(keys, dtype=np.float32))
+    total = sum(int(k.nbytes) for k in shard_keys(db_dir, shards))  # headers only are read
+    with tqdm(
+        total=total, desc="index add", unit="B", unit_scale=True, disable=not progress
+    ) as bar:
+        for keys in shard_keys(db_dir, shards):
+            index.add(np.asarray(keys, dtype=np.float32))
+            bar.update(keys.nbytes)
     return index
