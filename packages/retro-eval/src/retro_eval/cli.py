@@ -123,6 +123,14 @@ def _parser() -> argparse.ArgumentParser:
         "methods)",
     )
     r.add_argument(
+        "--db-fractions",
+        default=None,
+        metavar="LIST",
+        help="database-size sweep, comma-separated fractions in (0, 1], e.g. 1/16,1/4,1: "
+        "RETRO[ON] retrieving from that prefix of the database's documents through its own index "
+        "(overrides run.yaml's db_fractions; none: no sweep)",
+    )
+    r.add_argument(
         "--no-cache",
         action="store_true",
         help="neither read nor write the per-document cache in the output directory",
@@ -210,6 +218,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 from .run import parse_methods
 
                 cfg.methods = parse_methods(args.methods, "--methods")
+            if args.db_fractions is not None:
+                from .run import parse_db_fractions
+
+                cfg.db_fractions = parse_db_fractions(args.db_fractions, "--db-fractions")
             results = run_evaluation(cfg)
             out = results["config"]["output"]
             n = len(results["benchmarks"])
