@@ -1070,6 +1070,8 @@ def _eval_lm(
             values_by_measure[measure] = values
             out["buckets"][measure] = _buckets(values, cfg.alphas, scores)
             out["bins"][measure] = _bins(values, scores, cfg)
+    if db is None and cfg.db_fractions:
+        logger.warning("%s: the database-size sweep needs a database: no db_fractions rows", name)
     if db is not None and cfg.db_fractions:
         out["db_fractions"] = _eval_fractions(
             cfg, models, db, token_docs, full, groups, group_sums, scores, values_by_measure,
