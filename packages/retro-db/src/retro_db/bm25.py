@@ -19,8 +19,8 @@ Scoring: Lucene's BM25 (``bm25s`` method ``"lucene"``: sum over query terms of
 idf * tf / (tf + k1 (1 - b + b |d| / avgdl)), idf = ln(1 + (N - df + 0.5) / (df + 0.5)), k1 = 1.5,
 b = 0.75; Lucene 8+ drops the classic constant factor k1 + 1, which does not change the
 ranking) over ``bm25s.tokenize`` terms (lower-cased words of 2+ characters, English stop words
-removed, no stemming) of each chunk's detokenised text. A chunk without terms is indexed as one
-term no query has (``bm25s`` cannot index an empty document). ``distances`` = minus the score.
+removed, no stemming) of each chunk's detokenised text; a chunk without terms is a document of
+length 0, as ``bm25s`` indexes it. ``distances`` = minus the score.
 
 Requires the ``bm25s`` package (extra ``[bm25]``).
 """
@@ -47,7 +47,7 @@ __all__ = ["BM25_FILES", "BM25Index", "BM25Retriever", "chunk_texts"]
 #: the files of a saved index, ``bm25s``'s own names (``BM25.save``/``BM25.load``)
 BM25_ARRAYS = ("data.csc.index.npy", "indices.csc.index.npy", "indptr.csc.index.npy")
 BM25_FILES = (*BM25_ARRAYS, "vocab.index.json", "params.index.json")
-EMPTY_TERM = "\x00empty"  # the one term of a chunk without terms
+EMPTY_TERM = "\x00empty"  # the vocabulary of a corpus without any term
 NO_TERM = "\x00none"  # the one term of a query without terms (scores 0 everywhere)
 TOKENIZE = "bm25s.tokenize: lower-cased \\w\\w+ words, English stop words removed, no stemming"
 
@@ -123,10 +123,12 @@ class BM25Index:
         with tqdm(total=total, desc="BM25 terms", unit="chunk", disable=not progress) as bar:
             for texts in text_blocks:
                 for terms in _terms(texts):
-                    ids.append([vocab.setdefault(t, len(vocab)) for t in terms or [EMPTY_TERM]])
+                    ids.append([vocab.setdefault(t, len(vocab)) for t in terms])
                 bar.update(len(texts))
         if not ids:
             raise ValueError("BM25 index: expected at least one chunk")
+        if not vocab:  # no chunk has a term: one term that none has keeps bm25s's vocabulary valid
+            vocab[EMPTY_TERM] = 0
         bm25 = bm25s.BM25(k1=k1, b=b, method="lucene")
         bm25.index((ids, vocab), show_progress=False)
         logger.info("BM25 index of %d chunks, %d terms", len(ids), len(vocab))
