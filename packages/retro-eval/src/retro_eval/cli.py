@@ -175,6 +175,12 @@ def _parser() -> argparse.ArgumentParser:
         help="comparison rows, comma-separated: knnlm, incontext, bm25, or none (default: the "
         "scale's; the retrofit scale scores none, as they add about 15 minutes on 2 CPU cores)",
     )
+    d.add_argument(
+        "--db-fractions",
+        default=None,
+        metavar="LIST",
+        help="database-size sweep in the report, e.g. 1/16,1/4,1 (default none; see run --help)",
+    )
     d.add_argument("--force", action="store_true", help="rerun every stage, cached or not")
     return p
 
@@ -238,6 +244,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 from .run import parse_methods
 
                 methods = parse_methods(args.methods, "--methods")
+            fractions = None
+            if args.db_fractions is not None:
+                from .run import parse_db_fractions
+
+                fractions = parse_db_fractions(args.db_fractions, "--db-fractions")
             results = run_demo(
                 args.scale,
                 args.run_dir,
@@ -245,6 +256,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 steps=args.steps,
                 force=args.force,
                 methods=methods,
+                db_fractions=fractions,
             )
             times = results.get("pipeline_stage_times", {})
             print(f"retro-eval demo: report at {Path(args.run_dir) / 'report' / 'report.md'}")
