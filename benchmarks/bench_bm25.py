@@ -50,12 +50,13 @@ def select_documents(data: Path | None, tok, n_chunks: int) -> tuple[list, int]:
     return docs, chunks
 
 
-def timed_build(docs, out: Path, tok, **kwargs) -> tuple[float, object]:
+def timed_build(docs, out: Path, tok, **kwargs) -> tuple[float, float, object]:
+    """(wall seconds, CPU seconds of this process, the database) of one build."""
     from retro_db.build import build_database
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     db = build_database(docs, out, tokenizer=tok, chunk_size=M, progress=False, **kwargs)
-    return time.perf_counter() - t0, db
+    return time.perf_counter() - t0, time.process_time() - c0, db
 
 
 def key_bytes(db) -> int:
@@ -99,8 +100,8 @@ def main() -> int:
     emb.embed_texts(["warm up the encoder"] * 8, batch_size=8)
     tmp = Path(tempfile.mkdtemp(prefix="bench-bm25-"))
     try:
-        bm25_s, bm25_db = timed_build(docs, tmp / "bm25", tok, keys="bm25")
-        dense_s, dense_db = timed_build(
+        bm25_s, bm25_cpu, bm25_db = timed_build(docs, tmp / "bm25", tok, keys="bm25")
+        dense_s, dense_cpu, dense_db = timed_build(
             docs, tmp / "minilm", tok, embedder=emb, threads=args.threads
         )
         n = bm25_db.num_chunks
@@ -113,6 +114,8 @@ def main() -> int:
             "minilm_build_s": round(dense_s, 3),
             "bm25_build_chunks_per_s": n / bm25_s,
             "minilm_build_chunks_per_s": n / dense_s,
+            "bm25_build_cpu_s": round(bm25_cpu, 3),
+            "minilm_build_cpu_s": round(dense_cpu, 3),
             "bm25_key_bytes_per_chunk": key_bytes(bm25_db) / n,
             "minilm_key_bytes_per_chunk": key_bytes(dense_db) / n,
             "bm25_queries_per_s": queries_per_s(bm25_db, q),
@@ -123,6 +126,7 @@ def main() -> int:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     ratio = figures["bm25_build_chunks_per_s"] / figures["minilm_build_chunks_per_s"]
+    bm25_cpu, dense_cpu = figures["bm25_build_cpu_s"], figures["minilm_build_cpu_s"]
     result = {
         "name": "bm25",
         "figures": figures,
@@ -132,7 +136,13 @@ def main() -> int:
                 "ratio": ratio,
                 "target": ">= 10 (no encoder: building BM25 keys is not the bottleneck)",
                 "met": ratio >= 10,
-            }
+            },
+            {
+                "what": "the same on CPU time of the process (steadier on a shared machine)",
+                "ratio": dense_cpu / bm25_cpu,
+                "target": ">= 10",
+                "met": dense_cpu / bm25_cpu >= 10,
+            },
         ],
         "notes": [
             f"{_corpus.describe(args.data)}; {n_chunks} chunks asked, m = {M}, GPT-2 tokenizer, "
