@@ -149,7 +149,9 @@ def packs_check(session: nox.Session) -> None:
 @nox.session
 def bench(session: nox.Session) -> None:
     """The benchmark suite: writes benchmarks/results/*.json and benchmarks/results/SUMMARY.md."""
-    install(session, f"{CORE}[hf]", f"{DB}[embed,fast]", EVAL, "sentence-transformers", "scann")
+    install(
+        session, f"{CORE}[hf]", f"{DB}[embed,fast,bm25]", EVAL, "sentence-transformers", "scann"
+    )
     env = dict(OFFLINE)
     env.setdefault("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", str(os.cpu_count() or 1)))
     session.run("python", "benchmarks/run.py", *session.posargs, env=env)

@@ -251,6 +251,7 @@ def test_add_of_an_empty_file_exits_2_like_build(cli_db, tmp_path, capsys):
         (["gc", "DB", "--grace", "nan"], "expected a finite number of seconds"),
         (["frobnicate"], "invalid choice: 'frobnicate'"),
         (["build", "x"], "the following arguments are required: --out"),
+        (["build", "x", "--out", "y", "--keys", "foo"], "argument --keys: invalid choice: 'foo'"),
     ],
 )
 def test_usage_errors_are_one_line(cli_db, argv, expected, capsys):
@@ -404,3 +405,31 @@ def test_no_progress_silences_loading_weights(corpus, tmp_path, capfd):
     assert main(["query", str(db), "hello", "--no-progress"]) == 0
     err = capfd.readouterr().err
     assert "Loading weights" not in err and "%|" not in err, err
+
+
+def test_build_with_bm25_keys_then_info_and_neighbours(corpus, tmp_path, capsys):
+    out = tmp_path / "bm25db"
+    err = _error(
+        ["build", str(corpus[0]), "--out", str(out), "--keys", "bm25", "--embedder", "hash:8"],
+        capsys,
+    )
+    assert "--keys bm25: --embedder apply to --keys dense only" in err
+    assert not out.exists()  # refused before anything was written
+    argv = ["build", str(corpus[0]), "--out", str(out), "--keys", "bm25", "--chunk-size", "16"]
+    assert main([*argv, "--id-field", "title", "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["info", str(out), "--json", "--verify"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["keys"].startswith("bm25 (bm25s") and info["verified"] is True
+    nb = tmp_path / "nb"
+    assert main(["neighbours", str(out), "--out", str(nb), "-k", "2", "--no-progress"]) == 0
+    db = Database.open(out)
+    ids = np.load(nb / "neighbour_ids.npy")
+    assert ids.shape == (db.num_chunks, 2) and (ids >= 0).all()
+    assert (db.doc_ids[ids] != np.load(nb / "doc_ids.npy")[:, None]).all()
+
+
+def test_info_names_dense_keys(cli_db, capsys):
+    capsys.readouterr()
+    assert main(["info", str(cli_db), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["keys"] == "dense (hashing-32-v1, d=32)"

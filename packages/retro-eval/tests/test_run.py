@@ -278,3 +278,78 @@ def test_run_errors_are_one_line(setup, capsys):
     # a failed run leaves no results behind (outputs resolve under root, as in the end-to-end test)
     for out in ("o1", "o2", "o3", "o4", "o5"):
         assert not (root / out / "results.json").exists(), out
+
+
+class _ExactPrefix:
+    """The test's own retriever: exact L2 search, in numpy, over the first n chunks' keys."""
+
+    def __init__(self, db, n):
+        self.db, self.n = db, n
+        self.chunk_size, self.tokenizer_id = db.chunk_size, db.tokenizer_id
+        self.keys = db.keys(np.arange(n)).astype(np.float64)
+
+    def retrieve(self, chunks, k, exclude_doc_ids=None):
+        from retro_db.database import RetrievedNeighbours
+
+        q = self.db.embed_chunks(chunks).astype(np.float64)
+        d = ((q[:, None] - self.keys[None]) ** 2).sum(-1)
+        ids = np.argsort(d, axis=1, kind="stable")[:, :k]
+        rows, lens = self.db.store.neighbour_rows(ids.reshape(-1))
+        return RetrievedNeighbours(
+            tokens=rows.reshape(len(q), k, -1),
+            lengths=lens.reshape(len(q), k),
+            chunk_ids=ids,
+            distances=np.take_along_axis(d, ids, 1).astype(np.float32),
+            pad_id=self.db.pad_id,
+        )
+
+
+def test_run_db_fractions(setup, capsys):
+    """The database-size sweep: fraction 1 is RETRO[ON] bit for bit (all chunks and per bin); a
+    smaller fraction scores as RETRO[ON] fed exact neighbours from that prefix alone."""
+    from retro_core.checkpoint import load_checkpoint
+    from retro_db.database import Database
+    from retro_eval.perplexity import score_documents
+
+    root = setup
+    cfg = _config(
+        root,
+        database={"path": "db-frac", "build_from": ["pile:train"], "embedder": "hash:32"},
+        overlap=["rc"],
+        output="out-frac",
+        k_sweep=[],
+        baseline=None,
+        shuffled=False,
+        benchmarks=[{"name": "pile", "split": "test"}],
+    )
+    capsys.readouterr()
+    assert main(["run", "--config", str(cfg), "--db-fractions", "x"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--db-fractions: 'x' is not a fraction" in err
+    assert main(["run", "--config", str(cfg), "--db-fractions", "1,1/3,2/3"]) == 0
+    out = root / "out-frac"
+    pile = json.loads((out / "results.json").read_text())["benchmarks"]["pile"]
+    rows = pile["db_fractions"]
+    db = Database.open(root / "db-frac")
+    assert [r["fraction"] for r in rows] == ["1/3", "2/3", "1"]
+    assert [r["documents"] for r in rows] == [1, 2, 3] == [1, 2, db.num_documents]
+    n = [r["chunks"] for r in rows]
+    assert n[0] < n[1] < n[2] == db.num_chunks
+    assert [int((db.doc_ids < d).sum()) for d in (1, 2)] == n[:2]
+    whole = rows[-1]
+    assert whole["bpb"] == pile["models"]["retro_on"]["bpb"]
+    assert whole["vs_off"] == pile["vs_off"]["retro_on"]
+    for mine, theirs in zip(whole["bins"]["rc"], pile["bins"]["rc"], strict=True):
+        assert mine["chunks"] == theirs["chunks"]
+        assert mine["bpb"] == theirs["bpb"]["retro_on"]
+        assert mine["vs_off"] == theirs["vs_off"].get("retro_on")
+    retro = load_checkpoint(root / "retro")
+    texts = [t for _, t in EVAL]
+    for r in rows[:2]:
+        exact = _ExactPrefix(db, r["chunks"])
+        res = score_documents(retro, db.tokenizer, texts, retriever=exact, k=2, progress=False)
+        assert r["bpb"] == pytest.approx(res.bpb(), rel=1e-6)
+    assert rows[0]["bpb"] != whole["bpb"]  # another database, other neighbours
+    report = (out / "report.md").read_text()
+    assert "### RETRO[ON] against database size" in report and "| 1/3 |" in report
+    assert (out / "bpb_vs_db_fraction_pile.png").stat().st_size > 0

@@ -9,6 +9,8 @@ Layout of a database directory::
         documents.jsonl       one line per document: doc_id, index, chunks, tokens, meta
         shard.json            written last: counts, sha256 of the shard's files, source fingerprint
     index/v00001.faiss        the faiss index of that version (keys of all shards, ids = chunk ids)
+    index/v00001.bm25/        instead, with ``keys="bm25"``: the bm25s index of every chunk's text
+                              (bm25.py; the shards then hold no keys.npy)
     .lock                     flock held by the one writer (build, add or gc) at a time
     gc.json                   versions whose files `retro-db gc` deleted (collect_garbage)
 
@@ -46,7 +48,8 @@ from typing import Any
 
 import numpy as np
 
-from .chunks import token_dtype
+from .bm25 import BM25Index, chunk_texts
+from .chunks import ChunkStore, token_dtype
 from .database import Database
 from .distributed import check_engine, ray_shard_stage
 from .embedders import Embedder, embedder_options, embedder_spec, load_embedder
@@ -78,7 +81,14 @@ from .manifest import (
     remove_stale_temp_files,
     writer_lock,
 )
-from .shards import ShardWriter, add_shard_keys, iter_documents, shard_keys, text_fingerprint
+from .shards import (
+    NO_EMBEDDER,
+    ShardWriter,
+    add_shard_keys,
+    iter_documents,
+    shard_keys,
+    text_fingerprint,
+)
 from .tokenizer import LMTokenizer, load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -93,6 +103,10 @@ __all__ = [
 ]
 
 SCHEMA_VERSION = 1
+#: the kinds of database keys (``retro-db build --keys``): frozen-BERT embeddings or BM25 terms
+KEYS = ("dense", "bm25")
+#: chunks detokenised at a time while a BM25 index is built
+BM25_BLOCK = 16384
 #: the trained, empty IVF index of an on-disk database (``add`` encodes new keys with it)
 TRAINED_FILE = "index/trained.faiss"
 #: under index/: a Ray build's encoded keys of an on-disk index (removed once the lists are filled)
@@ -248,6 +262,7 @@ def build_database(
     num_cpus: int | None = None,
     stats: BuildStats | None = None,
     max_memory: int | None = None,
+    keys: str = "dense",
 ) -> Database:
     """Build a database from documents; resumable (re-run with the same arguments after a kill).
 
@@ -278,10 +293,14 @@ def build_database(
         stats: duplicates skipped are counted here.
         max_memory: bytes the index may count on (None: ``index.available_memory()``); an index
             projected above half of it is built with its lists on disk (``index.choose_index``).
+        keys: ``"dense"`` (the embedder's keys in a faiss index) or ``"bm25"`` (no embedder: the
+            chunks' text indexed by ``bm25s``, bm25.py; local engine only, and ``embedder``,
+            ``index_factory``, ``search_params`` and ``max_memory`` must be left unset).
 
     Returns:
         The built :class:`~retro_db.database.Database`, opened.
     """
+    _check_keys(keys, embedder, index_factory, search_params, max_memory, engine)
     check_engine(engine, address, num_cpus, "build")
     db_dir = Path(out_dir)
     _check_new_database(db_dir)
@@ -306,8 +325,39 @@ def build_database(
             stage,
             stats if stats is not None else BuildStats(),
             max_memory,
+            keys,
         )
     return Database.open(db_dir, tokenizer=tok, embedder=emb, threads=threads)
+
+
+def _check_keys(
+    keys: str,
+    embedder: Any,
+    index_factory: str | None,
+    search_params: dict[str, int] | None,
+    max_memory: int | None,
+    engine: str,
+) -> None:
+    """Refuse an unknown kind of keys, and options of dense keys given with BM25 keys."""
+    if keys not in KEYS:
+        raise ValueError(f"keys {keys!r}: expected one of {', '.join(KEYS)}")
+    if keys != "bm25":
+        return
+    import importlib.util
+
+    if importlib.util.find_spec("bm25s") is None:
+        raise ImportError("keys 'bm25': needs the bm25s package (pip install 'retro-db[bm25]')")
+    given = {
+        "embedder": embedder,
+        "index_factory": index_factory,
+        "search_params (nprobe, ef_search)": search_params,
+        "max_memory": max_memory,
+    }
+    wrong = [name for name, value in given.items() if value is not None]
+    if wrong:
+        raise ValueError(f"keys 'bm25': {', '.join(wrong)} apply to dense keys only")
+    if engine != "local":
+        raise ValueError(f"keys 'bm25': engine {engine!r}, expected 'local' (BM25 keys)")
 
 
 def _check_new_database(db_dir: Path) -> None:
@@ -337,6 +387,7 @@ def _build(
     stage: Any = None,
     stats: BuildStats | None = None,
     max_memory: int | None = None,
+    keys: str = "dense",
 ) -> tuple[LMTokenizer, Embedder | None]:
     remove_stale_temp_files(db_dir)
     docs = _unique_documents(
@@ -344,6 +395,9 @@ def _build(
     )
     set_threads(threads)
     tok = _resolve_tokenizer(tokenizer)
+    if keys == "bm25":
+        _build_bm25(docs, db_dir, tok, chunk_size, shard_chunks, progress)
+        return tok, None
     emb, shards, embedder_entry, add_keys = _write_first_shards(
         docs, db_dir, tok, embedder, chunk_size, shard_chunks, batch_size, threads, progress, stage
     )
@@ -366,18 +420,71 @@ def _build(
         max_memory,
         stage.encode_ondisk if stage is not None else None,
     )
-    base = {
+    base = _base_manifest(tok, chunk_size, shard_chunks)
+    base.update(embedder=dict(embedder_entry, key_dtype="float16"), index=index_entry)
+    _write_version(db_dir, base, shards, [index_file], 1, extra_files=extra)
+    logger.info("built %s: %d chunks, index %s", db_dir, n, index_entry["factory"])
+    return tok, emb
+
+
+def _base_manifest(tok: LMTokenizer, chunk_size: int, shard_chunks: int) -> dict[str, Any]:
+    """The manifest fields every kind of keys shares."""
+    return {
         "chunk_size": chunk_size,
         "shard_chunks": shard_chunks,
         "pad_id": tok.pad_id,
         "token_dtype": str(token_dtype(tok.vocab_size)),
         "tokenizer": tok.to_manifest(),
-        "embedder": dict(embedder_entry, key_dtype="float16"),
-        "index": index_entry,
     }
-    _write_version(db_dir, base, shards, [index_file], 1, extra_files=extra)
-    logger.info("built %s: %d chunks, index %s", db_dir, n, index_entry["factory"])
-    return tok, emb
+
+
+def _build_bm25(
+    docs: Iterable[Document],
+    db_dir: Path,
+    tok: LMTokenizer,
+    chunk_size: int,
+    shard_chunks: int,
+    progress: bool,
+) -> None:
+    """A build with BM25 keys: shards without keys.npy, then the bm25s index, then version 1."""
+    writer = ShardWriter(db_dir, tok, None, chunk_size, shard_chunks, 1, progress, 0)
+    shards = writer.run(docs, 0, 0)
+    n = sum(read_json(db_dir / "shards" / s / "shard.json")["chunks"] for s in shards)
+    if n == 0:
+        raise DatabaseError(f"{db_dir}: the sources held no documents with text")
+    index_files, spec = write_bm25_index(db_dir, shards, tok, chunk_size, 1, progress)
+    base = _base_manifest(tok, chunk_size, shard_chunks)
+    base.update(
+        keys=spec,
+        embedder={"id": NO_EMBEDDER, "dim": 0, "spec": None},
+        index={"factory": "bm25s", "search_params": {}, "metric": "bm25"},
+    )
+    _write_version(db_dir, base, shards, index_files[:1], 1, extra_files=index_files[1:])
+    logger.info("built %s: %d chunks, BM25 keys", db_dir, n)
+
+
+def write_bm25_index(
+    db_dir: Path,
+    shards: list[str],
+    tok: LMTokenizer,
+    chunk_size: int,
+    version: int,
+    progress: bool,
+) -> tuple[list[str], dict[str, Any]]:
+    """Index the text of every chunk of ``shards`` with bm25s into ``index/v{version}.bm25/``;
+    return its files (the parameters file first: the manifest's ``index.file``) and the
+    manifest's ``keys`` entry."""
+    store = ChunkStore([db_dir / "shards" / s for s in shards], chunk_size, tok.pad_id)
+    n = store.num_chunks
+
+    def blocks() -> Iterator[list[str]]:
+        for a in range(0, n, BM25_BLOCK):
+            yield chunk_texts(tok, *store.chunk_tokens(np.arange(a, min(n, a + BM25_BLOCK))))
+
+    index = BM25Index.build(blocks(), progress=progress, total=n)
+    folder = f"index/v{version:05d}.bm25"
+    names = sorted(index.save(db_dir / folder), key=lambda x: x != "params.index.json")
+    return [f"{folder}/{x}" for x in names], index.spec()
 
 
 def _write_first_shards(
@@ -638,15 +745,7 @@ def _add(
     remove_stale_temp_files(db_dir)
     set_threads(threads)
     man = old.manifest
-    emb = (
-        old.embedder
-        if embedder is None or not isinstance(embedder, str)
-        else load_embedder(
-            embedder,
-            **({} if embedder.startswith("hash:") else man["embedder"].get("options", {})),
-        )
-    )
-    old.check_embedder(emb)
+    emb = _add_embedder(old, embedder)
     if shard_chunks is None:
         shard_chunks = int(man.get("shard_chunks", 65536))
     writer = ShardWriter(
@@ -666,7 +765,7 @@ def _add(
     version = int(man["version"]) + 1
     index_files, extra = _grow_index(db_dir, old, new, version, progress)
     base = {k: v for k, v in man.items() if k not in ("files", "shards", "counts", "version")}
-    if extra:
+    if extra and old.keys_kind == "dense":
         base["index"] = dict(base["index"], lists=extra[1])
     _write_version(
         db_dir,
@@ -679,6 +778,22 @@ def _add(
     )
     logger.info("added %d shards to %s: version %d", len(new), db_dir, version)
     return Database.open(db_dir, tokenizer=old.tokenizer, embedder=emb, threads=threads)
+
+
+def _add_embedder(old: Database, embedder: Any) -> Embedder | None:
+    """The embedder of an ``add``: the database's own (re-created from its spec unless one is
+    given, checked against the manifest); None for BM25 keys (where giving one is an error)."""
+    if old.keys_kind == "bm25":
+        if embedder is not None:
+            raise ValueError(f"{old.path}: the database has BM25 keys; an embedder does not apply")
+        return None
+    if embedder is None or not isinstance(embedder, str):
+        emb = old.embedder
+    else:
+        opts = {} if embedder.startswith("hash:") else old.manifest["embedder"].get("options", {})
+        emb = load_embedder(embedder, **opts)
+    old.check_embedder(emb)
+    return emb
 
 
 def _present_fingerprints(old: Database, db_dir: Path) -> set[str]:
@@ -707,6 +822,12 @@ def _grow_index(
     """Write version ``version``'s index with the keys of the ``new`` shards added; return the
     index files it names and the extra files of an on-disk index."""
     man = old.manifest
+    if old.keys_kind == "bm25":  # BM25's idf and avgdl change with every chunk: a new index
+        shards = list(man["shards"]) + new
+        files, _ = write_bm25_index(
+            db_dir, shards, old.tokenizer, old.chunk_size, version, progress
+        )
+        return files[:1], files[1:]
     index_file = f"index/v{version:05d}.faiss"
     factory = man["index"]["factory"]
     extra: list[str] = []

@@ -140,6 +140,13 @@ def _parser() -> argparse.ArgumentParser:
     _add_source_args(p)
     p.add_argument("--tokenizer", default=None, help="HF tokenizer directory (default GPT-2 BPE)")
     p.add_argument(
+        "--keys",
+        default="dense",
+        choices=["dense", "bm25"],
+        help="dense: frozen-BERT keys (--embedder) in a faiss index; bm25: the chunks' text "
+        "indexed by bm25s (extra [bm25]; no embedder, no faiss options)",
+    )
+    p.add_argument(
         "--embedder",
         default=None,
         help="encoder directory, 'minilm' (default all-MiniLM-L6-v2) or 'hash:D' (no model)",
@@ -289,11 +296,29 @@ def _no_documents(err: Exception, stats) -> Exception:
     return err
 
 
+def _check_bm25_flags(args: argparse.Namespace) -> None:
+    """``--keys bm25`` refuses the options of dense keys (one line, before anything is read)."""
+    if args.keys != "bm25":
+        return
+    dense = {
+        "--embedder": args.embedder,
+        "--index-factory": args.index_factory,
+        "--nprobe": args.nprobe,
+        "--ef-search": args.ef_search,
+        "--max-memory-mb": args.max_memory_mb,
+        "--engine": None if args.engine == "local" else args.engine,
+    }
+    wrong = [flag for flag, value in dense.items() if value is not None]
+    if wrong:
+        raise ValueError(f"--keys bm25: {', '.join(wrong)} apply to --keys dense only")
+
+
 def _cmd_build(args: argparse.Namespace) -> None:
     from .build import BuildStats, build_database
     from .ingest import IngestStats
     from .manifest import DatabaseError
 
+    _check_bm25_flags(args)
     stats = IngestStats()
     bstats = BuildStats()
     params = {}
@@ -319,6 +344,7 @@ def _cmd_build(args: argparse.Namespace) -> None:
             num_cpus=args.num_cpus,
             stats=bstats,
             max_memory=None if args.max_memory_mb is None else args.max_memory_mb << 20,
+            keys=args.keys,
         )
     except DatabaseError as e:
         raise _no_documents(e, stats) from None

@@ -4,6 +4,12 @@
 ``tokenizer_id``, ``retrieve``) without importing retro_core. A query chunk's key is made the way
 the database's keys were: its real tokens are detokenised with the LM tokenizer and the text is
 embedded with the same embedder (its id is checked against the manifest's).
+
+Two kinds of keys (the manifest's ``keys.kind``; absent = dense): ``dense`` (frozen-BERT or hashing
+embeddings in each shard's ``keys.npy``, searched with faiss) and ``bm25`` (no ``keys.npy``; the
+chunks' text indexed by ``bm25s`` in ``index/vNNNNN.bm25/``, bm25.py). Both answer the same calls
+(``retrieve``, ``neighbours_of_keys``, ``search_excluding``) with the same neighbours format and
+same-document exclusion; for BM25 a chunk's "key" is its detokenised text (:meth:`Database.keys`).
 """
 
 from __future__ import annotations
@@ -11,12 +17,12 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from .bm25 import BM25Index, chunk_texts
 from .chunks import ChunkStore, check_segment, read_npy, token_dtype
 from .embedders import load_embedder
 from .index import (
@@ -38,6 +44,8 @@ from .manifest import (
     resolve_inside,
     sha256_file,
 )
+from .retrieved import RetrievedNeighbours
+from .retrieved import search_excluding as exclude_search
 from .tokenizer import LMTokenizer, load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -83,25 +91,8 @@ def _verify_version_files(path: Path, manifest: dict[str, Any], mpath: Path) -> 
             raise DatabaseError(f"{p}: sha256 differs from the manifest's {want[:16]}…")
 
 
-@dataclass(frozen=True)
-class RetrievedNeighbours:
-    """Neighbours of q query chunks; the same fields as ``retro_core.retrieval.Neighbours``.
-
-    Attributes:
-        tokens: [q, k, r] neighbour chunk followed by its continuation (r = 2m), pad_id-padded.
-        lengths: int32 [q, k] real tokens of each row (a prefix); 0 = no neighbour.
-        chunk_ids: int64 [q, k] database chunk ids, -1 = none.
-        distances: float32 [q, k] squared L2 distances, inf = none.
-        pad_id: the padding id.
-    """
-
-    tokens: np.ndarray
-    lengths: np.ndarray
-    chunk_ids: np.ndarray
-    distances: np.ndarray
-    pad_id: int
-
-
+#: the kinds of keys a database can have (the manifest's ``keys.kind``)
+KEY_KINDS = ("dense", "bm25")
 _REQUIRED = ("version", "chunk_size", "pad_id", "tokenizer", "embedder", "index", "shards", "files")
 
 
@@ -128,6 +119,7 @@ class Database:
         self.manifest_sha256 = manifest_sha256
         mpath = self.manifest_path
         try:
+            self.keys_kind = str(dict(manifest.get("keys", {})).get("kind", "dense"))
             self.version = int(manifest["version"])
             self._chunk_size = int(manifest["chunk_size"])
             self.pad_id = int(manifest["pad_id"])
@@ -147,10 +139,29 @@ class Database:
         part_paths = [
             resolve_inside(path, x, mpath, f"index.parts[{i}]") for i, x in enumerate(part_names)
         ]
+        if self.keys_kind not in KEY_KINDS:
+            raise DatabaseError(
+                f"{mpath}: keys.kind {self.keys_kind!r}, expected one of {list(KEY_KINDS)}"
+            )
         self._store = ChunkStore(shard_dirs, self._chunk_size, self.pad_id)
-        self._key_files = self._read_keys(shard_dirs)
+        self._key_files = [] if self.keys_kind == "bm25" else self._read_keys(shard_dirs)
         self._check_chunks(shard_dirs, vocab, mpath, check_values)
-        on_disk = bool(manifest["index"].get("lists"))
+        if self.keys_kind == "bm25":
+            self._index: Any = self._open_bm25(index_path, mpath)
+        else:
+            self._index = self._open_faiss(index_path, part_paths, mmap, mpath)
+        self._tokenizer = tokenizer
+        if tokenizer is not None:
+            self.check_tokenizer(tokenizer)
+        self._embedder = embedder
+        if embedder is not None:
+            self.check_embedder(embedder)
+        self._doc_index: dict[str, int] | None = None
+
+    def _open_faiss(self, index_path: Path, part_paths: list[Path], mmap: bool, mpath: Path) -> Any:
+        """The faiss index of dense keys: its file and parts combined, checked (one key per
+        chunk, on-disk lists as named)."""
+        on_disk = bool(self.manifest["index"].get("lists"))
         parts = [
             read_index(p, mmap=mmap, dim=self.dim, on_disk=on_disk)
             for p in [index_path, *part_paths]
@@ -159,19 +170,24 @@ class Database:
         for part in parts:
             apply_search_params(part, self.search_params)
         # an index grown by `add` without a copy: the first file, then each add's new keys
-        self._index = combine_indexes(parts)
-        if self._index.ntotal != self._store.num_chunks:
+        index = combine_indexes(parts)
+        if index.ntotal != self._store.num_chunks:
             raise DatabaseError(
-                f"{index_path}: index holds {self._index.ntotal} keys, "
+                f"{index_path}: index holds {index.ntotal} keys, "
                 f"expected {self._store.num_chunks} (one per chunk)"
             )
-        self._tokenizer = tokenizer
-        if tokenizer is not None:
-            self.check_tokenizer(tokenizer)
-        self._embedder = embedder
-        if embedder is not None:
-            self.check_embedder(embedder)
-        self._doc_index: dict[str, int] | None = None
+        return index
+
+    def _open_bm25(self, index_path: Path, mpath: Path) -> BM25Index:
+        """The BM25 index: the folder of ``index.file``, every file of it hashed (bm25.py)."""
+        folder = index_path.parent
+        rel = folder.relative_to(self.path).as_posix() + "/"
+        files = {
+            name[len(rel) :]: entry
+            for name, entry in self.manifest["files"].items()
+            if name.startswith(rel)
+        }
+        return BM25Index.load(folder, files, mpath, self._store.num_chunks)
 
     def _read_keys(self, shard_dirs: list[Path]) -> list[np.ndarray]:
         """Each shard's ``keys.npy`` (memory-mapped), checked to be float16 [chunks, d]."""
@@ -410,6 +426,11 @@ class Database:
     @property
     def embedder(self) -> Any:
         """The query embedder, created from the manifest's spec on first use and checked."""
+        if self.keys_kind == "bm25":
+            raise DatabaseError(
+                f"{self.manifest_path}: a database with BM25 keys has no embedder (its queries "
+                "are texts: use retrieve or query_keys)"
+            )
         if self._embedder is None:
             spec = self.manifest["embedder"].get("spec")
             hashing = spec is not None and spec.startswith("hash:")
@@ -427,8 +448,11 @@ class Database:
         return self._store.chunk_tokens(ids)
 
     def keys(self, ids: np.ndarray) -> np.ndarray:
-        """Stored keys float32 [q, d] of chunk ids [q]."""
+        """Stored keys of chunk ids [q]: float32 [q, d] (dense keys), or the chunks' texts,
+        an object array [q] of str (BM25 keys, which index the text)."""
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if self.keys_kind == "bm25":
+            return self.query_keys(*self.chunk_tokens(ids))
         out = np.empty((len(ids), self.dim), dtype=np.float32)
         starts = self._store._starts
         seg = np.searchsorted(starts, ids, side="right") - 1
@@ -490,8 +514,29 @@ class Database:
             )
         return keys
 
+    def query_keys(
+        self, chunks: np.ndarray, lengths: np.ndarray | None = None, batch_size: int = 64
+    ) -> np.ndarray:
+        """Query keys of chunks [q, m'] (trailing ``pad_id`` = padding unless ``lengths`` [q]):
+        embedded float32 [q, d] (dense, :meth:`embed_chunks`) or texts, object [q] (BM25)."""
+        if self.keys_kind != "bm25":
+            return self.embed_chunks(chunks, lengths, batch_size=batch_size)
+        chunks = np.asarray(chunks)
+        if chunks.ndim != 2:
+            raise ValueError(f"chunks: expected [q, m], got shape {chunks.shape}")
+        if lengths is None:
+            real = chunks != self.pad_id
+            lengths = np.where(real.any(1), chunks.shape[1] - np.argmax(real[:, ::-1], axis=1), 0)
+        out = np.empty(len(chunks), dtype=object)
+        out[:] = chunk_texts(self.tokenizer, chunks, lengths) if len(chunks) else []
+        return out
+
     def search_keys(self, keys: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Nearest chunks of query keys [q, d]: (distances float32 [q, k], chunk ids int64 [q, k])."""
+        """Nearest chunks of query keys (:meth:`query_keys`): (distances float32 [q, k], chunk
+        ids int64 [q, k]); BM25: minus the score, k capped at N."""
+        if self.keys_kind == "bm25":
+            scores, ids = self._index.search(list(keys), int(k))
+            return -scores, ids
         keys = np.ascontiguousarray(keys, dtype=np.float32)
         if keys.ndim != 2 or keys.shape[1] != self.dim:
             raise DatabaseError(
@@ -507,39 +552,11 @@ class Database:
 
         Fetches k + (a margin) results, drops excluded documents, keeps the first k; rows left
         with fewer than k are searched again with twice as many until k remain or N is reached.
-        Missing results are id -1, distance inf.
+        Missing results are id -1, distance inf (:func:`retro_db.retrieved.search_excluding`).
         """
-        q = len(keys)
-        k = int(k)
-        n = self.num_chunks
-        dist = np.full((q, k), np.inf, dtype=np.float32)
-        ids = np.full((q, k), -1, dtype=np.int64)
-        if exclude_doc_ids is None:
-            d, i = self.search_keys(keys, min(k, n))
-            dist[:, : d.shape[1]], ids[:, : i.shape[1]] = d, i
-            dist[ids < 0] = np.inf
-            return dist, ids
-        excl = np.asarray(exclude_doc_ids, dtype=np.int64).reshape(-1)
-        if len(excl) != q:
-            raise ValueError(f"exclude_doc_ids: expected [{q}], got {excl.shape}")
-        todo = np.arange(q)
-        fetch = min(n, 2 * k + 8)
-        while len(todo):
-            d, i = self.search_keys(keys[todo], fetch)
-            docs = np.full(i.shape, -2, dtype=np.int64)
-            valid = i >= 0
-            docs[valid] = self._store.doc_ids_of(i[valid])
-            keep = valid & (docs != excl[todo, None])
-            short = []
-            for row, qi in enumerate(todo):
-                sel = np.flatnonzero(keep[row])[:k]
-                ids[qi, : len(sel)] = i[row, sel]
-                dist[qi, : len(sel)] = d[row, sel]
-                if len(sel) < k and fetch < n:
-                    short.append(qi)
-            todo = np.asarray(short, dtype=np.int64)
-            fetch = min(n, fetch * 2)
-        return dist, ids
+        return exclude_search(
+            self.search_keys, self._store.doc_ids_of, self.num_chunks, keys, k, exclude_doc_ids
+        )
 
     def retrieve(
         self,
@@ -562,13 +579,13 @@ class Database:
         Returns:
             RetrievedNeighbours: tokens [q, k, r=2m], lengths/chunk_ids/distances [q, k].
         """
-        keys = self.embed_chunks(chunks, lengths, batch_size=batch_size)
+        keys = self.query_keys(chunks, lengths, batch_size=batch_size)
         return self.neighbours_of_keys(keys, k, exclude_doc_ids)
 
     def neighbours_of_keys(
         self, keys: np.ndarray, k: int, exclude_doc_ids: np.ndarray | None = None
     ) -> RetrievedNeighbours:
-        """:meth:`retrieve` from query keys [q, d] already computed."""
+        """:meth:`retrieve` from query keys already computed (:meth:`query_keys`)."""
         dist, ids = self.search_excluding(keys, k, exclude_doc_ids)
         q = len(ids)
         rows, lens = self._store.neighbour_rows(ids.reshape(-1))
@@ -584,7 +601,9 @@ class Database:
         """Give back the pages of on-disk index lists that searches mapped into this process
         (``index.drop_mapped_pages``; the data stays in the file and the page cache), so that a
         long run of searches (``write_neighbours``, part by part) keeps its memory flat. Nothing
-        to do for an index held in memory."""
+        to do for an index held in memory or for BM25 keys."""
+        if self.keys_kind == "bm25":
+            return
         import faiss
 
         ivf = faiss.try_extract_index_ivf(self._index)
@@ -626,26 +645,32 @@ class Database:
                 kind = "other"
             sizes[kind] += int(entry["size"])
         # bytes per chunk by file: shard files by their name, index files by their role
-        roles = {
-            self.manifest["index"]["file"]: "index file",
-            self.manifest["index"].get("lists"): "index lists (on disk)",
-            self.manifest["index"].get("trained"): "trained index",
-        }
+        roles = (
+            {}
+            if self.keys_kind == "bm25"
+            else {
+                self.manifest["index"]["file"]: "index file",
+                self.manifest["index"].get("lists"): "index lists (on disk)",
+                self.manifest["index"].get("trained"): "trained index",
+            }
+        )
         by_file: dict[str, int] = {}
         for name, entry in self.manifest["files"].items():
-            what = roles.get(name) or ("index parts" if name.startswith("index/") else None)
+            dense_part = name.startswith("index/") and self.keys_kind == "dense"
+            what = roles.get(name) or ("index parts" if dense_part else None)
             what = what or name.rsplit("/", 1)[-1]
             by_file[what] = by_file.get(what, 0) + int(entry["size"])
         n = max(1, self.num_chunks)
         per_chunk = {what: round(b / n, 2) for what, b in sorted(by_file.items())}
         kk = min(k, self.num_chunks)
-        return {
+        out = {
             "path": str(self.path),
             "version": self.version,
             "chunks": self.num_chunks,
             "documents": self.num_documents,
             "chunk_size": self.chunk_size,
             "tokenizer": self.tokenizer_id,
+            "keys": self.describe_keys(),
             "embedder": self.manifest["embedder"]["id"],
             "dim": self.dim,
             "index": self.manifest["index"]["factory"],
@@ -656,13 +681,28 @@ class Database:
             "bytes_on_disk_all_versions": sum(
                 p.stat().st_size for p in self.path.rglob("*") if p.is_file()
             ),
-            f"recall@{kk}": self.recall(sample, kk),
-            "recall_sample": min(sample, self.num_chunks),
         }
+        if self.keys_kind == "bm25":
+            out["search"] = "exact (bm25s scores every chunk): no recall to measure"
+            return out
+        out[f"recall@{kk}"] = self.recall(sample, kk)
+        out["recall_sample"] = min(sample, self.num_chunks)
+        return out
+
+    def describe_keys(self) -> str:
+        """Which keys the database has, in words: ``dense (<embedder id>, d=<dim>)`` or
+        ``bm25 (<library>, <method>, k1=.., b=..)``."""
+        if self.keys_kind == "bm25":
+            spec = self.manifest["keys"]
+            return (
+                f"bm25 ({spec.get('library')}, {spec.get('method')}, k1={spec.get('k1')}, "
+                f"b={spec.get('b')})"
+            )
+        return f"dense ({self.manifest['embedder']['id']}, d={self.dim})"
 
     def __repr__(self) -> str:
         return (
             f"Database({str(self.path)!r}, version={self.version}, chunks={self.num_chunks}, "
-            f"documents={self.num_documents}, m={self.chunk_size}, "
+            f"documents={self.num_documents}, m={self.chunk_size}, keys={self.keys_kind}, "
             f"index={self.manifest['index']['factory']!r})"
         )

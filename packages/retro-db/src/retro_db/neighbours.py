@@ -2,7 +2,8 @@
 
 The corpus is either the database itself (``corpus=None``: its chunks, with the keys already stored,
 so nothing is re-embedded) or a stream of Documents (tokenised with the database's tokenizer and
-embedded with its embedder). A neighbour never comes from the chunk's own document: in the first
+embedded with its embedder). A database with BM25 keys (``retro-db build --keys bm25``) is queried
+with each chunk's text instead (``Database.query_keys``): the output has the same format. A neighbour never comes from the chunk's own document: in the first
 case the chunk's database document, in the second the database document with the same ``doc_id``
 string (if the database holds one). ``doc_ids`` are database document indices where the corpus
 document is in the database (matched by ``doc_id``), else D + a running count (D = database
@@ -230,10 +231,10 @@ def run_part(db: Database, d: Path, job: dict[str, Any], k: int, batch_size: int
         _write_part(d, db, tokens, lengths, docs, db.keys(ids), docs, k, {"start": job["start"]})
     else:
         tokens, lengths = job["tokens"], job["lengths"]
-        if len(tokens):
-            keys = db.embed_chunks(tokens, lengths, batch_size=batch_size)
+        if len(tokens):  # embedded (dense keys) or detokenised (BM25 keys)
+            keys = db.query_keys(tokens, lengths, batch_size=batch_size)
         else:
-            keys = np.empty((0, db.dim), np.float32)
+            keys = db.keys(np.empty(0, np.int64))
         _write_part(d, db, tokens, lengths, job["doc_ids"], keys, job["exclude"], k, job["info"])
     db.drop_index_pages()  # on-disk lists: memory flat from part to part
 

@@ -59,6 +59,7 @@ __all__ = [
 ]
 
 SHARD_FILES = (*CHUNK_FILES, "keys.npy", "documents.jsonl")
+NO_EMBEDDER = "none (bm25 keys)"  # shard.json's config.embedder of a shard without keys.npy
 READ_AHEAD = 256  # documents tokenised per encode_batch call
 EMBED_BLOCK = 16384  # chunks detokenised and embedded at a time (bounds a long document's memory)
 
@@ -146,6 +147,7 @@ class ShardWriter:
         tokenizer: the LM tokenizer (ids of the chunks, and the token dtype).
         embedder: the chunk embedder (keys [n, d]); only its ``id`` is read by :meth:`plan` and
             :meth:`resume`, so a stub will do where the shards are written elsewhere (Ray).
+            None: no ``keys.npy`` (a database with BM25 keys indexes the chunks' text instead).
         chunk_size: m, tokens per chunk.
         shard_chunks: a shard closes once it holds at least this many chunks.
         batch_size: embedding batch size.
@@ -157,7 +159,7 @@ class ShardWriter:
         self,
         db_dir: Path,
         tokenizer: LMTokenizer,
-        embedder: Embedder,
+        embedder: Embedder | None,
         chunk_size: int,
         shard_chunks: int,
         batch_size: int,
@@ -177,7 +179,7 @@ class ShardWriter:
             "chunk_size": chunk_size,
             "shard_chunks": shard_chunks,
             "tokenizer": tokenizer.id,
-            "embedder": embedder.id,
+            "embedder": NO_EMBEDDER if embedder is None else embedder.id,
         }
 
     def shard_dir(self, i: int) -> Path:
@@ -335,18 +337,19 @@ class ShardWriter:
         if text_sha256 is None:
             text_sha256 = [text_fingerprint(doc.text) for doc in docs]
         tokens, lengths, doc_ids, offsets, lines = self._chunk(docs, ids, first_doc, text_sha256)
-        keys = _embed_chunks(
-            self.tokenizer,
-            self.embedder,
-            tokens,
-            lengths,
-            self.batch_size,
-            self.progress,
-            self.dim,
-            where=f"{d / 'keys.npy'}",
-        )
         write_chunk_segment(d, tokens, lengths, doc_ids, offsets)
-        atomic_save_npy(d / "keys.npy", keys)
+        if self.embedder is not None:
+            keys = _embed_chunks(
+                self.tokenizer,
+                self.embedder,
+                tokens,
+                lengths,
+                self.batch_size,
+                self.progress,
+                self.dim,
+                where=f"{d / 'keys.npy'}",
+            )
+            atomic_save_npy(d / "keys.npy", keys)
         atomic_write_bytes(d / "documents.jsonl", "".join(x + "\n" for x in lines).encode("utf-8"))
         info = {
             "chunks": len(tokens),
@@ -354,7 +357,11 @@ class ShardWriter:
             "docs_consumed": len(docs),
             "source_sha256": source_sha,
             "config": self.config,
-            "files": {name: file_entry(d / name) for name in SHARD_FILES},
+            "files": {
+                name: file_entry(d / name)
+                for name in SHARD_FILES
+                if self.embedder is not None or name != "keys.npy"
+            },
         }
         atomic_write_json(d / "shard.json", info)
         logger.info("wrote shard %s: %d documents, %d chunks", d.name, len(lines), len(tokens))

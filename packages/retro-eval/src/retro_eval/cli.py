@@ -184,6 +184,14 @@ def _parser() -> argparse.ArgumentParser:
         "methods)",
     )
     r.add_argument(
+        "--db-fractions",
+        default=None,
+        metavar="LIST",
+        help="database-size sweep, comma-separated fractions in (0, 1], e.g. 1/16,1/4,1: "
+        "RETRO[ON] retrieving from that prefix of the database's documents through its own index "
+        "(overrides run.yaml's db_fractions; none: no sweep)",
+    )
+    r.add_argument(
         "--no-cache",
         action="store_true",
         help="neither read nor write the per-document cache in the output directory",
@@ -249,6 +257,12 @@ def _parser() -> argparse.ArgumentParser:
         help="comparison rows, comma-separated: knnlm, incontext, bm25, or none (default: the "
         "scale's; the retrofit scale scores none, as they add about 15 minutes on 2 CPU cores)",
     )
+    d.add_argument(
+        "--db-fractions",
+        default=None,
+        metavar="LIST",
+        help="database-size sweep in the report, e.g. 1/16,1/4,1 (default none; see run --help)",
+    )
     d.add_argument("--force", action="store_true", help="rerun every stage, cached or not")
     return p
 
@@ -292,6 +306,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 from .run import parse_methods
 
                 cfg.methods = parse_methods(args.methods, "--methods")
+            if args.db_fractions is not None:
+                from .run import parse_db_fractions
+
+                cfg.db_fractions = parse_db_fractions(args.db_fractions, "--db-fractions")
             results = run_evaluation(cfg)
             out = results["config"]["output"]
             n = len(results["benchmarks"])
@@ -311,6 +329,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 from .run import parse_methods
 
                 methods = parse_methods(args.methods, "--methods")
+            fractions = None
+            if args.db_fractions is not None:
+                from .run import parse_db_fractions
+
+                fractions = parse_db_fractions(args.db_fractions, "--db-fractions")
             results = run_demo(
                 args.scale,
                 args.run_dir,
@@ -318,6 +341,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 steps=args.steps,
                 force=args.force,
                 methods=methods,
+                db_fractions=fractions,
             )
             times = results.get("pipeline_stage_times", {})
             print(f"retro-eval demo: report at {Path(args.run_dir) / 'report' / 'report.md'}")

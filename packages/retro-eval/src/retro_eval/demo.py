@@ -83,6 +83,8 @@ class DemoScale:
     # database's documents holding at most knn_max_tokens tokens (None: all of its text)
     methods: tuple[str, ...] = ("knnlm", "incontext", "bm25")
     knn_max_tokens: int | None = 100_000
+    # the database-size sweep (run.yaml db_fractions, e.g. ("1/16", "1/4", "1")); none by default
+    db_fractions: tuple[str, ...] = ()
     signal_share: float = 0.0  # share of the pool picked by retrieval signal (the rest at random)
     negative_share: float = 0.0  # TrainConfig.negative_share: sequences fed another's neighbours
 
@@ -282,6 +284,7 @@ def run_demo(
     force: bool = False,
     progress: bool = True,
     methods: Sequence[str] | None = None,
+    db_fractions: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Run the whole pipeline (see the module docstring) and return the evaluation results.
 
@@ -292,6 +295,7 @@ def run_demo(
         threads: torch/faiss threads (None: the libraries' defaults).
         steps: override the scale's training steps.
         methods: override the scale's comparison rows (``knnlm``, ``incontext``, ``bm25``).
+        db_fractions: override the scale's database-size sweep (fractions such as ``"1/16"``).
         force: ignore finished stages and run everything again.
         progress: tqdm progress bars for the long stages.
 
@@ -313,6 +317,8 @@ def run_demo(
         sc = replace(sc, steps=int(steps))
     if methods is not None:
         sc = replace(sc, methods=tuple(methods))
+    if db_fractions is not None:
+        sc = replace(sc, db_fractions=tuple(db_fractions))
     if threads:
         torch.set_num_threads(int(threads))
     run = Path(run_dir)
@@ -418,6 +424,7 @@ def run_demo(
         "overlap_k": 10,
         "overlap": ["rc", "minhash"],
         "methods": list(sc.methods),
+        **({"db_fractions": list(sc.db_fractions)} if sc.db_fractions else {}),
         **({"knnlm": {"max_tokens": sc.knn_max_tokens}} if "knnlm" in sc.methods else {}),
         "output": str(report_dir.resolve()),
     }

@@ -19,6 +19,11 @@ results.json (version 1)::
                                   ...],
                            "minhash": [...]},
                   "k_sweep": [{"k": 1, "bpb": ..}, ...],
+                  # with run.yaml `db_fractions` / --db-fractions: the database-size sweep
+                  "db_fractions": [{"fraction": "1/16", "chunks": n, "documents": d, "bpb": ..,
+                                    "vs_off": {"delta": .., "ci95": [lo, hi]},
+                                    "bins": {"rc": [{"bin", "chunks", "bytes", "bpb",
+                                                     "vs_off"}], ...}}, ...],
                   "subsets": {"<pile_set_name>": {"retro_on": bpb, ...}, ...},
                   # with run.yaml `methods` (retro_eval.compare): the comparison rows
                   "methods": {"reads": "baseline", "knnlm": {"lambda": .., "k": .., "sweep": [
@@ -234,6 +239,80 @@ def _plot_k(name: str, bench: dict[str, Any], path: Path) -> bool:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return True
+
+
+def _fraction_value(text: str) -> float:
+    num, _, den = str(text).partition("/")
+    return float(num) / float(den or 1)
+
+
+def _plot_fractions(name: str, bench: dict[str, Any], path: Path) -> bool:
+    """RETRO[ON] minus RETRO[OFF] (bpb) against the database fraction: all chunks and each bin
+    of the first overlap measure, with the 95% intervals as error bars."""
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in bench.get("db_fractions") or [] if r.get("vs_off")]
+    if not rows:
+        return False
+    x = [_fraction_value(r["fraction"]) for r in rows]
+    series = [("all chunks", [r["vs_off"] for r in rows])]
+    measure = next(iter(rows[0].get("bins") or {}), None)
+    if measure is not None:
+        for b, label in enumerate(r["bin"] for r in rows[0]["bins"][measure]):
+            series.append(
+                (f"{measure} {label}", [r["bins"][measure][b].get("vs_off") for r in rows])
+            )
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, cells in series:
+        pts = [(xi, c) for xi, c in zip(x, cells, strict=True) if c]
+        if not pts:
+            continue
+        xs, ys = [p[0] for p in pts], [p[1]["delta"] for p in pts]
+        lo = [y - p[1]["ci95"][0] for y, p in zip(ys, pts, strict=True)]
+        hi = [p[1]["ci95"][1] - y for y, p in zip(ys, pts, strict=True)]
+        err = [lo, hi]
+        ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=label)
+    ax.axhline(0.0, color="gray", linestyle="--", linewidth=1)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(x, [r["fraction"] for r in rows])
+    ax.set_xlabel("fraction of the database retrieved from")
+    ax.set_ylabel("bpb RETRO[ON] minus RETRO[OFF]")
+    ax.set_title(f"{name}: gain against database size")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def _fraction_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """The database-size sweep's table: per fraction, RETRO[ON]'s bpb and its difference from
+    RETRO[OFF] over all chunks and per overlap bin of each measure."""
+    if not rows:
+        return []
+    lines = [
+        "### RETRO[ON] against database size",
+        "",
+        "Retrieval from the first fraction of the database's documents only, through an index of "
+        "those chunks alone (nested; 1 = the whole database). Bins: each chunk's overlap with the "
+        "whole database. Cells: bpb minus RETRO[OFF] [95% interval].",
+        "",
+    ]
+    measures = list(rows[0].get("bins") or {})
+    header = ["fraction", "chunks", "documents", "bits per byte", "all chunks"]
+    for measure in measures:
+        header += [f"{measure} {r['bin']}" for r in rows[0]["bins"][measure]]
+    table = []
+    for r in rows:
+        cells = [r["fraction"], str(r["chunks"]), str(r["documents"]), _fmt(r.get("bpb"))]
+        cells.append(_delta(r.get("vs_off")))
+        for measure in measures:
+            cells += [
+                _delta(b.get("vs_off")) if b.get("chunks") else "empty" for b in r["bins"][measure]
+            ]
+        table.append(cells)
+    return lines + _table(header, table) + [""]
 
 
 def _plot_subsets(name: str, subsets: dict[str, dict[str, Any]], path: Path) -> bool:
@@ -473,6 +552,8 @@ def render_report(results: dict[str, Any] | str | Path, out_dir: str | Path) -> 
             rows = [[str(r["k"]), _fmt(r.get("bpb"))] for r in bench["k_sweep"]]
             lines += _table(["k", "bits per byte"], rows) + [""]
 
+        lines += _fraction_lines(bench.get("db_fractions") or [])
+
         subsets = bench.get("subsets") or {}
         if subsets:
             cols = _models_in({k: None for s in subsets.values() for k in s})
@@ -485,6 +566,7 @@ def render_report(results: dict[str, Any] | str | Path, out_dir: str | Path) -> 
             ("bpb_vs_alpha", _plot_alpha, bench),
             ("bpb_per_bin", _plot_bins, bench),
             ("bpb_vs_k", _plot_k, bench),
+            ("bpb_vs_db_fraction", _plot_fractions, bench),
             ("subsets", _plot_subsets, subsets),
         ):
             path = out / f"{role}_{slug}.png"

@@ -48,6 +48,11 @@ run.yaml (paths relative to the YAML file)::
                                  #   RETRO[ON] fed BM25's neighbours from the same database's chunks
                                  #   (retro_db.bm25; the model trained with its usual keys);
                                  #   `--methods` overrides
+    db_fractions: [1/16, 1/4, 1] # database-size sweep (the paper's figure 1; default none):
+                                 #   RETRO[ON] retrieving from the first fraction of the database's
+                                 #   documents only, through a real index of those chunks alone
+                                 #   (retro_db.prefix; nested; 1 = the database itself), all chunks
+                                 #   and per overlap bin; `--db-fractions` overrides
     knnlm:                       # kNN-LM settings (the paper's defaults)
       lambda: 0.25               #   interpolation weight of the row
       k: 1024                    #   neighbours of the row (capped by the datastore's size)
@@ -86,6 +91,7 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -162,6 +168,7 @@ class RunConfig:
     cache: bool = True
     cache_group: int = 8
     methods: list[str] = field(default_factory=list)
+    db_fractions: list[str] = field(default_factory=list)
     knnlm: KnnSettings = field(default_factory=KnnSettings)
     source: str = "run.yaml"
 
@@ -188,6 +195,7 @@ class RunConfig:
             "cache": self.cache,
             "cache_group": self.cache_group,
             "methods": list(self.methods),
+            "db_fractions": list(self.db_fractions),
             **({"knnlm": self.knnlm.to_dict()} if "knnlm" in self.methods else {}),
         }
 
@@ -196,6 +204,7 @@ _TOP_KEYS = {
     "retro", "baseline", "tokenizer", "database", "benchmarks", "k", "k_sweep", "overlap_k",
     "window", "stride", "alphas", "overlap", "batch_size", "max_new_tokens", "output", "checkpoints",
     "shuffled", "seed", "bootstrap_samples", "cache", "cache_group", "methods", "knnlm",
+    "db_fractions",
 }  # fmt: skip
 
 
@@ -344,6 +353,7 @@ def parse_run_config(data: Any, base_dir: str | Path = ".", source: str = "run.y
         raise RunConfigError(f"{source}: 'cache' must be true or false, got {cache!r}")
     methods = parse_methods(data.get("methods") or [], f"{source}: methods")
     knn = _parse_knnlm(data.get("knnlm"), f"{source}: knnlm")
+    fractions = parse_db_fractions(data.get("db_fractions") or [], f"{source}: db_fractions")
     out = data.get("output")
     if not out:
         raise RunConfigError(f"{source}: 'output' (the output directory) is required")
@@ -370,6 +380,7 @@ def parse_run_config(data: Any, base_dir: str | Path = ".", source: str = "run.y
         cache=cache,
         cache_group=_opt_int(data, "cache_group", source) or 8,
         methods=methods,
+        db_fractions=fractions,
         knnlm=knn,
         source=source,
     )
@@ -394,6 +405,34 @@ def parse_methods(value: Any, where: str = "methods") -> list[str]:
             f"{where}: unknown method(s) {', '.join(bad)} (expected {', '.join(METHODS)} or none)"
         )
     return [m for m in METHODS if m in value]
+
+
+def parse_db_fractions(value: Any, where: str = "db_fractions") -> list[str]:
+    """The database fractions of the size sweep: a list (or comma-separated string) of numbers
+    or ratios in (0, 1] (``1/16``, ``0.25``, ``1``); "none" or empty = no sweep. Returns them
+    ascending, without repeats, as canonical ratios (``"1/16"``, ``"1"``).
+
+    Raises:
+        RunConfigError: a value that is not a fraction in (0, 1].
+    """
+    from fractions import Fraction
+
+    if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        value = [v.strip() for v in str(value).split(",") if v.strip()]
+    if not isinstance(value, list) or any(isinstance(v, bool) for v in value):
+        raise RunConfigError(f"{where}: expected a list of fractions in (0, 1], got {value!r}")
+    if [str(v) for v in value] == ["none"]:
+        return []
+    out = set()
+    for v in value:
+        try:
+            f = Fraction(str(v).strip())
+        except (ValueError, ZeroDivisionError):
+            raise RunConfigError(f"{where}: {v!r} is not a fraction (expected e.g. 1/16)") from None
+        if not 0 < f <= 1:
+            raise RunConfigError(f"{where}: {v!r} is outside (0, 1]")
+        out.add(f)
+    return [str(f) for f in sorted(out)]
 
 
 def _parse_knnlm(d: Any, where: str) -> KnnSettings:
@@ -1031,6 +1070,13 @@ def _eval_lm(
             values_by_measure[measure] = values
             out["buckets"][measure] = _buckets(values, cfg.alphas, scores)
             out["bins"][measure] = _bins(values, scores, cfg)
+    if db is None and cfg.db_fractions:
+        logger.warning("%s: the database-size sweep needs a database: no db_fractions rows", name)
+    if db is not None and cfg.db_fractions:
+        out["db_fractions"] = _eval_fractions(
+            cfg, models, db, token_docs, full, groups, group_sums, scores, values_by_measure,
+            score, times, cache, name,
+        )  # fmt: skip
     # timings are not results: they go to results.json's top-level "speed" (run_evaluation)
     cache["speed_of_last_benchmark"] = speed
     if cfg.methods:
@@ -1051,6 +1097,70 @@ def _eval_lm(
             for s, idx in subsets.items()
         }
     return out
+
+
+def _eval_fractions(
+    cfg: RunConfig,
+    models: _Models,
+    db: Any,
+    token_docs: list[list[int]],
+    full: list[Any],
+    groups: list[range],
+    group_sums: list[str],
+    scores: dict[str, ScoreResult],
+    values_by_measure: dict[str, np.ndarray],
+    score: Any,
+    times: dict,
+    cache: dict[str, Any],
+    name: str,
+) -> list[dict[str, Any]]:
+    """The database-size sweep of one benchmark: per fraction, RETRO[ON] fed the k neighbours
+    retrieved from the first fraction of the database's documents (``retro_db.prefix``: an index
+    of those chunks alone, built once per run and fraction; fraction 1 is the database itself and
+    reuses RETRO[ON]'s neighbours), its bpb and difference from RETRO[OFF] over all chunks and per
+    overlap bin (bins by each chunk's overlap with the whole database, as in ``bins``)."""
+    from retro_db.prefix import PrefixRetriever, prefix_chunks
+
+    retro = models.retro
+    k = int(scores["retro_on"].k or 0) or cfg.k or int(retro.config.num_neighbours)
+    m, pad = int(retro.config.chunk_size), int(retro.config.pad_id)
+    rows = []
+    for frac in cfg.db_fractions:
+        n = prefix_chunks(db.doc_ids, db.num_documents, Fraction(frac))
+        if n == db.num_chunks:
+            nbs, docs = [nb.first(k) for nb in full], db.num_documents
+        else:
+            if f"prefix:{n}" not in cache:
+                with _Timer(times, f"database prefix {frac}: index of {n} chunks"):
+                    cache[f"prefix:{n}"] = PrefixRetriever(db, n, train_seed=cfg.seed)
+            sub = cache[f"prefix:{n}"]
+            docs = sub.num_documents
+            with _Timer(times, f"{name}: retrieval, database {frac}"):
+                nbs = _retrieve_cached(
+                    sub, token_docs, groups, group_sums, m=m, k=k, pad=pad, cache=models.cache,
+                    label=f"{name}: retrieval, database {frac}",
+                )  # fmt: skip
+        with _Timer(times, f"{name}: RETRO[ON], database {frac}"):
+            res = score(retro, models.retro_sum, nbs, f"RETRO[ON] database {frac}")
+        pair = {"retro_on": res, "retro_off": scores["retro_off"]}
+        rows.append(
+            {
+                "fraction": frac,
+                "chunks": n,
+                "documents": docs,
+                "bpb": res.bpb(),
+                "vs_off": _vs_off(pair, None, cfg).get("retro_on"),
+                "bins": {
+                    measure: [
+                        {key: r[key] for key in ("bin", "chunks", "bytes")}
+                        | {"bpb": r["bpb"].get("retro_on"), "vs_off": r["vs_off"].get("retro_on")}
+                        for r in _bins(values, pair, cfg)
+                    ]
+                    for measure, values in values_by_measure.items()
+                },
+            }
+        )
+    return rows
 
 
 def _eval_methods(
