@@ -67,10 +67,19 @@ def _records(run: Path) -> list[dict]:
 
 
 def _plot_differences(axes, name: str, recs: list[dict]) -> None:
-    """Second row: ON - OFF, shuffled - OFF, ON - baseline with their bootstrap 95 % intervals."""
+    """Second row: ON - OFF, shuffled - OFF, ON - baseline, ON - shuffled (the reading of the
+    neighbours themselves) with their paired bootstrap 95 % intervals."""
     toks = [r["tokens"] for r in recs]
+    for r in recs:
+        r["ci95"].setdefault("on-shuffled", _bootstrap(r, "on", "shuffled"))
+    styles = (
+        ("on-off", "o-"),
+        ("shuffled-off", "s--"),
+        ("on-baseline", "^:"),
+        ("on-shuffled", "d-"),
+    )
     for ax, (key, title) in zip(axes, PANELS, strict=True):
-        for diff, style in (("on-off", "o-"), ("shuffled-off", "s--"), ("on-baseline", "^:")):
+        for diff, style in styles:
             est, lo, hi = (np.array([r["ci95"][diff][key][i] for r in recs]) for i in range(3))
             ax.errorbar(toks, est, yerr=[est - lo, hi - est], fmt=style, capsize=3,
                         label=f"{name}: {diff.replace('-', ' - ')}")  # fmt: skip
@@ -80,6 +89,19 @@ def _plot_differences(axes, name: str, recs: list[dict]) -> None:
         ax.set_xlabel("training tokens read")
         ax.set_ylabel("bpb difference (< 0: first is better)")
     axes[0].legend(fontsize=7)
+
+
+def _bootstrap(rec: dict, x: str, y: str) -> dict[str, list[float]]:
+    """(estimate, low, high) of bpb(x) - bpb(y) per panel, from a record's per-chunk bits."""
+    from retro_eval.overlap import bootstrap_bpb_difference
+
+    r, b = np.asarray(rec["ratios"]), np.asarray(rec["bytes"], dtype=np.float64)
+    bx, by = np.asarray(rec["bits"][x]), np.asarray(rec["bits"][y])
+    masks = {"all": r >= 0, "(0.0,0.125]": r <= 0.125, "(0.5,1.0]": r > 0.5}
+    return {
+        key: bootstrap_bpb_difference(bx[m], by[m], b[m], samples=2000, seed=0).tolist()
+        for key, m in masks.items()
+    }
 
 
 def table(run: Path) -> str:

@@ -497,12 +497,7 @@ class Database:
             chunks: int [q, m'] token ids (m' <= m is allowed).
             lengths: int [q] real tokens per row; None strips trailing ``pad_id`` tokens.
         """
-        chunks = np.asarray(chunks)
-        if chunks.ndim != 2:
-            raise ValueError(f"chunks: expected [q, m], got shape {chunks.shape}")
-        if lengths is None:
-            real = chunks != self.pad_id
-            lengths = np.where(real.any(1), chunks.shape[1] - np.argmax(real[:, ::-1], axis=1), 0)
+        chunks, lengths = self._chunks_and_lengths(chunks, lengths)
         texts = self.tokenizer.decode_batch(
             [row[: int(n)] for row, n in zip(chunks, lengths, strict=True)]
         )
@@ -514,6 +509,19 @@ class Database:
             )
         return keys
 
+    def _chunks_and_lengths(
+        self, chunks: np.ndarray, lengths: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Query chunks as an array [q, m'] and their real lengths [q] (given, or the tokens
+        before the trailing ``pad_id`` run)."""
+        chunks = np.asarray(chunks)
+        if chunks.ndim != 2:
+            raise ValueError(f"chunks: expected [q, m], got shape {chunks.shape}")
+        if lengths is None:
+            real = chunks != self.pad_id
+            lengths = np.where(real.any(1), chunks.shape[1] - np.argmax(real[:, ::-1], axis=1), 0)
+        return chunks, np.asarray(lengths)
+
     def query_keys(
         self, chunks: np.ndarray, lengths: np.ndarray | None = None, batch_size: int = 64
     ) -> np.ndarray:
@@ -521,12 +529,7 @@ class Database:
         embedded float32 [q, d] (dense, :meth:`embed_chunks`) or texts, object [q] (BM25)."""
         if self.keys_kind != "bm25":
             return self.embed_chunks(chunks, lengths, batch_size=batch_size)
-        chunks = np.asarray(chunks)
-        if chunks.ndim != 2:
-            raise ValueError(f"chunks: expected [q, m], got shape {chunks.shape}")
-        if lengths is None:
-            real = chunks != self.pad_id
-            lengths = np.where(real.any(1), chunks.shape[1] - np.argmax(real[:, ::-1], axis=1), 0)
+        chunks, lengths = self._chunks_and_lengths(chunks, lengths)
         out = np.empty(len(chunks), dtype=object)
         out[:] = chunk_texts(self.tokenizer, chunks, lengths) if len(chunks) else []
         return out
