@@ -501,3 +501,24 @@ def test_disk_full_at_a_checkpoint_names_it_and_leaves_no_partial_one(dataset_di
     assert f"{ckpt}: writing the checkpoint failed after " in err[0], err[0]
     assert "File too large" in err[0] and "bytes free there" in err[0]
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("lr", float("nan")),
+        ("lr", float("inf")),
+        ("weight_decay", float("nan")),
+        ("weight_decay", float("inf")),
+        ("weight_decay", -0.1),
+        ("eps", float("nan")),
+        ("eps", 0.0),
+        ("grad_clip", float("nan")),
+        ("grad_clip", float("inf")),
+        ("grad_clip", -1.0),
+    ],
+)
+def test_train_config_refuses_non_finite_or_negative_optimiser_values(field, value):
+    with pytest.raises(TrainError, match=rf"TrainConfig\.{field}: expected .*finite"):
+        TrainConfig(**{field: value})
+    TrainConfig(**{field: {"lr": 1e-3, "eps": 1e-6}.get(field, 0.5)})  # a finite one passes

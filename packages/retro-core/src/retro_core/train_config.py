@@ -102,15 +102,21 @@ class TrainConfig:
                 raise err(name, "an int >= 0")
         if self.keep_checkpoints < 1:
             raise err("keep_checkpoints", "an int >= 1")
-        if not (self.lr > 0 and 0 <= self.min_lr <= self.lr):
-            raise err("min_lr", f"0 <= min_lr <= lr={self.lr} and lr > 0")
-        if self.weight_decay < 0:
-            raise err("weight_decay", "a float >= 0")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise err("lr", "a finite float > 0")
+        if not (0 <= self.min_lr <= self.lr):
+            raise err("min_lr", f"0 <= min_lr <= lr={self.lr}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise err("weight_decay", "a finite float >= 0")
+        if not (math.isfinite(self.eps) and self.eps > 0):
+            raise err("eps", "a finite float > 0")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise err("betas", "two floats in [0, 1)")
         object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
-        if self.grad_clip is not None and self.grad_clip < 0:
-            raise err("grad_clip", "None or a float >= 0")
+        if self.grad_clip is not None and not (
+            math.isfinite(self.grad_clip) and self.grad_clip >= 0
+        ):
+            raise err("grad_clip", "None or a finite float >= 0")
         if self.num_neighbours is not None and self.num_neighbours < 1:
             raise err("num_neighbours", "None or an int >= 1")
         if not 0.0 <= self.valid_fraction < 1.0:
