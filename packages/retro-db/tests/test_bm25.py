@@ -259,3 +259,26 @@ def test_bm25_prefix_index_scores_the_prefix_alone(wiki_bm25):
     np.testing.assert_allclose(got, -nb.distances, rtol=1e-5)
     whole = db.retrieve(tokens, 3, lengths=lengths)
     assert not np.allclose(whole.distances[q < n], nb.distances[q < n])  # idf differs
+
+
+def test_gc_deletes_an_old_versions_bm25_folder_and_a_stray_one(tmp_path):
+    from retro_db.build import add_documents, build_database, collect_garbage
+    from retro_db.database import Database
+    from retro_db.ingest import Document
+
+    path = tmp_path / "db"
+    docs = [Document(doc_id=f"d{i}", text=t, meta={}) for i, t in enumerate(DOCS)]
+    build_database(docs[:3], path, keys="bm25", chunk_size=64, progress=False)
+    add_documents(path, docs[3:], progress=False)  # version 2: idf changed, a new BM25 folder
+    assert sorted(p.name for p in (path / "index").iterdir()) == ["v00001.bm25", "v00002.bm25"]
+    stray = path / "index" / "v00003.bm25"  # as an add killed before its manifest leaves it
+    stray.mkdir()
+    (stray / "params.index.json").write_text("{}")
+    res = collect_garbage(path, grace=0, keep=1)
+    assert res.versions_removed == [1]
+    assert "index/v00003.bm25/params.index.json" in res.removed
+    assert sorted(p.name for p in (path / "index").iterdir()) == ["v00002.bm25"]
+    d = Database.open(path, verify=True)
+    assert d.version == 2 and d.num_documents == len(DOCS)
+    # the kept version still retrieves: document 4's chunk finds itself first
+    assert int(d.retrieve(_query(d, DOCS[4]), 1).chunk_ids[0][0]) == 4

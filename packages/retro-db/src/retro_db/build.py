@@ -943,6 +943,9 @@ def collect_garbage(
             for n in removed:
                 (db_dir / n).unlink()
                 logger.info("gc: deleted %s", db_dir / n)
+            for folder in {(db_dir / n).parent for n in removed} - {db_dir / "index"}:
+                if folder.is_dir() and not any(folder.iterdir()):  # an emptied BM25 folder
+                    folder.rmdir()
     return GcResult(removed, freed, drop, sorted(kept))
 
 
@@ -976,10 +979,13 @@ def _gc_plan(
     candidates = {name for v in drop for name in manifests[v]["files"]} - keep_files
     index_dir = db_dir / "index"
     if index_dir.is_dir():  # index files of no version (an add killed before its manifest)
+        # (a BM25 index is a folder, index/vNNNNN.bm25/, of several files)
         candidates |= {
-            f"index/{p.name}"
-            for p in index_dir.iterdir()
-            if p.is_file() and f"index/{p.name}" not in named and not p.name.startswith(".")
+            rel
+            for p in index_dir.rglob("*")
+            if p.is_file()
+            and (rel := p.relative_to(db_dir).as_posix()) not in named
+            and not any(part.startswith(".") for part in p.relative_to(index_dir).parts)
         }
     removed = sorted(n for n in candidates if (db_dir / n).is_file())
     # a dropped version whose every file a kept version still names stays openable
