@@ -135,3 +135,7 @@ def test_cli_lm_eval_registers_model_and_tasks(monkeypatch, tmp_path):
     assert seen["argv"][-2:] == ["--include_path", str(TASKS_DIR)]
     main(["lm-eval", "ls", "tasks", "--include_path", str(tmp_path)])
     assert seen["argv"].count("--include_path") == 1
+    # the global -v before lm-eval reaches lm-eval with the same arguments (it was a silent no-op)
+    seen.clear()
+    assert main(["-v", "lm-eval", "--model", "retro", "--tasks", "retro_wikitext_mini"]) == 0
+    assert seen["argv"][:4] == ["lm-eval", "run", "--model", "retro"]

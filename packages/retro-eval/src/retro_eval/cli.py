@@ -270,10 +270,16 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``retro-eval`` console script; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "lm-eval":
-        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    lead = 0  # `retro-eval -v lm-eval ...`: the global flag before lm-eval's own command line
+    while lead < len(argv) and argv[lead] in ("-v", "--verbose"):
+        lead += 1
+    if lead < len(argv) and argv[lead] == "lm-eval":
+        logging.basicConfig(
+            level=logging.DEBUG if lead else logging.INFO,
+            format="%(levelname)s %(name)s: %(message)s",
+        )
         try:
-            return _lm_eval(argv[1:])
+            return _lm_eval(argv[lead + 1 :])
         except (ValueError, FileNotFoundError, NotADirectoryError) as e:
             # a bad model argument (checkpoint, database, k, retrieval): one line, exit 2
             msg = _one_line(str(e)) or type(e).__name__
