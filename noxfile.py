@@ -121,6 +121,23 @@ def demo(session: nox.Session) -> None:
 
 
 @nox.session
+def compare(session: nox.Session) -> None:
+    """The main job with issue 17's comparison rows and database-size sweep (not in the default list).
+
+    `retro-eval demo --methods knnlm,incontext,bm25 --db-fractions 1/16,1/4,1`: the default demo's
+    stages (cached in runs/demo, so after `nox -s demo` only the new rows are scored) plus kNN-LM,
+    in-context retrieval, RETRO[ON] with BM25 neighbours and RETRO[ON] over nested fractions of
+    the database, in the same report. Extra arguments go to `retro-eval demo`.
+    """
+    install(session, f"{CORE}[hf]", f"{DB}[embed,fast]", EVAL)
+    install_smollm2(session)
+    session.run(
+        "retro-eval", "demo", "--methods", "knnlm,incontext,bm25", "--db-fractions",
+        "1/16,1/4,1", *session.posargs, env=dict(OFFLINE),
+    )  # fmt: skip
+
+
+@nox.session
 def retrofit_example(session: nox.Session) -> None:
     """examples/retrofit_smollm2.py (not in the default list): `nox -s retrofit_example -- --out DIR`.
 
