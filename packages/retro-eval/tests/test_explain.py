@@ -20,18 +20,24 @@ import pytest
 import torch
 
 from retro_core.config import RetroConfig
+from retro_core.generate import generate
 from retro_core.model import Retro
 from retro_core.retrieval import Neighbours
 from retro_eval.cli import main
 from retro_eval.explain import (
     GREEN,
     RED,
+    explain_generation,
     explain_text,
     render_html,
     render_markdown,
     saved_colour,
 )
-from retro_eval.perplexity import score_documents
+from retro_eval.perplexity import (
+    retrieve_document_neighbours,
+    score_documents,
+    score_token_documents,
+)
 from retro_eval.testing import ByteTokenizer, InMemoryRetriever
 
 torch.set_num_threads(1)
@@ -180,11 +186,14 @@ class _Page(HTMLParser):
         self.tags: set[str] = set()
         self.depth = 0  # > 0 inside a chunk's text div
         self.chunk_text: list[str] = []
+        self.spans: list[str] = []  # the class of each span inside the chunks' text, in order
 
     def handle_starttag(self, tag, attrs):
         self.tags.add(tag)
         if self.depth:
             self.depth += tag == "div"
+            if tag == "span":
+                self.spans.append(dict(attrs).get("class", ""))
         elif tag == "div" and ("class", "text") in attrs:
             self.depth = 1
             self.chunk_text.append("")
@@ -210,6 +219,7 @@ def test_page_escapes_every_text(explained):
     assert page.count('class="chunk"') == len(explained.chunks)
     assert 'title="+' in page or 'title="-' in page  # the per-token value as a tooltip
     assert "http" not in page and "<link" not in page and "src=" not in page  # self-contained
+    assert set(parsed.spans) == {"t"}  # a given text: no generated token, no boundary marker
     md = render_markdown(explained)
     # markdown shows a chunk's text verbatim in a fenced code block; everywhere else it is escaped
     fenced = re.findall(r"^```text\n(.*?)\n```$", md, flags=re.S | re.M)
@@ -274,6 +284,159 @@ def test_page_in_a_headless_browser(model, tok, retriever, tmp_path):
 
     assert has(green) >= 20, f"no token background {green} in the screenshot"
     assert has(red) >= 20, f"no token background {red} in the screenshot"
+
+
+# ----------------------------------------------------------------------------------------------
+# Explaining a generation
+
+PROMPTS = {
+    # 11 prompt + 20 generated = 31 tokens: the last chunk is incomplete
+    "incomplete-last-chunk": ("The cat sat", 20),
+    # 12 + 20 = 32 = 4m: the last chunk is completed by the last generated token, which predicts
+    # nothing, so generation never retrieves for it
+    "last-chunk-completed-by-the-last-token": ("The cat sat!", 20),
+}
+
+
+class _Drifting:
+    """A retriever whose neighbour 1 changes at every call: retrieving a chunk a second time
+    gives other neighbours, so a page that re-retrieved would show what generation never read."""
+
+    def __init__(self, inner):
+        self.inner, self.calls = inner, 0
+        self.pad_id = inner.pad_id
+        self.chunk_size, self.tokenizer_id = inner.chunk_size, inner.tokenizer_id
+
+    def retrieve(self, chunks, k, exclude_doc_ids=None):
+        self.calls += 1
+        nb = self.inner.retrieve(chunks, k)
+        toks, lens = nb.tokens.copy(), nb.lengths.copy()
+        other = [2 + ((self.calls * 7 + i) % 250) for i in range(M + 3)]
+        toks[:, 1] = nb.pad_id
+        toks[:, 1, : len(other)] = other
+        lens[:, 1] = len(other)
+        return Neighbours(toks, lens, nb.chunk_ids, nb.distances, nb.pad_id)
+
+
+def _neighbours_read_in_generation(model):
+    """A forward pre-hook recording, for each chunk u, the neighbours (k, r) and lengths (k,) the
+    model was given in the cached forward that completed chunk u (the model reads only those:
+    ``Retro.forward``'s contract). Returns (the record, the hook handle)."""
+    read: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def hook(module, args, kwargs):
+        cache = kwargs.get("cache")
+        nb = args[1] if len(args) > 1 else kwargs.get("neighbours")
+        lens = args[2] if len(args) > 2 else kwargs.get("neighbour_lengths")
+        if cache is None or nb is None:
+            return
+        start, end = cache.length, cache.length + args[0].shape[1]
+        for u in range(start // M, end // M):  # chunks completed by this forward
+            assert u not in read, f"chunk {u} completed twice"
+            read[u] = (nb[0, u].cpu().numpy(), lens[0, u].cpu().numpy())
+
+    return read, model.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+@pytest.mark.parametrize("drifting", [False, True], ids=["retriever", "drifting-retriever"])
+@pytest.mark.parametrize("case", sorted(PROMPTS))
+def test_generation_page_shows_the_neighbours_generation_read(
+    model, tok, retriever, case, drifting
+):
+    prompt, new = PROMPTS[case]
+    ret = _Drifting(retriever) if drifting else retriever
+    read, handle = _neighbours_read_in_generation(model)
+    try:
+        ex = explain_generation(model, tok, prompt, ret, new, k=2, progress=False)
+    finally:
+        handle.remove()
+    T = len(ex.tokens)
+    assert ex.prompt_tokens == len(tok.encode(prompt)) and ex.generated_tokens == new
+    assert T == ex.prompt_tokens + new
+    # generation retrieved for every chunk completed before the last token: u < (T - 1) // m
+    assert sorted(read) == list(range((T - 1) // M))
+    assert [c.retrieved_in_generation for c in ex.chunks] == [c.index in read for c in ex.chunks]
+    assert ex.chunks[-1].retrieved_in_generation is False
+    for u, (nb, lens) in read.items():
+        c = ex.chunks[u]
+        assert [len(ne.tokens) for ne in c.neighbours] == lens.tolist()
+        for j, ne in enumerate(c.neighbours):
+            assert ne.tokens == nb[j, : lens[j]].tolist(), (u, j)
+    if drifting:
+        # the test can fail: retrieving chunk 0 again gives neighbour 1 other tokens
+        again = ret.retrieve(np.asarray([ex.tokens[:M]]), 2)
+        assert (
+            again.tokens[0, 1, : again.lengths[0, 1]].tolist() != ex.chunks[0].neighbours[1].tokens
+        )
+
+
+@pytest.mark.parametrize("case", sorted(PROMPTS))
+def test_generation_bits_equal_the_scorers_on_the_final_tokens(model, tok, retriever, case):
+    prompt, new = PROMPTS[case]
+    ex = explain_generation(model, tok, prompt, retriever, new, k=2, progress=False)
+    toks = ex.tokens
+    nbs = retrieve_document_neighbours(
+        retriever, [toks], chunk_size=M, k=2, pad_id=0, progress=False
+    )
+    kw = dict(decode=tok.decode, prefix_id=tok.eos_id, progress=False)
+    on = score_token_documents(model, [toks], neighbours=nbs, **kw)
+    off = score_token_documents(model, [toks], **kw)
+    assert len(ex.chunks) == on.num_chunks == math.ceil(len(toks) / M)
+    for c in ex.chunks:
+        np.testing.assert_allclose(c.bits_on.sum(), on.bits[c.index], rtol=0, atol=1e-4)
+        np.testing.assert_allclose(c.bits_off.sum(), off.bits[c.index], rtol=0, atol=1e-4)
+        np.testing.assert_allclose(
+            c.saved.sum(), off.bits[c.index] - on.bits[c.index], rtol=0, atol=1e-4
+        )
+    generated = np.concatenate([c.saved for c in ex.chunks])[ex.prompt_tokens :]
+    assert np.abs(generated).max() > 1e-4  # retrieval changed the generated tokens' bits
+
+
+def test_generation_is_the_models_own_and_deterministic(model, tok, retriever):
+    prompt, new = PROMPTS["incomplete-last-chunk"]
+    ids = tok.encode(prompt)
+    greedy = explain_generation(model, tok, prompt, retriever, new, k=2, progress=False)
+    assert greedy.meta["generated"] == f"{new} tokens (greedy)"
+    again = explain_generation(model, tok, ids, retriever, new, k=2, progress=False)
+    assert greedy.tokens == again.tokens
+    # the library's generation, cached and the no-cache reference
+    for use_cache in (True, False):
+        want = generate(model, ids, retriever, new, k=2, eos_id=tok.eos_id, use_cache=use_cache)
+        assert greedy.tokens == ids + want, use_cache
+    three, three_again, four = (
+        explain_generation(
+            model, tok, prompt, retriever, new, temperature=1.0, seed=seed, k=2, progress=False
+        )
+        for seed in (3, 3, 4)
+    )
+    assert three.meta["generated"] == f"{new} tokens (temperature 1, seed 3)"
+    want = generate(
+        model, ids, retriever, new, k=2, temperature=1.0, eos_id=tok.eos_id,
+        generator=torch.Generator().manual_seed(3),
+    )  # fmt: skip
+    assert three.tokens == three_again.tokens == ids + want
+    assert three.tokens != four.tokens and three.tokens != greedy.tokens
+
+
+def test_generation_page_marks_where_generation_starts(model, tok, retriever):
+    prompt, new = PROMPTS["incomplete-last-chunk"]
+    ex = explain_generation(model, tok, prompt, retriever, new, k=2, progress=False)
+    n0 = ex.prompt_tokens
+    page = render_html(ex)
+    parsed = _Page()
+    parsed.feed(page)
+    assert "".join(parsed.chunk_text) == "".join(t for c in ex.chunks for t in c.token_texts)
+    # the prompt's tokens, the one boundary marker, then the generated tokens (underlined)
+    assert parsed.spans == ["t"] * n0 + ["gen-start"] + ["t g"] * new
+    assert "prompt, then generated from token 11" in page
+    assert page.count("as retrieved during generation") == 3  # chunks 0-2; 3 is incomplete
+    assert page.count("retrieved for this page") == 1
+    md = render_markdown(ex)
+    assert md.count("▶ generated: ") == 1
+    per_token = md.split("▶ generated: ")[1].split("\n")[0]
+    assert per_token.count("⟦") == len(ex.chunks[1].tokens) - (n0 - M)  # rest of chunk 1
+    assert "## Chunk 1 (tokens 8–15) · prompt, then generated from token 11" in md
+    assert "## Chunk 2 (tokens 16–23) · generated" in md
 
 
 # ----------------------------------------------------------------------------------------------
