@@ -255,7 +255,7 @@ def test_page_in_a_headless_browser(model, tok, retriever, tmp_path):
     browser = _browser()
     if browser is None:
         pytest.skip("no Chromium on PATH (chromium / chromium-browser / google-chrome)")
-    Image = pytest.importorskip("PIL.Image")
+    pytest.importorskip("PIL.Image")
     text = "The cat sat on the mat. <script>x</script> the dog"  # a page that fits the window
     ex = explain_text(model, tok, text, retriever, k=2, progress=False)
     saved = np.concatenate([c.saved for c in ex.chunks])
@@ -263,8 +263,20 @@ def test_page_in_a_headless_browser(model, tok, retriever, tmp_path):
     scale = float(np.abs(saved).max())
     green, red = saved_colour(float(saved.max()), scale), saved_colour(float(saved.min()), scale)
     assert green[1] > max(green[0], green[2]) and red[0] > max(red[1], red[2])
+    img = _screenshot(browser, render_html(ex), tmp_path)
+    assert _pixels(img, green) >= 20, f"no token background {green} in the screenshot"
+    assert _pixels(img, red) >= 20, f"no token background {red} in the screenshot"
+    assert _pixels(img, PURPLE) == 0  # a given text: nothing marked as generated
+
+
+PURPLE = (124, 58, 237)  # #7c3aed: the generated label and the generated tokens' underline
+
+
+def _screenshot(browser: str, page_html: str, tmp_path: Path) -> np.ndarray:
+    """The page as headless Chromium renders it at 1200 x 1600: uint RGB (1600, 1200, 3)."""
+    Image = pytest.importorskip("PIL.Image")
     page = tmp_path / "explain.html"
-    page.write_text(render_html(ex), encoding="utf-8")
+    page.write_text(page_html, encoding="utf-8")
     png = tmp_path / "shot.png"
     subprocess.run(
         [
@@ -278,12 +290,34 @@ def test_page_in_a_headless_browser(model, tok, retriever, tmp_path):
     assert img.shape[:2] == (1600, 1200)
     not_white = (img < 245).any(axis=-1).mean()
     assert not_white > 0.005, f"blank screenshot ({not_white:.4f} of pixels not white)"
+    return img
 
-    def has(rgb, tol=3):
-        return int((np.abs(img - np.array(rgb)).max(axis=-1) <= tol).sum())
 
-    assert has(green) >= 20, f"no token background {green} in the screenshot"
-    assert has(red) >= 20, f"no token background {red} in the screenshot"
+def _pixels(img: np.ndarray, rgb, tol: int = 3) -> int:
+    """How many pixels of img are rgb (each channel within tol)."""
+    return int((np.abs(img - np.array(rgb)).max(axis=-1) <= tol).sum())
+
+
+def test_generation_page_in_a_headless_browser(model, tok, retriever, tmp_path):
+    """A generation's page in headless Chromium: the purple boundary label and underline show
+    (skipped without Chromium, as the test above)."""
+    browser = _browser()
+    if browser is None:
+        pytest.skip("no Chromium on PATH (chromium / chromium-browser / google-chrome)")
+    ex = explain_generation(model, tok, "The cat sat", retriever, 20, k=2, progress=False)
+    img = _screenshot(browser, render_html(ex), tmp_path)
+    # the label (a purple box about 75 x 15 px, white text in it) and a 3 px underline under
+    # each generated token: >= 10 consecutive rows holding >= 15 purple pixels each is the label
+    purple = (np.abs(img - np.array(PURPLE)).max(axis=-1) <= 3).sum(axis=1) >= 15
+    runs = np.diff(np.flatnonzero(np.diff(np.r_[0, purple.astype(int), 0])))[::2]
+    assert len(runs) and runs.max() >= 10, f"no generated label {PURPLE} in the screenshot"
+    assert len(runs) >= 3  # and the underlines of the generated chunks' lines
+    # the same explanation shown as a given text has no purple at all
+    ex.prompt_tokens = None
+    for c in ex.chunks:
+        c.retrieved_in_generation = None
+    plain = _screenshot(browser, render_html(ex), tmp_path)
+    assert _pixels(plain, PURPLE) == 0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -482,10 +516,44 @@ def test_cli_writes_the_page_and_the_markdown(cli_setup, capsys):
     assert "database: <code>" in page and "distance" in page
 
 
+def test_cli_explains_a_generation(cli_setup, capsys):
+    root = cli_setup
+    base = ["explain", str(root / "retro"), "--prompt", "The cat sat on the mat"]
+    db = ["--database", str(root / "db")]
+    pages = []
+    for n, extra in enumerate([["--generate", "12"], ["--generate", "12"], ["--generate", "99"]]):
+        out = root / f"gen{n}"
+        assert main([*base, *extra, *db, "--out", str(out)]) == 0, capsys.readouterr().err
+        stdout = capsys.readouterr().out
+        pages.append((out / "explain.html").read_text(encoding="utf-8"))
+        md = (out / "explain.md").read_text(encoding="utf-8")
+        assert "explain.html" in stdout and md.count("▶ generated: ") == 1
+        parsed = _Page()
+        parsed.feed(pages[-1])
+        assert parsed.spans.count("gen-start") == 1 and "script" not in parsed.tags
+        n_gen = parsed.spans.count("t g")
+        assert f"generated: <code>{n_gen} tokens (greedy)</code>" in pages[-1]
+        if n == 2:  # 99 tokens do not fit: clipped to max_seq_len, and said so
+            assert "--generate 99 clipped to" in stdout and n_gen + parsed.spans.count("t") == N
+        else:
+            assert "clipped" not in stdout and n_gen == 12
+    assert pages[0] == pages[1]  # greedy: the same continuation, the same page
+
+
 @pytest.mark.parametrize(
     ("args", "match"),
     [
         (["{retro}", "--database", "{db}"], "exactly one"),
+        (["{retro}", "--prompt", "hi", "--text", "x", "--database", "{db}"], "exactly one"),
+        (["{retro}", "{root}/text.txt", "--prompt", "hi", "--database", "{db}"], "exactly one"),
+        (["{retro}", "--text", "hi", "--generate", "8", "--database", "{db}"], "--generate: only"),
+        (["{retro}", "{root}/text.txt", "--seed", "1", "--database", "{db}"], "--seed: only"),
+        (["{retro}", "--text", "hi", "--temperature", "1", "--database", "{db}"], "--temperature:"),
+        (["{retro}", "--prompt", "hi", "--generate", "0", "--database", "{db}"], "--generate"),
+        (["{retro}", "--prompt", "hi", "--temperature", "-1", "--database", "{db}"], ">= 0"),
+        (["{retro}", "--prompt", " ", "--database", "{db}"], "--prompt: the text is empty"),
+        (["{retro}", "--prompt", "cat " * 40, "--database", "{db}"], "leave no room"),
+        (["{base}", "--prompt", "hello there", "--database", "{db}"], "no CCA layers"),
         (["{retro}", "{root}/text.txt", "--text", "x", "--database", "{db}"], "exactly one"),
         (["{retro}", "{root}/missing.txt", "--database", "{db}"], "missing.txt: no such"),
         (["{retro}", "{root}/latin1.txt", "--database", "{db}"], "not UTF-8"),
