@@ -473,6 +473,57 @@ def test_generation_page_marks_where_generation_starts(model, tok, retriever):
     assert "## Chunk 2 (tokens 16–23) · generated" in md
 
 
+def test_generation_of_a_retrofitted_model(tok, retriever):
+    """The same two truths for a RETRO-fitted Hugging Face model (its own KV cache and CCA)."""
+    transformers = pytest.importorskip("transformers")
+    from retro_core.retrofit import retrofit
+
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(
+            vocab_size=258,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            max_position_embeddings=N,
+            bos_token_id=1,
+            eos_token_id=1,
+        )  # fmt: skip
+    ).eval()
+    fitted = retrofit(hf, cca_layers=(1,), k=2, chunk_size=M, pad_id=0, tokenizer_id=tok.id)
+    with torch.no_grad():  # a new CCA's output projection starts at 0: let it read something
+        for name, p in fitted.named_parameters():
+            if name.endswith("cca.attn.out_proj.weight"):
+                p.normal_(0.0, 0.5)
+    read, handle = _neighbours_read_in_generation(fitted)
+    try:
+        ex = explain_generation(fitted, tok, "The cat sat", retriever, 20, k=2, progress=False)
+    finally:
+        handle.remove()
+    T = len(ex.tokens)
+    assert ex.generated_tokens == 20 and sorted(read) == list(range((T - 1) // M))
+    for u, (nb, lens) in read.items():
+        assert [ne.tokens for ne in ex.chunks[u].neighbours] == [
+            nb[j, : lens[j]].tolist() for j in range(2)
+        ]
+    toks = ex.tokens
+    nbs = retrieve_document_neighbours(
+        retriever, [toks], chunk_size=M, k=2, pad_id=0, progress=False
+    )
+    kw = dict(decode=tok.decode, prefix_id=tok.eos_id, progress=False)
+    on = score_token_documents(fitted, [toks], neighbours=nbs, **kw)
+    off = score_token_documents(fitted, [toks], **kw)
+    for c in ex.chunks:
+        np.testing.assert_allclose(
+            c.saved.sum(), off.bits[c.index] - on.bits[c.index], rtol=0, atol=1e-4
+        )
+    assert np.abs(np.concatenate([c.saved for c in ex.chunks])[11:]).max() > 1e-3
+    assert ex.tokens[11:] == generate(fitted, tok.encode("The cat sat"), retriever, 20, k=2,
+                                      eos_id=tok.eos_id, use_cache=False)  # fmt: skip
+
+
 # ----------------------------------------------------------------------------------------------
 # The command line
 
