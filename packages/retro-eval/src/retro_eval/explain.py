@@ -459,8 +459,8 @@ class _RecordedRetriever:
     def __init__(self, inner: Any) -> None:
         self.inner = inner
         self.pad_id = int(getattr(inner, "pad_id", 0))
-        self.record: dict[tuple[int, ...], tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]
-        self.record = {}
+        # query chunk -> its neighbours' tokens (k, r), lengths (k,), chunk ids (k,), distances (k,)
+        self.record: dict[tuple[int, ...], tuple[np.ndarray, ...]] = {}
         self.queries: list[tuple[int, ...]] = []  # every query chunk, in the order asked
 
     @property
