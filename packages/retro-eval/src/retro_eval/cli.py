@@ -8,7 +8,10 @@
 - ``retro-eval explain MODEL (FILE | --text TEXT) --database DB [--out DIR]``: what RETRO read
   (:mod:`retro_eval.explain`): writes ``DIR/explain.html`` (self-contained) and ``DIR/explain.md``
   with each chunk's neighbours, their distances, CCA's attention on them and the bits retrieval
-  saved on each token.
+  saved on each token. ``retro-eval explain MODEL --prompt TEXT [--generate N] [--temperature T]
+  [--seed S] --database DB``: the model continues the prompt with retrieval first, and the page
+  explains prompt and continuation, marking where generation starts, with the neighbours
+  retrieved while generating.
 
 MODEL arguments (``run``'s ``retro`` / ``baseline``, the lm-eval model's ``checkpoint=``,
 ``generate``, ``explain``) take a training run directory (its latest checkpoint, logged), a checkpoint directory
@@ -105,16 +108,38 @@ def _generate(args: argparse.Namespace) -> str:
     return args.prompt + tok.decode(new)
 
 
-def _explain(args: argparse.Namespace) -> tuple[Path, Path]:
-    """``retro-eval explain``: validate the arguments, explain, write the page and the markdown."""
+def _explain(args: argparse.Namespace) -> tuple[Path, Path, str]:
+    """``retro-eval explain``: validate the arguments, explain (a text, or a prompt and the
+    continuation the model generates), write the page and the markdown; returns their paths and
+    a note for the user ('' or what was clipped)."""
     from retro_core.atomic import atomic_write_text
 
     from .checkpoints import load_eval_model
-    from .explain import explain_text, render_html, render_markdown
+    from .explain import explain_generation, explain_text, render_html, render_markdown
 
-    if (args.file is None) == (args.text is None):
-        raise ValueError("explain: give the text as a FILE or with --text (exactly one of them)")
-    if args.file is not None:
+    if sum(a is not None for a in (args.file, args.text, args.prompt)) != 1:
+        raise ValueError(
+            "explain: give the text as a FILE or with --text, or a --prompt to continue "
+            "(exactly one of them)"
+        )
+    if args.prompt is None:
+        for flag, value in (
+            ("--generate", args.generate),
+            ("--temperature", args.temperature),
+            ("--seed", args.seed),
+        ):
+            if value is not None:
+                raise ValueError(
+                    f"{flag}: only with --prompt (it sets how the prompt's continuation is "
+                    "generated; a FILE or --text is explained as it is)"
+                )
+    elif args.temperature is not None and not args.temperature >= 0:
+        raise ValueError(
+            f"--temperature: expected a number >= 0 (0 = greedy), got {args.temperature}"
+        )
+    if args.prompt is not None:
+        text, source = args.prompt, "--prompt"
+    elif args.file is not None:
         path = Path(args.file)
         if not path.is_file():
             raise ValueError(f"{path}: no such text file (expected a UTF-8 text file)")
@@ -146,20 +171,52 @@ def _explain(args: argparse.Namespace) -> tuple[Path, Path]:
         tok = load_tokenizer(args.tokenizer)
     else:
         tok = db.tokenizer
-    ex = explain_text(
-        model,
-        tok,
-        text,
-        db,
-        k=args.k,
-        window=args.window,
-        stride=args.stride,
-        meta={"model": str(args.model), "database": str(db_path), "text": source},
-    )
+    note = ""
+    if args.prompt is not None:
+        n0 = len(tok.encode(text))
+        if not n0:
+            raise ValueError("--prompt: empty after tokenisation")
+        n_max = int(model.config.max_seq_len)
+        if n0 >= n_max:
+            raise ValueError(
+                f"--prompt: {n0} tokens leave no room to generate within the model's "
+                f"max_seq_len={n_max}"
+            )
+        asked = 64 if args.generate is None else args.generate
+        new = min(asked, n_max - n0)
+        if new < asked:
+            note = (
+                f"--generate {asked} clipped to {new} tokens: the {n0}-token prompt and the "
+                f"continuation fit in max_seq_len={n_max}"
+            )
+        ex = explain_generation(
+            model,
+            tok,
+            text,
+            db,
+            max_new_tokens=new,
+            temperature=0.0 if args.temperature is None else args.temperature,
+            seed=0 if args.seed is None else args.seed,
+            k=args.k,
+            window=args.window,
+            stride=args.stride,
+            meta={"model": str(args.model), "database": str(db_path)},
+        )
+    else:
+        ex = explain_text(
+            model,
+            tok,
+            text,
+            db,
+            k=args.k,
+            window=args.window,
+            stride=args.stride,
+            meta={"model": str(args.model), "database": str(db_path), "text": source},
+        )
     out.mkdir(parents=True, exist_ok=True)
     html_path = atomic_write_text(out / "explain.html", render_html(ex, top=args.top))
     md_path = atomic_write_text(out / "explain.md", render_markdown(ex, top=args.top))
-    return html_path, md_path
+    return html_path, md_path, note
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -212,12 +269,34 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     e = sub.add_parser(
         "explain",
-        help="an HTML page (and markdown) of what RETRO read for a text: neighbours, CCA "
-        "attention, bits saved per token",
+        help="an HTML page (and markdown) of what RETRO read for a text, or for a prompt and the "
+        "continuation it generates: neighbours, CCA attention, bits saved per token",
     )
     e.add_argument("model", help="training run directory, checkpoint or retro-fitted checkpoint")
     e.add_argument("file", nargs="?", default=None, help="the text to explain (a UTF-8 file)")
     e.add_argument("--text", default=None, help="the text to explain, instead of a FILE")
+    e.add_argument(
+        "--prompt",
+        default=None,
+        help="instead of a FILE or --text: continue this prompt with retrieval, then explain the "
+        "prompt and the generated continuation (the page marks where generation starts)",
+    )
+    e.add_argument(
+        "--generate",
+        type=_int(1),
+        default=None,
+        metavar="N",
+        help="with --prompt: tokens to generate (default 64, clipped to max_seq_len)",
+    )
+    e.add_argument(
+        "--temperature",
+        type=float,
+        default=None,
+        help="with --prompt: sampling temperature (default 0 = greedy)",
+    )
+    e.add_argument(
+        "--seed", type=int, default=None, help="with --prompt: sampling seed (default 0)"
+    )
     e.add_argument("--database", required=True, help="retro_db database to retrieve from")
     e.add_argument("--tokenizer", default=None, help="tokenizer (default: the database's)")
     e.add_argument(
@@ -325,7 +404,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "generate":
             print(_generate(args))
         elif args.command == "explain":
-            html_path, md_path = _explain(args)
+            html_path, md_path, note = _explain(args)
+            if note:
+                print(f"retro-eval: {note}")
             print(f"retro-eval: wrote {html_path} and {md_path}")
         elif args.command == "demo":
             from .demo import run_demo, summary_table

@@ -20,6 +20,12 @@ database), :func:`explain_text` computes, for every chunk of m tokens:
   for a retro-fit whose CCA has one). The page shows the mean over the CCA layers (also summing
   to 1) and the per-layer mass of each neighbour.
 
+:func:`explain_generation` first continues a prompt with retrieval
+(:func:`retro_core.generate.generate`, KV-cached), recording every retrieval, then explains the
+prompt and its continuation as one sequence of tokens (:func:`explain_tokens`, no re-encoding):
+each chunk generation retrieved for shows exactly the neighbours the model generated with, and
+the page marks where the generated continuation starts and underlines the generated tokens.
+
 :func:`render_html` writes a self-contained page (inline CSS, no script, no external asset; every
 text HTML-escaped): each token's background is green when retrieval saved bits on it and red when
 it cost bits (intensity relative to the page's largest absolute value), with the value in the
@@ -42,6 +48,7 @@ import torch
 from tqdm.auto import tqdm
 
 from retro_core.model import capture_cca_attention
+from retro_core.retrieval import Neighbours
 
 from .perplexity import (
     check_retriever_for,
@@ -60,7 +67,9 @@ __all__ = [
     "ChunkExplanation",
     "Explanation",
     "NeighbourExplanation",
+    "explain_generation",
     "explain_text",
+    "explain_tokens",
     "render_html",
     "render_markdown",
     "saved_colour",
@@ -124,6 +133,10 @@ class ChunkExplanation:
             0 for a chunk whose neighbours no token reads: the text's last, incomplete chunk).
         sink_mass: per CCA layer, the attention mass the readers put on no neighbour token
             (0 for RETRO's own CCA; a retro-fit's attention sink).
+        retrieved_in_generation: for an explained generation (:func:`explain_generation`),
+            whether these neighbours are the ones retrieved while generating (True: the model
+            generated with exactly them) or were retrieved for the page (False: generation
+            stopped before this chunk was complete or before it needed them); None for a text.
     """
 
     index: int
@@ -135,6 +148,7 @@ class ChunkExplanation:
     neighbours: list[NeighbourExplanation]
     readers: int = 0
     sink_mass: list[float] = field(default_factory=list)
+    retrieved_in_generation: bool | None = None
 
     @property
     def saved(self) -> np.ndarray:
@@ -155,6 +169,8 @@ class Explanation:
         layers: names of the CCA modules (``blocks.4.cca``, ``cca_layers.9``, ...).
         chunk_size: m; k: neighbours per chunk; window / stride: n and s used.
         meta: free-form strings shown in the header (model, database, ...).
+        prompt_tokens: for an explained generation, n0: the first n0 tokens are the prompt and
+            the rest were generated; None for a given text.
     """
 
     chunks: list[ChunkExplanation]
@@ -164,6 +180,17 @@ class Explanation:
     window: int
     stride: int
     meta: dict[str, str] = field(default_factory=dict)
+    prompt_tokens: int | None = None
+
+    @property
+    def tokens(self) -> list[int]:
+        """All explained token ids, in order."""
+        return [t for c in self.chunks for t in c.tokens]
+
+    @property
+    def generated_tokens(self) -> int:
+        """How many of the tokens were generated (0 for a given text)."""
+        return 0 if self.prompt_tokens is None else self.num_tokens - self.prompt_tokens
 
     @property
     def bits_on(self) -> float:
@@ -254,14 +281,49 @@ def explain_text(
         ValueError: an empty text, a model without CCA layers, or a retriever that does not fit
             the model (its chunk size or tokenizer; ``RetrieverMismatchError``).
     """
+    tokens = [int(t) for t in tokenizer.encode(text)]
+    if not tokens:
+        raise ValueError("the text is empty after tokenisation")
+    return explain_tokens(
+        model,
+        tokenizer,
+        tokens,
+        retriever,
+        k=k,
+        window=window,
+        stride=stride,
+        progress=progress,
+        meta=meta,
+    )
+
+
+def explain_tokens(
+    model: Any,
+    tokenizer: Any,
+    tokens: Sequence[int],
+    retriever: Any,
+    *,
+    k: int | None = None,
+    window: int | None = None,
+    stride: int | None = None,
+    progress: bool = True,
+    meta: dict[str, str] | None = None,
+) -> Explanation:
+    """:func:`explain_text` for token ids (T >= 1 of them) rather than a text.
+
+    The tokens are explained as they are, without a decode-encode round trip (a byte-level or
+    BPE tokenizer need not give the same ids back for a generated sequence); ``tokenizer`` only
+    decodes them for the page and gives the end-of-text id that conditions the first token.
+    Arguments, result and errors as :func:`explain_text`.
+    """
     if not has_retrieval(model):
         raise ValueError(
             "the model has no CCA layers (a decoder-only baseline): nothing to explain"
         )
     check_retriever_for(model, retriever)
-    tokens = [int(t) for t in tokenizer.encode(text)]
+    tokens = [int(t) for t in tokens]
     if not tokens:
-        raise ValueError("the text is empty after tokenisation")
+        raise ValueError("tokens: nothing to explain (an empty sequence)")
     n, s = default_window_stride(model, window, stride)
     _, m, r, pad_id = model_geometry(model)
     kk = int(k) if k else int(model.config.num_neighbours)
@@ -386,6 +448,199 @@ def explain_text(
     )
 
 
+class _RecordedRetriever:
+    """A retriever that remembers the neighbours it returned for each query chunk.
+
+    A query chunk seen before gets its recorded neighbours again (never re-retrieved), so the
+    page shows, for every chunk generation retrieved for, exactly the neighbours the model
+    generated with, whatever the wrapped retriever would return on a second call.
+    """
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.pad_id = int(getattr(inner, "pad_id", 0))
+        # query chunk -> its neighbours' tokens (k, r), lengths (k,), chunk ids (k,), distances (k,)
+        self.record: dict[tuple[int, ...], tuple[np.ndarray, ...]] = {}
+        self.queries: list[tuple[int, ...]] = []  # every query chunk, in the order asked
+
+    @property
+    def chunk_size(self) -> int:
+        return int(self.inner.chunk_size)
+
+    @property
+    def tokenizer_id(self) -> str:
+        return str(self.inner.tokenizer_id)
+
+    def retrieve(
+        self, chunks: np.ndarray, k: int, exclude_doc_ids: np.ndarray | None = None
+    ) -> Neighbours:
+        chunks = np.asarray(chunks, dtype=np.int64)
+        if exclude_doc_ids is not None:  # not a call generation or the page makes
+            return self.inner.retrieve(chunks, k, exclude_doc_ids)
+        keys = [tuple(int(t) for t in row) for row in chunks]
+        self.queries.extend(keys)
+        missing = [i for i, key in enumerate(keys) if key not in self.record]
+        missing_keys = list(dict.fromkeys(keys[i] for i in missing))
+        if missing_keys:
+            nb = self.inner.retrieve(np.asarray(missing_keys, dtype=np.int64), k)
+            toks, lens = np.asarray(nb.tokens), np.asarray(nb.lengths)
+            ids = np.asarray(nb.chunk_ids)
+            dists = (
+                np.full(ids.shape, np.nan, np.float32)
+                if nb.distances is None
+                else np.asarray(nb.distances, np.float32)
+            )
+            self.pad_id = int(nb.pad_id)
+            for j, key in enumerate(missing_keys):
+                self.record[key] = (toks[j].copy(), lens[j].copy(), ids[j].copy(), dists[j].copy())
+        rows = [self.record[key] for key in keys]
+        if any(row[0].shape[0] < k for row in rows):
+            raise ValueError(f"the recorded neighbours have fewer than k={k} per chunk")
+        return Neighbours(
+            tokens=np.stack([row[0][:k] for row in rows]),
+            lengths=np.stack([row[1][:k] for row in rows]),
+            chunk_ids=np.stack([row[2][:k] for row in rows]),
+            distances=np.stack([row[3][:k] for row in rows]),
+            pad_id=self.pad_id,
+        )
+
+
+def explain_generation(
+    model: Any,
+    tokenizer: Any,
+    prompt: str | Sequence[int],
+    retriever: Any,
+    max_new_tokens: int = 64,
+    *,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int = 0,
+    k: int | None = None,
+    window: int | None = None,
+    stride: int | None = None,
+    progress: bool = True,
+    meta: dict[str, str] | None = None,
+) -> Explanation:
+    """Continue ``prompt`` with retrieval, then explain the prompt and its continuation.
+
+    Generation is :func:`retro_core.generate.generate` (KV-cached; the neighbours of each chunk
+    C_u of m tokens are retrieved once, when the sequence completes it, and read through CCA by
+    the m tokens from the last token of C_u on: the paper's section 2.4). Every retrieval is
+    recorded, and the explanation of the final sequence (:func:`explain_tokens`) uses exactly the
+    recorded neighbours of each chunk generation retrieved for (the k neighbours of r tokens and
+    their distances, not a second retrieval); only a chunk generation never retrieved for (the
+    last one, completed by the final token or incomplete) is retrieved for the page
+    (:attr:`ChunkExplanation.retrieved_in_generation` says which).
+
+    Shapes (the paper's symbols): the prompt has n0 >= 1 tokens and at most
+    ``max_new_tokens`` are generated, n0 + max_new_tokens <= n (the model's ``max_seq_len``);
+    the T = n0 + G tokens (G generated, fewer than asked when the end-of-text token is generated)
+    form ceil(T / m) chunks of m tokens, each with k neighbours of r = 2m tokens (neighbour chunk
+    and continuation) and per token its bits with and without retrieval.
+
+    Args:
+        model: a retro_core ``Retro`` with CCA layers or a ``RetrofittedLM``.
+        tokenizer: ``encode``, ``decode`` and ``eos_id`` (retro_db's LMTokenizer); generation
+            stops after generating ``eos_id``.
+        prompt: the text to continue, or its n0 token ids.
+        retriever: a ``retro_core.retrieval.Retriever`` (a retro_db ``Database``) built with the
+            model's chunk size and tokenizer.
+        max_new_tokens: the most tokens to generate (>= 1).
+        temperature: 0 = greedy (deterministic); otherwise sample from softmax(logits / T).
+        top_k, top_p: restrict sampling to the top_k most likely tokens / the nucleus of mass
+            top_p.
+        seed: seeds the torch.Generator used for sampling (same seed, same continuation).
+        k: neighbours per chunk, in generation and on the page (default ``num_neighbours``).
+        window, stride: n and s of the strided windows of the page's bits (default max_seq_len
+            and n/2; with the default the whole sequence is one window).
+        meta: strings for the page's header (the prompt and generated token counts and the
+            sampling settings are added).
+
+    Returns:
+        An :class:`Explanation` with ``prompt_tokens = n0``.
+
+    Raises:
+        ValueError: an empty prompt, max_new_tokens < 1, n0 + max_new_tokens > n, a bad sampling
+            argument, a model without CCA layers, or a retriever that does not fit the model.
+    """
+    from retro_core.generate import generate
+
+    if not has_retrieval(model):
+        raise ValueError(
+            "the model has no CCA layers (a decoder-only baseline): nothing to explain"
+        )
+    check_retriever_for(model, retriever)
+    prompt_ids = (
+        [int(t) for t in tokenizer.encode(prompt)]
+        if isinstance(prompt, str)
+        else [int(t) for t in prompt]
+    )
+    if not prompt_ids:
+        raise ValueError("prompt: empty after tokenisation")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens: expected an integer >= 1, got {max_new_tokens}")
+    kk = int(k) if k else int(model.config.num_neighbours)
+    if kk < 1:
+        raise ValueError(f"k: expected an integer >= 1, got {kk}")
+    recorded = _RecordedRetriever(retriever)
+    was_training = model.training
+    new = generate(
+        model,
+        prompt_ids,
+        recorded,
+        max_new_tokens=max_new_tokens,
+        k=kk,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        eos_id=getattr(tokenizer, "eos_id", None),
+        generator=torch.Generator().manual_seed(int(seed)),
+    )
+    tokens = prompt_ids + [int(t) for t in new]
+    m = int(model.config.chunk_size)
+    # generate() retrieves for chunks 0, 1, ... in order, each once, as each is completed
+    n_gen = len(recorded.queries)
+    if recorded.queries != [tuple(tokens[u * m : (u + 1) * m]) for u in range(n_gen)]:
+        raise RuntimeError("generation retrieved for chunks other than 0, 1, ... in order")
+    logger.info(
+        "generated %d tokens after a prompt of %d (retrieved for %d chunk(s) while generating)",
+        len(new),
+        len(prompt_ids),
+        n_gen,
+    )
+    sampling = (
+        "greedy"
+        if temperature == 0
+        else f"temperature {temperature:g}"
+        + (f", top_k {top_k}" if top_k is not None else "")
+        + (f", top_p {top_p:g}" if top_p is not None else "")
+        + f", seed {seed}"
+    )
+    info = {
+        **(meta or {}),
+        "prompt": f"{len(prompt_ids)} tokens",
+        "generated": f"{len(new)} tokens ({sampling})",
+    }
+    ex = explain_tokens(
+        model,
+        tokenizer,
+        tokens,
+        recorded,
+        k=kk,
+        window=window,
+        stride=stride,
+        progress=progress,
+        meta=info,
+    )
+    if was_training:
+        model.train()
+    for c in ex.chunks:
+        c.retrieved_in_generation = c.index < n_gen
+    ex.prompt_tokens = len(prompt_ids)
+    return ex
+
+
 # ----------------------------------------------------------------------------------------------
 # Rendering
 
@@ -440,19 +695,70 @@ white-space:pre-wrap;word-break:break-word;max-width:640px}
 .cont{border-left:2px solid #999;margin-left:2px;padding-left:2px}
 .top{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:11px}
 .legend{font-size:12px;color:#333}
+.g{box-shadow:inset 0 -3px 0 #7c3aed}
+.gen-start::before{content:"\\25B6 generated";font-family:system-ui,sans-serif;font-size:11px;
+background:#7c3aed;color:#fff;border-radius:3px;padding:1px 5px;margin:0 4px}
+.role{font-size:12px;font-weight:normal;color:#7c3aed}
 """
 
 
-def _token_spans(texts: Sequence[str], saved: np.ndarray, on: np.ndarray, scale: float) -> str:
+def _token_spans(
+    texts: Sequence[str],
+    saved: np.ndarray,
+    on: np.ndarray,
+    scale: float,
+    generated_from: int | None = None,
+    marker: bool = False,
+) -> str:
+    """The chunk's token spans; tokens from index ``generated_from`` on were generated (class
+    ``g``); with ``marker`` (the chunk where generation starts) the first of them is preceded by
+    the boundary marker (an empty span whose label is CSS content, so the chunk's text stays the
+    text)."""
     out = []
-    for t, s, b in zip(texts, saved, on, strict=True):
+    for i, (t, s, b) in enumerate(zip(texts, saved, on, strict=True)):
         rgb = saved_colour(float(s), scale)
+        gen = generated_from is not None and i >= generated_from
         title = f"{float(s):+.3f} bits saved by retrieval ({float(b):.3f} bits with it)"
+        if generated_from is not None:
+            title += "; generated" if gen else "; prompt"
+        if marker and i == generated_from:
+            out.append('<span class="gen-start" title="the generated continuation starts here">')
+            out.append("</span>")
         out.append(
-            f'<span class="t" style="background:{_hex(rgb)};color:{_ink(rgb)}" '
-            f'title="{_esc(title)}">{_esc(_shown(t))}</span>'
+            f'<span class="{"t g" if gen else "t"}" style="background:{_hex(rgb)};'
+            f'color:{_ink(rgb)}" title="{_esc(title)}">{_esc(_shown(t))}</span>'
         )
     return "".join(out)
+
+
+def _generated_from(ex: Explanation, c: ChunkExplanation) -> int | None:
+    """Index in chunk c of its first generated token: 0 for a generated chunk, len(c.tokens)
+    for a prompt chunk, None for a given text (nothing generated, nothing to mark)."""
+    if ex.prompt_tokens is None:
+        return None
+    return min(len(c.tokens), max(0, ex.prompt_tokens - c.start))
+
+
+def _chunk_role(ex: Explanation, c: ChunkExplanation) -> str:
+    """'prompt', 'generated' or 'prompt, then generated from token i' ('' for a given text)."""
+    g = _generated_from(ex, c)
+    if g is None:
+        return ""
+    if g == len(c.tokens):
+        return "prompt"
+    return "generated" if g == 0 else f"prompt, then generated from token {c.start + g}"
+
+
+def _neighbour_source(c: ChunkExplanation) -> str:
+    """Where the chunk's neighbours come from, for an explained generation ('' for a text)."""
+    if c.retrieved_in_generation is None:
+        return ""
+    if c.retrieved_in_generation:
+        return "neighbours as retrieved during generation (the ones the model generated with)"
+    return (
+        "neighbours retrieved for this page (generation never needed them: the chunk is "
+        "incomplete or was completed by the last generated token)"
+    )
 
 
 def _neighbour_spans(ne: NeighbourExplanation, scale: float) -> str:
@@ -504,16 +810,32 @@ def render_html(ex: Explanation, *, top: int = 5, title: str = "What RETRO read"
         "neighbours are read by the last token of the chunk and the first m - 1 of the next "
         "(the paper's causal shift).</div>"
     )
+    if ex.prompt_tokens is not None:
+        head.append(
+            f'<div class="legend">A generation: the first {ex.prompt_tokens} tokens are the '
+            f"prompt, the {ex.generated_tokens} after the purple <strong>generated</strong> label "
+            "are the model's continuation (underlined purple), generated with retrieval; each "
+            "chunk's neighbours are those retrieved while generating, except where the chunk "
+            "says otherwise.</div>"
+        )
     body = []
     for c in ex.chunks:
         s = c.saved
         body.append('<div class="chunk">')
+        role = _chunk_role(ex, c)
         body.append(
-            f"<h2>Chunk {c.index} · tokens {c.start}–{c.start + len(c.tokens) - 1}</h2>"
+            f"<h2>Chunk {c.index} · tokens {c.start}–{c.start + len(c.tokens) - 1}"
+            + (f' <span class="role">· {_esc(role)}</span>' if role else "")
+            + "</h2>"
             f'<div class="stats">with retrieval {c.bits_on.sum():.2f} bits, without '
             f"{c.bits_off.sum():.2f}: {s.sum():+.2f} bits saved</div>"
         )
-        body.append(f'<div class="text">{_token_spans(c.token_texts, s, c.bits_on, scale)}</div>')
+        g = _generated_from(ex, c)
+        starts = g is not None and g < len(c.tokens) and c.start + g == ex.prompt_tokens
+        spans = _token_spans(c.token_texts, s, c.bits_on, scale, g, marker=starts)
+        body.append(f'<div class="text">{spans}</div>')
+        if _neighbour_source(c):
+            body.append(f'<div class="stats">{_esc(_neighbour_source(c))}</div>')
         if c.readers:
             sink = (
                 f" · mass on no neighbour (sink): {np.mean(c.sink_mass):.3f}"
@@ -578,13 +900,29 @@ def render_markdown(ex: Explanation, *, top: int = 5, title: str = "What RETRO r
         f"{ex.bits_off - ex.bits_on:+.2f} bits saved",
         f"- attention: mean over heads, reading tokens and the CCA layers "
         f"({', '.join(ex.layers)}); per-layer columns give each layer's mass",
-        "",
     ]
+    if ex.prompt_tokens is not None:
+        lines.append(
+            f"- a generation: tokens 0–{ex.prompt_tokens - 1} are the prompt, the "
+            f"{ex.generated_tokens} after it (from token {ex.prompt_tokens}, after ▶ in the "
+            "per-token lists) were generated with retrieval; each chunk's neighbours are those "
+            "retrieved while generating unless the chunk says otherwise"
+        )
+    lines.append("")
     for c in ex.chunks:
         s = c.saved
+        role = _chunk_role(ex, c)
+        g = _generated_from(ex, c)
+        per_token = [
+            ("▶ generated: " if i == g and c.start + i == ex.prompt_tokens else "")
+            + f"⟦{_md_cell(t)}⟧ {v:+.2f}"
+            for i, (t, v) in enumerate(zip(c.token_texts, s, strict=True))
+        ]
         lines += [
-            f"## Chunk {c.index} (tokens {c.start}–{c.start + len(c.tokens) - 1})",
+            f"## Chunk {c.index} (tokens {c.start}–{c.start + len(c.tokens) - 1})"
+            + (f" · {role}" if role else ""),
             "",
+            *([f"_{_neighbour_source(c)}_", ""] if _neighbour_source(c) else []),
             f"With retrieval {c.bits_on.sum():.2f} bits, without {c.bits_off.sum():.2f}: "
             f"**{s.sum():+.2f} bits saved**; neighbours read by {c.readers} token(s)"
             + (
@@ -596,8 +934,7 @@ def render_markdown(ex: Explanation, *, top: int = 5, title: str = "What RETRO r
             "",
             _fence(c.text),
             "",
-            "Bits saved per token (⟦token⟧ bits): "
-            + " ".join(f"⟦{_md_cell(t)}⟧ {v:+.2f}" for t, v in zip(c.token_texts, s, strict=True)),
+            "Bits saved per token (⟦token⟧ bits): " + " ".join(per_token),
             "",
             "| # | chunk id | distance | mass | "
             + " | ".join(_md_cell(n) for n in ex.layers)
