@@ -522,3 +522,34 @@ def test_run_rejects_a_bad_method_in_one_line(run_setup, capsys):
     bad.write_text(yaml.safe_dump(cfg))
     assert main(["run", "--config", str(bad)]) == 2
     assert "knnlm.lambda: expected a weight in [0, 1], got 2" in capsys.readouterr().err
+
+
+def test_datastore_under_a_token_budget_equals_the_unbounded_one():
+    """max_batch_tokens bounds every forward pass (B x row length) and changes no entry: the
+    same keys (to float rounding), values and owners as batches of 4 without a bound."""
+    from retro_eval import causal
+
+    model = _baseline(max_seq_len=64)
+    db_docs = [TOK.encode(t * 3) for t in DB_TEXTS]  # rows of 64-72 tokens: 1 per pass at 100
+    shapes = []
+    real = causal._logits
+
+    def spy(lm, tokens, keep, keeps):
+        shapes.append(tuple(tokens.shape))
+        return real(lm, tokens, keep, keeps)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(causal, "_logits", spy)
+        free = build_datastore(
+            model, db_docs, prefix_id=1, keep_keys=True, max_batch_tokens=None, progress=False
+        )
+        free_shapes, shapes[:] = list(shapes), []
+        tight = build_datastore(
+            model, db_docs, prefix_id=1, keep_keys=True, max_batch_tokens=100, progress=False
+        )
+    assert max(b for b, _ in free_shapes) > 1  # unbounded, rows share a pass
+    assert shapes and all(b * t <= 100 or b == 1 for b, t in shapes)
+    assert max(b for b, _ in shapes) == 1
+    np.testing.assert_array_equal(tight.values, free.values)
+    np.testing.assert_array_equal(tight.docs, free.docs)
+    np.testing.assert_allclose(tight.keys, free.keys, atol=1e-5)

@@ -215,6 +215,7 @@ def score_items(
     chunk_size: int,
     pad_id: int,
     batch_size: int = 4,
+    max_batch_tokens: int | None = None,
     on_hidden: Callable[[Item, torch.Tensor, np.ndarray], None] | None = None,
     progress: bool = True,
     desc: str = "score",
@@ -225,6 +226,11 @@ def score_items(
     right-padded to a multiple of m (a causal model never sees the padding from real positions).
 
     Args:
+        batch_size: rows per forward pass (B).
+        max_batch_tokens: also at most this many padded tokens per forward pass (B x row length;
+            a longer row runs alone). None (default): B alone decides, the batching of
+            ``score_token_documents``, which scores the same rows bit for bit. A budget bounds the
+            (B, t, |V|) logits: 4 rows of 8,192 tokens over a 49,152-token vocabulary are 6.4 GB.
         on_hidden: called per item with its targets' read-out hidden states (t, d) and their log p.
 
     Returns:
@@ -244,6 +250,7 @@ def score_items(
             batches
             and len(batches[-1]) < batch_size
             and math.ceil(len(batches[-1][0].tokens) / m) == lw
+            and (max_batch_tokens is None or (len(batches[-1]) + 1) * lw * m <= max_batch_tokens)
         ):
             batches[-1].append(it)
         else:

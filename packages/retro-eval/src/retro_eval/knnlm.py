@@ -265,6 +265,7 @@ def build_datastore(
     window: int | None = None,
     stride: int | None = None,
     batch_size: int = 4,
+    max_batch_tokens: int | None = 8192,
     index_factory: str | None = None,
     max_tokens: int | None = None,
     keep_keys: bool = False,
@@ -279,6 +280,10 @@ def build_datastore(
         doc_index: their database document indices (the exclusion); default 0..D'-1.
         prefix_id: the token before each document's first token.
         chunk_size, window, stride: the scoring geometry (default the model's).
+        batch_size: windows per forward pass; max_batch_tokens: at most this many tokens per
+            forward pass (a longer window runs alone; None: no bound). The database's long
+            documents fill windows of n tokens, and the forward pass's logits of B windows are
+            B x n x |V| floats: for SmolLM2 (n = 8,192, |V| = 49,152) 1.6 GB a window.
         index_factory: a faiss factory string for a compressed index (default exact L2).
         max_tokens: at most this many tokens: a seeded random subset of whole documents (taken
             in random order while they fit, kept in database order; logged).
@@ -328,7 +333,8 @@ def build_datastore(
 
     score_items(
         model, window_items(docs, n, s), chunk_size=m, pad_id=pad, batch_size=batch_size,
-        on_hidden=collect, progress=progress, desc="kNN-LM datastore",
+        max_batch_tokens=max_batch_tokens, on_hidden=collect, progress=progress,
+        desc="kNN-LM datastore",
     )  # fmt: skip
     store = Datastore.from_arrays(
         np.concatenate(keys),
