@@ -1,9 +1,12 @@
-"""A real index over a prefix of a database (the database-size sweep, RETRO's figure 1).
+"""A real index over part of a database (the database-size sweep, RETRO's figure 1).
 
-:class:`PrefixRetriever` retrieves from the first ``D'`` documents of an opened
-:class:`~retro_db.database.Database` only (their chunks: ids ``0 .. n - 1``, the chunk store
-numbers whole documents in order): not a filter after searching the whole database, but an
-index of those chunks alone, built the way ``retro-db build`` indexes a database of that size:
+:class:`PrefixRetriever` retrieves from ``D'`` whole documents of an opened
+:class:`~retro_db.database.Database` only: the first ``D'`` (a prefix, chunk ids ``0 .. n - 1``;
+the chunk store numbers whole documents in order) or, with :func:`subset_chunks` and a seed, the
+first ``D'`` of a seeded random order of the documents (so that the sweep measures the
+database's size, not which documents happen to come first). Not a filter after searching the
+whole database, but an index of those chunks alone, built the way ``retro-db build`` indexes a
+database of that size:
 
 * dense keys: the stored keys of the first n chunks in the faiss index
   :func:`~retro_db.index.default_factory` picks for n keys (Flat below its threshold; trained on a
@@ -11,7 +14,7 @@ index of those chunks alone, built the way ``retro-db build`` indexes a database
 * BM25 keys: a ``bm25s`` index of those chunks' texts (idf and average length of the prefix,
   as a database of those documents would have).
 
-Prefixes are nested by construction (:func:`prefix_chunks` grows with the fraction), so the
+Both kinds are nested by construction (a larger fraction takes more of the same order), so the
 sub-database of a smaller fraction is contained in that of a larger one. Chunk ids are those of
 the database, so neighbours, continuations and the same-document exclusion read its chunk store.
 """
@@ -31,7 +34,7 @@ from .retrieved import RetrievedNeighbours, search_excluding
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PrefixRetriever", "parse_fraction", "prefix_chunks"]
+__all__ = ["PrefixRetriever", "parse_fraction", "prefix_chunks", "subset_chunks"]
 
 #: chunks read (keys added, texts detokenised) at a time while a prefix index is built
 BLOCK = 16384
@@ -59,24 +62,53 @@ def prefix_chunks(doc_ids: np.ndarray, num_documents: int, fraction: Fraction | 
     return int(np.searchsorted(np.asarray(doc_ids), docs, side="left"))
 
 
+def subset_chunks(
+    doc_ids: np.ndarray, num_documents: int, fraction: Fraction | float, *, seed: int | None
+) -> np.ndarray:
+    """Chunk ids int64 [n'] (sorted) of ``max(1, ceil(fraction x D))`` whole documents: the first
+    ones (``seed`` None: the prefix of :func:`prefix_chunks`) or the first ones of a seeded random
+    order of the D documents (nested: the same seed gives a smaller fraction a subset of a larger
+    one's documents). ``doc_ids``: the document of every chunk [N], non-decreasing."""
+    doc_ids = np.asarray(doc_ids)
+    if seed is None:
+        return np.arange(prefix_chunks(doc_ids, num_documents, fraction), dtype=np.int64)
+    take = max(1, math.ceil(Fraction(fraction) * int(num_documents)))
+    chosen = np.random.default_rng(seed).permutation(int(num_documents))[:take]
+    return np.flatnonzero(np.isin(doc_ids, chosen)).astype(np.int64)
+
+
 class PrefixRetriever:
-    """Retrieval from the first ``num_chunks`` chunks of ``db`` through an index of those chunks
-    alone (see the module docstring); the same ``retrieve`` as a Database.
+    """Retrieval from some whole documents of ``db`` through an index of their chunks alone
+    (see the module docstring); the same ``retrieve`` as a Database.
 
     Args:
         db: an opened ``retro_db.Database``.
-        num_chunks: n, a document boundary (:func:`prefix_chunks`), 1 <= n <= N.
+        num_chunks: n, a document boundary (:func:`prefix_chunks`, 1 <= n <= N: the chunks
+            0 .. n - 1), or the chunk ids int64 [n] of whole documents (:func:`subset_chunks`).
         train_seed: seed of the training sample of a factory that needs training.
     """
 
-    def __init__(self, db: Any, num_chunks: int, *, train_seed: int = 0) -> None:
-        n = int(num_chunks)
-        if not 1 <= n <= db.num_chunks:
-            raise ValueError(f"num_chunks: expected 1..{db.num_chunks}, got {n}")
-        if n < db.num_chunks and db.doc_ids[n] == db.doc_ids[n - 1]:
-            raise ValueError(f"num_chunks {n}: not a document boundary of {db.id}")
+    def __init__(self, db: Any, num_chunks: int | np.ndarray, *, train_seed: int = 0) -> None:
+        if isinstance(num_chunks, np.ndarray):
+            ids = np.unique(num_chunks.astype(np.int64))
+            if not len(ids) or ids[0] < 0 or ids[-1] >= db.num_chunks:
+                raise ValueError(
+                    f"chunk ids: expected a non-empty subset of 0..{db.num_chunks - 1}"
+                )
+            docs = np.unique(np.asarray(db.doc_ids)[ids])
+            if int(np.isin(np.asarray(db.doc_ids), docs).sum()) != len(ids):
+                raise ValueError(f"chunk ids: not whole documents of {db.id}")
+        else:
+            n = int(num_chunks)
+            if not 1 <= n <= db.num_chunks:
+                raise ValueError(f"num_chunks: expected 1..{db.num_chunks}, got {n}")
+            if n < db.num_chunks and db.doc_ids[n] == db.doc_ids[n - 1]:
+                raise ValueError(f"num_chunks {n}: not a document boundary of {db.id}")
+            ids = np.arange(n, dtype=np.int64)
         self.db = db
-        self.num_chunks = n
+        self.chunk_ids = ids  # int64 [n]: index position -> database chunk id
+        self.is_prefix = bool(ids[-1] == len(ids) - 1)
+        n = self.num_chunks = len(ids)
         self.factory = "bm25s" if db.keys_kind == "bm25" else default_factory(n, db.dim)[0]
         if db.keys_kind == "bm25":
             self._index: Any = BM25Index.build(self._text_blocks())
@@ -97,18 +129,23 @@ class PrefixRetriever:
 
     @property
     def num_documents(self) -> int:
-        """D', the documents of the prefix."""
-        return int(self.db.doc_ids[self.num_chunks - 1]) + 1
+        """D', the documents of the sub-database."""
+        return int(len(np.unique(np.asarray(self.db.doc_ids)[self.chunk_ids])))
 
     @property
     def manifest(self) -> dict[str, Any]:
         """The identity of this sub-database (result caches key by it): the database's
-        manifest, the prefix length and the index kind."""
-        return {"prefix_of": self.db.manifest, "chunks": self.num_chunks, "index": self.factory}
+        manifest, its chunks (a prefix length, or the sha256 of the chunk ids) and the index."""
+        import hashlib
+
+        chunks: Any = self.num_chunks
+        if not self.is_prefix:
+            chunks = {"n": self.num_chunks, "sha256": hashlib.sha256(self.chunk_ids).hexdigest()}
+        return {"prefix_of": self.db.manifest, "chunks": chunks, "index": self.factory}
 
     def _text_blocks(self):  # -> Iterator[list[str]]
         for a in range(0, self.num_chunks, BLOCK):
-            ids = np.arange(a, min(self.num_chunks, a + BLOCK))
+            ids = self.chunk_ids[a : a + BLOCK]
             yield chunk_texts(self.db.tokenizer, *self.db.chunk_tokens(ids))
 
     def _dense_index(self, seed: int) -> Any:
@@ -118,9 +155,9 @@ class PrefixRetriever:
         if not index.is_trained:
             rng = np.random.default_rng(seed)
             sample = np.sort(rng.choice(n, size=training_size(factory, n), replace=False))
-            index = train_index(factory, self.db.keys(sample))
+            index = train_index(factory, self.db.keys(self.chunk_ids[sample]))
         for a in range(0, n, BLOCK):
-            index.add(self.db.keys(np.arange(a, min(n, a + BLOCK))))
+            index.add(self.db.keys(self.chunk_ids[a : a + BLOCK]))
         apply_search_params(index, params)
         return index
 
@@ -128,9 +165,11 @@ class PrefixRetriever:
         """Nearest prefix chunks of query keys (``Database.query_keys``): (distances float32
         [q, k'], chunk ids int64 [q, k']), nearest first."""
         if self.db.keys_kind == "bm25":
-            scores, ids = self._index.search(list(keys), int(k))
-            return -scores, ids
-        return self._index.search(np.ascontiguousarray(keys, dtype=np.float32), int(k))
+            scores, pos = self._index.search(list(keys), int(k))
+            dist = -scores
+        else:
+            dist, pos = self._index.search(np.ascontiguousarray(keys, dtype=np.float32), int(k))
+        return dist, np.where(pos >= 0, self.chunk_ids[np.maximum(pos, 0)], -1)
 
     def retrieve(
         self,

@@ -245,7 +245,8 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         metavar="LIST",
         help="database-size sweep, comma-separated fractions in (0, 1], e.g. 1/16,1/4,1: "
-        "RETRO[ON] retrieving from that prefix of the database's documents through its own index "
+        "RETRO[ON] retrieving from that share of the database's documents (nested, in a random "
+        "order seeded by the run's seed) through its own index "
         "(overrides run.yaml's db_fractions; none: no sweep)",
     )
     r.add_argument(

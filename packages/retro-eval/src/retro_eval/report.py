@@ -294,9 +294,10 @@ def _fraction_lines(rows: list[dict[str, Any]]) -> list[str]:
     lines = [
         "### RETRO[ON] against database size",
         "",
-        "Retrieval from the first fraction of the database's documents only, through an index of "
-        "those chunks alone (nested; 1 = the whole database). Bins: each chunk's overlap with the "
-        "whole database. Cells: bpb minus RETRO[OFF] [95% interval].",
+        "Retrieval from a fraction of the database's documents only (the first ones of a random "
+        "order seeded by the run's seed, so the fractions are nested), through an index of those "
+        "chunks alone (1 = the whole database). Bins: each chunk's overlap with the whole "
+        "database. Cells: bpb minus RETRO[OFF] [95% interval].",
         "",
     ]
     measures = list(rows[0].get("bins") or {})

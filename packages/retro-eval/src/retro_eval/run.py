@@ -49,8 +49,9 @@ run.yaml (paths relative to the YAML file)::
                                  #   (retro_db.bm25; the model trained with its usual keys);
                                  #   `--methods` overrides
     db_fractions: [1/16, 1/4, 1] # database-size sweep (the paper's figure 1; default none):
-                                 #   RETRO[ON] retrieving from the first fraction of the database's
-                                 #   documents only, through a real index of those chunks alone
+                                 #   RETRO[ON] retrieving from that share of the database's
+                                 #   documents only (the first of a random order seeded by
+                                 #   `seed`), through a real index of those chunks alone
                                  #   (retro_db.prefix; nested; 1 = the database itself), all chunks
                                  #   and per overlap bin; `--db-fractions` overrides
     knnlm:                       # kNN-LM settings (the paper's defaults)
@@ -1115,25 +1116,27 @@ def _eval_fractions(
     name: str,
 ) -> list[dict[str, Any]]:
     """The database-size sweep of one benchmark: per fraction, RETRO[ON] fed the k neighbours
-    retrieved from the first fraction of the database's documents (``retro_db.prefix``: an index
-    of those chunks alone, built once per run and fraction; fraction 1 is the database itself and
-    reuses RETRO[ON]'s neighbours), its bpb and difference from RETRO[OFF] over all chunks and per
+    retrieved from that fraction of the database's documents, the first ones of a random order
+    seeded by the run's seed (``retro_db.prefix.subset_chunks``: nested; an index of those chunks
+    alone, built once per run and fraction; fraction 1 is the database itself and reuses
+    RETRO[ON]'s neighbours), its bpb and difference from RETRO[OFF] over all chunks and per
     overlap bin (bins by each chunk's overlap with the whole database, as in ``bins``)."""
-    from retro_db.prefix import PrefixRetriever, prefix_chunks
+    from retro_db.prefix import PrefixRetriever, subset_chunks
 
     retro = models.retro
     k = int(scores["retro_on"].k or 0) or cfg.k or int(retro.config.num_neighbours)
     m, pad = int(retro.config.chunk_size), int(retro.config.pad_id)
     rows = []
     for frac in cfg.db_fractions:
-        n = prefix_chunks(db.doc_ids, db.num_documents, Fraction(frac))
+        ids = subset_chunks(db.doc_ids, db.num_documents, Fraction(frac), seed=cfg.seed)
+        n = len(ids)
         if n == db.num_chunks:
             nbs, docs = [nb.first(k) for nb in full], db.num_documents
         else:
-            if f"prefix:{n}" not in cache:
-                with _Timer(times, f"database prefix {frac}: index of {n} chunks"):
-                    cache[f"prefix:{n}"] = PrefixRetriever(db, n, train_seed=cfg.seed)
-            sub = cache[f"prefix:{n}"]
+            if f"subset:{frac}" not in cache:
+                with _Timer(times, f"database {frac}: index of {n} chunks"):
+                    cache[f"subset:{frac}"] = PrefixRetriever(db, ids, train_seed=cfg.seed)
+            sub = cache[f"subset:{frac}"]
             docs = sub.num_documents
             with _Timer(times, f"{name}: retrieval, database {frac}"):
                 nbs = _retrieve_cached(
