@@ -114,7 +114,7 @@ class PrefixRetriever:
             self._index: Any = BM25Index.build(self._text_blocks())
         else:
             self._index = self._dense_index(train_seed)
-        logger.info("prefix index of %s: %d of %d chunks (%s)", db.id, n, db.num_chunks,
+        logger.info("sub-database index of %s: %d of %d chunks (%s)", db.id, n, db.num_chunks,
                     self.factory)  # fmt: skip
 
     @property
