@@ -2,7 +2,8 @@
 
 Each size is built in a fresh child process, as ``bench_growth.py`` does (real text cut into
 <= 4000-character pieces, ``hash:384`` keys so the pipeline is measured rather than the encoder,
-faiss 1 thread, ``--shard-chunks`` 4096), but with the index chosen as on a machine whose memory is
+faiss 1 thread, ``--shard-chunks`` 1024, the text twice: ``--repeat`` 2, so that 1x already
+fills several shards and the largest IVF the memory allows), but with the index chosen as on a machine whose memory is
 smaller than the database: ``retro_db.index.available_memory`` is made to answer ``--memory-mb``
 (default 1 MB: the packs make databases of tens of MB), so :func:`retro_db.index.choose_index` puts the IVF lists on disk
 (``IVF{nlist},SQfp16``, trained on a bounded sample, shard codes merged into an ``.ivfdata`` file).
@@ -195,13 +196,14 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="1x = 1/17.6 of the corpus, not 1/16")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "ondisk.json")
-    ap.add_argument("--shard-chunks", type=int, default=4096)
+    ap.add_argument("--shard-chunks", type=int, default=1024)
     ap.add_argument("--memory-mb", type=int, default=1, help="memory the build is told it has")
     ap.add_argument(
         "--repeat",
         type=int,
-        default=1,
-        help="the text this many times (16x = all of it; each copy's chunks shifted)",
+        default=None,
+        help="the text this many times (16x = all of it; each copy's chunks shifted; "
+        "default 2, --quick 1)",
     )
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--corpus", help=argparse.SUPPRESS)
@@ -215,6 +217,7 @@ def main() -> int:
     docs = pieces(args.data)
     # copies after the first: "(copy r)" first shifts every chunk boundary (no duplicate texts,
     # which the build would skip, nor duplicate chunks)
+    args.repeat = args.repeat or (1 if args.quick else 2)
     docs = [d if r == 0 else f"(copy {r})\n\n{d}" for r in range(args.repeat) for d in docs]
     total = sum(len(d) for d in docs)
     unit = total / (17.6 if args.quick else 16)
@@ -257,7 +260,11 @@ def main() -> int:
             shutil.rmtree(tmp / f"db{size}", ignore_errors=True)
 
     r1, top = runs[1], runs[SIZES[-1]]
-    figures: dict = {"memory_mb_told": args.memory_mb, "shard_chunks": args.shard_chunks}
+    figures: dict = {
+        "memory_mb_told": args.memory_mb,
+        "shard_chunks": args.shard_chunks,
+        "repeat": args.repeat,
+    }
     for s, r in runs.items():
         for k in (
             "chunks",
