@@ -407,3 +407,64 @@ def test_long_steps_show_bytes_and_an_eta(corpus, tmp_path, capsys, monkeypatch)
     assert re.search(r"\[\d\d:\d\d<\d\d:\d\d", add)  # elapsed<remaining: the ETA
     nb = lines["neighbours"]
     assert "100%" in nb and f"{db.num_chunks}/{db.num_chunks}" in nb and "chunk/s" in nb
+
+
+def _resident(path) -> int:
+    """Bytes of ``path``'s pages this process holds mapped (/proc/self/smaps)."""
+    total, cur = 0, None
+    for line in open("/proc/self/smaps"):
+        head = line.split()
+        if "-" in head[0] and len(head) >= 5 and ":" not in head[0]:
+            cur = head[5] if len(head) > 5 else None
+        elif head[0] == "Rss:" and cur == str(path):
+            total += int(head[1]) * 1024
+    return total
+
+
+def test_bounded_list_search_equals_the_search_and_gives_back_its_pages(ondisk_db):
+    # the build tunes nprobe with it: the probed lists a group at a time (here one list), their
+    # pages dropped after each; the neighbours and distances of faiss's own search of the index
+    from retro_db.index import search_lists_bounded
+
+    db = Database.open(ondisk_db)
+    lists = (ondisk_db / db.manifest["index"]["lists"]).resolve()
+    nlist = db.index.nlist
+    retro_db.index.apply_search_params(db.index, {"nprobe": max(2, nlist // 2)})
+    q = db.keys(np.arange(0, db.num_chunks, 11))
+    db.drop_index_pages()
+    d, i = search_lists_bounded(db.index, q, 10, budget=1)
+    assert _resident(lists) == 0
+    dr, ir = db.index.search(q, 10)
+    assert _resident(lists) > 0  # a plain search keeps the lists it read
+    np.testing.assert_array_equal(d, dr)
+    assert all(set(a) == set(b) for a, b in zip(i, ir, strict=True))
+    assert (i[:, 0] == np.arange(0, db.num_chunks, 11)).mean() > 0.9
+
+
+def test_open_and_release_pages_leave_no_chunk_pages_mapped(ondisk_db, tmp_path):
+    # Database.open checks every chunk array through its map; the pages it read are given back
+    from retro_db.chunks import release_pages
+
+    db = Database.open(ondisk_db)
+    shard = (ondisk_db / "shards" / db.manifest["shards"][0]).resolve()
+    assert db.num_chunks and _resident(shard / "tokens.npy") == 0
+    a = np.arange(1 << 20, dtype=np.int64)
+    np.save(tmp_path / "a.npy", a)
+    m = np.load(tmp_path / "a.npy", mmap_mode="r")
+    assert int(m.sum()) == int(a.sum())
+    before = _resident(tmp_path / "a.npy")
+    assert before > 4 << 20
+    release_pages(m[len(m) // 2 :])  # the second half only
+    assert 0 < _resident(tmp_path / "a.npy") <= before - (4 << 20)
+    release_pages(m)
+    assert _resident(tmp_path / "a.npy") == 0
+    np.testing.assert_array_equal(m, a)  # read again from the file
+    # arrays in memory and copy-on-write maps are left alone
+    b = a.copy()
+    release_pages(b)
+    np.testing.assert_array_equal(b, a)
+    c = np.load(tmp_path / "a.npy", mmap_mode="c")
+    c[0] = -5
+    c.flags.writeable = False
+    release_pages(c)
+    assert c[0] == -5

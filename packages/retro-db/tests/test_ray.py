@@ -298,3 +298,111 @@ def test_local_ray_temp_dir_leaves_the_virtualenv(monkeypatch, tmp_path):
     assert local_temp_dir() == "/tmp/ray"
     monkeypatch.delenv("VIRTUAL_ENV")
     assert local_temp_dir() is None
+
+
+# ---- bounded memory per worker (issue 18) ------------------------------------------------------
+# Each Ray worker process runs this hook at start (runtime_env worker_process_setup_hook): faiss
+# (and its BLAS) and the tokenizer are loaded and run once, as in the local memory-cap test
+# (test_ondisk.py), then the worker's data segment is capped (RLIMIT_DATA: heap and anonymous
+# memory; mapped files are not counted) at what it holds plus RETRO_TEST_WORKER_CAP bytes.
+CAP_HOOK = r"""
+import os, resource
+import numpy as np, faiss
+
+def vmdata():
+    return next(int(x.split()[1]) * 1024 for x in open("/proc/self/status") if x.startswith("VmData"))
+
+def cap():
+    faiss.omp_set_num_threads(1)
+    faiss.index_factory(1024, "IVF2,Flat").train(np.random.default_rng(1).random((128, 1024), "float32"))
+    from retro_db.tokenizer import load_tokenizer
+    load_tokenizer().encode_batch(["warm up"])
+    import retro_db.distributed, retro_db.shards, retro_db.index  # noqa: F401
+    limit = vmdata() + int(os.environ["RETRO_TEST_WORKER_CAP"])
+    resource.setrlimit(resource.RLIMIT_DATA, (limit, resource.RLIM_INFINITY))
+"""
+
+CAP_DRIVER = r"""
+import json, os, resource, sys
+import numpy as np, ray
+import retro_db.build
+from retro_db.build import build_database
+from retro_db.distributed import local_temp_dir
+from retro_db.tokenizer import load_tokenizer
+
+src, out, cap = sys.argv[1], sys.argv[2], int(sys.argv[3])
+ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", _temp_dir=local_temp_dir(),
+         runtime_env={"worker_process_setup_hook": "retro_test_cap_hook.cap",
+                      "env_vars": {"RETRO_TEST_WORKER_CAP": str(cap)}})
+
+@ray.remote(num_cpus=1)
+def probe(nbytes):
+    # what a worker may hold: its cap, and whether keys + index would fit in it at once
+    soft = resource.getrlimit(resource.RLIMIT_DATA)[0]
+    try:
+        np.ones(nbytes, dtype=np.uint8)
+        fits = True
+    except MemoryError:
+        fits = False
+    return {"rlimit_data": soft, "fits": fits}
+
+def no_driver_encoding(*a, **k):
+    raise AssertionError("the Ray build encoded keys on the driver")
+
+retro_db.build.build_ondisk_ivf = no_driver_encoding
+db = build_database(src, out, tokenizer=load_tokenizer(), embedder="hash:4096", chunk_size=4,
+                    shard_chunks=512, threads=1, progress=False, engine="ray",
+                    max_memory=cap)
+files = db.manifest["files"]
+total = sum(int(e["size"]) for n, e in files.items() if n.endswith("keys.npy") or n.startswith("index/"))
+print(json.dumps({"index": db.manifest["index"], "shards": len(db.manifest["shards"]),
+                  "probe": ray.get(probe.remote(total)), "keys_and_index": total}))
+ray.shutdown()
+"""
+WORKER_CAP = 80 << 20  # bytes each worker may add to its loaded interpreter
+
+
+def test_ray_ondisk_build_under_a_worker_memory_cap_equals_local(load_records, tmp_path):
+    # A separate Ray cluster (in a child process) whose every worker is capped below the keys +
+    # index of the database it writes (shards: tokenise, embed, write; then encode its shards'
+    # keys for the on-disk lists): the build succeeds, a worker under the same cap cannot hold
+    # keys + index, and the database equals the local build byte for byte (uncapped, here).
+    import os
+
+    pytest.importorskip("ray")
+    docs = [
+        {"id": f"{name}{i}", "text": r["text"]}
+        for name in ("wikipedia", "moby_dick")
+        for i, r in enumerate(load_records(name, 20, max_chars=4000))
+    ]
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    (tmp_path / "hook").mkdir()
+    (tmp_path / "hook" / "retro_test_cap_hook.py").write_text(CAP_HOOK)
+    path = os.pathsep.join([str(tmp_path / "hook"), *sys.path])
+    res = subprocess.run(
+        [sys.executable, "-c", CAP_DRIVER, str(tmp_path / "docs.jsonl"), str(tmp_path / "ray")]
+        + [str(WORKER_CAP)],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+        env=dict(os.environ, PYTHONPATH=path),
+    )
+    lines = [x for x in res.stdout.splitlines() if x.startswith("{")]
+    assert res.returncode == 0 and lines, res.stderr[-3000:]
+    out = json.loads(lines[-1])
+    assert out["index"]["on_disk"] and out["shards"] >= 4
+    assert out["keys_and_index"] > 1.5 * WORKER_CAP  # the cap is well below keys + index
+    assert out["probe"]["rlimit_data"] < 1 << 40 and not out["probe"]["fits"]  # the cap binds
+    local = build_database(
+        str(tmp_path / "docs.jsonl"),
+        tmp_path / "local",
+        embedder="hash:4096",
+        chunk_size=4,
+        shard_chunks=512,
+        threads=1,
+        progress=False,
+        max_memory=WORKER_CAP,
+    )
+    remote = Database.open(tmp_path / "ray", verify=True)
+    ml, mr = (json.loads((db.path / "manifest.json").read_text()) for db in (local, remote))
+    assert mr == ml  # every file's sha256: shards, keys, trained index, lists, index

@@ -59,10 +59,10 @@ from .index import (
     build_ondisk_ivf,
     build_ondisk_ivf_from_codes,
     choose_index,
-    drop_mapped_pages,
     exact_search_blocks,
     new_index,
     read_index,
+    search_lists_bounded,
     set_threads,
     train_index,
     training_size,
@@ -624,13 +624,10 @@ def _tune_nprobe(
     k = min(10, n)
     _, truth = exact_search_blocks(shard_keys(db_dir, shards), queries, k)
     nprobe = int(params.get("nprobe", 1))
-    lists = faiss.downcast_InvertedLists(faiss.extract_index_ivf(index).invlists)
     while True:
         apply_search_params(index, dict(params, nprobe=nprobe))
-        got = np.empty((len(queries), k), dtype=np.int64)
-        for i in range(len(queries)):  # one query at a time, its lists' pages dropped after it
-            got[i] = index.search(queries[i : i + 1], k)[1][0]
-            drop_mapped_pages(lists)
+        # one query at a time, its lists a few MB at a time, their pages dropped after each
+        got = search_lists_bounded(index, queries, k)[1]
         hits = sum(len(set(t) & set(g)) for t, g in zip(truth, got, strict=True))
         recall = hits / max(1, truth.size)
         logger.info(

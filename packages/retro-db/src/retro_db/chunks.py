@@ -16,6 +16,7 @@ The continuation of chunk c is chunk c + 1 if it belongs to the same document, e
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,6 +33,7 @@ __all__ = [
     "check_segment",
     "chunk_document",
     "read_npy",
+    "release_pages",
     "token_dtype",
     "write_chunk_segment",
 ]
@@ -87,6 +89,35 @@ def write_chunk_segment(
 
 
 CHECK_ROWS = 1 << 16  # rows per block of check_segment (memory stays flat in N)
+
+
+def release_pages(*arrays: np.ndarray) -> None:
+    """Give back to the kernel the pages of read-only memory-mapped arrays (``np.load(...,
+    mmap_mode="r")`` and views of them) that reading them brought into this process: the pages
+    leave its RSS (``madvise(MADV_DONTNEED)``; the data stays in the file and the page cache and
+    is read again on the next access). Anything else (an array in memory, a writable or
+    copy-on-write map) is left alone, so it is always safe to call."""
+    import ctypes
+
+    page = mmap.PAGESIZE
+    for arr in arrays:
+        if not isinstance(arr, np.ndarray) or arr.nbytes == 0:
+            continue
+        mapped, base = False, arr
+        while base is not None:  # a view of a view ... of the map: every memmap read-only
+            if isinstance(base, np.memmap) and base.mode != "r":
+                break
+            if isinstance(base, mmap.mmap):
+                mapped = True
+                break
+            base = getattr(base, "base", None)
+        if not mapped or arr.flags.writeable:
+            continue
+        start = arr.ctypes.data - arr.ctypes.data % page
+        end = arr.ctypes.data + arr.nbytes
+        if arr.ndim and not (arr.flags.c_contiguous or arr.flags.f_contiguous):
+            continue  # strided view: its span is not [data, data + nbytes)
+        ctypes.CDLL(None).madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), 4)
 
 
 def check_segment(
@@ -154,6 +185,8 @@ def check_segment(
                 f"continues, expected m={m}"
             )
         prev_doc, prev_off, prev_len = int(di[-1]), int(of[-1]), int(ln[-1])
+        # mapped files: the pages just read leave this process (memory flat in N, issue 18)
+        release_pages(tokens[a:b], lengths[a:b], doc_ids[a:b], offsets[a:b])
     return prev_doc + 1
 
 

@@ -66,6 +66,7 @@ __all__ = [
     "ondisk_lists_file",
     "read_index",
     "recall_at_k",
+    "search_lists_bounded",
     "set_threads",
     "train_index",
     "training_size",
@@ -496,6 +497,69 @@ def drop_mapped_pages(ondisk) -> None:
         return
     addr = faiss.rev_swig_ptr(ondisk.ptr, size).ctypes.data
     ctypes.CDLL(None).madvise(ctypes.c_void_p(addr), ctypes.c_size_t(size), 4)  # MADV_DONTNEED
+
+
+#: bytes of mapped lists one step of :func:`search_lists_bounded` may bring in (a list larger
+#: than this is searched alone)
+LIST_GROUP_BYTES = 4 << 20
+
+
+def search_lists_bounded(
+    index, queries: np.ndarray, k: int, budget: int = LIST_GROUP_BYTES
+) -> tuple[np.ndarray, np.ndarray]:
+    """``index.search(queries, k)`` of an IVF index whose lists are on disk, one query at a time
+    and its probed lists a group at a time (``search_preassigned`` over the query's nearest
+    lists, consecutive groups of at most ``budget`` bytes of entries), the lists' mapped pages
+    dropped after each group: the pages this process holds stay under ``budget`` plus one list,
+    whatever the size of the database (a plain search of one query maps all ``nprobe`` lists it
+    probes: nprobe / nlist of the file). The k best of the groups are the k best of the probed
+    lists: the same neighbours and distances as ``index.search`` (ties at equal distance keep the
+    smaller id first). An index that is not a bare IVF over on-disk lists is searched with
+    ``index.search`` one query at a time.
+
+    Returns:
+        distances float32 [q, k], ids int64 [q, k] (-1 / inf where fewer than k are found).
+    """
+    import faiss
+
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    q = len(queries)
+    best_d = np.full((q, k), np.inf, dtype=np.float32)
+    best_i = np.full((q, k), -1, dtype=np.int64)
+    ivf = faiss.downcast_index(index)
+    is_ivf = isinstance(ivf, faiss.IndexIVF)
+    lists = faiss.downcast_InvertedLists(ivf.invlists) if is_ivf else None
+    if not isinstance(lists, faiss.OnDiskInvertedLists):
+        for j in range(q):
+            best_d[j], best_i[j] = (r[0] for r in index.search(queries[j : j + 1], k))
+        return best_d, best_i
+    entry = int(ivf.code_size) + 8
+    sizes = np.array([lists.list_size(i) for i in range(int(ivf.nlist))], dtype=np.int64) * entry
+    asked = int(ivf.nprobe)
+    nprobe = min(asked, int(ivf.nlist))
+    for j in range(q):
+        x = queries[j : j + 1]
+        dq, iq = ivf.quantizer.search(x, nprobe)
+        cand_d, cand_i = [best_d[j : j + 1]], [best_i[j : j + 1]]
+        a = 0
+        while a < nprobe:
+            b, held = a + 1, sizes[max(0, int(iq[0, a]))]
+            while b < nprobe and held + sizes[max(0, int(iq[0, b]))] <= budget:
+                held += sizes[max(0, int(iq[0, b]))]
+                b += 1
+            ivf.nprobe = b - a  # faiss reads nprobe lists of the preassigned ones
+            try:
+                d, i = ivf.search_preassigned(x, k, iq[:, a:b], dq[:, a:b])
+            finally:
+                ivf.nprobe = asked
+            drop_mapped_pages(lists)
+            cand_d.append(d)
+            cand_i.append(i)
+            a = b
+        cd, ci = np.concatenate(cand_d, axis=1)[0], np.concatenate(cand_i, axis=1)[0]
+        order = np.lexsort((np.where(ci < 0, np.iinfo(np.int64).max, ci), cd))[:k]
+        best_d[j], best_i[j] = cd[order], ci[order]
+    return best_d, best_i
 
 
 def code_rows(d: int) -> int:

@@ -55,6 +55,7 @@ __all__ = [
     "shard_keys",
     "text_fingerprint",
     "tokenized",
+    "trim_heap",
     "update_source_fingerprint",
 ]
 
@@ -365,7 +366,27 @@ class ShardWriter:
         }
         atomic_write_json(d / "shard.json", info)
         logger.info("wrote shard %s: %d documents, %d chunks", d.name, len(lines), len(tokens))
+        del tokens, lengths, doc_ids, offsets, lines
+        trim_heap()
         return d.name
+
+
+def trim_heap() -> None:
+    """Give the C heap's free pages back to the kernel (glibc ``malloc_trim(0)``; nothing
+    elsewhere). A shard's arrays and the tokenizer's buffers are freed after each shard, but
+    glibc keeps the freed memory (its mmap threshold rises after the first large free), and the
+    heap kept growing in steps with the shards written: measured, 101 -> 145 MB of anonymous
+    memory over 25 shards without this, ~80 MB after every shard with it (issue 18)."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        trim = ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):
+        trim = None
+    if trim is not None:
+        trim(0)
 
 
 def shard_keys(db_dir: Path, shards: list[str]) -> Iterator[np.ndarray]:
